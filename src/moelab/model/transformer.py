@@ -1,0 +1,126 @@
+"""Llama-style decoder whose FFNs are dense SwiGLU or MoE by layer pattern.
+
+Initialisation (documented because MoE stability depends on it):
+- embeddings and all projections ~ N(0, init_std);
+- output projections of each residual branch (attention `wo`, FFN/expert `w_down`)
+  ~ N(0, init_std / sqrt(2 * n_layers)), GPT-2's depth scaling;
+- router weights ~ N(0, 0.1 / d_model) (Switch's reduced scale 0.1 on a fan-in
+  init), so initial routing is close to uniform and logits start near zero;
+- RMSNorm weights = 1, biases = 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from ..moe import MoE, MoEStats
+from .blocks import Attention, RMSNorm, SwiGLU, rope_cache
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None      # lm_loss + mean over MoE layers of their aux loss
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in order
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.ffn = MoE(cfg.moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, stats = self.ffn(h, mask)
+            return x + y, stats
+        return x + self.ffn(h), None
+
+
+class Transformer(nn.Module):
+    """`out = model(tokens, targets, mask)`: tokens (B, S) int64. targets (B, S) use -100
+    for positions without loss. mask (B, S) bool marks real tokens (False = padding) so
+    padding is not routed; attention stays causal."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for layer in self.layers:
+            a = layer.attn
+            for lin in (a.wq, a.wk, a.wv):
+                nn.init.normal_(lin.weight, std=std)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            nn.init.normal_(a.wo.weight, std=out_std)
+            layer.ffn.reset_parameters(std, out_std)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.ffn for layer in self.layers if layer.is_moe]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> ModelOutput:
+        B, S = tokens.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(tokens)
+        stats: list[MoEStats] = []
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x, st = checkpoint(layer, x, self.rope_cos, self.rope_sin, mask, use_reentrant=False)
+            else:
+                x, st = layer(x, self.rope_cos, self.rope_sin, mask)
+            if st is not None:
+                stats.append(st)
+        logits = F.linear(self.norm(x), self.output_weight)
+        out = ModelOutput(logits=logits, moe_stats=stats)
+        if targets is not None:
+            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=-100)
+            out.aux_loss = (torch.stack([s.aux_loss for s in stats]).mean() if stats
+                            else logits.new_zeros((), dtype=torch.float32))
+            out.loss = out.lm_loss + out.aux_loss
+        return out
+
+    @torch.no_grad()
+    def update_router_biases(self, tokens_per_expert: list[torch.Tensor]) -> None:
+        """Aux-loss-free balancing step: one load vector per MoE layer, summed over the
+        optimizer step's micro-batches. Call after `optimizer.step()`."""
+        for moe, load in zip(self.moe_layers(), tokens_per_expert):
+            moe.router.update_bias(load)
+
+    def num_params(self) -> dict[str, int]:
+        return self.cfg.param_counts()

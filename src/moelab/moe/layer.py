@@ -1,0 +1,120 @@
+"""The MoE layer: router -> dispatch -> grouped experts -> combine (+ shared experts).
+
+Legend: T tokens (valid ones), D model dim, E experts, K experts per token,
+N kept assignments grouped by expert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import MoEConfig
+from ..model.blocks import SwiGLU
+from .dispatch import dispatch
+from .experts import Backend, GroupedExperts
+from .losses import load_balancing_loss, max_violation, router_entropy, router_z_loss
+from .router import Router
+
+
+@dataclass
+class MoEStats:
+    """What one MoE forward reports. Losses are in the graph; the rest is detached.
+
+    tokens_per_expert counts the router's assignments (before capacity dropping);
+    dropped_fraction is the share of those assignments that capacity dropped.
+    """
+
+    lb_loss: torch.Tensor
+    z_loss: torch.Tensor
+    aux_loss: torch.Tensor  # lb_coef * lb_loss + z_coef * z_loss
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+    router_entropy: torch.Tensor
+    max_violation: torch.Tensor
+
+
+class SharedExperts(SwiGLU):
+    """S always-on experts fused into one SwiGLU of hidden S*F_s, optionally scaled by
+    sigmoid(gate(x)) per token as in Qwen2-MoE."""
+
+    def __init__(self, d_model: int, hidden: int, gated: bool):
+        super().__init__(d_model, hidden)
+        self.gate = nn.Linear(d_model, 1, bias=False) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.gate is not None:
+            y = torch.sigmoid(self.gate(x)) * y
+        return y
+
+
+class MoE(nn.Module):
+    """Token-choice top-k mixture of SwiGLU experts.
+
+    `y, stats = moe(x, mask)`: x (..., D) -> y (..., D). `mask` (x.shape[:-1], bool,
+    True = real token) keeps padded tokens out of routing, losses and statistics; their
+    output is zero.
+    """
+
+    def __init__(self, cfg: MoEConfig, backend: Backend = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.d_expert, backend)
+        self.shared = (SharedExperts(cfg.d_model, cfg.d_shared_total, cfg.shared_gate)
+                       if cfg.n_shared_experts > 0 else None)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        out_std = std if out_std is None else out_std
+        self.router.reset_parameters()
+        self.experts.reset_parameters(std, out_std)
+        if self.shared is not None:
+            self.shared.reset_parameters(std, out_std)
+            if self.shared.gate is not None:
+                nn.init.normal_(self.shared.gate.weight, std=std)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        cfg = self.cfg
+        shape = x.shape
+        x_TD = x.reshape(-1, cfg.d_model)
+        valid_idx = None
+        if mask is not None:
+            valid_idx = mask.reshape(-1).nonzero().squeeze(-1)
+            x_TD = x_TD.index_select(0, valid_idx)
+        T = x_TD.shape[0]
+
+        r = self.router(x_TD)
+        d = dispatch(r.expert_idx_TK, r.weights_TK, cfg.n_experts, self.capacity_factor)
+
+        x_ND = x_TD.index_select(0, d.token_idx_N)
+        y_ND = self.experts(x_ND, d.counts_E)
+        w_N = r.weights_TK.reshape(-1).index_select(0, d.slot_idx_N).to(y_ND.dtype)
+        y_TD = torch.zeros((T, cfg.d_model), dtype=y_ND.dtype, device=x.device)
+        y_TD = y_TD.index_add(0, d.token_idx_N, y_ND * w_N.unsqueeze(-1))
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
+
+        if valid_idx is not None:
+            y_full = torch.zeros((shape.numel() // cfg.d_model, cfg.d_model), dtype=y_TD.dtype, device=x.device)
+            y_TD = y_full.index_copy(0, valid_idx, y_TD)
+
+        lb = load_balancing_loss(probs_TE=r.probs_TE, expert_idx_TK=r.expert_idx_TK, n_experts=cfg.n_experts)
+        z = router_z_loss(logits_TE=r.logits_TE)
+        n_assign = max(T * cfg.top_k, 1)
+        stats = MoEStats(
+            lb_loss=lb,
+            z_loss=z,
+            aux_loss=cfg.lb_coef * lb + cfg.z_coef * z,
+            tokens_per_expert=d.routed_E,
+            dropped_fraction=torch.tensor(d.n_dropped / n_assign, device=x.device),
+            router_entropy=router_entropy(r.probs_TE.detach()),
+            max_violation=max_violation(d.routed_E),
+        )
+        return y_TD.reshape(shape).to(x.dtype), stats
