@@ -1,14 +1,16 @@
-"""Routed SwiGLU experts and the grouped-matmul seam.
+"""Routed SwiGLU experts: gather -> grouped matmuls -> weighted scatter-add.
 
-Legend: N rows (token-expert assignments, grouped by expert), D model dim,
+Legend: T tokens, N kept token-expert assignments (grouped by expert), D model dim,
 F expert hidden, E experts.
 
-`grouped_linear` is the one place a faster kernel plugs in. Backends:
-- "grouped_mm": `torch.nn.functional.grouped_mm` (one call for all experts; on CPU it
-  wants fp32, on CUDA bf16 on sm80+, and 16-byte-aligned strides);
-- "loop": per-expert matmuls over `unbind`-ed weights and `split` rows. Indexing `w[e]`
-  instead would make autograd zero-fill a gradient the size of all experts once per
-  expert; `unbind` gives each slice its own gradient view.
+Two backends compute the same thing under plain autograd:
+- "grouped_mm": one `torch.nn.functional.grouped_mm` call per projection for all
+  experts (fp32 on CPU, bf16 on CUDA sm80+, 16-byte-aligned strides). Its backward
+  needs a materialised incoming gradient; the weighted scatter-add in front of it
+  always provides one, so `.sum().backward()` works.
+- "loop": per-expert matmuls under plain autograd, for every other dtype/shape. Weights
+  are `unbind`-ed and rows `split`: indexing `w[e]` in a loop would make autograd
+  zero-fill a gradient the size of all experts once per expert.
 "auto" picks grouped_mm where it is known to work.
 """
 from __future__ import annotations
@@ -24,32 +26,29 @@ Backend = Literal["auto", "grouped_mm", "loop"]
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
-def grouped_mm_supported(x_ND: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+def grouped_mm_supported(x: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     """Whether F.grouped_mm accepts these operands (dtype, device, stride alignment)."""
-    if not _HAS_GROUPED_MM or x_ND.dtype != w_EOI.dtype:
+    if not _HAS_GROUPED_MM or x.dtype != w_EOI.dtype:
         return False
-    if x_ND.device.type == "cpu":
-        ok_dtype = x_ND.dtype == torch.float32
-    elif x_ND.device.type == "cuda":
-        ok_dtype = x_ND.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_ND.device)[0] >= 8
+    if x.device.type == "cpu":
+        ok_dtype = x.dtype == torch.float32
+    elif x.device.type == "cuda":
+        ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
     else:
         ok_dtype = False
     # Both inner dims must give 16-byte row strides (forward and the transposed backward).
-    align = 16 // x_ND.element_size()
+    align = 16 // x.element_size()
     return ok_dtype and w_EOI.shape[1] % align == 0 and w_EOI.shape[2] % align == 0
 
 
-def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor,
-                   backend: Backend = "auto", counts_list: list[int] | None = None) -> torch.Tensor:
-    """Rows of group e times w[e].T: (N, I) x (E, O, I) -> (N, O). Rows are grouped by
-    expert in order, `counts_E[e]` rows each."""
-    if backend == "auto":
-        backend = "grouped_mm" if grouped_mm_supported(x_ND, w_EOI) else "loop"
-    if backend == "grouped_mm":
-        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        return F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offs_E)
-    sizes = counts_list if counts_list is not None else counts_E.tolist()
-    outs = [F.linear(x_nI, w_OI) for x_nI, w_OI in zip(x_ND.split(sizes), w_EOI.unbind(0))]
+# ---- the grouped-matmul seam: where a faster kernel plugs in ----
+def gmm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Group e's rows times w[e].T: (N, I), (E, O, I) -> (N, O)."""
+    return F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs_E)
+
+
+def loop_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    outs = [F.linear(x_nI, w_OI) for x_nI, w_OI in zip(x_NI.split(sizes), w_EOI.unbind(0))]
     return torch.cat(outs, dim=0)
 
 
@@ -68,18 +67,31 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=out_std)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        dtype = x_ND.dtype
-        if torch.is_autocast_enabled(x_ND.device.type):
-            dtype = torch.get_autocast_dtype(x_ND.device.type)
-        x_ND = x_ND.to(dtype)
+    def forward(self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, w_N: torch.Tensor,
+                counts_E: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of expert outputs per token. Rows n are grouped by expert
+        (`counts_E[e]` each, in expert order); token_idx_N says which token each row
+        reads and receives, w_N its routing weight. Returns (T, D)."""
+        dtype = x_TD.dtype
+        if torch.is_autocast_enabled(x_TD.device.type):
+            dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, w_N = x_TD.to(dtype), w_N.to(dtype)
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
         backend = self.backend
         if backend == "auto":
-            backend = "grouped_mm" if grouped_mm_supported(x_ND, w_gate) else "loop"
-        # The loop backend needs host-side sizes; fetch them once, not three times.
-        sizes = counts_E.tolist() if backend == "loop" else None
-        with torch.autocast(x_ND.device.type, enabled=False):
-            gate_NF = grouped_linear(x_ND, w_gate, counts_E, backend, sizes)
-            up_NF = grouped_linear(x_ND, w_up, counts_E, backend, sizes)
-            return grouped_linear(F.silu(gate_NF) * up_NF, w_down, counts_E, backend, sizes)
+            backend = "grouped_mm" if grouped_mm_supported(x_TD, w_gate) else "loop"
+        with torch.autocast(x_TD.device.type, enabled=False):
+            if backend == "grouped_mm":
+                offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+                mm = lambda a, w: gmm(a, w, offs_E)  # noqa: E731
+            else:
+                sizes = counts_E.tolist()  # one host sync, not three
+                mm = lambda a, w: loop_linear(a, w, sizes)  # noqa: E731
+            x_ND = x_TD.index_select(0, token_idx_N)
+            h_NF = F.silu(mm(x_ND, w_gate)) * mm(x_ND, w_up)
+            # The routing weight goes on the narrower side of the down projection.
+            if h_NF.shape[1] <= x_TD.shape[1]:
+                y_ND = mm(h_NF * w_N.unsqueeze(-1), w_down)
+            else:
+                y_ND = mm(h_NF, w_down) * w_N.unsqueeze(-1)
+            return torch.zeros_like(x_TD).index_add(0, token_idx_N, y_ND)

@@ -93,11 +93,8 @@ class MoE(nn.Module):
         r = self.router(x_TD)
         d = dispatch(r.expert_idx_TK, r.weights_TK, cfg.n_experts, self.capacity_factor)
 
-        x_ND = x_TD.index_select(0, d.token_idx_N)
-        y_ND = self.experts(x_ND, d.counts_E)
-        w_N = r.weights_TK.reshape(-1).index_select(0, d.slot_idx_N).to(y_ND.dtype)
-        y_TD = torch.zeros((T, cfg.d_model), dtype=y_ND.dtype, device=x.device)
-        y_TD = y_TD.index_add(0, d.token_idx_N, y_ND * w_N.unsqueeze(-1))
+        w_N = r.weights_TK.reshape(-1).index_select(0, d.slot_idx_N)
+        y_TD = self.experts(x_TD, d.token_idx_N, w_N, d.counts_E)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
 

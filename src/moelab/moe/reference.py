@@ -34,7 +34,7 @@ def reference_moe(moe, x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     for e in range(cfg.n_experts):
         pairs = [(t, k) for t in range(T) for k in range(cfg.top_k) if idx[t, k] == e]
         # Keep the highest-weight assignments; ties go to the earlier token.
-        pairs.sort(key=lambda tk: -float(w[tk[0], tk[1]]))
+        pairs.sort(key=lambda tk: -float(w[tk[0], tk[1]].detach()))
         pairs = pairs[: cap if cap != math.inf else len(pairs)]
         for t, k in pairs:
             h = F.silu(ex.w_gate[e] @ xs[t]) * (ex.w_up[e] @ xs[t])

@@ -1,0 +1,114 @@
+"""`moelab` command line. Each subcommand is a plain typed function; argparse only maps
+arguments onto it, and expected failures print one clear line instead of a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def cmd_train(recipe: str, data: str | None, out: str, steps: int | None = None, stop_after: int | None = None,
+              resume: bool = False, overwrite: bool = False, init: str | None = None,
+              overrides: list[str] | None = None, quiet: bool = False):
+    """Train a model from a named recipe or a YAML file."""
+    from .run_config import load_config
+    from .train import train
+    cfg = load_config(recipe, overrides)
+    if data is not None:
+        cfg.data.source = data
+    if steps is not None:
+        cfg.train.steps = steps
+    cfg.validate()
+    res = train(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, init=init, quiet=quiet)
+    vl = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
+    state = "stopped early (resume with --resume)" if res.stopped_early else "finished"
+    print(f"{cfg.name}: {state} at step {res.step}; val loss {vl}; {res.tokens_per_s:,.0f} tokens/s; "
+          f"run folder {res.run_dir}", file=sys.stderr)
+    return res
+
+
+def cmd_eval(run: str, data: str, as_json: bool = False, split: str = "val", max_tokens: int = 1_000_000):
+    """Loss, perplexity and bits per byte of a run or checkpoint on a source."""
+    from .inference import evaluate_source, load_run
+    r = evaluate_source(load_run(run), data, split=split, max_tokens=max_tokens)
+    if as_json:
+        print(json.dumps(r))
+    else:
+        print(f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
+              f"{r['bits_per_byte']:.4f} bits/byte | {r['tokens']:,} tokens")
+    return r
+
+
+def cmd_generate(run: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 50,
+                 seed: int = 0):
+    """Continue a prompt with a trained model."""
+    from .inference import generate, load_run
+    text = generate(load_run(run), prompt, max_new_tokens, temperature, top_k, seed)
+    print(text)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moelab", description="Train, measure and convert MoE language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    p.add_argument("recipe", help="named recipe (tiny-dense, tiny-moe, small-dense, small-moe) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--data", help="stdlib, a text file, a folder, a .jsonl or a .parquet")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--steps", type=int, help="total run length (the LR schedule's horizon)")
+    p.add_argument("--stop-after", type=int, help="end this invocation after K steps, with a checkpoint")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete --out and start over")
+    p.add_argument("--init", help="initialise weights from a run or checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    p.add_argument("run", help="run folder or checkpoint folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=["val", "all"], default="val",
+                   help="val: the documents the split rule holds out (default); all: every document")
+    p.add_argument("--max-tokens", type=int, default=1_000_000)
+    p.add_argument("--json", action="store_true", dest="as_json")
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p.add_argument("run")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="train tiny-dense and tiny-moe on stdlib and compare them")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .train import CheckpointError, NonFiniteLoss, RunExists
+    try:
+        if args.command == "train":
+            cmd_train(args.recipe, args.data, args.out, args.steps, args.stop_after, args.resume, args.overwrite,
+                      args.init, args.overrides, args.quiet)
+        elif args.command == "eval":
+            cmd_eval(args.run, args.data, args.as_json, args.split, args.max_tokens)
+        elif args.command == "generate":
+            cmd_generate(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        elif args.command == "demo":
+            from .demo import run_demo
+            run_demo(Path(args.out), args.steps)
+    except (ConfigError, CheckpointError, RunExists, NonFiniteLoss) as e:
+        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Token streams cached on disk, packed into fixed-length sequences, and a seeded
+sampler whose position is part of every checkpoint.
+
+Legend: B sequences per batch, S sequence length.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from ..config import ConfigError
+from .sources import Document
+from .tokenizer import eos_id
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOELAB_CACHE", Path.home() / ".cache" / "moelab"))
+
+
+def tokenize_documents(docs: list[Document], tok: Tokenizer) -> np.memmap:
+    """All documents as one token stream, each followed by end-of-text. Cached as a
+    `.npy` memmap keyed by a hash of the tokenizer and every document's name and text."""
+    h = hashlib.sha256(tok.to_str().encode())
+    for d in docs:
+        h.update(d.name.encode())
+        h.update(b"\0")
+        h.update(d.text.encode())
+        h.update(b"\0")
+    path = cache_dir() / "tokens" / f"{h.hexdigest()[:32]}.npy"
+    if not path.exists():
+        eos = eos_id(tok)
+        dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
+        parts = []
+        for i in range(0, len(docs), 512):
+            for enc in tok.encode_batch([d.text for d in docs[i:i + 512]], add_special_tokens=False):
+                parts.append(np.asarray(enc.ids + [eos], dtype=dtype))
+        arr = np.concatenate(parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, path)  # concurrent runs may race; either file is complete
+    return np.load(path, mmap_mode="r")
+
+
+class PackedSequences:
+    """Non-overlapping windows of S+1 tokens: inputs are the first S, targets the last S."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, what: str = "data"):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+        if self.n < 1:
+            raise ConfigError(f"{what}: {len(tokens)} tokens are fewer than one sequence of "
+                              f"data.seq_len={seq_len}; use more text or a shorter seq_len")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        S = self.seq_len
+        rows = np.stack([np.asarray(self.tokens[i * S: i * S + S + 1], dtype=np.int64) for i in idx])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    index: int = 0
+
+
+class Sampler:
+    """Visits every sequence once per epoch in an order fixed by (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, state: SamplerState | None = None):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.state = state or SamplerState()
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next(self) -> np.ndarray:
+        out = []
+        while len(out) < self.batch_size:
+            order = self._order(self.state.epoch)
+            take = order[self.state.index: self.state.index + self.batch_size - len(out)]
+            out.extend(take.tolist())
+            self.state.index += len(take)
+            if self.state.index >= self.n:
+                self.state = SamplerState(self.state.epoch + 1, 0)
+        return np.asarray(out)

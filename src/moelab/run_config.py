@@ -1,0 +1,260 @@
+"""Run configuration: model + data + optimizer + trainer, from YAML recipes with dotted
+`key=value` overrides. Every error names the dotted key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .config import ConfigError, ModelConfig, MoEConfig
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"          # replaced by `--data`
+    seq_len: int = 128
+    val_fraction: float = 0.05      # share of *documents* held out for validation
+    tokenizer: str | None = None    # reuse this tokenizer.json instead of training one
+    tokenizer_train_bytes: int = 10_000_000  # train BPE on at most this much text
+    text_field: str = "text"        # .jsonl / .parquet column
+
+    def validate(self, p: str = "data.") -> None:
+        _pos_int(self.seq_len, p + "seq_len")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"{p}val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0          # max global grad norm; 0 = off
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1       # final LR as a fraction of the peak
+    decay_fraction: float = 0.2     # WSD: share of steps spent decaying at the end
+
+    def validate(self, p: str = "optim.") -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{p}lr: expected a positive number, got {self.lr!r}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"{p}decay_fraction: expected 0..1, got {self.decay_fraction!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{p}warmup_steps: expected >= 0, got {self.warmup_steps!r}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000               # the run's total length (the schedule's horizon)
+    batch_size: int = 16            # sequences per micro-batch
+    grad_accum: int = 1
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; CPUs without bf16 units: slow
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    threads: int | None = None      # torch intra-op threads on CPU; None = torch's default
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    spike_factor: float = 2.0       # warn when loss > factor x running median ...
+    spike_window: int = 50          # ... of the last `spike_window` steps
+    collapse_max_violation: float = 3.0  # warn when an MoE layer stays above this ...
+    collapse_window: int = 20       # ... for this many consecutive logged steps
+
+    def validate(self, p: str = "train.") -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every",
+                     "eval_batches", "keep_checkpoints", "spike_window", "collapse_window"):
+            _pos_int(getattr(self, name), p + name)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _pos_int(v: Any, key: str) -> None:
+    if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        raise ConfigError(f"{key}: expected a positive integer, got {v!r}")
+
+
+# ---------------------------------------------------------------- typed construction
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp, v: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        for a in args:
+            if dataclasses.is_dataclass(a) and isinstance(v, dict):
+                return _coerce(a, v, key)  # keep the inner error, which names the exact key
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {v!r}")
+    if origin is Literal:
+        if v not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {v!r}")
+        return v
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, v, key)
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key}: expected true or false, got {v!r}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key}: expected an integer, got {v!r}")
+        return v
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {v!r}")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{key}: expected a string, got {v!r}")
+        return v
+    return v
+
+
+def _unknown(key: str, name: str, choices) -> ConfigError:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{key}: unknown key{hint}; known keys: {', '.join(sorted(choices))}")
+
+
+def _from_dict(cls, data: Any, prefix: str):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise _unknown(key, str(k), names)
+        kwargs[k] = _coerce(hints[k], v, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        if cls is MoEConfig and msg.startswith("moe."):  # MoEConfig validates itself as "moe."
+            msg = prefix + msg[3:]
+        raise ConfigError(msg) from None
+
+
+def _prepare_model_dict(d: dict) -> None:
+    """The MoE's d_model is the model's: fill it in so recipes never repeat it."""
+    model = d.get("model")
+    if isinstance(model, dict) and isinstance(model.get("moe"), dict):
+        model["moe"].setdefault("d_model", model.get("d_model", ModelConfig.d_model))
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    d = yaml.safe_load(yaml.safe_dump(d))  # deep copy through plain types
+    _prepare_model_dict(d)
+    cfg = _from_dict(RunConfig, d, "")
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------- files and overrides
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def read_recipe(recipe_or_yaml: str) -> dict:
+    path = Path(recipe_or_yaml)
+    if not path.suffix and not path.exists():
+        path = RECIPES_DIR / f"{recipe_or_yaml}.yaml"
+        if not path.exists():
+            raise ConfigError(f"recipe '{recipe_or_yaml}' not found: not a file, and not one of the "
+                              f"named recipes {list_recipes()}")
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    d.setdefault("name", path.stem)
+    return d
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """`a.b.c=value` sets a nested key; the value is parsed as YAML (numbers, true, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. model.moe.n_experts=16")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        parts = key.strip().split(".")
+        node, cls = d, RunConfig
+        for i, part in enumerate(parts):
+            dotted = ".".join(parts[: i + 1])
+            names = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+            if cls and part not in names:
+                raise _unknown(dotted, part, names)
+            if i == len(parts) - 1:
+                node[part] = value
+                break
+            hint = typing.get_type_hints(cls)[part]
+            sub = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+            if not sub:
+                raise ConfigError(f"{dotted}: is a value, not a section")
+            cls = sub[0]
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # e.g. model.moe.n_experts=8 on a dense recipe creates the MoE
+            node = node[part]
+    return d
+
+
+def load_config(recipe_or_yaml: str, overrides: list[str] | None = None) -> RunConfig:
+    return config_from_dict(apply_overrides(read_recipe(recipe_or_yaml), overrides or []))
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = ["RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "ModelConfig", "MoEConfig",
+           "ConfigError", "load_config", "config_from_dict", "apply_overrides", "save_config", "list_recipes"]

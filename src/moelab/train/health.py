@@ -1,0 +1,49 @@
+"""Training health: non-finite losses stop the run; loss spikes and router collapse warn."""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class HealthMonitor:
+    def __init__(self, spike_factor: float, spike_window: int, collapse_max_violation: float,
+                 collapse_window: int, state: dict | None = None):
+        self.spike_factor, self.collapse_mv, self.collapse_window = spike_factor, collapse_max_violation, collapse_window
+        state = state or {}
+        self.losses = deque(state.get("losses", []), maxlen=spike_window)
+        self.collapse_run: list[int] = list(state.get("collapse_run", []))
+        self.spikes = int(state.get("spikes", 0))
+
+    def state(self) -> dict:
+        return {"losses": list(self.losses), "collapse_run": self.collapse_run, "spikes": self.spikes}
+
+    def check_loss(self, step: int, loss: float) -> str | None:
+        """Raises NonFiniteLoss; returns a warning on a spike (loss > factor x running median)."""
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping. The last checkpoint is intact; "
+                                "lower optim.lr, raise warmup, or enable router z-loss (model.moe.z_coef)")
+        warning = None
+        if len(self.losses) >= min(10, self.losses.maxlen):
+            med = statistics.median(self.losses)
+            if loss > self.spike_factor * med:
+                self.spikes += 1
+                warning = f"loss spike at step {step}: {loss:.3f} > {self.spike_factor} x median {med:.3f}"
+        self.losses.append(loss)
+        return warning
+
+    def check_router(self, step: int, max_violations: list[float]) -> list[str]:
+        """Warn when a layer's max-violation stays above the threshold for the window."""
+        if len(self.collapse_run) != len(max_violations):
+            self.collapse_run = [0] * len(max_violations)
+        out = []
+        for i, mv in enumerate(max_violations):
+            self.collapse_run[i] = self.collapse_run[i] + 1 if mv > self.collapse_mv else 0
+            if self.collapse_run[i] == self.collapse_window:
+                out.append(f"router collapse in MoE layer {i} at step {step}: max-violation above "
+                           f"{self.collapse_mv} for {self.collapse_window} logged steps")
+        return out

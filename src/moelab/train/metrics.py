@@ -1,0 +1,102 @@
+"""Metrics: one JSON object per logged step in RUN/metrics.jsonl, mirrored to TensorBoard.
+
+Per MoE layer (list `moe_layers`, in layer order): `load` (fraction of assignments per
+expert over the logging window), `max_violation`, `dropped_fraction`, `router_entropy`,
+`lb_loss`, `z_loss` (window means) and `dead_experts` (experts that got no token in the
+window).
+"""
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+from ..moe import MoEStats
+
+
+class MoEWindow:
+    """Accumulates per-layer router statistics between two log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loads: list[torch.Tensor] = []
+        self.sums: list[dict[str, float]] = []
+        self.n = 0
+
+    def add(self, stats: list[MoEStats]) -> None:
+        if not self.loads:
+            self.loads = [torch.zeros_like(s.tokens_per_expert, dtype=torch.float64) for s in stats]
+            self.sums = [dict.fromkeys(("lb_loss", "z_loss", "dropped_fraction", "router_entropy"), 0.0)
+                         for _ in stats]
+        for i, s in enumerate(stats):
+            self.loads[i] += s.tokens_per_expert.detach().double()
+            acc = self.sums[i]
+            acc["lb_loss"] += float(s.lb_loss)
+            acc["z_loss"] += float(s.z_loss)
+            acc["dropped_fraction"] += float(s.dropped_fraction)
+            acc["router_entropy"] += float(s.router_entropy)
+        self.n += 1
+
+    def summary(self) -> list[dict]:
+        out = []
+        for load, acc in zip(self.loads, self.sums):
+            total = float(load.sum())
+            frac = (load / total) if total > 0 else load
+            mean = float(load.mean())
+            out.append({
+                "load": [round(float(f), 5) for f in frac],
+                "max_violation": float(load.max()) / mean - 1.0 if mean > 0 else 0.0,
+                "dead_experts": int((load == 0).sum()),
+                **{k: v / max(self.n, 1) for k, v in acc.items()},
+            })
+        return out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max allocated by tensors. CPU: the process's peak resident set (ru_maxrss)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.f = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+            for i, layer in enumerate(record.get("moe_layers", [])):
+                for k, v in layer.items():
+                    if isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"moe/layer{i}/{k}", v, step)
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint so the log has each step once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,50 @@
+"""AdamW with parameter groups, and learning-rate schedules."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..run_config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only. Norm weights, biases and embeddings are not decayed:
+    decaying a norm gain or a bias only pulls it toward an arbitrary zero, and rows of
+    rare tokens in the embedding would be decayed away between their rare updates. The
+    router weight is a matrix and is decayed (it also keeps logits small)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.startswith("embed."):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine to
+    min_lr_ratio * lr, or WSD (stable, then linear decay over the last decay_fraction),
+    or constant."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return peak
+    return peak + (floor - peak) * min(1.0, (step - decay_start + 1) / decay_steps)

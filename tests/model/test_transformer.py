@@ -1,0 +1,111 @@
+"""The dense/MoE decoder: layer patterns, parameter counts, and that it learns."""
+import pytest
+import torch
+
+from moelab import ConfigError, ModelConfig, MoEConfig, Transformer
+
+
+def tiny(moe=True, **kw):
+    base = dict(vocab_size=97, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
+    base.update(kw)
+    if moe:
+        base["moe"] = MoEConfig(d_model=base["d_model"], d_expert=32, n_experts=4, top_k=2)
+    return ModelConfig(**base)
+
+
+def test_layer_patterns():
+    assert [tiny(moe_pattern="all").is_moe_layer(i) for i in range(4)] == [True] * 4
+    assert [tiny(moe_pattern="alternate").is_moe_layer(i) for i in range(4)] == [False, True, False, True]
+    assert [tiny(first_dense=1).is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+    model = Transformer(tiny(moe_pattern="alternate"))
+    assert [layer.is_moe for layer in model.layers] == [False, True, False, True]
+    assert len(model(torch.randint(0, 97, (2, 8))).moe_stats) == 2
+
+
+def test_param_counts_match_hand_count_and_modules():
+    cfg = ModelConfig(vocab_size=100, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=8,
+                      moe=MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=2, n_shared_experts=1,
+                                    shared_gate=True), moe_pattern="alternate")
+    # Hand count. Attention: q 16x16, k,v 16x8 each (2 kv heads of dim 4), o 16x16 = 768.
+    attn = 16 * 16 + 2 * 16 * 8 + 16 * 16
+    norms = 2 * 16
+    dense_ffn = 3 * 16 * 48
+    router, expert, shared = 4 * 16, 3 * 8 * 16, 3 * 8 * 16 + 16
+    emb = 2 * 100 * 16
+    total = emb + 16 + 2 * (attn + norms) + dense_ffn + (router + 4 * expert + shared)
+    active = emb + 16 + 2 * (attn + norms) + dense_ffn + (router + 2 * expert + shared)
+    counts = cfg.param_counts()
+    assert counts["total"] == total == sum(p.numel() for p in Transformer(cfg).parameters())
+    assert counts["active"] == active
+    assert counts["non_embedding"] == total - emb
+    tied = ModelConfig(**{**cfg.__dict__, "tie_embeddings": True})
+    assert tied.param_counts()["total"] == sum(p.numel() for p in Transformer(tied).parameters()) == total - 1600
+
+
+def test_flops_per_token():
+    cfg = tiny()
+    n = cfg.param_counts()["active_non_embedding"] + 97 * 32
+    assert cfg.flops_per_token(16) == 6 * n + 12 * 4 * 32 * 16
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_overfits_fixed_batch(moe):
+    torch.manual_seed(0)
+    model = Transformer(tiny(moe=moe))
+    tokens = torch.randint(0, 97, (4, 33))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        out = model(x, y)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first = first if first is not None else out.lm_loss.item()
+    assert out.lm_loss.item() < 0.3 * first
+    if moe:
+        assert out.aux_loss.item() > 0 and len(out.moe_stats) == 4
+
+
+def test_loss_is_lm_plus_mean_aux():
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (2, 16))
+    out = model(tokens, tokens)
+    aux = torch.stack([s.aux_loss for s in out.moe_stats]).mean()
+    torch.testing.assert_close(out.loss, out.lm_loss + aux)
+
+
+def test_causal_and_activation_checkpointing_equivalent():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    tokens = torch.randint(0, 97, (2, 16))
+    out = model(tokens, tokens)
+    # Causality: changing the last token does not change earlier logits.
+    t2 = tokens.clone()
+    t2[:, -1] = (t2[:, -1] + 1) % 97
+    torch.testing.assert_close(model(t2).logits[:, :-1], out.logits[:, :-1])
+    model.activation_checkpointing = True
+    out_ck = model(tokens, tokens)
+    torch.testing.assert_close(out_ck.loss, out.loss)
+    g1 = torch.autograd.grad(out.loss, list(model.parameters()))
+    g2 = torch.autograd.grad(out_ck.loss, list(model.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"moe\.top_k.*exceeds n_experts"):
+        MoEConfig(n_experts=4, top_k=5)
+    with pytest.raises(ConfigError, match=r"model\.n_kv_heads"):
+        tiny(n_kv_heads=3)
+    with pytest.raises(ConfigError, match=r"model\.moe\.d_model"):
+        ModelConfig(d_model=32, n_heads=4, moe=MoEConfig(d_model=16))
+
+
+def test_bias_update_through_model():
+    cfg = tiny()
+    cfg.moe.bias_update_rate = 0.01
+    model = Transformer(ModelConfig(**cfg.__dict__))
+    out = model(torch.randint(0, 97, (2, 16)))
+    model.update_router_biases([s.tokens_per_expert for s in out.moe_stats])
+    assert any(m.router.bias.abs().sum() > 0 for m in model.moe_layers())
