@@ -91,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options too; argparse alone would reject them.
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.command == "train":
+        args.overrides = list(args.overrides or []) + extra
     from .train import CheckpointError, NonFiniteLoss, RunExists
     try:
         if args.command == "train":

@@ -226,7 +226,7 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, e.g. model.moe.n_experts=16")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _parse_value(raw)
         parts = key.strip().split(".")
         node, cls = d, RunConfig
         for i, part in enumerate(parts):
@@ -246,6 +246,17 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
                 node[part] = {}  # e.g. model.moe.n_experts=8 on a dense recipe creates the MoE
             node = node[part]
     return d
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalars, plus the float spellings YAML 1.1 reads as strings ('1e-3')."""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def load_config(recipe_or_yaml: str, overrides: list[str] | None = None) -> RunConfig:

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
@@ -148,7 +148,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(Path(path) / name))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read {name} ({e})") from None
 
 

@@ -35,8 +35,8 @@ class MoEWindow:
         for i, s in enumerate(stats):
             self.loads[i] += s.tokens_per_expert.detach().double()
             acc = self.sums[i]
-            acc["lb_loss"] += float(s.lb_loss)
-            acc["z_loss"] += float(s.z_loss)
+            acc["lb_loss"] += s.lb_loss.item()
+            acc["z_loss"] += s.z_loss.item()
             acc["dropped_fraction"] += float(s.dropped_fraction)
             acc["router_entropy"] += float(s.router_entropy)
         self.n += 1

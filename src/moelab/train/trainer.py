@@ -164,8 +164,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 with ctx:
                     out = model(x.to(device), y.to(device))
                 (out.loss / tc.grad_accum).backward()
-                loss_sum += float(out.loss) / tc.grad_accum
-                lm_sum += float(out.lm_loss) / tc.grad_accum
+                loss_sum += out.loss.item() / tc.grad_accum
+                lm_sum += out.lm_loss.item() / tc.grad_accum
                 window.add(out.moe_stats)
                 step_loads = [s.tokens_per_expert for s in out.moe_stats]
                 loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
@@ -183,9 +183,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             tok_window += tokens_per_step
             bar.update(1)
 
-            if step % tc.eval_every == 0 or step == tc.steps:
+            evaluated = step % tc.eval_every == 0 or step == tc.steps
+            if evaluated:
                 val_loss = evaluate(model, data.val, tc.batch_size, tc.eval_batches, device, ctx)
-            if step % tc.log_every == 0 or step == end:
+            if step % tc.log_every == 0 or step == end or evaluated:
                 now = time.perf_counter()
                 tps = tok_window / max(now - t_window, 1e-9)
                 t_window, tok_window = now, 0
@@ -199,7 +200,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                     "peak_mem_bytes": peak_memory_bytes(device), "loss_spikes": health.spikes,
                     "moe_layers": last_summary,
                 }
-                if val_loss is not None and (step % tc.eval_every == 0 or step == tc.steps):
+                if evaluated:
                     record["val_loss"] = val_loss
                 for w in health.check_router(step, [m["max_violation"] for m in last_summary]):
                     tqdm.write(f"warning: {w}", file=sys.stderr)

@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests assert bitwise equality across processes; pin the thread count everywhere.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=4", "train.log_every=2",
+        "train.eval_every=4", "train.eval_batches=2", "train.ckpt_every=4", "optim.warmup_steps=2",
+        "data.tokenizer_train_bytes=300000", "train.threads=1"]
+TINY_MOE = TINY + ["model.moe.d_expert=16", "model.moe.n_experts=4", "model.moe.top_k=2"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    os.environ["MOELAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "moelab-cache")
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """A small corpus written by the test: enough lines for a few documents."""
+    lines = [f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}.\n" for i in range(1200)]
+    p = tmp_path / "corpus.txt"
+    p.write_text("".join(lines))
+    return p
+
+
+def run_cli(*args: str, check: bool = True):
+    """Run `python -m moelab ...` in a fresh process and return (rc, stdout, stderr)."""
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "moelab", *args], capture_output=True, text=True, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"moelab {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r.returncode, r.stdout, r.stderr
