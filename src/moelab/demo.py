@@ -26,7 +26,7 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
 
     rows = [("", *results)]
     rows.append(("val loss (nats/token)", *(f"{r.final_val_loss:.4f}" for r in results.values())))
-    rows.append(("tokens/s (last window)", *(f"{r.tokens_per_s:,.0f}" for r in results.values())))
+    rows.append(("training tokens/s", *(f"{r.tokens_per_s:,.0f}" for r in results.values())))
     rows.append(("params total", *(f"{r.params['total']:,}" for r in results.values())))
     rows.append(("params active/token", *(f"{r.params['active']:,}" for r in results.values())))
     for i in range(max(len(r.expert_load) for r in results.values())):

@@ -33,7 +33,7 @@ class TrainResult:
     run_dir: Path
     step: int
     final_val_loss: float | None
-    tokens_per_s: float
+    tokens_per_s: float  # mean over this invocation's optimizer steps
     params: dict
     expert_load: list[list[float]]  # last window's load fractions per MoE layer
     stopped_early: bool
@@ -135,25 +135,29 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     health = HealthMonitor(tc.spike_factor, tc.spike_window, tc.collapse_max_violation, tc.collapse_window,
                            state.get("health"))
     tokens_seen = int(state.get("tokens", 0))
+    elapsed = float(state.get("elapsed_s", 0.0))  # training wall-clock, summed over resumes
     end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
     metrics = MetricsWriter(run_dir)
     window = MoEWindow()
     ctx = autocast_ctx(cfg, device)
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len
     val_loss = state.get("val_loss")
-    t_window, tok_window, tps = time.perf_counter(), 0, 0.0
+    # tokens/s counts optimizer-step time only (evaluation and checkpoints excluded)
+    t_window, tok_window, tps = elapsed, 0, 0.0
+    start_elapsed, start_tokens = elapsed, tokens_seen
     last_summary: list[dict] = []
     pending: list[str] = []  # warnings waiting for the next metrics line
 
     def trainer_state() -> dict:
         return {"sampler": vars(sampler.state), "health": health.state(), "tokens": tokens_seen,
-                "val_loss": val_loss, "total_steps": tc.steps}
+                "val_loss": val_loss, "total_steps": tc.steps, "elapsed_s": elapsed}
 
     model.train()
     bar = tqdm(total=end, initial=step, disable=quiet, file=sys.stderr, dynamic_ncols=True,
                desc=cfg.name, unit="step")
     try:
         while step < end:
+            t_step = time.perf_counter()
             lr = lr_at(step, tc.steps, cfg.optim)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -179,6 +183,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             if loads:
                 model.update_router_biases(loads)
             step += 1
+            elapsed += time.perf_counter() - t_step
             tokens_seen += tokens_per_step
             tok_window += tokens_per_step
             bar.update(1)
@@ -187,13 +192,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             if evaluated:
                 val_loss = evaluate(model, data.val, tc.batch_size, tc.eval_batches, device, ctx)
             if step % tc.log_every == 0 or step == end or evaluated:
-                now = time.perf_counter()
-                tps = tok_window / max(now - t_window, 1e-9)
-                t_window, tok_window = now, 0
+                tps = tok_window / max(elapsed - t_window, 1e-9)
+                t_window, tok_window = elapsed, 0
                 last_summary = window.summary()
                 window.reset()
                 record = {
-                    "step": step, "tokens": tokens_seen, "loss": loss_sum, "lm_loss": lm_sum,
+                    "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "loss": loss_sum, "lm_loss": lm_sum,
                     "lb_loss": _mean([m["lb_loss"] for m in last_summary]),
                     "z_loss": _mean([m["z_loss"] for m in last_summary]),
                     "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
@@ -215,7 +219,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     finally:
         bar.close()
         metrics.close()
-    return TrainResult(run_dir, step, val_loss, tps, cfg.model.param_counts(),
+    mean_tps = (tokens_seen - start_tokens) / max(elapsed - start_elapsed, 1e-9)
+    return TrainResult(run_dir, step, val_loss, mean_tps, cfg.model.param_counts(),
                        [m["load"] for m in last_summary], stopped_early=step < tc.steps)
 
 

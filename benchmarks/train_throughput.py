@@ -1,0 +1,73 @@
+"""Training tokens/s of an MoE recipe against its dense twin (same active parameters).
+
+Full optimizer steps (forward, backward, clipping, AdamW) on random tokens, interleaved
+in rounds so machine noise hits both alike; reports median tokens/s and the ratio.
+
+    python benchmarks/train_throughput.py [--dense small-dense --moe small-moe] [--threads 2] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from moelab import Transformer
+from moelab.run_config import load_config
+from moelab.runtime import tune_cpu_allocator
+from moelab.train.optim import build_optimizer
+
+
+def make_step(recipe: str, steps_per_round: int):
+    cfg = load_config(recipe)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    B, S = cfg.train.batch_size, cfg.data.seq_len
+    x = torch.randint(0, cfg.model.vocab_size, (B, S + 1))
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps_per_round):
+            out = model(x[:, :-1], x[:, 1:])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return steps_per_round * B * S / (time.perf_counter() - t0)
+
+    return cfg, run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dense", default="small-dense")
+    ap.add_argument("--moe", default="small-moe")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps-per-round", type=int, default=3)
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.malloc == "tuned":
+        tune_cpu_allocator()
+    runs = {name: make_step(name, args.steps_per_round) for name in (args.dense, args.moe)}
+    for _, run in runs.values():
+        run()  # warm-up
+    tps = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (_, run) in runs.items():
+            tps[name].append(run())
+    med = {n: statistics.median(v) for n, v in tps.items()}
+    print("| recipe | params total | params active | tokens/s (median) | × dense |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (cfg, _) in runs.items():
+        pc = cfg.model.param_counts()
+        print(f"| {name} | {pc['total']:,} | {pc['active']:,} | {med[name]:,.0f} | {med[name] / med[args.dense]:.2f} |")
+    print(f"\n{args.threads} threads, malloc {args.malloc}, torch {torch.__version__}, "
+          f"{args.rounds} rounds x {args.steps_per_round} steps")
+
+
+if __name__ == "__main__":
+    main()

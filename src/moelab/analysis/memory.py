@@ -1,0 +1,202 @@
+"""Memory planning: bytes per device for a dense or MoE model under data/expert
+parallelism and ZeRO, predicted from the config and (on one device) measured.
+
+Legend: T = micro_batch * seq_len tokens per device, D model dim, F hidden, E experts,
+k top-k, V vocab, a activation bytes per element.
+
+Parameters are enumerated from a model built on the `meta` device, so counts are exact
+for any config without allocating it (46.7 B for Mixtral-8x7B costs nothing).
+
+Precision (`dtype`): "fp32" = fp32 weights, grads, AdamW moments (what `moelab train`
+does on CPU); "bf16" = bf16 weights and grads with fp32 master weights and moments (the
+usual mixed-precision layout), bf16 activations.
+
+Activations are what autograd keeps for backward at the end of a forward pass, plus the
+fp32 logits the model returns. The per-layer terms below follow moelab's own ops:
+  attention  2D (RMSNorm in/out) + 2(D + D_kv) (RoPE inputs and rotated halves)
+             + 2D + 2D_kv (SDPA q, k, v, out) + H (log-sum-exp) + D (o-proj input)
+  dense FFN  2D (norm) + 4F (gate, silu(gate), up, silu*up)
+  MoE FFN    2D (norm) + 2E (router logits, probs) + kD (rows gathered per expert)
+             + 4kF (as dense, per assignment) + k*min(D, F) (routing-weighted side)
+  head       2D (final norm) + V (log-softmax) + V fp32 logits returned
+With activation checkpointing only each layer's input (D) is kept, plus one layer's
+activations recomputed at a time in backward. Capacity padding: moelab drops or keeps
+rows without padded E x C buffers, so there is none; padded implementations hold
+capacity_factor * k * T rows instead of k * T.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ModelConfig
+
+GiB = 1024 ** 3
+
+
+def _param_inventory(cfg: ModelConfig) -> dict:
+    """Counts of expert / non-expert parameters and parameter tensors (exact)."""
+    from ..model import Transformer
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    inv = {"expert": 0, "other": 0, "expert_tensors": 0, "other_tensors": 0}
+    for name, p in model.named_parameters():
+        kind = "expert" if ".experts." in name else "other"
+        inv[kind] += p.numel()
+        inv[kind + "_tensors"] += 1
+    return inv
+
+
+def dense_twin(cfg: ModelConfig) -> ModelConfig:
+    """The dense model with the same active FFN width: d_ff = k*F + S*F_s."""
+    if cfg.moe is None:
+        return cfg
+    d_ff = cfg.moe.top_k * cfg.moe.d_expert + cfg.moe.d_shared_total
+    return ModelConfig(**{**cfg.__dict__, "moe": None, "d_ff": d_ff, "moe_pattern": "none"})
+
+
+def activation_elements_per_token(cfg: ModelConfig) -> dict[str, float]:
+    """Elements kept for backward per token, by part (see the module docstring)."""
+    D, H, V = cfg.d_model, cfg.n_heads, cfg.vocab_size
+    Dkv = cfg.kv_heads * cfg.head_dim
+    attn = 2 * D + 2 * (D + Dkv) + 2 * D + 2 * Dkv + H + D
+    dense = 2 * D + 4 * cfg.d_ff
+    moe = 0.0
+    if cfg.moe is not None:
+        m = cfg.moe
+        moe = (2 * D + 2 * m.n_experts + m.top_k * D + 4 * m.top_k * m.d_expert
+               + m.top_k * min(D, m.d_expert) + (4 * m.d_shared_total if m.n_shared_experts else 0))
+    n_moe = cfg.n_moe_layers
+    return {"attention": cfg.n_layers * attn, "dense_ffn": (cfg.n_layers - n_moe) * dense,
+            "moe_ffn": n_moe * moe, "head": 2 * D + V, "per_layer_max": attn + max(dense, moe)}
+
+
+@dataclass
+class MemoryPlan:
+    name: str
+    params_total: int
+    params_active: int
+    bytes: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "params_total": self.params_total, "params_active": self.params_active,
+                "bytes": self.bytes, "notes": self.notes}
+
+
+def plan_memory(cfg: ModelConfig, *, name: str = "model", micro_batch: int = 1, seq_len: int | None = None,
+                devices: int = 1, expert_parallel: int = 1, zero: int = 0, dtype: str = "fp32",
+                activation_checkpointing: bool = False) -> MemoryPlan:
+    S = seq_len or cfg.max_seq_len
+    T = micro_batch * S
+    if devices % expert_parallel:
+        raise ValueError(f"--expert-parallel {expert_parallel} must divide --devices {devices}")
+    if cfg.moe is not None and cfg.moe.n_experts % expert_parallel:
+        raise ValueError(f"--expert-parallel {expert_parallel} must divide n_experts={cfg.moe.n_experts}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"--zero must be 0, 1, 2 or 3, got {zero}")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be fp32 or bf16, got {dtype}")
+    inv = _param_inventory(cfg)
+    pb, gb = (4, 4) if dtype == "fp32" else (2, 2)
+    ob = 8 if dtype == "fp32" else 12  # AdamW moments (+ fp32 master weights)
+    ab = 4 if dtype == "fp32" else 2
+    ep, dp_expert = expert_parallel, devices // expert_parallel
+    # Per-device parameter counts before ZeRO; experts are split over the EP group and
+    # replicated over the rest, so ZeRO shards them over devices / EP.
+    other, expert = inv["other"], inv["expert"] / ep
+    other_t, expert_t = inv["other_tensors"], inv["expert_tensors"]
+
+    def shard(n_other: float, n_expert: float, stage: int) -> float:
+        return n_other / (devices if zero >= stage else 1) + n_expert / (dp_expert if zero >= stage else 1)
+
+    b = {
+        "params": round(pb * shard(other, expert, 3)),
+        "grads": round(gb * shard(other, expert, 2)),
+        # AdamW also keeps one fp32 `step` scalar per parameter tensor.
+        "optimizer": round(ob * shard(other, expert, 1) + 4 * (other_t + expert_t)),
+    }
+    act = activation_elements_per_token(cfg)
+    logits = 4 * T * cfg.vocab_size
+    if activation_checkpointing:
+        per_token = cfg.n_layers * cfg.d_model + act["per_layer_max"] + act["head"]
+    else:
+        per_token = act["attention"] + act["dense_ffn"] + act["moe_ffn"] + act["head"]
+    b["activations"] = round(ab * T * per_token + logits)
+    b["comm"] = 0
+    if cfg.moe is not None and ep > 1:
+        # all-to-all send and receive buffers for one MoE layer in flight
+        b["comm"] = round(2 * ab * cfg.moe.top_k * T * cfg.d_model)
+    b["total"] = sum(b.values())
+    pc = cfg.param_counts()
+    plan = MemoryPlan(name, pc["total"], pc["active"], b)
+    if cfg.moe is not None:
+        plan.notes = moe_notes(cfg, T, ab, pb, gb, ob, ep)
+    return plan
+
+
+def moe_notes(cfg: ModelConfig, T: int, ab: int, pb: int, gb: int, ob: int, ep: int) -> list[str]:
+    m, pc = cfg.moe, cfg.param_counts()
+    extra = pc["total"] - pc["active"]
+    L = cfg.n_moe_layers
+    gathered = ab * T * m.top_k * cfg.d_model * L
+    router = 2 * ab * T * m.n_experts * L
+    notes = [
+        f"experts: all {m.n_experts} sit in memory though each token uses {m.top_k}; "
+        f"{pc['total'] / pc['active']:.2f}x the parameters of the dense twin "
+        f"(+{extra / 1e6:,.1f} M idle per token)",
+        f"gradients and AdamW state scale with total parameters: +{(gb + ob) * extra / GiB:,.2f} GiB "
+        f"over the dense twin (before ZeRO sharding)",
+        f"dispatch: each token is copied to {m.top_k} experts: {m.top_k}*T*D gathered rows per layer, "
+        f"{gathered / GiB:,.3f} GiB over {L} MoE layers",
+        f"router: logits and probabilities, 2*T*E per layer: {router / GiB:,.4f} GiB",
+        "capacity padding: none (moelab drops or keeps rows; padded E x C buffers would add "
+        f"(capacity_factor - 1) x the dispatch rows)",
+    ]
+    if ep > 1:
+        notes.append(f"expert parallelism: all-to-all send+receive buffers of {m.top_k}*T*D per MoE layer in flight; "
+                     f"experts split {ep} ways ({m.n_experts // ep} per device)")
+    return notes
+
+
+# ------------------------------------------------------------------ measurement
+def measure_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[int, object]:
+    """Bytes of distinct storages autograd saves during one forward (parameters
+    excluded), plus the returned logits. Returns (bytes, model output)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(tokens[:, :-1], tokens[:, 1:])
+    return sum(seen.values()) + out.logits.numel() * out.logits.element_size(), out
+
+
+def measure_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int = 2) -> dict[str, int]:
+    """Run real fp32 AdamW steps on this machine and read each category off the tensors."""
+    import resource
+
+    from ..model import Transformer
+    from ..train.optim import param_groups
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1))
+    act = 0
+    for _ in range(steps):
+        act, out = measure_activation_bytes(model, tokens)
+        out.loss.backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                    if torch.is_tensor(t))
+    return {"params": sum(p.numel() * p.element_size() for p in model.parameters()), "grads": grads,
+            "optimizer": opt_bytes, "activations": act,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
