@@ -51,6 +51,53 @@ def cmd_generate(run: str, prompt: str, max_new_tokens: int = 100, temperature: 
     return text
 
 
+def cmd_memory(recipe: str, devices: int = 1, expert_parallel: int = 1, zero: int = 0, dtype: str = "fp32",
+               micro_batch: int = 1, seq_len: int | None = None, activation_checkpointing: bool = False,
+               measure: bool = False, as_json: bool = False):
+    """Predict (and optionally measure) memory per device for a model and its dense twin."""
+    from .analysis.memory import dense_twin, format_plans, measure_memory, plan_memory
+    from .run_config import load_config
+    cfg = load_config(recipe)
+    seq_len = seq_len or cfg.data.seq_len
+    models = [(cfg.name, cfg.model)]
+    if cfg.model.moe is not None:
+        models.append((f"{cfg.name} dense twin", dense_twin(cfg.model)))
+    kw = dict(micro_batch=micro_batch, seq_len=seq_len, devices=devices, expert_parallel=expert_parallel,
+              zero=zero, dtype=dtype, activation_checkpointing=activation_checkpointing)
+    try:
+        plans = [plan_memory(m, name=n, **kw) for n, m in models]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    measured = {}
+    if measure:
+        if devices != 1 or dtype != "fp32" or activation_checkpointing:
+            raise ConfigError("--measure runs on this machine: use --devices 1, --dtype fp32, no checkpointing")
+        for (n, m), p in zip(models, plans):
+            if p.bytes["total"] > 8 * 1024 ** 3:
+                raise ConfigError(f"--measure: {n} needs about {p.bytes['total'] / 1024 ** 3:.0f} GiB; "
+                                  "measure a smaller recipe or batch")
+            measured[n] = measure_memory(m, micro_batch, seq_len)
+    if as_json:
+        out = [dict(p.to_json(), **({"measured": measured[p.name]} if p.name in measured else {})) for p in plans]
+        print(json.dumps(out))
+    else:
+        print(f"{cfg.name}: micro-batch {micro_batch} x {seq_len} tokens, {devices} device(s), expert-parallel "
+              f"{expert_parallel}, ZeRO {zero}, {dtype}{', activation checkpointing' if activation_checkpointing else ''}")
+        print(format_plans(plans, measured))
+    return plans, measured
+
+
+def cmd_compare(items: list[str], data: str | None, out: str, steps: int | None = None, tokens: int | None = None,
+                overrides: list[str] | None = None, quiet: bool = False):
+    """Train recipes (or read finished runs) on the same data and budget; write report.html and summary.json."""
+    from .analysis.compare import compare
+    summary = compare(items, data, Path(out), steps=steps, tokens=tokens, overrides=overrides, quiet=quiet)
+    print(f"report: {Path(out) / 'report.html'}\nsummary: {Path(out) / 'summary.json'}")
+    for line in summary["summary"]:
+        print("- " + line)
+    return summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moelab", description="Train, measure and convert MoE language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -84,6 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("compare", help=cmd_compare.__doc__)
+    p.add_argument("items", nargs="+", metavar="RECIPE_OR_RUN")
+    p.add_argument("--data", help="training data for recipes (default: the recipe's, stdlib)")
+    p.add_argument("--out", required=True)
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--steps", type=int)
+    b.add_argument("--tokens", type=int, help="token budget per run (steps derived per recipe)")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", dest="overrides",
+                   help="override applied to every recipe (repeatable)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("memory", help=cmd_memory.__doc__)
+    p.add_argument("recipe", help="recipe or YAML (presets: mixtral-8x7b, olmoe-1b-7b, llama-7b)")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--expert-parallel", type=int, default=1)
+    p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--measure", action="store_true", help="also run real steps here and measure")
+    p.add_argument("--json", action="store_true", dest="as_json")
+
     p = sub.add_parser("demo", help="train tiny-dense and tiny-moe on stdlib and compare them")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=None)
@@ -108,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd_eval(args.run, args.data, args.as_json, args.split, args.max_tokens)
         elif args.command == "generate":
             cmd_generate(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        elif args.command == "compare":
+            cmd_compare(args.items, args.data, args.out, args.steps, args.tokens, args.overrides, args.quiet)
+        elif args.command == "memory":
+            cmd_memory(args.recipe, args.devices, args.expert_parallel, args.zero, args.dtype, args.micro_batch,
+                       args.seq_len, args.activation_checkpointing, args.measure, args.as_json)
         elif args.command == "demo":
             from .demo import run_demo
             run_demo(Path(args.out), args.steps)

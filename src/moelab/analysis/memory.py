@@ -178,8 +178,14 @@ def measure_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tu
     return sum(seen.values()) + out.logits.numel() * out.logits.element_size(), out
 
 
-def measure_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int = 2) -> dict[str, int]:
-    """Run real fp32 AdamW steps on this machine and read each category off the tensors."""
+def measure_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int = 2,
+                   isolated: bool = True) -> dict[str, int]:
+    """Run real fp32 AdamW steps on this machine and read each category off the tensors.
+    `isolated` runs them in a fresh process so its peak RSS belongs to this model alone."""
+    if isolated:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(1) as pool:
+            return pool.apply(measure_memory, (cfg, micro_batch, seq_len, steps, False))
     import resource
 
     from ..model import Transformer
@@ -200,3 +206,40 @@ def measure_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int 
     return {"params": sum(p.numel() * p.element_size() for p in model.parameters()), "grads": grads,
             "optimizer": opt_bytes, "activations": act,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if abs(n) >= div:
+            return f"{n / div:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def format_plans(plans: list[MemoryPlan], measured: dict[str, dict] | None = None) -> str:
+    """A side-by-side table (one column per plan, measured columns beside predicted)."""
+    measured = measured or {}
+    header = ["per device"]
+    for p in plans:
+        header.append(p.name)
+        if p.name in measured:
+            header.append(f"{p.name} measured")
+    rows = [header]
+    rows.append(["params total"] + sum(([f"{p.params_total:,}"] + ([""] if p.name in measured else [])
+                                        for p in plans), []))
+    rows.append(["params active/token"] + sum(([f"{p.params_active:,}"] + ([""] if p.name in measured else [])
+                                               for p in plans), []))
+    for key in ("params", "grads", "optimizer", "activations", "comm", "total", "peak_rss"):
+        row = [key if key != "peak_rss" else "process peak RSS"]
+        for p in plans:
+            row.append(_fmt_bytes(p.bytes[key]) if key in p.bytes else "")
+            if p.name in measured:
+                row.append(_fmt_bytes(measured[p.name][key]) if key in measured[p.name] else "")
+        if any(row[1:]):
+            rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for p in plans:
+        if p.notes:
+            lines.append(f"\nWhy {p.name} needs more memory than its dense twin:")
+            lines += [f"  - {n}" for n in p.notes]
+    return "\n".join(lines)

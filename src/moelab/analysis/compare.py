@@ -1,0 +1,184 @@
+"""`moelab compare`: train (or read) several runs on the same data and budget, and say
+what the MoE cost and what it bought, from the stored curves.
+
+Curves come from each run's metrics.jsonl: validation loss against training tokens,
+training FLOPs (tokens x the model's FLOPs per token: 6 x active matmul parameters plus
+attention) and training wall-clock seconds (optimizer steps only).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError
+from ..run_config import RunConfig, config_from_dict, load_config
+
+
+@dataclass
+class RunCurves:
+    name: str
+    cfg: RunConfig
+    records: list[dict]
+    tokens: list[float] = field(default_factory=list)   # at each validation point
+    flops: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.cfg.model.n_moe_layers > 0
+
+
+def read_run(run_dir: Path, name: str | None = None) -> RunCurves:
+    run_dir = Path(run_dir)
+    for f in ("config.yaml", "metrics.jsonl"):
+        if not (run_dir / f).is_file():
+            raise ConfigError(f"{run_dir}: not a finished run folder ({f} is missing)")
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    fpt = cfg.model.flops_per_token(cfg.data.seq_len)
+    rc = RunCurves(name or cfg.name, cfg, records)
+    for r in records:
+        if "val_loss" in r:
+            rc.tokens.append(float(r["tokens"]))
+            rc.flops.append(float(r["tokens"]) * fpt)
+            rc.seconds.append(float(r.get("elapsed_s", 0.0)))
+            rc.val_loss.append(float(r["val_loss"]))
+    if not rc.val_loss:
+        raise ConfigError(f"{run_dir}: metrics.jsonl holds no validation loss")
+    return rc
+
+
+def x_to_reach(xs: list[float], ys: list[float], target: float) -> float | None:
+    """The first x at which the curve y(x) comes down to `target`, by linear
+    interpolation between the stored points; None if it never does."""
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if y <= target:
+            if i == 0:
+                return x
+            x0, y0 = xs[i - 1], ys[i - 1]
+            return x0 + (x - x0) * (y0 - target) / (y0 - y)
+    return None
+
+
+def y_at(xs: list[float], ys: list[float], x: float) -> float | None:
+    """Linear interpolation of y at x; None outside the stored range."""
+    if not xs or x < xs[0] or x > xs[-1]:
+        return None
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            t = (x - xs[i - 1]) / (xs[i] - xs[i - 1]) if xs[i] > xs[i - 1] else 1.0
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
+def speedups(ref: RunCurves, other: RunCurves) -> dict:
+    """How much less tokens / FLOPs / time `other` needs to reach `ref`'s final loss."""
+    target = ref.val_loss[-1]
+    out = {"target_val_loss": target, "reached": False}
+    for axis in ("tokens", "flops", "seconds"):
+        need = x_to_reach(getattr(other, axis), other.val_loss, target)
+        out[f"{axis}_needed"] = need
+        out[f"{axis}_speedup"] = (getattr(ref, axis)[-1] / need) if need else None
+    out["reached"] = out["tokens_needed"] is not None
+    out["val_loss_at_equal_flops"] = y_at(other.flops, other.val_loss, ref.flops[-1])
+    return out
+
+
+def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
+    from .memory import plan_memory
+    pc = rc.cfg.model.param_counts()
+    tps = [r["tokens_per_s"] for r in rc.records if r.get("tokens_per_s")]
+    plan = plan_memory(rc.cfg.model, micro_batch=rc.cfg.train.batch_size, seq_len=rc.cfg.data.seq_len)
+    last_moe = rc.records[-1].get("moe_layers", [])
+    return {
+        "name": rc.name, "run_dir": str(run_dir) if run_dir else None,
+        "final_val_loss": rc.val_loss[-1],
+        "tokens_per_s": sum(tps) / len(tps) if tps else None,
+        "peak_mem_bytes": max(r.get("peak_mem_bytes", 0) for r in rc.records),
+        "peak_mem_kind": "process peak RSS (CPU)" if rc.cfg.train.device in ("cpu", "auto") else "device",
+        "tensor_bytes": {k: plan.bytes[k] for k in ("params", "grads", "optimizer")},
+        "params_total": pc["total"], "params_active": pc["active"],
+        "tokens": rc.tokens[-1], "flops": rc.flops[-1], "seconds": rc.seconds[-1],
+        "loss_spikes": rc.records[-1].get("loss_spikes", 0),
+        "final_max_violation": [m["max_violation"] for m in last_moe],
+        "dead_experts": [m["dead_experts"] for m in last_moe],
+        "final_expert_load": [m["load"] for m in last_moe],
+    }
+
+
+def describe(ref: dict, other: dict, sp: dict) -> str:
+    """Plain words from the numbers: what the MoE cost and what it bought."""
+    a, b = ref["name"], other["name"]
+    parts = [f"{b} holds {other['params_total'] / ref['params_total']:.2f}x the parameters of {a} "
+             f"({other['params_total'] / 1e6:.1f} M vs {ref['params_total'] / 1e6:.1f} M) with "
+             f"{other['params_active'] / ref['params_active']:.2f}x the active parameters per token."]
+    if ref["tokens_per_s"] and other["tokens_per_s"]:
+        parts.append(f"It trained at {other['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s "
+                     f"({other['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f}).")
+    tb_ref, tb = sum(ref["tensor_bytes"].values()), sum(other["tensor_bytes"].values())
+    parts.append(f"Weights, gradients and AdamW state take {tb / tb_ref:.2f}x the bytes "
+                 f"({tb / 2**20:,.0f} MiB vs {tb_ref / 2**20:,.0f} MiB); peak process memory "
+                 f"{other['peak_mem_bytes'] / max(ref['peak_mem_bytes'], 1):.2f}x.")
+    if sp["val_loss_at_equal_flops"] is not None:
+        d = sp["val_loss_at_equal_flops"] - ref["final_val_loss"]
+        parts.append(f"At {a}'s final training FLOPs its validation loss was {sp['val_loss_at_equal_flops']:.3f} "
+                     f"vs {ref['final_val_loss']:.3f} ({'better' if d < 0 else 'worse'} by {abs(d):.3f} nats/token).")
+    if sp["reached"]:
+        parts.append(f"It reached {a}'s final loss with {sp['tokens_speedup']:.2f}x fewer tokens, "
+                     f"{sp['flops_speedup']:.2f}x fewer FLOPs"
+                     + (f" and {sp['seconds_speedup']:.2f}x less training time." if sp["seconds_speedup"] else "."))
+    else:
+        parts.append(f"It did not reach {a}'s final loss ({ref['final_val_loss']:.3f}) within the budget "
+                     f"(its final: {other['final_val_loss']:.3f}).")
+    if other["final_max_violation"]:
+        mv = max(other["final_max_violation"])
+        parts.append(f"Routing: worst layer max-violation {mv:.2f} at the end (0 = perfectly balanced), "
+                     f"{sum(other['dead_experts'])} dead experts, {other['loss_spikes']} loss spikes.")
+    return " ".join(parts)
+
+
+def compare(items: list[str], data: str | None, out: Path, steps: int | None = None, tokens: int | None = None,
+            overrides: list[str] | None = None, quiet: bool = False) -> dict:
+    """Train each recipe (or read each finished run folder) and write the report."""
+    from .report import write_report
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves, dirs = [], []
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and (p / "metrics.jsonl").exists():
+            curves.append(read_run(p))
+            dirs.append(p)
+            continue
+        cfg = load_config(item, overrides)
+        if tokens is not None:
+            steps_i = max(1, tokens // (cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len))
+        else:
+            steps_i = steps or cfg.train.steps
+        run_dir = out / "runs" / cfg.name
+        # One process per run: peak memory (RSS on CPU) and speed are then each run's own.
+        cmd = [sys.executable, "-m", "moelab", "train", item, "--out", str(run_dir), "--steps", str(steps_i),
+               "--overwrite", *(["--data", data] if data else []), *(["--quiet"] if quiet else []),
+               *(overrides or [])]
+        if subprocess.run(cmd).returncode != 0:
+            raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
+        curves.append(read_run(run_dir))
+        dirs.append(run_dir)
+    names = [c.name for c in curves]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"compare: run names must differ, got {names}")
+    ref_i = next((i for i, c in enumerate(curves) if not c.is_moe), 0)
+    runs = [run_summary(c, d) for c, d in zip(curves, dirs)]
+    ref = runs[ref_i]
+    speed = {c.name: speedups(curves[ref_i], c) for i, c in enumerate(curves) if i != ref_i}
+    text = [describe(ref, r, speed[r["name"]]) for r in runs if r["name"] in speed]
+    summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_report(out, curves, summary)
+    return summary

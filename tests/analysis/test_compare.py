@@ -1,0 +1,47 @@
+"""`moelab compare`: interpolation on synthetic curves and the report end to end."""
+import json
+
+import pytest
+
+from conftest import TINY, run_cli
+from moelab.analysis.compare import read_run, speedups, x_to_reach, y_at
+
+
+def test_interpolation_on_synthetic_curves():
+    xs = [100.0, 200.0, 300.0, 400.0]
+    ys = [5.0, 4.0, 3.0, 2.5]
+    assert x_to_reach(xs, ys, 3.5) == pytest.approx(250.0)
+    assert x_to_reach(xs, ys, 2.75) == pytest.approx(350.0)
+    assert x_to_reach(xs, ys, 6.0) == 100.0
+    assert x_to_reach(xs, ys, 2.0) is None
+    assert y_at(xs, ys, 150.0) == pytest.approx(4.5)
+    assert y_at(xs, ys, 500.0) is None
+
+
+def test_compare_end_to_end(tmp_path, text_file):
+    out = tmp_path / "cmp"
+    sets = [a for o in TINY + ["train.eval_every=2"] for a in ("--set", o)]
+    _, stdout, _ = run_cli("compare", "tiny-dense", "tiny-moe", "--data", str(text_file), "--out", str(out),
+                           "--steps", "8", "--quiet", *sets)
+    assert "report.html" in stdout
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5  # 3 loss plots + heatmap + router health
+    assert "<img" in page and 'src="http' not in page  # self-contained
+    s = json.loads((out / "summary.json").read_text())
+    assert s["reference"] == "tiny-dense" and [r["name"] for r in s["runs"]] == ["tiny-dense", "tiny-moe"]
+    for r in s["runs"]:
+        assert {"name", "final_val_loss", "tokens_per_s", "peak_mem_bytes", "params_total", "params_active"} <= set(r)
+    # The speed-up is recomputed from the stored curves, not taken on trust.
+    dense, moe = read_run(out / "runs" / "tiny-dense"), read_run(out / "runs" / "tiny-moe")
+    sp = s["speedup"]["tiny-moe"]
+    assert sp == pytest.approx(speedups(dense, moe))
+    need = x_to_reach(moe.tokens, moe.val_loss, dense.val_loss[-1])
+    assert sp["tokens_needed"] == need
+    if need:
+        assert sp["tokens_speedup"] == pytest.approx(dense.tokens[-1] / need)
+    assert s["summary"] and "tiny-moe holds" in s["summary"][0]
+
+    # Finished run folders can be compared again without training.
+    _, stdout, _ = run_cli("compare", str(out / "runs" / "tiny-dense"), str(out / "runs" / "tiny-moe"),
+                           "--out", str(tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["speedup"]["tiny-moe"] == pytest.approx(sp)
