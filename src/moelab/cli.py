@@ -98,6 +98,44 @@ def cmd_compare(items: list[str], data: str | None, out: str, steps: int | None 
     return summary
 
 
+def _list(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a comma-separated list of numbers, got {text!r}") from None
+
+
+def cmd_lr_sweep(recipe: str, sizes: str, lrs: str, data: str | None, out: str, steps: int | None = None,
+                 tokens_per_param: float | None = None, overrides: list[str] | None = None, quiet: bool = False):
+    """Grid-search the peak LR at several model sizes (resumable)."""
+    from .analysis.lr_sweep import lr_sweep
+    rows = lr_sweep(recipe, _list(sizes, int, "--sizes"), _list(lrs, float, "--lrs"), data, Path(out),
+                    steps, tokens_per_param, overrides, quiet)
+    print(f"{len(rows)} runs in {Path(out) / 'sweep.jsonl'}; fit them with: moelab lr-fit {out}")
+    return rows
+
+
+def cmd_lr_fit(sweep_dir: str, target_params: float | None = None, count: str = "non_embedding"):
+    """Fit log(lr*) = a log(N) + b on a sweep and predict the LR for a target size."""
+    from .analysis.lr_scaling import fit_sweep
+    res = fit_sweep(Path(sweep_dir), count.replace("-", "_"), target_params)
+    f = res["fit"]
+    for o in res["optima"]:
+        print(f"d_model {o['d_model']:>5}: N={o['n_params']:,}  lr*={o['lr']:.4g}  loss {o['loss']:.4f}"
+              + ("  (grid edge)" if o["at_edge"] else ""))
+    print(f"fit: log lr* = {f['a']:.4f} log N + {f['b']:.4f}   R^2={f['r2']:.3f}   "
+          f"a in [{f['a_interval'][0]:.3f}, {f['a_interval'][1]:.3f}], b in [{f['b_interval'][0]:.3f}, "
+          f"{f['b_interval'][1]:.3f}] (bootstrap 90%)")
+    print("MM1: log lr* = -0.4214 log N - 0.5535")
+    if "target" in res:
+        t = res["target"]
+        print(f"target N={t['params']:,.0f}: lr*={t['lr']:.4g}, weight decay 0.1*lr*={t['weight_decay']:.3g} "
+              f"(MM1 rule: {t['mm1_lr']:.4g})")
+    print(f"plot: {Path(sweep_dir) / 'lr_fit.png'}; fit: {Path(sweep_dir) / 'fit.json'} "
+          f"(train with optim.lr=auto optim.lr_fit={Path(sweep_dir) / 'fit.json'})")
+    return res
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moelab", description="Train, measure and convert MoE language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -142,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override applied to every recipe (repeatable)")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("lr-sweep", help=cmd_lr_sweep.__doc__)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--sizes", required=True, help="comma-separated d_model values, e.g. 64,128,256")
+    p.add_argument("--lrs", required=True, help="comma-separated peak LRs, e.g. 1e-3,3e-3,1e-2")
+    p.add_argument("--data")
+    p.add_argument("--out", required=True)
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--steps", type=int)
+    b.add_argument("--tokens-per-param", type=float, help="steps = T * non-embedding params / tokens per step")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", dest="overrides")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("lr-fit", help=cmd_lr_fit.__doc__)
+    p.add_argument("sweep_dir")
+    p.add_argument("--target-params", type=float)
+    p.add_argument("--count", choices=["non-embedding", "active", "total"], default="non-embedding")
+
     p = sub.add_parser("memory", help=cmd_memory.__doc__)
     p.add_argument("recipe", help="recipe or YAML (presets: mixtral-8x7b, olmoe-1b-7b, llama-7b)")
     p.add_argument("--devices", type=int, default=1)
@@ -180,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd_generate(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
         elif args.command == "compare":
             cmd_compare(args.items, args.data, args.out, args.steps, args.tokens, args.overrides, args.quiet)
+        elif args.command == "lr-sweep":
+            cmd_lr_sweep(args.recipe, args.sizes, args.lrs, args.data, args.out, args.steps, args.tokens_per_param,
+                         args.overrides, args.quiet)
+        elif args.command == "lr-fit":
+            cmd_lr_fit(args.sweep_dir, args.target_params, args.count)
         elif args.command == "memory":
             cmd_memory(args.recipe, args.devices, args.expert_parallel, args.zero, args.dtype, args.micro_batch,
                        args.seq_len, args.activation_checkpointing, args.measure, args.as_json)

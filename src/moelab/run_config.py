@@ -35,7 +35,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)
+    lr_fit: str | None = None       # fit.json from `moelab lr-fit`, used by lr=auto
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -47,7 +48,7 @@ class OptimConfig:
     decay_fraction: float = 0.2     # WSD: share of steps spent decaying at the end
 
     def validate(self, p: str = "optim.") -> None:
-        if self.lr <= 0:
+        if self.lr != "auto" and self.lr <= 0:
             raise ConfigError(f"{p}lr: expected a positive number, got {self.lr!r}")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"{p}decay_fraction: expected 0..1, got {self.decay_fraction!r}")

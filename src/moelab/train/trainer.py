@@ -99,6 +99,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
 
+    if cfg.optim.lr == "auto":
+        from ..analysis.lr_scaling import resolve_auto_lr
+        cfg.optim.lr = resolve_auto_lr(cfg)
+        rule = f"the fit in {cfg.optim.lr_fit}" if cfg.optim.lr_fit else "MM1's rule over non-embedding parameters"
+        print(f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={cfg.model.param_counts()['non_embedding']:,})",
+              file=sys.stderr)
     device = pick_device(cfg.train.device)
     if device.type == "cpu":
         tune_cpu_allocator()

@@ -1,0 +1,69 @@
+"""`moelab lr-sweep`: one short run per (size, learning rate), resumable.
+
+DIR/sweep.jsonl gets one line per finished run; a killed sweep continues where it
+stopped (finished runs are skipped, a half-finished one resumes from its checkpoint).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..config import ConfigError
+from ..run_config import load_config
+from ..train import latest_checkpoint, train
+from .lr_scaling import read_sweep, scale_model
+
+
+def run_name(d_model: int, lr: float) -> str:
+    return f"d{d_model}-lr{lr:.3g}"
+
+
+def lr_sweep(recipe: str, sizes: list[int], lrs: list[float], data: str | None, out: Path,
+             steps: int | None = None, tokens_per_param: float | None = None,
+             overrides: list[str] | None = None, quiet: bool = False) -> list[dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_config(recipe, overrides)
+    if data:
+        base.data.source = data
+    done = {(r["d_model"], r["lr"]) for r in read_sweep(out)} if (out / "sweep.jsonl").exists() else set()
+    grid = [(d, lr) for d in sizes for lr in lrs]
+    bar = tqdm(grid, desc="lr-sweep", unit="run", disable=quiet)
+    for d, lr in bar:
+        if (d, lr) in done:
+            continue
+        cfg = load_config(recipe, overrides)
+        cfg.data.source = base.data.source
+        cfg.model = scale_model(base.model, d)
+        cfg.optim.lr = lr
+        cfg.name = run_name(d, lr)
+        counts = cfg.model.param_counts()
+        if tokens_per_param:
+            per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+            cfg.train.steps = max(1, round(tokens_per_param * counts["non_embedding"] / per_step))
+        elif steps:
+            cfg.train.steps = steps
+        cfg.train.ckpt_every = max(1, cfg.train.steps // 4)
+        cfg.train.eval_every = cfg.train.steps
+        cfg.validate()
+        run_dir = out / "runs" / cfg.name
+        resume = latest_checkpoint(run_dir / "checkpoints") is not None
+        bar.set_postfix(run=cfg.name, N=f"{counts['non_embedding'] / 1e6:.2f}M")
+        try:
+            res = train(cfg, run_dir, resume=resume, overwrite=not resume, quiet=True)
+            loss = res.final_val_loss
+        except Exception as e:  # a diverged LR is a result, not a crash of the sweep
+            if type(e).__name__ != "NonFiniteLoss":
+                raise
+            loss = None
+        row = {"d_model": d, "n_layers": cfg.model.n_layers, "lr": lr, "steps": cfg.train.steps,
+               "params": {k: counts[k] for k in ("non_embedding", "active", "total")}, "final_val_loss": loss,
+               "moe": cfg.model.moe is not None}
+        with open(out / "sweep.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    rows = read_sweep(out)
+    if not rows:
+        raise ConfigError("lr-sweep produced no runs")
+    return rows
