@@ -119,7 +119,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    qk_norm: bool = False
+    qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm on q, k: per head (Qwen3) or whole (OLMoE)
     qkv_bias: bool = False
     init_std: float = 0.02
     moe: MoEConfig | None = None
@@ -144,6 +144,8 @@ class ModelConfig:
         kv = self.kv_heads
         _check(kv > 0 and self.n_heads % kv == 0, p + "n_kv_heads",
                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
+        _check(self.qk_norm in ("none", "head", "full"), p + "qk_norm",
+               f"expected 'none', 'head' or 'full', got {self.qk_norm!r}")
         _check(self.moe_pattern in ("all", "alternate", "none"), p + "moe_pattern",
                f"expected 'all', 'alternate' or 'none', got {self.moe_pattern!r}")
         _check(isinstance(self.first_dense, int) and 0 <= self.first_dense <= self.n_layers,
@@ -177,8 +179,10 @@ class ModelConfig:
         n = D * q + 2 * D * kv + q * D
         if self.qkv_bias:
             n += q + 2 * kv
-        if self.qk_norm:
+        if self.qk_norm == "head":
             n += 2 * hd
+        elif self.qk_norm == "full":
+            n += q + kv
         return n
 
     def param_counts(self) -> dict[str, int]:

@@ -23,23 +23,26 @@ from .train.trainer import load_model_weights, pick_device
 class LoadedRun:
     cfg: RunConfig
     model: Transformer
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for imports that came without tokenizer.json
     checkpoint: Path
+
+    def need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise CheckpointError(f"{self.checkpoint.parent.parent}/tokenizer.json is missing: this needs text")
+        return self.tokenizer
 
 
 def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
     ckpt = resolve_checkpoint(run_or_ckpt)
     run_dir = ckpt.parent.parent
     cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
-    for f in (cfg_file, tok_file):
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing: a checkpoint is read with its run folder's "
-                                  "config.yaml and tokenizer.json")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: a checkpoint is read with its run folder's config.yaml")
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
     model = Transformer(cfg.model)
     load_model_weights(model, ckpt)
     model.to(pick_device(device)).eval()
-    return LoadedRun(cfg, model, load_tokenizer(tok_file), ckpt)
+    return LoadedRun(cfg, model, load_tokenizer(tok_file) if tok_file.is_file() else None, ckpt)
 
 
 @torch.no_grad()
@@ -53,8 +56,9 @@ def evaluate_source(run: LoadedRun, source: str, split: str = "val", max_tokens:
     docs = load_documents(source, run.cfg.data.text_field)
     if split == "val":
         docs = split_documents(docs, run.cfg.data.val_fraction)[1]
-    seqs = PackedSequences(tokenize_documents(docs, run.tokenizer), run.cfg.data.seq_len, source)
-    nbytes = token_byte_lengths(run.tokenizer)
+    tok = run.need_tokenizer()
+    seqs = PackedSequences(tokenize_documents(docs, tok), run.cfg.data.seq_len, source)
+    nbytes = token_byte_lengths(tok)
     device = next(run.model.parameters()).device
     n = min(len(seqs), max(1, max_tokens // run.cfg.data.seq_len))
     nats, tokens, bytes_ = 0.0, 0, 0
@@ -74,7 +78,8 @@ def generate(run: LoadedRun, prompt: str, max_new_tokens: int = 100, temperature
              top_k: int = 50, seed: int = 0) -> str:
     """Sample a continuation (temperature 0 = greedy). No KV cache: fine at these sizes."""
     g = torch.Generator().manual_seed(seed)
-    ids = run.tokenizer.encode(prompt, add_special_tokens=False).ids or [0]
+    tok = run.need_tokenizer()
+    ids = tok.encode(prompt, add_special_tokens=False).ids or [0]
     device = next(run.model.parameters()).device
     limit = run.cfg.model.max_seq_len
     for _ in range(max_new_tokens):
@@ -89,4 +94,4 @@ def generate(run: LoadedRun, prompt: str, max_new_tokens: int = 100, temperature
                 logits = logits.masked_fill(logits < kth, -math.inf)
             nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=g))
         ids.append(nxt)
-    return run.tokenizer.decode(ids)
+    return tok.decode(ids)

@@ -59,7 +59,7 @@ class Attention(nn.Module):
     """Causal grouped-query attention via scaled_dot_product_attention."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = False,
-                 qk_norm: bool = False, norm_eps: float = 1e-5):
+                 qk_norm: str = "none", norm_eps: float = 1e-5):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
@@ -67,17 +67,23 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-        # Per-head q/k RMSNorm (OLMoE-2/Qwen3 style) before rotary embeddings.
-        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        # q/k RMSNorm before rotary embeddings: per head (Qwen3) or over all heads (OLMoE).
+        self.qk_norm = qk_norm
+        qd, kd = {"head": (self.head_dim, self.head_dim),
+                  "full": (n_heads * self.head_dim, n_kv_heads * self.head_dim)}.get(qk_norm, (0, 0))
+        self.q_norm = RMSNorm(qd, norm_eps) if qd else None
+        self.k_norm = RMSNorm(kd, norm_eps) if kd else None
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|G, S, Dh)
         q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])

@@ -1,0 +1,1 @@
+"""Conversion: Hugging Face import/export and dense -> MoE upcycling."""

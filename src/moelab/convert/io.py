@@ -1,0 +1,120 @@
+"""`moelab import` / `moelab export`: folders on disk, safetensors only."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import ConfigError
+from ..model import Transformer
+from ..run_config import RunConfig, save_config
+from ..train.checkpoint import save_checkpoint
+from .hf import ARCHS, choose_arch, config_from_hf, config_to_hf, key_pairs
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [hf_dir / s for s in shards]
+    single = hf_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(hf_dir.glob("pytorch_model*.bin")) or list(hf_dir.glob("*.pt")):
+        raise ConfigError(f"{hf_dir}: only pickle weights (pytorch_model.bin). Loading them would run arbitrary "
+                          "code from the file, so moelab refuses. Convert them where you trust the source: "
+                          "model = AutoModelForCausalLM.from_pretrained(dir); "
+                          "model.save_pretrained(dir, safe_serialization=True)")
+    raise ConfigError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_hf(hf_dir: str | Path) -> tuple[Transformer, str]:
+    """A moelab Transformer with the weights of a local HF folder, and its model_type."""
+    hf_dir = Path(hf_dir)
+    cfg_file = hf_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{hf_dir}: config.json is missing (expected a Hugging Face model folder)")
+    cfg, arch = config_from_hf(json.loads(cfg_file.read_text()))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _weight_files(hf_dir):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                tensors[k] = sf.get_tensor(k)
+    model = Transformer(cfg)
+    state = model.state_dict()
+    used = set()
+    for hf_key, key, e in key_pairs(cfg, arch):
+        if hf_key not in tensors:
+            if hf_key == "lm_head.weight":
+                continue
+            raise ConfigError(f"{hf_dir}: weight {hf_key} is missing")
+        t = tensors[hf_key].to(torch.float32)
+        target = state[key] if e is None else state[key][e]
+        if t.shape != target.shape:
+            raise ConfigError(f"{hf_dir}: {hf_key} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+        target.copy_(t)
+        used.add(hf_key)
+    extra = [k for k in tensors if k not in used and not k.endswith(IGNORED_SUFFIXES)]
+    if "lm_head.weight" in extra and cfg.tie_embeddings:
+        extra.remove("lm_head.weight")
+    if extra:
+        raise ConfigError(f"{hf_dir}: weights moelab would not use (unsupported feature?): {extra[:6]}")
+    model.load_state_dict(state)
+    return model, arch.model_type
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Write a moelab run folder (config, tokenizer, checkpoint step 0) from an HF folder."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    model, mt = read_hf(hf_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig(name=f"{hf_dir.name}-{mt}", model=model.cfg)
+    cfg.data.seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
+    save_config(cfg, out / "config.yaml")
+    if (hf_dir / "tokenizer.json").is_file():
+        shutil.copy(hf_dir / "tokenizer.json", out / "tokenizer.json")
+    save_checkpoint(out / "checkpoints", 0, model, None, {"source": str(hf_dir), "model_type": mt})
+    return out
+
+
+def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None = None,
+              arch: str | None = None) -> Path:
+    """Write an HF folder that `AutoModelForCausalLM.from_pretrained` loads: config.json,
+    per-expert safetensors keys, tokenizer files and generation_config.json."""
+    cfg, out = model.cfg, Path(out)
+    auto = choose_arch(cfg, model)
+    arch = arch or auto
+    if arch not in ARCHS:
+        raise ConfigError(f"--arch: expected one of {sorted(ARCHS)}, got {arch!r}")
+    if arch != auto and (bool(ARCHS[arch].moe) != bool(ARCHS[auto].moe) or ARCHS[arch].qk_norm != cfg.qk_norm):
+        raise ConfigError(f"--arch {arch}: this model needs {auto} (features differ)")
+    out.mkdir(parents=True, exist_ok=True)
+    eos = pad = None
+    if tokenizer_file is not None and tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tokenizer_file))
+        eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+        shutil.copy(tokenizer_file, out / "tokenizer.json")
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+            "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}, indent=1))
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, arch, eos, pad), indent=1))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": pad}, indent=1))
+    state = model.state_dict()
+    tensors = {}
+    hf_arch = ARCHS[arch]
+    for hf_key, key, e in key_pairs(cfg, hf_arch):
+        t = state[key] if e is None else state[key][e]
+        tensors[hf_key] = t.detach().to(torch.float32).contiguous().clone()
+    if arch == "qwen2" and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: zeros compute the same
+        for i in range(cfg.n_layers):
+            for p, dim in (("q", cfg.n_heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
+                tensors[f"model.layers.{i}.self_attn.{p}_proj.bias"] = torch.zeros(dim * cfg.head_dim)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
