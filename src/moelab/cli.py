@@ -136,6 +136,60 @@ def cmd_lr_fit(sweep_dir: str, target_params: float | None = None, count: str = 
     return res
 
 
+def cmd_import(hf_dir: str, out: str):
+    """Import a local Hugging Face folder (safetensors) as a moelab checkpoint folder."""
+    from .convert.io import import_hf
+    path = import_hf(hf_dir, out)
+    print(f"imported {hf_dir} -> {path}")
+    return path
+
+
+def cmd_export(run: str, out: str, arch: str | None = None):
+    """Export a run or checkpoint as a Hugging Face folder that transformers loads."""
+    from .convert.io import export_hf
+    from .inference import load_run
+    r = load_run(run, device="cpu")
+    path = export_hf(r.model, out, r.checkpoint.parent.parent / "tokenizer.json", arch)
+    print(f"exported {r.checkpoint} -> {path} ({json.loads((path / 'config.json').read_text())['model_type']})")
+    return path
+
+
+def cmd_upcycle(src: str, experts: int, top_k: int, out: str, router_init: str = "zeros", noise: float = 0.0,
+                granularity: int = 1, pattern: str = "all", first_dense: int = 0, prompts: str | None = None):
+    """Turn a dense model (HF folder or moelab run) into an MoE whose experts start as copies."""
+    import torch
+
+    from .convert.io import read_hf, write_model_folder
+    from .convert.upcycle import carry_over, upcycle
+    from .data.tokenizer import load_tokenizer
+    from .inference import load_run
+    from .run_config import RunConfig
+    src_path = Path(src)
+    if (src_path / "config.json").is_file():
+        dense, _ = read_hf(src_path)
+        run_cfg, tok_file = RunConfig(name=src_path.name, model=dense.cfg), src_path / "tokenizer.json"
+        run_cfg.data.seq_len = min(run_cfg.data.seq_len, dense.cfg.max_seq_len)
+    else:
+        r = load_run(src, device="cpu")
+        dense, run_cfg, tok_file = r.model, r.cfg, r.checkpoint.parent.parent / "tokenizer.json"
+    prompt_ids = None
+    if prompts:
+        if not tok_file.is_file():
+            raise ConfigError(f"--prompts needs the source's tokenizer.json ({tok_file} is missing)")
+        tok = load_tokenizer(tok_file)
+        lines = [ln for ln in Path(prompts).read_text().splitlines() if ln.strip()]
+        prompt_ids = [torch.tensor(tok.encode(ln).ids[: dense.cfg.max_seq_len] or [0]) for ln in lines]
+    moe = upcycle(dense, experts, top_k, granularity=granularity, router_init=router_init, noise=noise,
+                  pattern=pattern, first_dense=first_dense, prompts=prompt_ids)
+    cfg = carry_over(run_cfg, moe.cfg)
+    path = write_model_folder(Path(out), cfg, moe, tok_file, {"upcycled_from": str(src)})
+    pc = moe.cfg.param_counts()
+    print(f"upcycled {src} -> {path}: {moe.cfg.moe.n_experts} experts, top-{moe.cfg.moe.top_k}, "
+          f"{pc['total']:,} parameters ({pc['active']:,} active). Continue training with:\n"
+          f"  moelab train {path / 'config.yaml'} --init {path} --data SRC --out RUN")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moelab", description="Train, measure and convert MoE language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -197,6 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-params", type=float)
     p.add_argument("--count", choices=["non-embedding", "active", "total"], default="non-embedding")
 
+    p = sub.add_parser("import", help=cmd_import.__doc__)
+    p.add_argument("hf_dir")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("export", help=cmd_export.__doc__)
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--arch", help="force a target (llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, olmoe)")
+
+    p = sub.add_parser("upcycle", help=cmd_upcycle.__doc__)
+    p.add_argument("src", help="HF folder or moelab run/checkpoint of a dense model")
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--router-init", choices=["zeros", "normal", "hidden"], default="zeros")
+    p.add_argument("--noise", type=float, default=0.0, help="multiplicative noise std on expert copies")
+    p.add_argument("--granularity", type=int, default=1, help="split each FFN into G fine-grained experts")
+    p.add_argument("--pattern", choices=["all", "alternate"], default="all")
+    p.add_argument("--first-dense", type=int, default=0)
+    p.add_argument("--prompts", help="text file, one prompt per expert (for --router-init hidden)")
+
     p = sub.add_parser("memory", help=cmd_memory.__doc__)
     p.add_argument("recipe", help="recipe or YAML (presets: mixtral-8x7b, olmoe-1b-7b, llama-7b)")
     p.add_argument("--devices", type=int, default=1)
@@ -240,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
                          args.overrides, args.quiet)
         elif args.command == "lr-fit":
             cmd_lr_fit(args.sweep_dir, args.target_params, args.count)
+        elif args.command == "import":
+            cmd_import(args.hf_dir, args.out)
+        elif args.command == "export":
+            cmd_export(args.run, args.out, args.arch)
+        elif args.command == "upcycle":
+            cmd_upcycle(args.src, args.experts, args.top_k, args.out, args.router_init, args.noise, args.granularity,
+                        args.pattern, args.first_dense, args.prompts)
         elif args.command == "memory":
             cmd_memory(args.recipe, args.devices, args.expert_parallel, args.zero, args.dtype, args.micro_batch,
                        args.seq_len, args.activation_checkpointing, args.measure, args.as_json)

@@ -140,3 +140,22 @@ def test_refusals(tmp_path):
                                      moe=MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=2, n_shared_experts=1)))
     with pytest.raises(ConfigError, match="shared experts without a gate"):
         export_hf(nogate, tmp_path / "y")
+
+
+def test_cli_export_of_trained_run(tmp_path, text_file):
+    from conftest import TINY_MOE, run_cli
+    run = tmp_path / "run"
+    run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE)
+    _, out, _ = run_cli("export", str(run), "--out", str(tmp_path / "hf"))
+    assert "(mixtral)" in out
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "generation_config.json"):
+        assert (tmp_path / "hf" / f).is_file(), f
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("def main(x):\n    return x", return_tensors="pt").input_ids
+    ours = load_run(run).model
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+    rc, _, err = run_cli("import", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
+    assert load_run(tmp_path / "back").tokenizer is not None

@@ -69,18 +69,26 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, str]:
     return model, arch.model_type
 
 
+def write_model_folder(out: Path, cfg: RunConfig, model: Transformer, tokenizer_file: Path | None,
+                       note: dict) -> Path:
+    """A run folder holding only step 0: what `train --init`, eval, generate, export read."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    if tokenizer_file is not None and Path(tokenizer_file).is_file():
+        shutil.copy(tokenizer_file, out / "tokenizer.json")
+    save_checkpoint(out / "checkpoints", 0, model, None, note)
+    return out
+
+
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Write a moelab run folder (config, tokenizer, checkpoint step 0) from an HF folder."""
-    hf_dir, out = Path(hf_dir), Path(out)
+    hf_dir = Path(hf_dir)
     model, mt = read_hf(hf_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig(name=f"{hf_dir.name}-{mt}", model=model.cfg)
     cfg.data.seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
-    save_config(cfg, out / "config.yaml")
-    if (hf_dir / "tokenizer.json").is_file():
-        shutil.copy(hf_dir / "tokenizer.json", out / "tokenizer.json")
-    save_checkpoint(out / "checkpoints", 0, model, None, {"source": str(hf_dir), "model_type": mt})
-    return out
+    return write_model_folder(Path(out), cfg, model, hf_dir / "tokenizer.json",
+                              {"source": str(hf_dir), "model_type": mt})
 
 
 def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None = None,

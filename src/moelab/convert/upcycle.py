@@ -1,0 +1,112 @@
+"""Dense -> MoE sparse upcycling (Komatsuzaki et al. 2023; the MM1 recipe).
+
+Every chosen dense SwiGLU becomes E experts that start as copies of it, behind a new
+router. With `granularity` G each FFN is first cut into G slices of its hidden units,
+giving E*G fine-grained experts and top-k*G routing; the slices' down projections are
+scaled by G so that, with uniform routing and renormalised top-k weights, the MoE
+computes exactly the dense FFN at step 0.
+
+Expert e*G + g holds slice g of copy e. With a zero router every probability ties, and
+top-k picks a run of consecutive experts (torch.topk does; the tests check it), which
+holds every slice equally often - so the sum is exact.
+
+Router init: "zeros" (uniform; exact equality at step 0), "normal" (small random,
+Switch scale), or "hidden" (row e = the mean normalised hidden state that prompt e
+produces at that layer's FFN input, as mergekit-moe does).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..config import ConfigError, ModelConfig, MoEConfig
+from ..model import Transformer
+
+
+def upcycled_config(cfg: ModelConfig, experts: int, top_k: int, granularity: int = 1,
+                    pattern: str = "all", first_dense: int = 0, **moe_kw) -> ModelConfig:
+    if cfg.moe is not None and cfg.n_moe_layers:
+        raise ConfigError("upcycle: the source is already an MoE model")
+    if cfg.d_ff % granularity:
+        raise ConfigError(f"--granularity {granularity} does not divide the FFN hidden size {cfg.d_ff}")
+    if top_k > experts:
+        raise ConfigError(f"--top-k {top_k} exceeds --experts {experts}")
+    moe = MoEConfig(d_model=cfg.d_model, d_expert=cfg.d_ff // granularity, n_experts=experts * granularity,
+                    top_k=top_k * granularity, renormalize=True, **moe_kw)
+    return ModelConfig(**{**cfg.__dict__, "moe": moe, "moe_pattern": pattern, "first_dense": first_dense})
+
+
+@torch.no_grad()
+def _ffn_inputs(dense: Transformer, prompts: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per layer, per prompt: the mean RMS-normalised FFN input over the prompt's tokens."""
+    captured: list[list[torch.Tensor]] = [[] for _ in dense.layers]
+    hooks = [layer.ffn_norm.register_forward_hook(
+        lambda mod, inp, out, i=i: captured[i].append(out[0].mean(0))) for i, layer in enumerate(dense.layers)]
+    try:
+        dense.eval()
+        for ids in prompts:
+            dense(ids.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+@torch.no_grad()
+def upcycle(dense: Transformer, experts: int, top_k: int, *, granularity: int = 1, router_init: str = "zeros",
+            noise: float = 0.0, pattern: str = "all", first_dense: int = 0,
+            prompts: list[torch.Tensor] | None = None, seed: int = 0, **moe_kw) -> Transformer:
+    if router_init not in ("zeros", "normal", "hidden"):
+        raise ConfigError(f"--router-init: expected zeros, normal or hidden, got {router_init!r}")
+    cfg = upcycled_config(dense.cfg, experts, top_k, granularity, pattern, first_dense, **moe_kw)
+    moe_model = Transformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    dense_state = dense.state_dict()
+    state = moe_model.state_dict()
+    for k, v in dense_state.items():
+        if ".ffn." not in k:
+            state[k].copy_(v)
+    hidden = None
+    if router_init == "hidden":
+        if not prompts or len(prompts) != experts:
+            raise ConfigError(f"--router-init hidden needs one prompt per expert ({experts}), got "
+                              f"{len(prompts or [])}")
+        hidden = _ffn_inputs(dense, prompts)
+    G, F = granularity, dense.cfg.d_ff // granularity
+    for i, layer in enumerate(moe_model.layers):
+        src = dense.layers[i].ffn
+        if not layer.is_moe:
+            for name in ("w_gate", "w_up", "w_down"):
+                state[f"layers.{i}.ffn.{name}"].copy_(getattr(src, name))
+            continue
+        ex = f"layers.{i}.ffn.experts."
+        for e in range(experts):
+            for s in range(G):
+                j = e * G + s
+                rows = slice(s * F, (s + 1) * F)
+                state[ex + "w_gate"][j].copy_(src.w_gate[rows])
+                state[ex + "w_up"][j].copy_(src.w_up[rows])
+                state[ex + "w_down"][j].copy_(src.w_down[:, rows] * G)
+        if noise > 0:  # multiplicative noise breaks the copies' symmetry (and exact equality)
+            for name in ("w_gate", "w_up", "w_down"):
+                w = state[ex + name]
+                w.mul_(1 + noise * torch.randn(w.shape, generator=g))
+        router = state[f"layers.{i}.ffn.router.weight"]
+        if router_init == "zeros":
+            router.zero_()
+        elif router_init == "normal":
+            router.copy_(torch.randn(router.shape, generator=g) * cfg.moe.init_std_router)
+        else:
+            rows = torch.stack([h / h.norm().clamp_min(1e-6) for h in hidden[i]])  # (E, D)
+            router.copy_(rows.repeat_interleave(G, dim=0))
+    moe_model.load_state_dict(state)
+    return moe_model
+
+
+def carry_over(cfg_run, model_cfg: ModelConfig):
+    """The dense run's hyper-parameters with the upcycled model (MM1 kept them)."""
+    new = copy.deepcopy(cfg_run)
+    new.model = model_cfg
+    new.name = f"{cfg_run.name}-upcycled"
+    return new
