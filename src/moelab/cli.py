@@ -190,6 +190,14 @@ def cmd_upcycle(src: str, experts: int, top_k: int, out: str, router_init: str =
     return path
 
 
+def cmd_finetune(run: str, data: str, out: str, recipe: str, steps: int | None = None,
+                 overrides: list[str] | None = None, overwrite: bool = False, quiet: bool = False):
+    """Fine-tune a run or checkpoint on chat / prompt-completion data with a recipe."""
+    from .finetune.run import finetune
+    return finetune(run, data, out, recipe, steps=steps, overrides=overrides or [], overwrite=overwrite,
+                    quiet=quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moelab", description="Train, measure and convert MoE language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -251,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-params", type=float)
     p.add_argument("--count", choices=["non-embedding", "active", "total"], default="non-embedding")
 
+    p = sub.add_parser("finetune", help=cmd_finetune.__doc__)
+    p.add_argument("run", help="run folder or checkpoint to start from")
+    p.add_argument("--data", required=True, help="stdlib-docstrings, or a .jsonl with messages or prompt/completion")
+    p.add_argument("--out", required=True)
+    p.add_argument("--recipe", required=True, choices=["full", "freeze-experts", "freeze-router", "experts-only"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("import", help=cmd_import.__doc__)
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True)
@@ -294,11 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come after options too; argparse alone would reject them.
     args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "finetune")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if args.command == "train":
-        args.overrides = list(args.overrides or []) + extra
+    if args.command in ("train", "finetune"):
+        args.overrides = list(getattr(args, "overrides", None) or []) + extra
     from .train import CheckpointError, NonFiniteLoss, RunExists
     try:
         if args.command == "train":
@@ -315,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                          args.overrides, args.quiet)
         elif args.command == "lr-fit":
             cmd_lr_fit(args.sweep_dir, args.target_params, args.count)
+        elif args.command == "finetune":
+            cmd_finetune(args.run, args.data, args.out, args.recipe, args.steps, args.overrides, args.overwrite,
+                         args.quiet)
         elif args.command == "import":
             cmd_import(args.hf_dir, args.out)
         elif args.command == "export":

@@ -46,6 +46,7 @@ class MoEConfig:
     lb_coef: float = 0.01
     z_coef: float = 0.001
     bias_update_rate: float = 0.0
+    expert_dropout: float = 0.0  # dropout on the experts' hidden units in training (ST-MoE fine-tuning)
     router_init_std: float | None = None  # None = sqrt(0.1 / d_model), Switch's reduced scale
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ class MoEConfig:
                p + "d_shared", f"expected a positive integer or null, got {self.d_shared!r}")
         _check(not self.shared_gate or self.n_shared_experts > 0, p + "shared_gate",
                "a shared-expert gate needs n_shared_experts > 0")
+        _check(0.0 <= self.expert_dropout < 1.0, p + "expert_dropout",
+               f"expected 0 <= expert_dropout < 1, got {self.expert_dropout!r}")
         _check(0.0 <= self.jitter < 1.0, p + "jitter", f"expected 0 <= jitter < 1, got {self.jitter!r}")
         for name in ("lb_coef", "z_coef", "bias_update_rate"):
             v = getattr(self, name)

@@ -83,14 +83,27 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    recipe: Literal["none", "full", "freeze-experts", "freeze-router", "experts-only"] = "none"
+    expert_dropout: float = 0.0     # copied into model.moe.expert_dropout
+    aux_loss: bool = True           # false: lb and z coefficients set to 0 (printed, never silent)
+
+    def validate(self, p: str = "finetune.") -> None:
+        if not 0 <= self.expert_dropout < 1:
+            raise ConfigError(f"{p}expert_dropout: expected 0 <= p < 1, got {self.expert_dropout!r}")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
+        self.finetune.validate()
         self.model.validate()
         self.data.validate()
         self.optim.validate()

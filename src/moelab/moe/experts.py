@@ -55,9 +55,11 @@ def loop_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, sizes: list[int]) -> to
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D tensors: w_gate, w_up (E, F, D); w_down (E, D, F)."""
 
-    def __init__(self, n_experts: int, d_model: int, d_expert: int, backend: Backend = "auto"):
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, backend: Backend = "auto",
+                 dropout: float = 0.0):
         super().__init__()
         self.backend: Backend = backend
+        self.dropout = dropout
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
@@ -89,6 +91,8 @@ class GroupedExperts(nn.Module):
                 mm = lambda a, w: loop_linear(a, w, sizes)  # noqa: E731
             x_ND = x_TD.index_select(0, token_idx_N)
             h_NF = F.silu(mm(x_ND, w_gate)) * mm(x_ND, w_up)
+            if self.dropout and self.training:
+                h_NF = F.dropout(h_NF, self.dropout)
             # The routing weight goes on the narrower side of the down projection.
             if h_NF.shape[1] <= x_TD.shape[1]:
                 y_ND = mm(h_NF * w_N.unsqueeze(-1), w_down)

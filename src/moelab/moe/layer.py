@@ -62,7 +62,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.d_expert, backend)
+        self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.d_expert, backend, cfg.expert_dropout)
         self.shared = (SharedExperts(cfg.d_model, cfg.d_shared_total, cfg.shared_gate)
                        if cfg.n_shared_experts > 0 else None)
         self.reset_parameters()

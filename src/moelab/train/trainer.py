@@ -60,11 +60,12 @@ def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, devi
     n = min(len(data_val), batch_size * n_batches)
     for start in range(0, n, batch_size):
         idx = list(range(start, min(start + batch_size, n)))
-        x, y = data_val.batch(idx)
+        x, y, *mask = data_val.batch(idx)
         with ctx:
-            out = model(x.to(device), y.to(device))
-        total += float(out.lm_loss) * y.numel()
-        count += y.numel()
+            out = model(x.to(device), y.to(device), mask[0].to(device) if mask else None)
+        n_targets = int((y != -100).sum())
+        total += float(out.lm_loss) * n_targets
+        count += n_targets
     model.train(was)
     return total / max(count, 1)
 
@@ -78,7 +79,11 @@ def load_model_weights(model: Transformer, ckpt: Path) -> None:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          stop_after: int | None = None, init: str | None = None, quiet: bool = False) -> TrainResult:
+          stop_after: int | None = None, init: str | None = None, quiet: bool = False,
+          data: Data | None = None, prepare_model=None) -> TrainResult:
+    """Train `cfg` into `run_dir`. `data` replaces the config's text source (fine-tuning
+    passes its own examples); `prepare_model(model)` runs after weights are loaded and
+    before the optimizer is built (freezing, adapters)."""
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     start_ckpt = None
@@ -113,12 +118,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     torch.manual_seed(cfg.train.seed)
 
     tok_file = run_dir / "tokenizer.json"
-    data: Data = prepare_data(
-        cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
-        text_field=cfg.data.text_field,
-        tokenizer_path=tok_file if resume else cfg.data.tokenizer,
-        tokenizer_train_bytes=cfg.data.tokenizer_train_bytes,
-        save_tokenizer_to=None if resume else tok_file)
+    if data is not None:
+        if not resume:
+            data.tokenizer.save(str(tok_file))
+    else:
+        data = prepare_data(
+            cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
+            text_field=cfg.data.text_field,
+            tokenizer_path=tok_file if resume else cfg.data.tokenizer,
+            tokenizer_train_bytes=cfg.data.tokenizer_train_bytes,
+            save_tokenizer_to=None if resume else tok_file)
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -126,6 +135,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if init is not None:
         load_model_weights(model, ck.resolve_checkpoint(init))
+    if prepare_model is not None:
+        prepare_model(model)
     opt = build_optimizer(model, cfg.optim)
     state: dict = {}
     if start_ckpt is not None:
@@ -146,7 +157,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     metrics = MetricsWriter(run_dir)
     window = MoEWindow()
     ctx = autocast_ctx(cfg, device)
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len  # padded rows count as seq_len
     val_loss = state.get("val_loss")
     # tokens/s counts optimizer-step time only (evaluation and checkpoints excluded)
     t_window, tok_window, tps = elapsed, 0, 0.0
@@ -170,9 +181,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             loads = None
             loss_sum = lm_sum = 0.0
             for _ in range(tc.grad_accum):
-                x, y = data.train.batch(sampler.next())
+                x, y, *mask = data.train.batch(sampler.next())
                 with ctx:
-                    out = model(x.to(device), y.to(device))
+                    out = model(x.to(device), y.to(device), mask[0].to(device) if mask else None)
                 (out.loss / tc.grad_accum).backward()
                 loss_sum += out.loss.item() / tc.grad_accum
                 lm_sum += out.lm_loss.item() / tc.grad_accum

@@ -1,0 +1,172 @@
+"""Supervised fine-tuning data: chat or prompt/completion examples with loss masking.
+
+Sources: a `.jsonl` whose lines hold `messages` (a list of {"role", "content"}) or
+`prompt` and `completion`; or `stdlib-docstrings`, built in: prompt = a standard-library
+function's signature and docstring, completion = its body, held out by module.
+
+Chat template (plain text, so any byte-level tokenizer can learn it):
+    ### System:\\n{content}\\n   ### User:\\n{content}\\n   ### Assistant:\\n{content}<|endoftext|>
+The loss covers only assistant contents and the end-of-text after each (for
+prompt/completion: the completion and its end-of-text).
+
+Batching: one example per row, padded at the end to the longest row of the batch (at
+most seq_len + 1 tokens). Padding has target -100 and mask False, so it is neither in
+the loss nor routed to experts, and with causal attention it cannot affect real tokens;
+no two examples ever share a row, so attention never crosses examples.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from ..config import ConfigError
+from .sources import stdlib_files
+from .tokenizer import EOS, PAD, eos_id
+
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+@dataclass(frozen=True)
+class Example:
+    group: str                        # split unit (module or file:line)
+    segments: tuple[tuple[str, bool], ...]  # (text, trained?) in order
+
+
+def _unit_hash(name: str) -> float:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+
+
+def chat_segments(messages: list[dict], where: str) -> tuple[tuple[str, bool], ...]:
+    segs = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ConfigError(f"{where}: each message needs role in {sorted(ROLES)} and a string content")
+        segs.append((f"### {ROLES[m['role']]}:\n", False))
+        if m["role"] == "assistant":
+            segs.append((m["content"], True))
+            segs.append((EOS, True))
+            segs.append(("\n", False))
+        else:
+            segs.append((m["content"] + "\n", False))
+    if not any(t for _, t in segs):
+        raise ConfigError(f"{where}: no assistant turn, so nothing to learn")
+    return tuple(segs)
+
+
+def read_sft_jsonl(path: Path) -> list[Example]:
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+            if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+                segs = chat_segments(obj["messages"], where)
+            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+                segs = ((obj["prompt"], False), (obj["completion"], True), (EOS, True))
+            else:
+                raise ConfigError(f"{where}: expected 'messages' or 'prompt' and 'completion'")
+            out.append(Example(f"{path.name}:{n}", segs))
+    if not out:
+        raise ConfigError(f"{path}: no examples")
+    return out
+
+
+def stdlib_docstring_examples(max_chars: int = 2000) -> list[Example]:
+    """Functions with a docstring and a body, signature+docstring -> body."""
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in stdlib_files():
+        try:
+            src = path.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        lines = src.splitlines(keepends=True)
+        module = path.relative_to(root).as_posix()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+                continue
+            doc = node.body[0]
+            if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str)):
+                continue
+            start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+            prompt = "".join(lines[start:doc.end_lineno])
+            body = "".join(lines[doc.end_lineno:node.end_lineno])
+            if body.strip() and len(prompt) + len(body) <= max_chars:
+                out.append(Example(module, ((prompt, False), (body, True), (EOS, True))))
+    return out
+
+
+def load_sft(source: str, val_fraction: float = 0.05) -> tuple[list[Example], list[Example]]:
+    """Examples split by group (module for stdlib-docstrings), deterministically."""
+    if source == "stdlib-docstrings":
+        examples = stdlib_docstring_examples()
+    else:
+        path = Path(source)
+        if not path.is_file() or path.suffix != ".jsonl":
+            raise ConfigError(f"fine-tuning data '{source}': expected 'stdlib-docstrings' or an existing .jsonl")
+        examples = read_sft_jsonl(path)
+    train = [e for e in examples if _unit_hash(e.group) >= val_fraction]
+    val = [e for e in examples if _unit_hash(e.group) < val_fraction]
+    if not val or not train:
+        cut = max(1, len(examples) // 20)
+        train, val = examples[:-cut], examples[-cut:]
+    if not train:
+        raise ConfigError(f"fine-tuning data '{source}': need at least 2 examples")
+    return train, val
+
+
+class SFTExamples:
+    """Tokenised examples; `batch(idx)` -> inputs, targets (-100 = no loss), mask."""
+
+    def __init__(self, examples: list[Example], tok: Tokenizer, seq_len: int):
+        self.seq_len = seq_len
+        self.pad = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else eos_id(tok)
+        eos = eos_id(tok)
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self.dropped = 0  # examples with no trained token within seq_len + 1 tokens
+        for ex in examples:
+            ids, train = [], []
+            for text, trained in ex.segments:
+                seg = [eos] if text == EOS else tok.encode(text, add_special_tokens=False).ids
+                ids += seg
+                train += [trained] * len(seg)
+            ids, train = ids[: seq_len + 1], train[: seq_len + 1]
+            if len(ids) >= 2 and any(train[1:]):
+                self.rows.append((np.asarray(ids, np.int64), np.asarray(train, bool)))
+            else:
+                self.dropped += 1
+        if not self.rows:
+            raise ConfigError("no fine-tuning example has a trained token within data.seq_len")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [self.rows[i] for i in idx]
+        L = max(len(ids) for ids, _ in rows) - 1
+        x = torch.full((len(rows), L), self.pad, dtype=torch.long)
+        y = torch.full((len(rows), L), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.bool)
+        for r, (ids, train) in enumerate(rows):
+            n = len(ids) - 1
+            x[r, :n] = torch.from_numpy(ids[:-1])
+            tgt = torch.from_numpy(ids[1:]).clone()
+            tgt[~torch.from_numpy(train[1:])] = -100  # loss only where the *target* is trained
+            y[r, :n] = tgt
+            mask[r, :n] = True
+        return x, y, mask

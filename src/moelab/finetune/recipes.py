@@ -1,0 +1,60 @@
+"""Which parameters a fine-tuning recipe trains.
+
+- full: everything.
+- freeze-experts: everything but the routed experts (ST-MoE: about as good as full,
+  cheaper, and generalises better).
+- freeze-router: everything but the routers (keeps pretrained routing).
+- experts-only: only the routed experts (ST-MoE found this hurts; here to measure it).
+Shared experts count as non-expert weights: they see every token, like a dense FFN.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+
+RECIPES = ("full", "freeze-experts", "freeze-router", "experts-only")
+
+
+def group_of(name: str) -> str:
+    if name.startswith("embed.") or name.startswith("lm_head."):
+        return "embeddings"
+    if ".experts." in name:
+        return "experts"
+    if ".router." in name:
+        return "router"
+    if ".ffn.shared." in name:
+        return "shared_experts"
+    if ".ffn." in name:
+        return "dense_ffn"
+    if ".attn." in name and "norm" not in name:
+        return "attention"
+    return "norms"
+
+
+def parameter_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    out: dict[str, list] = {}
+    for n, p in model.named_parameters():
+        out.setdefault(group_of(n), []).append((n, p))
+    return out
+
+
+def apply_recipe(model: torch.nn.Module, recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe: expected one of {list(RECIPES)}, got {recipe!r}")
+    groups = parameter_groups(model)
+    if recipe != "full" and "experts" not in groups:
+        raise ConfigError(f"--recipe {recipe}: this model has no experts (it is dense); use --recipe full")
+    train = {"full": lambda g: True, "freeze-experts": lambda g: g != "experts",
+             "freeze-router": lambda g: g != "router", "experts-only": lambda g: g == "experts"}[recipe]
+    for g, params in groups.items():
+        for _, p in params:
+            p.requires_grad_(train(g))
+
+
+def trainable_report(model: torch.nn.Module) -> dict:
+    groups = parameter_groups(model)
+    per = {g: {"trainable": sum(p.numel() for _, p in ps if p.requires_grad), "total": sum(p.numel() for _, p in ps)}
+           for g, ps in sorted(groups.items())}
+    return {"trainable": sum(v["trainable"] for v in per.values()), "total": sum(v["total"] for v in per.values()),
+            "groups": per}

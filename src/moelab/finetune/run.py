@@ -1,0 +1,68 @@
+"""`moelab finetune`: start from a checkpoint, train on SFT examples with a recipe."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..data import Data
+from ..data.sft import SFTExamples, load_sft
+from ..data.tokenizer import load_tokenizer, token_byte_lengths
+from ..inference import load_run
+from ..run_config import apply_overrides, config_from_dict
+from ..train import train
+from ..train.checkpoint import CheckpointError
+from .recipes import apply_recipe, trainable_report
+
+
+def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: int | None = None,
+             overrides: list[str] = (), overwrite: bool = False, quiet: bool = False):
+    base = load_run(run, device="cpu")
+    tok_file = base.checkpoint.parent.parent / "tokenizer.json"
+    if not tok_file.is_file():
+        raise CheckpointError(f"{tok_file} is missing: fine-tuning needs the base model's tokenizer")
+    d = base.cfg.to_dict()
+    d["finetune"] = {**d.get("finetune", {}), "recipe": recipe}
+    d = apply_overrides(d, list(overrides))
+    d["name"] = f"{d.get('name', 'run')}-{recipe}"
+    cfg = config_from_dict(d)
+    if steps:
+        cfg.train.steps = steps
+    ft = cfg.finetune
+    if cfg.model.moe is not None:
+        cfg.model.moe.expert_dropout = ft.expert_dropout
+        if not ft.aux_loss:
+            cfg.model.moe.lb_coef = cfg.model.moe.z_coef = 0.0
+    elif ft.expert_dropout:
+        print("warning: finetune.expert_dropout has no effect on a dense model", file=sys.stderr)
+    cfg.data.source = data_src
+    cfg.validate()
+
+    tok = load_tokenizer(tok_file)
+    train_ex, val_ex = load_sft(data_src, cfg.data.val_fraction)
+    data = Data(tok, SFTExamples(train_ex, tok, cfg.data.seq_len), SFTExamples(val_ex, tok, cfg.data.seq_len),
+                token_byte_lengths(tok))
+    for name, part in (("training", data.train), ("held-out", data.val)):
+        if part.dropped:
+            print(f"warning: {part.dropped} {name} examples have no completion token within "
+                  f"data.seq_len={cfg.data.seq_len} and were skipped", file=sys.stderr)
+    out = Path(out)
+    report: dict = {}
+
+    def prepare(model):
+        apply_recipe(model, recipe)
+        report.update(trainable_report(model))
+        moe = cfg.model.moe
+        aux = (f"aux loss ON (lb_coef={moe.lb_coef}, z_coef={moe.z_coef})" if moe and ft.aux_loss
+               else "aux loss OFF" if moe else "dense model (no aux loss)")
+        lines = [f"fine-tuning recipe '{recipe}': {report['trainable']:,} of {report['total']:,} parameters "
+                 f"trainable; {aux}; expert dropout {ft.expert_dropout}"]
+        lines += [f"  {g:<15} {v['trainable']:>12,} / {v['total']:,}" for g, v in report["groups"].items()]
+        print("\n".join(lines), file=sys.stderr)
+
+    res = train(cfg, out, overwrite=overwrite, init=str(base.checkpoint), quiet=quiet, data=data,
+                prepare_model=prepare)
+    (out / "finetune.json").write_text(json.dumps({"recipe": recipe, "base": str(base.checkpoint),
+                                                   "data": data_src, "train_examples": len(data.train),
+                                                   "heldout_examples": len(data.val), **report}, indent=1))
+    return res

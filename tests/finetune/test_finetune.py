@@ -1,0 +1,117 @@
+"""Fine-tuning: recipes freeze exactly what they say, loss masking, SFT data and split."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_MOE, run_cli
+from moelab import ConfigError
+from moelab.data.sft import SFTExamples, load_sft, read_sft_jsonl
+from moelab.finetune import apply_recipe
+from moelab.inference import load_run
+from moelab.train import latest_checkpoint
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    lines = []
+    for i in range(40):
+        if i % 2:
+            lines.append({"messages": [{"role": "system", "content": "Be terse."},
+                                       {"role": "user", "content": f"add {i} and {i + 1}"},
+                                       {"role": "assistant", "content": f"{2 * i + 1}"}]})
+        else:
+            lines.append({"prompt": f"double {i}:", "completion": f" {2 * i}"})
+    p = tmp_path / "sft.jsonl"
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return p
+
+
+@pytest.fixture
+def base_run(tmp_path, text_file):
+    run = tmp_path / "base"
+    run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE,
+            "model.max_seq_len=64", "data.seq_len=64")
+    return run
+
+
+def weights(run):
+    return load_file(str(latest_checkpoint(run / "checkpoints") / "model.safetensors"))
+
+
+@pytest.mark.parametrize("recipe,frozen", [("freeze-experts", ".experts."), ("freeze-router", ".router."),
+                                           ("experts-only", None)])
+def test_recipes_freeze_bitwise(tmp_path, base_run, sft_file, recipe, frozen):
+    out = tmp_path / recipe
+    _, _, err = run_cli("finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", recipe,
+                        "--steps", "3", "--quiet", "train.log_every=1", "finetune.expert_dropout=0.1")
+    assert f"recipe '{recipe}'" in err and "aux loss ON" in err
+    before, after = weights(base_run), weights(out)
+    for k in before:
+        is_frozen = (frozen in k) if frozen else (".experts." not in k)
+        if is_frozen:
+            assert torch.equal(before[k], after[k]), k
+        elif not k.endswith("router.bias"):
+            assert not torch.equal(before[k], after[k]), k
+    report = json.loads((out / "finetune.json").read_text())
+    assert report["recipe"] == recipe and 0 < report["trainable"] < report["total"]
+    assert load_run(out).cfg.model.moe.expert_dropout == 0.1
+
+
+def test_aux_loss_off_is_explicit(tmp_path, base_run, sft_file):
+    out = tmp_path / "noaux"
+    _, _, err = run_cli("finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", "full",
+                        "--steps", "2", "--quiet", "finetune.aux_loss=off")
+    assert "aux loss OFF" in err
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["loss"] == pytest.approx(rec["lm_loss"])
+
+
+def test_loss_only_on_completions(base_run, sft_file):
+    run = load_run(base_run)
+    tok = run.tokenizer
+    ex = read_sft_jsonl(sft_file)
+    data = SFTExamples(ex[:4], tok, 64)
+    assert len(data) == 4 and data.dropped == 0
+    x, y, mask = data.batch([0, 1, 2, 3])
+    # Trained targets decode to exactly the completion / assistant turn and end-of-text.
+    assert tok.decode(y[0][y[0] != -100].tolist(), skip_special_tokens=False) == " 0<|endoftext|>"
+    assert tok.decode(y[1][y[1] != -100].tolist(), skip_special_tokens=False) == "3<|endoftext|>"
+    # The model's loss is the mean cross-entropy over those positions alone, and changing
+    # what the prompt positions would predict does not change it.
+    out = run.model(x, y, mask)
+    logits = out.logits.float()
+    keep = y != -100
+    ref = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+    torch.testing.assert_close(out.lm_loss, ref)
+    y2 = y.clone()
+    y2[~keep & mask] = -100  # already -100: prompt targets carry no loss
+    assert torch.equal(y2, y)
+    # Padding is neither routed nor counted in the MoE statistics.
+    n_real = int(mask.sum())
+    assert int(out.moe_stats[0].tokens_per_expert.sum()) == n_real * 2
+
+
+def test_bad_sft_lines_and_dense_refusal(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: no assistant turn"):
+        read_sft_jsonl(bad)
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(ConfigError, match="expected 'messages' or 'prompt' and 'completion'"):
+        read_sft_jsonl(bad)
+    from moelab import ModelConfig, Transformer
+    with pytest.raises(ConfigError, match="has no experts"):
+        apply_recipe(Transformer(ModelConfig(vocab_size=20, d_model=8, n_heads=2, n_layers=1, d_ff=8)),
+                     "freeze-experts")
+
+
+def test_stdlib_docstrings_split_deterministic_and_module_disjoint():
+    train, val = load_sft("stdlib-docstrings")
+    train2, val2 = load_sft("stdlib-docstrings")
+    assert [e.segments for e in val] == [e.segments for e in val2] and len(train) == len(train2)
+    assert len(train) > 1000 and len(val) > 20
+    assert not {e.group for e in train} & {e.group for e in val}
+    prompt, body = val[0].segments[0][0], val[0].segments[1][0]
+    assert prompt.lstrip().startswith(("def ", "async def ", "@")) and body.strip()
