@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or checkpoint to start from")
     p.add_argument("--data", required=True, help="stdlib-docstrings, or a .jsonl with messages or prompt/completion")
     p.add_argument("--out", required=True)
-    p.add_argument("--recipe", required=True, choices=["full", "freeze-experts", "freeze-router", "experts-only"])
+    p.add_argument("--recipe", required=True, choices=["full", "freeze-experts", "freeze-router", "experts-only", "lora"])
     p.add_argument("--steps", type=int)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -40,7 +40,13 @@ def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
         raise CheckpointError(f"{cfg_file} is missing: a checkpoint is read with its run folder's config.yaml")
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
     model = Transformer(cfg.model)
-    load_model_weights(model, ckpt)
+    if cfg.finetune.recipe == "lora":  # adapters are saved unmerged: rebuild, load, then fold in
+        from .finetune.lora import apply_lora, merge_lora
+        apply_lora(model, cfg.lora.target_list(), cfg.lora.rank, cfg.lora.alpha)
+        load_model_weights(model, ckpt)
+        merge_lora(model)
+    else:
+        load_model_weights(model, ckpt)
     model.to(pick_device(device)).eval()
     return LoadedRun(cfg, model, load_tokenizer(tok_file) if tok_file.is_file() else None, ckpt)
 

@@ -84,13 +84,23 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    recipe: Literal["none", "full", "freeze-experts", "freeze-router", "experts-only"] = "none"
+    recipe: Literal["none", "full", "freeze-experts", "freeze-router", "experts-only", "lora"] = "none"
     expert_dropout: float = 0.0     # copied into model.moe.expert_dropout
     aux_loss: bool = True           # false: lb and z coefficients set to 0 (printed, never silent)
 
     def validate(self, p: str = "finetune.") -> None:
         if not 0 <= self.expert_dropout < 1:
             raise ConfigError(f"{p}expert_dropout: expected 0 <= p < 1, got {self.expert_dropout!r}")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "attn,experts"   # comma-separated: attn, experts, router, ffn
+
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
 
 
 @dataclass
@@ -101,6 +111,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> None:
         self.finetune.validate()

@@ -115,3 +115,54 @@ def test_stdlib_docstrings_split_deterministic_and_module_disjoint():
     assert not {e.group for e in train} & {e.group for e in val}
     prompt, body = val[0].segments[0][0], val[0].segments[1][0]
     assert prompt.lstrip().startswith(("def ", "async def ", "@")) and body.strip()
+
+
+def test_lora_reaches_experts_and_merges(tmp_path, base_run, sft_file):
+    from moelab.finetune.lora import apply_lora, merge_lora
+    base = load_run(base_run).model
+    tokens = torch.randint(0, 200, (2, 20))
+    with torch.no_grad():
+        ref = base(tokens).logits
+    n = apply_lora(base, ["attn", "experts", "router"], rank=4, alpha=8)
+    assert n == 2 * (4 + 3 + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens).logits, ref)  # B = 0: unchanged at init
+    trainable = [k for k, p in base.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in k for k in trainable)
+    assert any(".experts." in k for k in trainable)
+
+    out = tmp_path / "lora"
+    _, _, err = run_cli("finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", "lora",
+                        "--steps", "3", "--quiet", "lora.rank=4", "lora.targets=attn,experts,router",
+                        "optim.lr=0.05")
+    assert "recipe 'lora'" in err and "lora_adapters" in err
+    before, after = weights(base_run), weights(out)
+    for k, v in before.items():
+        adapted = k.rsplit(".", 1)[0] + ".parametrizations." + k.rsplit(".", 1)[1] + ".original"
+        assert torch.equal(v, after.get(k, after.get(adapted))), k  # base weights bitwise unchanged
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if k.endswith("lora_B"))
+
+    # Merged (what load_run gives) equals the unmerged adapter model.
+    from moelab import Transformer
+    ft_cfg = load_run(out).cfg
+    unmerged = Transformer(ft_cfg.model)
+    apply_lora(unmerged, ft_cfg.lora.target_list(), ft_cfg.lora.rank, ft_cfg.lora.alpha)
+    unmerged.load_state_dict(after)
+    unmerged.eval()
+    merged = load_run(out).model
+    with torch.no_grad():
+        u = unmerged(tokens).logits
+        torch.testing.assert_close(merged(tokens).logits, u, atol=1e-5, rtol=1e-5)
+        merge_lora(unmerged)
+        torch.testing.assert_close(unmerged(tokens).logits, u, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(u, ref)
+
+
+def test_lora_targets_that_train_nothing_are_errors():
+    from moelab import ModelConfig, Transformer
+    from moelab.finetune.lora import apply_lora
+    dense = Transformer(ModelConfig(vocab_size=20, d_model=8, n_heads=2, n_layers=1, d_ff=8))
+    with pytest.raises(ConfigError, match="'experts' matches no parameter.*no experts"):
+        apply_lora(dense, ["attn", "experts"], 4, 8)
+    with pytest.raises(ConfigError, match="unknown target 'mlp'"):
+        apply_lora(dense, ["mlp"], 4, 8)

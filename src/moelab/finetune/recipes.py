@@ -5,6 +5,7 @@
   cheaper, and generalises better).
 - freeze-router: everything but the routers (keeps pretrained routing).
 - experts-only: only the routed experts (ST-MoE found this hurts; here to measure it).
+- lora: only low-rank adapters on `lora.targets` (see lora.py), experts included.
 Shared experts count as non-expert weights: they see every token, like a dense FFN.
 """
 from __future__ import annotations
@@ -13,10 +14,12 @@ import torch
 
 from ..config import ConfigError
 
-RECIPES = ("full", "freeze-experts", "freeze-router", "experts-only")
+RECIPES = ("full", "freeze-experts", "freeze-router", "experts-only", "lora")
 
 
 def group_of(name: str) -> str:
+    if "lora_" in name:
+        return "lora_adapters"
     if name.startswith("embed.") or name.startswith("lm_head."):
         return "embeddings"
     if ".experts." in name:
@@ -39,9 +42,13 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.
     return out
 
 
-def apply_recipe(model: torch.nn.Module, recipe: str) -> None:
+def apply_recipe(model: torch.nn.Module, recipe: str, lora=None) -> None:
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: expected one of {list(RECIPES)}, got {recipe!r}")
+    if recipe == "lora":
+        from .lora import apply_lora
+        apply_lora(model, lora.target_list(), lora.rank, lora.alpha)
+        return
     groups = parameter_groups(model)
     if recipe != "full" and "experts" not in groups:
         raise ConfigError(f"--recipe {recipe}: this model has no experts (it is dense); use --recipe full")

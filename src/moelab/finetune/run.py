@@ -50,7 +50,7 @@ def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: in
     report: dict = {}
 
     def prepare(model):
-        apply_recipe(model, recipe)
+        apply_recipe(model, recipe, cfg.lora)
         report.update(trainable_report(model))
         moe = cfg.model.moe
         aux = (f"aux loss ON (lb_coef={moe.lb_coef}, z_coef={moe.z_coef})" if moe and ft.aux_loss
