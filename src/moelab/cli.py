@@ -144,11 +144,21 @@ def cmd_import(hf_dir: str, out: str):
     return path
 
 
-def cmd_export(run: str, out: str, arch: str | None = None):
+def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False):
     """Export a run or checkpoint as a Hugging Face folder that transformers loads."""
     from .convert.io import export_hf
     from .inference import load_run
     r = load_run(run, device="cpu")
+    if peft:
+        if r.cfg.finetune.recipe != "lora":
+            raise ConfigError("--peft: this run was not fine-tuned with --recipe lora")
+        from .finetune.peft_export import export_peft
+        from .train.checkpoint import load_tensors
+        base, adapter = export_peft(r.cfg, load_tensors(r.checkpoint, "model.safetensors"),
+                                    r.checkpoint.parent.parent / "tokenizer.json", Path(out))
+        print(f"exported base model -> {base}\nexported peft adapter -> {adapter}\n"
+              f"load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base}'), '{adapter}')")
+        return adapter
     path = export_hf(r.model, out, r.checkpoint.parent.parent / "tokenizer.json", arch)
     print(f"exported {r.checkpoint} -> {path} ({json.loads((path / 'config.json').read_text())['model_type']})")
     return path
@@ -276,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.add_argument("--arch", help="force a target (llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, olmoe)")
+    p.add_argument("--peft", action="store_true", help="LoRA runs: write OUT/base and a peft adapter in OUT/adapter")
 
     p = sub.add_parser("upcycle", help=cmd_upcycle.__doc__)
     p.add_argument("src", help="HF folder or moelab run/checkpoint of a dense model")
@@ -338,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "import":
             cmd_import(args.hf_dir, args.out)
         elif args.command == "export":
-            cmd_export(args.run, args.out, args.arch)
+            cmd_export(args.run, args.out, args.arch, args.peft)
         elif args.command == "upcycle":
             cmd_upcycle(args.src, args.experts, args.top_k, args.out, args.router_init, args.noise, args.granularity,
                         args.pattern, args.first_dense, args.prompts)

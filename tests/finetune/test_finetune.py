@@ -157,6 +157,15 @@ def test_lora_reaches_experts_and_merges(tmp_path, base_run, sft_file):
         torch.testing.assert_close(unmerged(tokens).logits, u, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(u, ref)
 
+    # The peft adapter, on the exported base model, gives moelab's logits.
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    _, stdout, _ = run_cli("export", str(out), "--out", str(tmp_path / "hf"), "--peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "base")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "hf" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(tokens).logits, u, atol=1e-4, rtol=1e-4)
+
 
 def test_lora_targets_that_train_nothing_are_errors():
     from moelab import ModelConfig, Transformer
