@@ -130,9 +130,12 @@ def describe(ref: dict, other: dict, sp: dict) -> str:
         parts.append(f"At {a}'s final training FLOPs its validation loss was {sp['val_loss_at_equal_flops']:.3f} "
                      f"vs {ref['final_val_loss']:.3f} ({'better' if d < 0 else 'worse'} by {abs(d):.3f} nats/token).")
     if sp["reached"]:
-        parts.append(f"It reached {a}'s final loss with {sp['tokens_speedup']:.2f}x fewer tokens, "
-                     f"{sp['flops_speedup']:.2f}x fewer FLOPs"
-                     + (f" and {sp['seconds_speedup']:.2f}x less training time." if sp["seconds_speedup"] else "."))
+        def ratio(x: float | None, what: str) -> str:
+            if not x:
+                return f"(no {what} figure)"
+            return f"{x:.2f}x fewer {what}" if x >= 1 else f"{1 / x:.2f}x more {what}"
+        parts.append(f"It reached {a}'s final loss with {ratio(sp['tokens_speedup'], 'tokens')}, "
+                     f"{ratio(sp['flops_speedup'], 'FLOPs')} and {ratio(sp['seconds_speedup'], 'seconds of training')}.")
     else:
         parts.append(f"It did not reach {a}'s final loss ({ref['final_val_loss']:.3f}) within the budget "
                      f"(its final: {other['final_val_loss']:.3f}).")
