@@ -17,7 +17,6 @@ no two examples ever share a row, so attention never crosses examples.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..config import ConfigError
-from .sources import stdlib_files
+from .sources import _unit_hash, stdlib_files
 from .tokenizer import EOS, PAD, eos_id
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -37,10 +36,6 @@ ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 class Example:
     group: str                        # split unit (module or file:line)
     segments: tuple[tuple[str, bool], ...]  # (text, trained?) in order
-
-
-def _unit_hash(name: str) -> float:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
 
 
 def chat_segments(messages: list[dict], where: str) -> tuple[tuple[str, bool], ...]:
