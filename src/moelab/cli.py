@@ -167,32 +167,10 @@ def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False):
 def cmd_upcycle(src: str, experts: int, top_k: int, out: str, router_init: str = "zeros", noise: float = 0.0,
                 granularity: int = 1, pattern: str = "all", first_dense: int = 0, prompts: str | None = None):
     """Turn a dense model (HF folder or moelab run) into an MoE whose experts start as copies."""
-    import torch
-
-    from .convert.io import read_hf, write_model_folder
-    from .convert.upcycle import carry_over, upcycle
-    from .data.tokenizer import load_tokenizer
-    from .inference import load_run
-    from .run_config import RunConfig
-    src_path = Path(src)
-    if (src_path / "config.json").is_file():
-        dense, _ = read_hf(src_path)
-        run_cfg, tok_file = RunConfig(name=src_path.name, model=dense.cfg), src_path / "tokenizer.json"
-        run_cfg.data.seq_len = min(run_cfg.data.seq_len, dense.cfg.max_seq_len)
-    else:
-        r = load_run(src, device="cpu")
-        dense, run_cfg, tok_file = r.model, r.cfg, r.checkpoint.parent.parent / "tokenizer.json"
-    prompt_ids = None
-    if prompts:
-        if not tok_file.is_file():
-            raise ConfigError(f"--prompts needs the source's tokenizer.json ({tok_file} is missing)")
-        tok = load_tokenizer(tok_file)
-        lines = [ln for ln in Path(prompts).read_text().splitlines() if ln.strip()]
-        prompt_ids = [torch.tensor(tok.encode(ln).ids[: dense.cfg.max_seq_len] or [0]) for ln in lines]
-    moe = upcycle(dense, experts, top_k, granularity=granularity, router_init=router_init, noise=noise,
-                  pattern=pattern, first_dense=first_dense, prompts=prompt_ids)
-    cfg = carry_over(run_cfg, moe.cfg)
-    path = write_model_folder(Path(out), cfg, moe, tok_file, {"upcycled_from": str(src)})
+    from .convert.upcycle import upcycle_to_folder
+    path, moe = upcycle_to_folder(src, Path(out), experts, top_k, router_init=router_init, noise=noise,
+                                  granularity=granularity, pattern=pattern, first_dense=first_dense,
+                                  prompts_file=prompts)
     pc = moe.cfg.param_counts()
     print(f"upcycled {src} -> {path}: {moe.cfg.moe.n_experts} experts, top-{moe.cfg.moe.top_k}, "
           f"{pc['total']:,} parameters ({pc['active']:,} active). Continue training with:\n"

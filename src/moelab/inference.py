@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tokenizers import Tokenizer
 
 from .data import load_documents, split_documents
 from .data.loader import PackedSequences, tokenize_documents
 from .data.tokenizer import load_tokenizer, token_byte_lengths
 from .model import Transformer
-from .run_config import RunConfig, config_from_dict
+from .run_config import RunConfig, read_config
 from .train.checkpoint import CheckpointError, resolve_checkpoint
 from .train.trainer import load_model_weights, pick_device
 
@@ -38,7 +37,7 @@ def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
     cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} is missing: a checkpoint is read with its run folder's config.yaml")
-    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    cfg = read_config(cfg_file)
     model = Transformer(cfg.model)
     if cfg.finetune.recipe == "lora":  # adapters are saved unmerged: rebuild, load, then fold in
         from .finetune.lora import apply_lora, merge_lora

@@ -288,9 +288,19 @@ def load_config(recipe_or_yaml: str, overrides: list[str] | None = None) -> RunC
     return config_from_dict(apply_overrides(read_recipe(recipe_or_yaml), overrides or []))
 
 
+def read_config(path: Path) -> RunConfig:
+    """A run folder's saved config.yaml (as written by `save_config`)."""
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
+    return config_from_dict(d or {})
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 __all__ = ["RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "ModelConfig", "MoEConfig",
-           "ConfigError", "load_config", "config_from_dict", "apply_overrides", "save_config", "list_recipes"]
+           "ConfigError", "load_config", "read_config", "config_from_dict", "apply_overrides", "save_config", "list_recipes"]

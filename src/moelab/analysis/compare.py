@@ -13,10 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from ..config import ConfigError
-from ..run_config import RunConfig, config_from_dict, load_config
+from ..run_config import RunConfig, load_config, read_config
 
 
 @dataclass
@@ -39,7 +38,7 @@ def read_run(run_dir: Path, name: str | None = None) -> RunCurves:
     for f in ("config.yaml", "metrics.jsonl"):
         if not (run_dir / f).is_file():
             raise ConfigError(f"{run_dir}: not a finished run folder ({f} is missing)")
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = read_config(run_dir / "config.yaml")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     fpt = cfg.model.flops_per_token(cfg.data.seq_len)
     rc = RunCurves(name or cfg.name, cfg, records)

@@ -42,7 +42,6 @@ SHARED = [("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "layers.{i}.ff
 class Arch:
     model_type: str
     hf_class: str
-    attn: tuple = ()
     moe: tuple = ()
     shared: tuple = ()
     qkv_bias: bool = False

@@ -104,6 +104,36 @@ def upcycle(dense: Transformer, experts: int, top_k: int, *, granularity: int = 
     return moe_model
 
 
+def upcycle_to_folder(src: str, out, experts: int, top_k: int, *, prompts_file: str | None = None, **kw):
+    """Upcycle an HF folder or moelab run into a run folder (step 0) that carries the
+    dense run's hyper-parameters. `prompts_file`: one prompt per expert, for router_init
+    "hidden". Returns (folder, model)."""
+    from pathlib import Path
+
+    from ..data.tokenizer import load_tokenizer
+    from ..inference import load_run
+    from ..run_config import RunConfig
+    from .io import read_hf, write_model_folder
+    src_path = Path(src)
+    if (src_path / "config.json").is_file():
+        dense, _ = read_hf(src_path)
+        run_cfg, tok_file = RunConfig(name=src_path.name, model=dense.cfg), src_path / "tokenizer.json"
+        run_cfg.data.seq_len = min(run_cfg.data.seq_len, dense.cfg.max_seq_len)
+    else:
+        r = load_run(src, device="cpu")
+        dense, run_cfg, tok_file = r.model, r.cfg, r.checkpoint.parent.parent / "tokenizer.json"
+    prompts = None
+    if prompts_file:
+        if not tok_file.is_file():
+            raise ConfigError(f"--prompts needs the source's tokenizer.json ({tok_file} is missing)")
+        tok = load_tokenizer(tok_file)
+        lines = [ln for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
+        prompts = [torch.tensor(tok.encode(ln).ids[: dense.cfg.max_seq_len] or [0]) for ln in lines]
+    moe = upcycle(dense, experts, top_k, prompts=prompts, **kw)
+    path = write_model_folder(Path(out), carry_over(run_cfg, moe.cfg), moe, tok_file, {"upcycled_from": str(src)})
+    return path, moe
+
+
 def carry_over(cfg_run, model_cfg: ModelConfig):
     """The dense run's hyper-parameters with the upcycled model (MM1 kept them)."""
     new = copy.deepcopy(cfg_run)

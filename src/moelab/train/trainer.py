@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..data import Data, Sampler, SamplerState, prepare_data
 from ..model import Transformer
-from ..run_config import RunConfig, config_from_dict, save_config
+from ..run_config import RunConfig, read_config, save_config
 from ..runtime import tune_cpu_allocator
 from . import checkpoint as ck
 from .health import HealthMonitor
@@ -92,8 +92,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         if start_ckpt is None:
             raise ck.CheckpointError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
         steps = cfg.train.steps
-        import yaml
-        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        cfg = read_config(run_dir / "config.yaml")
         cfg.train.steps = steps
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
