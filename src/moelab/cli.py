@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -186,6 +187,17 @@ def cmd_finetune(run: str, data: str, out: str, recipe: str, steps: int | None =
                     quiet=quiet)
 
 
+def cmd_finetune_report(args, command: str):
+    """Pretrain dense and MoE bases, fine-tune each with every recipe, report train vs held-out loss."""
+    from .analysis.finetune_report import markdown, run_report
+    res = run_report(Path(args.out), [b.strip() for b in args.bases.split(",") if b.strip()], args.data,
+                     args.pretrain_data, args.pretrain_steps, args.overrides, args.steps, args.train_examples,
+                     args.lr, args.lora_lr, args.batch_size, args.ft_overrides,
+                     Path(args.doc) if args.doc else None, command, args.quiet)
+    print(markdown(res, f"{args.out}/heldout_loss.png"))
+    return res
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moelab", description="Train, measure and convert MoE language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -256,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("finetune-report", help=cmd_finetune_report.__doc__)
+    p.add_argument("--out", required=True)
+    p.add_argument("--bases", default="small-dense,small-moe", help="comma-separated recipes to pretrain")
+    p.add_argument("--data", default="stdlib-docstrings", help="fine-tuning data")
+    p.add_argument("--pretrain-data", default="stdlib")
+    p.add_argument("--pretrain-steps", type=int, help="default: each recipe's train.steps")
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per variant")
+    p.add_argument("--train-examples", type=int, default=400, help="seeded sample of training examples")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lora-lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--set", action="append", default=[], metavar="key=value", dest="overrides",
+                   help="override for pretraining (repeatable)")
+    p.add_argument("--ft-set", action="append", default=[], metavar="key=value", dest="ft_overrides",
+                   help="override for every fine-tune (repeatable)")
+    p.add_argument("--doc", help="markdown file whose report section is replaced (e.g. docs/finetuning.md)")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("import", help=cmd_import.__doc__)
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True)
@@ -324,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "finetune":
             cmd_finetune(args.run, args.data, args.out, args.recipe, args.steps, args.overrides, args.overwrite,
                          args.quiet)
+        elif args.command == "finetune-report":
+            cmd_finetune_report(args, shlex.join(["moelab", *(sys.argv[1:] if argv is None else argv)]))
         elif args.command == "import":
             cmd_import(args.hf_dir, args.out)
         elif args.command == "export":

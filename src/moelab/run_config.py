@@ -87,10 +87,17 @@ class FinetuneConfig:
     recipe: Literal["none", "full", "freeze-experts", "freeze-router", "experts-only", "lora"] = "none"
     expert_dropout: float = 0.0     # copied into model.moe.expert_dropout
     aux_loss: bool = True           # false: lb and z coefficients set to 0 (printed, never silent)
+    # Train on a seeded sample of this many examples: small fine-tuning sets are where
+    # sparse models were found to overfit, so the report needs to be able to make one.
+    train_examples: int | None = None
+    # auto: the model's own chat template when its run folder has one (imported), else moelab's
+    chat_template: Literal["auto", "moelab"] = "auto"
 
     def validate(self, p: str = "finetune.") -> None:
         if not 0 <= self.expert_dropout < 1:
             raise ConfigError(f"{p}expert_dropout: expected 0 <= p < 1, got {self.expert_dropout!r}")
+        if self.train_examples is not None:
+            _pos_int(self.train_examples, p + "train_examples")
 
 
 @dataclass

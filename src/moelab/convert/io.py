@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ConfigError
+from ..data.chat import copy_tokenizer_extras, load_chat_format
 from ..model import Transformer
 from ..run_config import RunConfig, save_config
 from ..train.checkpoint import save_checkpoint
@@ -87,8 +88,10 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     model, mt = read_hf(hf_dir)
     cfg = RunConfig(name=f"{hf_dir.name}-{mt}", model=model.cfg)
     cfg.data.seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
-    return write_model_folder(Path(out), cfg, model, hf_dir / "tokenizer.json",
-                              {"source": str(hf_dir), "model_type": mt})
+    out = write_model_folder(Path(out), cfg, model, hf_dir / "tokenizer.json",
+                             {"source": str(hf_dir), "model_type": mt})
+    copy_tokenizer_extras(hf_dir, out)  # chat template and special tokens, for fine-tuning and export
+    return out
 
 
 def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None = None,
@@ -107,11 +110,17 @@ def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None =
     if tokenizer_file is not None and tokenizer_file.is_file():
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(str(tokenizer_file))
-        eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
         shutil.copy(tokenizer_file, out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
-            "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}, indent=1))
+        src_cfg = tokenizer_file.parent / "tokenizer_config.json"
+        if src_cfg.is_file():  # imported: hand back the source's own config and chat template
+            copy_tokenizer_extras(tokenizer_file.parent, out)
+            fmt = load_chat_format(tokenizer_file.parent)
+            eos, pad = tok.token_to_id(fmt.eos_token), tok.token_to_id(dict(fmt.special).get("pad_token", ""))
+        else:
+            eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+            (out / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+                "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}, indent=1))
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, arch, eos, pad), indent=1))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": pad}, indent=1))
     state = model.state_dict()

@@ -4,7 +4,8 @@ Sources: a `.jsonl` whose lines hold `messages` (a list of {"role", "content"}) 
 `prompt` and `completion`; or `stdlib-docstrings`, built in: prompt = a standard-library
 function's signature and docstring, completion = its body, held out by module.
 
-Chat template (plain text, so any byte-level tokenizer can learn it):
+Chat template: the model's own when its run folder has one (imported from Hugging Face,
+see chat.py), else moelab's plain text, which any byte-level tokenizer can learn:
     ### System:\\n{content}\\n   ### User:\\n{content}\\n   ### Assistant:\\n{content}<|endoftext|>
 The loss covers only assistant contents and the end-of-text after each (for
 prompt/completion: the completion and its end-of-text).
@@ -17,6 +18,7 @@ no two examples ever share a row, so attention never crosses examples.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,36 +28,18 @@ import torch
 from tokenizers import Tokenizer
 
 from ..config import ConfigError
+from .chat import ChatFormat, Segments
 from .sources import _unit_hash, stdlib_files
-from .tokenizer import EOS, PAD, eos_id
-
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+from .tokenizer import EOS, PAD
 
 
 @dataclass(frozen=True)
 class Example:
     group: str                        # split unit (module or file:line)
-    segments: tuple[tuple[str, bool], ...]  # (text, trained?) in order
+    segments: Segments                # (text, trained?) in order; EOS = the end-of-text token
 
 
-def chat_segments(messages: list[dict], where: str) -> tuple[tuple[str, bool], ...]:
-    segs = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ConfigError(f"{where}: each message needs role in {sorted(ROLES)} and a string content")
-        segs.append((f"### {ROLES[m['role']]}:\n", False))
-        if m["role"] == "assistant":
-            segs.append((m["content"], True))
-            segs.append((EOS, True))
-            segs.append(("\n", False))
-        else:
-            segs.append((m["content"] + "\n", False))
-    if not any(t for _, t in segs):
-        raise ConfigError(f"{where}: no assistant turn, so nothing to learn")
-    return tuple(segs)
-
-
-def read_sft_jsonl(path: Path) -> list[Example]:
+def read_sft_jsonl(path: Path, fmt: ChatFormat = ChatFormat()) -> list[Example]:
     out = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -67,9 +51,9 @@ def read_sft_jsonl(path: Path) -> list[Example]:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
             if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                segs = chat_segments(obj["messages"], where)
+                segs = fmt.chat(obj["messages"], where)
             elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-                segs = ((obj["prompt"], False), (obj["completion"], True), (EOS, True))
+                segs = fmt.prompt_completion(obj["prompt"], obj["completion"])
             else:
                 raise ConfigError(f"{where}: expected 'messages' or 'prompt' and 'completion'")
             out.append(Example(f"{path.name}:{n}", segs))
@@ -78,8 +62,10 @@ def read_sft_jsonl(path: Path) -> list[Example]:
     return out
 
 
-def stdlib_docstring_examples(max_chars: int = 2000) -> list[Example]:
-    """Functions with a docstring and a body, signature+docstring -> body."""
+@functools.lru_cache(maxsize=2)
+def stdlib_docstring_examples(max_chars: int = 2000) -> tuple[Example, ...]:
+    """Functions with a docstring and a body, signature+docstring -> body (cached: parsing
+    the whole standard library takes seconds, and a report fine-tunes many times)."""
     import sysconfig
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
@@ -103,10 +89,11 @@ def stdlib_docstring_examples(max_chars: int = 2000) -> list[Example]:
             body = "".join(lines[doc.end_lineno:node.end_lineno])
             if body.strip() and len(prompt) + len(body) <= max_chars:
                 out.append(Example(module, ((prompt, False), (body, True), (EOS, True))))
-    return out
+    return tuple(out)
 
 
-def load_sft(source: str, val_fraction: float = 0.05) -> tuple[list[Example], list[Example]]:
+def load_sft(source: str, val_fraction: float = 0.05,
+             fmt: ChatFormat = ChatFormat()) -> tuple[list[Example], list[Example]]:
     """Examples split by group (module for stdlib-docstrings), deterministically."""
     if source == "stdlib-docstrings":
         examples = stdlib_docstring_examples()
@@ -114,7 +101,7 @@ def load_sft(source: str, val_fraction: float = 0.05) -> tuple[list[Example], li
         path = Path(source)
         if not path.is_file() or path.suffix != ".jsonl":
             raise ConfigError(f"fine-tuning data '{source}': expected 'stdlib-docstrings' or an existing .jsonl")
-        examples = read_sft_jsonl(path)
+        examples = read_sft_jsonl(path, fmt)
     train = [e for e in examples if _unit_hash(e.group) >= val_fraction]
     val = [e for e in examples if _unit_hash(e.group) < val_fraction]
     if not val or not train:
@@ -128,10 +115,13 @@ def load_sft(source: str, val_fraction: float = 0.05) -> tuple[list[Example], li
 class SFTExamples:
     """Tokenised examples; `batch(idx)` -> inputs, targets (-100 = no loss), mask."""
 
-    def __init__(self, examples: list[Example], tok: Tokenizer, seq_len: int):
+    def __init__(self, examples: list[Example], tok: Tokenizer, seq_len: int, eos_token: str = EOS):
         self.seq_len = seq_len
-        self.pad = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else eos_id(tok)
-        eos = eos_id(tok)
+        eos = tok.token_to_id(eos_token)
+        if eos is None:
+            raise ConfigError(f"the tokenizer has no end-of-text token {eos_token!r}")
+        # padding never reaches the loss or the experts, so any id will do when there is no PAD
+        self.pad = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else eos
         self.rows: list[tuple[np.ndarray, np.ndarray]] = []
         self.dropped = 0  # examples with no trained token within seq_len + 1 tokens
         for ex in examples:

@@ -5,14 +5,39 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from ..config import ConfigError
 from ..data import Data
+from ..data.chat import copy_tokenizer_extras, load_chat_format
 from ..data.sft import SFTExamples, load_sft
 from ..data.tokenizer import load_tokenizer, token_byte_lengths
 from ..inference import load_run
-from ..run_config import apply_overrides, config_from_dict
+from ..run_config import RunConfig, apply_overrides, config_from_dict
 from ..train import train
 from ..train.checkpoint import CheckpointError
 from .recipes import apply_recipe, trainable_report
+
+
+def finetune_data(cfg: RunConfig, data_src: str, tok, run_dir: Path | None = None, *, warn: bool = True) -> Data:
+    """Training and held-out examples as `cfg` selects them (chat format of `run_dir`,
+    split, seeded subset, seq_len)."""
+    fmt = load_chat_format(run_dir, cfg.finetune.chat_template)
+    train_ex, val_ex = load_sft(data_src, cfg.data.val_fraction, fmt)
+    n = cfg.finetune.train_examples
+    if n is not None:
+        if n > len(train_ex):
+            raise ConfigError(f"finetune.train_examples: {n} exceeds the {len(train_ex)} training examples "
+                              f"of '{data_src}'")
+        keep = np.random.default_rng(cfg.train.seed).permutation(len(train_ex))[:n]
+        train_ex = [train_ex[i] for i in sorted(keep)]
+    data = Data(tok, SFTExamples(train_ex, tok, cfg.data.seq_len, fmt.eos_token),
+                SFTExamples(val_ex, tok, cfg.data.seq_len, fmt.eos_token), token_byte_lengths(tok))
+    for name, part in (("training", data.train), ("held-out", data.val)):
+        if part.dropped and warn:
+            print(f"warning: {part.dropped} {name} examples have no completion token within "
+                  f"data.seq_len={cfg.data.seq_len} and were skipped", file=sys.stderr)
+    return data
 
 
 def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: int | None = None,
@@ -38,14 +63,9 @@ def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: in
     cfg.data.source = data_src
     cfg.validate()
 
-    tok = load_tokenizer(tok_file)
-    train_ex, val_ex = load_sft(data_src, cfg.data.val_fraction)
-    data = Data(tok, SFTExamples(train_ex, tok, cfg.data.seq_len), SFTExamples(val_ex, tok, cfg.data.seq_len),
-                token_byte_lengths(tok))
-    for name, part in (("training", data.train), ("held-out", data.val)):
-        if part.dropped:
-            print(f"warning: {part.dropped} {name} examples have no completion token within "
-                  f"data.seq_len={cfg.data.seq_len} and were skipped", file=sys.stderr)
+    base_dir = tok_file.parent
+    data = finetune_data(cfg, data_src, load_tokenizer(tok_file), base_dir)
+    print(f"chat format: {load_chat_format(base_dir, ft.chat_template).describe()}", file=sys.stderr)
     out = Path(out)
     report: dict = {}
 
@@ -62,6 +82,7 @@ def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: in
 
     res = train(cfg, out, overwrite=overwrite, init=str(base.checkpoint), quiet=quiet, data=data,
                 prepare_model=prepare)
+    copy_tokenizer_extras(base_dir, out)  # the chat template and special tokens travel with the weights
     (out / "finetune.json").write_text(json.dumps({"recipe": recipe, "base": str(base.checkpoint),
                                                    "data": data_src, "train_examples": len(data.train),
                                                    "heldout_examples": len(data.val), **report}, indent=1))

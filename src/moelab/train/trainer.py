@@ -156,7 +156,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     metrics = MetricsWriter(run_dir)
     window = MoEWindow()
     ctx = autocast_ctx(cfg, device)
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len  # padded rows count as seq_len
     val_loss = state.get("val_loss")
     # tokens/s counts optimizer-step time only (evaluation and checkpoints excluded)
     t_window, tok_window, tps = elapsed, 0, 0.0
@@ -179,8 +178,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 g["lr"] = lr
             loads = None
             loss_sum = lm_sum = 0.0
+            step_tokens = 0
             for _ in range(tc.grad_accum):
                 x, y, *mask = data.train.batch(sampler.next())
+                # padding (SFT rows) is not work done: count only real tokens
+                step_tokens += int(mask[0].sum()) if mask else x.numel()
                 with ctx:
                     out = model(x.to(device), y.to(device), mask[0].to(device) if mask else None)
                 (out.loss / tc.grad_accum).backward()
@@ -200,8 +202,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 model.update_router_biases(loads)
             step += 1
             elapsed += time.perf_counter() - t_step
-            tokens_seen += tokens_per_step
-            tok_window += tokens_per_step
+            tokens_seen += step_tokens
+            tok_window += step_tokens
             bar.update(1)
 
             evaluated = step % tc.eval_every == 0 or step == tc.steps

@@ -1,0 +1,210 @@
+"""`moelab finetune-report`: does fine-tuning generalise, dense vs MoE, recipe by recipe?
+
+1. Pretrain each base recipe on the pretraining data (reused when OUT/pretrain/BASE
+   already holds its final checkpoint).
+2. Fine-tune every base with every variant that applies to it (dense models have no
+   experts or router) on the same seeded sample of training examples, with the same
+   steps, batch, seed and learning rate (LoRA gets its own, as is usual).
+3. Score each result with one function, in eval mode: loss on the training examples
+   it saw and on the held-out split (other modules, for stdlib-docstrings); the gap is
+   their difference. The pretrained base is scored the same way (step 0 of the curves).
+
+Everything lands in OUT (report.json, report.md, heldout_loss.png); `--doc FILE`
+also replaces the part of FILE between the report markers and puts the plot in
+FILE's images/ folder. Finished fine-tunes are reused, so an interrupted report
+continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..config import ConfigError  # noqa: E402
+from ..finetune.run import finetune, finetune_data  # noqa: E402
+from ..inference import load_run  # noqa: E402
+from ..run_config import load_config  # noqa: E402
+from ..train import train  # noqa: E402
+from ..train.checkpoint import check_checkpoint, latest_checkpoint  # noqa: E402
+from ..train.trainer import evaluate  # noqa: E402
+from .compare import read_run  # noqa: E402
+
+BEGIN, END = "<!-- finetune-report:begin -->", "<!-- finetune-report:end -->"
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    models: str = "all"  # "moe": needs experts and a router; "dense": needs dense FFNs
+
+
+VARIANTS = (
+    Variant("full", "full"),
+    Variant("full + expert dropout 0.2", "full", ("finetune.expert_dropout=0.2",), "moe"),
+    Variant("full, aux loss off", "full", ("finetune.aux_loss=off",), "moe"),
+    Variant("freeze-experts", "freeze-experts", (), "moe"),
+    Variant("freeze-router", "freeze-router", (), "moe"),
+    Variant("experts-only", "experts-only", (), "moe"),
+    Variant("lora (attn + experts)", "lora", ("lora.targets=attn,experts",), "moe"),
+    Variant("lora (attn + ffn)", "lora", ("lora.targets=attn,ffn",), "dense"),
+)
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-").replace("--", "-")
+
+
+def final_step(run: Path) -> int | None:
+    ck = latest_checkpoint(run / "checkpoints")
+    return int(check_checkpoint(ck)["step"]) if ck else None
+
+
+def pretrain(base: str, out: Path, data: str, steps: int | None, overrides: list[str], quiet: bool) -> Path:
+    cfg = load_config(base, overrides)
+    cfg.data.source = data
+    if steps is not None:
+        cfg.train.steps = steps
+    cfg.validate()
+    run = out / "pretrain" / base
+    done = final_step(run) if run.exists() else None
+    if done == cfg.train.steps:
+        return run
+    if done is not None and done > cfg.train.steps:
+        raise ConfigError(f"{run} was pretrained for {done} steps, not {cfg.train.steps}: use another --out")
+    print(f"pretraining {base} for {cfg.train.steps} steps on {data} -> {run}", file=sys.stderr)
+    train(cfg, run, resume=done is not None, overwrite=done is None, quiet=quiet)
+    return run
+
+
+def score(r, cfg, data_src: str) -> tuple[float, float, int]:
+    """(train loss, held-out loss, held-out examples) in eval mode; `cfg` picks the examples."""
+    data = finetune_data(cfg, data_src, r.need_tokenizer(), r.checkpoint.parent.parent, warn=False)
+    bs, device = cfg.train.batch_size, next(r.model.parameters()).device
+    n_train = min(len(data.train), 1024)  # enough for a stable mean, bounded cost
+    return (evaluate(r.model, data.train, bs, math.ceil(n_train / bs), device, nullcontext()),
+            evaluate(r.model, data.val, bs, math.ceil(len(data.val) / bs), device, nullcontext()), len(data.val))
+
+
+def run_report(out: Path, bases: list[str], data: str = "stdlib-docstrings", pretrain_data: str = "stdlib",
+               pretrain_steps: int | None = None, pretrain_overrides: list[str] = (), steps: int = 100,
+               train_examples: int = 400, lr: float = 1e-3, lora_lr: float = 3e-3, batch_size: int = 16,
+               ft_overrides: list[str] = (), doc: Path | None = None, command: str = "",
+               quiet: bool = False) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, curves = [], {}
+    for base in bases:
+        base_run = pretrain(base, out, pretrain_data, pretrain_steps, list(pretrain_overrides), quiet)
+        loaded = load_run(base_run)
+        cfg = loaded.cfg
+        # the base is scored on the same examples its fine-tunes see
+        cfg.finetune.train_examples, cfg.train.batch_size = train_examples, batch_size
+        tr0, ho0, n_val = score(loaded, cfg, data)
+        del loaded
+        rows.append({"base": base, "variant": "(pretrained, not fine-tuned)", "trainable": 0,
+                     "train_loss": tr0, "heldout_loss": ho0, "gap": ho0 - tr0, "tokens_per_s": None})
+        kind = "moe" if cfg.model.moe is not None else "dense"
+        for v in VARIANTS:
+            if v.models not in ("all", kind):
+                continue
+            ft_dir = out / "finetune" / base / slug(v.label)
+            sets = [f"finetune.train_examples={train_examples}", f"train.batch_size={batch_size}",
+                    f"optim.lr={lora_lr if v.recipe == 'lora' else lr}",
+                    f"optim.warmup_steps={max(1, steps // 10)}", f"train.eval_every={max(1, steps // 10)}",
+                    f"train.eval_batches={math.ceil(n_val / batch_size)}", f"train.ckpt_every={steps}",
+                    "train.keep_checkpoints=1", "lora.rank=16", "lora.alpha=32", *v.overrides, *ft_overrides]
+            info = ft_dir / "finetune.json"
+            if not (info.is_file() and final_step(ft_dir) == steps):
+                print(f"fine-tuning {base}: {v.label} -> {ft_dir}", file=sys.stderr)
+                finetune(str(base_run), data, ft_dir, v.recipe, steps=steps, overrides=sets, overwrite=True,
+                         quiet=quiet)
+            meta = json.loads(info.read_text())
+            records = read_run(ft_dir).records
+            curve = [(0, ho0)] + [(m["step"], m["val_loss"]) for m in records if "val_loss" in m]
+            last = records[-1]
+            r = load_run(ft_dir)
+            tr, ho, _ = score(r, r.cfg, data)
+            rows.append({"base": base, "variant": v.label, "trainable": meta["trainable"], "total": meta["total"],
+                         "train_loss": tr, "heldout_loss": ho, "gap": ho - tr,
+                         "tokens_per_s": last["tokens"] / last["elapsed_s"] if last.get("elapsed_s") else None,
+                         "train_examples": meta["train_examples"], "heldout_examples": meta["heldout_examples"]})
+            curves.setdefault(base, []).append((v.label, curve))
+    settings = {"bases": bases, "data": data, "pretrain_data": pretrain_data, "pretrain_steps": pretrain_steps,
+                "steps": steps, "train_examples": train_examples, "batch_size": batch_size, "lr": lr,
+                "lora_lr": lora_lr, "command": command}
+    result = {"settings": settings, "rows": rows, "curves": curves}
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    plot = plot_curves(curves, out / "heldout_loss.png")
+    md = markdown(result, "heldout_loss.png")
+    (out / "report.md").write_text(md)
+    if doc is not None:
+        img = Path(doc).parent / "images" / "finetune_heldout_loss.png"
+        img.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, img)
+        splice(Path(doc), markdown(result, "images/finetune_heldout_loss.png"))
+    return result
+
+
+def plot_curves(curves: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False, sharey=True)
+    for ax, (base, runs) in zip(axes[0], curves.items()):
+        for label, pts in runs:
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=label)
+        ax.set_title(base)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("held-out loss (nats/token, completions only)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(result: dict, image: str) -> str:
+    s = result["settings"]
+    head = ("| base | variant | trainable params | train loss | held-out loss | gap | tokens/s |\n"
+            "|---|---|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in result["rows"]:
+        tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
+        lines.append(f"| {r['base']} | {r['variant']} | {r['trainable']:,} | {r['train_loss']:.4f} | "
+                     f"{r['heldout_loss']:.4f} | {r['gap']:+.4f} | {tps} |")
+    return "\n".join([
+        f"Command: `{s['command']}`" if s["command"] else "",
+        "",
+        f"Bases pretrained on `{s['pretrain_data']}` for {s['pretrain_steps'] or 'the recipe'} steps; each variant "
+        f"fine-tuned on {s['train_examples']} `{s['data']}` training examples for {s['steps']} steps of "
+        f"{s['batch_size']} (lr {s['lr']:g}, LoRA {s['lora_lr']:g}, rank 16, alpha 32). Train and held-out "
+        "losses are measured after fine-tuning, in eval mode, on the completion tokens of the training "
+        "examples seen and of the held-out split (whole modules, for stdlib-docstrings); gap = held-out − train. tokens/s counts real "
+        "(unpadded) tokens per second of optimizer steps.",
+        "",
+        *lines,
+        "",
+        f"![held-out loss over fine-tuning steps]({image})",
+    ]).strip() + "\n"
+
+
+def splice(doc: Path, body: str) -> None:
+    text = doc.read_text() if doc.is_file() else ""
+    if BEGIN in text and END in text:
+        pre, rest = text.split(BEGIN, 1)
+        post = rest.split(END, 1)[1]
+        text = f"{pre}{BEGIN}\n{body}{END}{post}"
+    else:
+        text = f"{text.rstrip()}\n\n{BEGIN}\n{body}{END}\n".lstrip()
+    tmp = doc.with_suffix(doc.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(doc)
