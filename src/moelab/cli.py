@@ -56,28 +56,13 @@ def cmd_memory(recipe: str, devices: int = 1, expert_parallel: int = 1, zero: in
                micro_batch: int = 1, seq_len: int | None = None, activation_checkpointing: bool = False,
                measure: bool = False, as_json: bool = False):
     """Predict (and optionally measure) memory per device for a model and its dense twin."""
-    from .analysis.memory import dense_twin, format_plans, measure_memory, plan_memory
+    from .analysis.memory import format_plans, plan_and_measure
     from .run_config import load_config
     cfg = load_config(recipe)
     seq_len = seq_len or cfg.data.seq_len
-    models = [(cfg.name, cfg.model)]
-    if cfg.model.moe is not None:
-        models.append((f"{cfg.name} dense twin", dense_twin(cfg.model)))
-    kw = dict(micro_batch=micro_batch, seq_len=seq_len, devices=devices, expert_parallel=expert_parallel,
-              zero=zero, dtype=dtype, activation_checkpointing=activation_checkpointing)
-    try:
-        plans = [plan_memory(m, name=n, **kw) for n, m in models]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    measured = {}
-    if measure:
-        if devices != 1 or dtype != "fp32" or activation_checkpointing:
-            raise ConfigError("--measure runs on this machine: use --devices 1, --dtype fp32, no checkpointing")
-        for (n, m), p in zip(models, plans):
-            if p.bytes["total"] > 8 * 1024 ** 3:
-                raise ConfigError(f"--measure: {n} needs about {p.bytes['total'] / 1024 ** 3:.0f} GiB; "
-                                  "measure a smaller recipe or batch")
-            measured[n] = measure_memory(m, micro_batch, seq_len)
+    plans, measured = plan_and_measure(cfg, micro_batch=micro_batch, seq_len=seq_len, devices=devices,
+                                       expert_parallel=expert_parallel, zero=zero, dtype=dtype,
+                                       activation_checkpointing=activation_checkpointing, measure=measure)
     if as_json:
         out = [dict(p.to_json(), **({"measured": measured[p.name]} if p.name in measured else {})) for p in plans]
         print(json.dumps(out))

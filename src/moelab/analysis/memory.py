@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 
 GiB = 1024 ** 3
 
@@ -206,6 +206,31 @@ def measure_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int 
     return {"params": sum(p.numel() * p.element_size() for p in model.parameters()), "grads": grads,
             "optimizer": opt_bytes, "activations": act,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def plan_and_measure(cfg, *, micro_batch: int, seq_len: int, devices: int = 1, expert_parallel: int = 1,
+                     zero: int = 0, dtype: str = "fp32", activation_checkpointing: bool = False,
+                     measure: bool = False) -> tuple[list[MemoryPlan], dict[str, dict]]:
+    """Plans for a run config's model and, for an MoE, its dense twin; measured here on request."""
+    models = [(cfg.name, cfg.model)]
+    if cfg.model.moe is not None:
+        models.append((f"{cfg.name} dense twin", dense_twin(cfg.model)))
+    kw = dict(micro_batch=micro_batch, seq_len=seq_len, devices=devices, expert_parallel=expert_parallel,
+              zero=zero, dtype=dtype, activation_checkpointing=activation_checkpointing)
+    try:
+        plans = [plan_memory(m, name=n, **kw) for n, m in models]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    measured = {}
+    if measure:
+        if devices != 1 or dtype != "fp32" or activation_checkpointing:
+            raise ConfigError("--measure runs on this machine: use --devices 1, --dtype fp32, no checkpointing")
+        for (n, m), p in zip(models, plans):
+            if p.bytes["total"] > 8 * 1024 ** 3:
+                raise ConfigError(f"--measure: {n} needs about {p.bytes['total'] / 1024 ** 3:.0f} GiB; "
+                                  "measure a smaller recipe or batch")
+            measured[n] = measure_memory(m, micro_batch, seq_len)
+    return plans, measured
 
 
 def _fmt_bytes(n: float) -> str:
