@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 from contextlib import nullcontext
@@ -62,7 +63,7 @@ VARIANTS = (
 
 
 def slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-").replace("--", "-")
+    return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
 
 
 def final_step(run: Path) -> int | None:
