@@ -62,7 +62,7 @@ def test_finetune_uses_and_keeps_the_template(imported):
     out = imported / "ft"
     _, _, err = run_cli("finetune", str(imported / "imp"), "--data", str(imported / "chat.jsonl"), "--out",
                         str(out), "--recipe", "full", "--steps", "2", "--quiet")
-    assert "chat format: the chat template of" in err
+    assert "chat format (for messages examples): the chat template of" in err
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML
     run_cli("export", str(out), "--out", str(imported / "hf2"))
     hf2 = transformers.AutoTokenizer.from_pretrained(imported / "hf2")
@@ -71,4 +71,4 @@ def test_finetune_uses_and_keeps_the_template(imported):
     _, _, err = run_cli("finetune", str(imported / "imp"), "--data", str(imported / "chat.jsonl"), "--out",
                         str(imported / "ft2"), "--recipe", "full", "--steps", "1", "--quiet",
                         "finetune.chat_template=moelab")
-    assert "chat format: moelab's plain-text chat template" in err
+    assert "chat format (for messages examples): moelab's plain-text chat template" in err

@@ -65,7 +65,8 @@ def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: in
 
     base_dir = tok_file.parent
     data = finetune_data(cfg, data_src, load_tokenizer(tok_file), base_dir)
-    print(f"chat format: {load_chat_format(base_dir, ft.chat_template).describe()}", file=sys.stderr)
+    print(f"chat format (for messages examples): {load_chat_format(base_dir, ft.chat_template).describe()}",
+          file=sys.stderr)
     out = Path(out)
     report: dict = {}
 
