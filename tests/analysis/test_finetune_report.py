@@ -47,3 +47,12 @@ def test_finetune_report_end_to_end(tmp_path, text_file):
     run_cli(*args)
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["rows"] == rep["rows"]
+
+    # other fine-tuning settings redo the fine-tunes, never silently reuse them; other
+    # pretraining settings are refused by name
+    run_cli(*args, "--lr", "2e-3")
+    for p, t in zip(ckpts, stamps):  # --lr is not LoRA's learning rate (--lora-lr is)
+        redone = "finetune" in p.parts and not any(part.startswith("lora") for part in p.parts)
+        assert (p.stat().st_mtime_ns != t) == redone, p
+    rc, _, err = run_cli(*args, "--set", "optim.lr=5e-3", check=False)
+    assert rc == 2 and "pretrained with other settings" in err

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..config import ConfigError  # noqa: E402
 from ..finetune.run import finetune, finetune_data  # noqa: E402
 from ..inference import load_run  # noqa: E402
-from ..run_config import load_config  # noqa: E402
+from ..run_config import load_config, read_config  # noqa: E402
 from ..train import train  # noqa: E402
 from ..train.checkpoint import check_checkpoint, latest_checkpoint  # noqa: E402
 from ..train.trainer import evaluate  # noqa: E402
@@ -79,6 +79,8 @@ def pretrain(base: str, out: Path, data: str, steps: int | None, overrides: list
     cfg.validate()
     run = out / "pretrain" / base
     done = final_step(run) if run.exists() else None
+    if done is not None and read_config(run / "config.yaml").to_dict() != cfg.to_dict():
+        raise ConfigError(f"{run} was pretrained with other settings (see its config.yaml): use another --out")
     if done == cfg.train.steps:
         return run
     if done is not None and done > cfg.train.steps:
@@ -125,11 +127,15 @@ def run_report(out: Path, bases: list[str], data: str = "stdlib-docstrings", pre
                     f"optim.warmup_steps={max(1, steps // 10)}", f"train.eval_every={max(1, steps // 10)}",
                     f"train.eval_batches={math.ceil(n_val / batch_size)}", f"train.ckpt_every={steps}",
                     "train.keep_checkpoints=1", "lora.rank=16", "lora.alpha=32", *v.overrides, *ft_overrides]
-            info = ft_dir / "finetune.json"
-            if not (info.is_file() and final_step(ft_dir) == steps):
+            info, stamp = ft_dir / "finetune.json", ft_dir / "report-settings.json"
+            wanted = json.dumps({"recipe": v.recipe, "data": data, "steps": steps, "overrides": sets})
+            # reuse only a finished run made with exactly these settings; anything else is redone
+            if not (info.is_file() and stamp.is_file() and stamp.read_text() == wanted
+                    and final_step(ft_dir) == steps):
                 print(f"fine-tuning {base}: {v.label} -> {ft_dir}", file=sys.stderr)
                 finetune(str(base_run), data, ft_dir, v.recipe, steps=steps, overrides=sets, overwrite=True,
                          quiet=quiet)
+                stamp.write_text(wanted)
             meta = json.loads(info.read_text())
             records = read_run(ft_dir).records
             curve = [(0, ho0)] + [(m["step"], m["val_loss"]) for m in records if "val_loss" in m]
