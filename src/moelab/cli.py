@@ -172,14 +172,16 @@ def cmd_finetune(run: str, data: str, out: str, recipe: str, steps: int | None =
                     quiet=quiet)
 
 
-def cmd_finetune_report(args, command: str):
+def cmd_finetune_report(out: str, bases: str, data: str, pretrain_data: str, pretrain_steps: int | None,
+                        steps: int, train_examples: int, lr: float, lora_lr: float, batch_size: int,
+                        overrides: list[str], ft_overrides: list[str], doc: str | None, command: str = "",
+                        quiet: bool = False):
     """Pretrain dense and MoE bases, fine-tune each with every recipe, report train vs held-out loss."""
     from .analysis.finetune_report import markdown, run_report
-    res = run_report(Path(args.out), [b.strip() for b in args.bases.split(",") if b.strip()], args.data,
-                     args.pretrain_data, args.pretrain_steps, args.overrides, args.steps, args.train_examples,
-                     args.lr, args.lora_lr, args.batch_size, args.ft_overrides,
-                     Path(args.doc) if args.doc else None, command, args.quiet)
-    print(markdown(res, f"{args.out}/heldout_loss.png"))
+    res = run_report(Path(out), [b.strip() for b in bases.split(",") if b.strip()], data, pretrain_data,
+                     pretrain_steps, overrides, steps, train_examples, lr, lora_lr, batch_size, ft_overrides,
+                     Path(doc) if doc else None, command, quiet)
+    print(markdown(res, f"{out}/heldout_loss.png"))
     return res
 
 
@@ -340,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_finetune(args.run, args.data, args.out, args.recipe, args.steps, args.overrides, args.overwrite,
                          args.quiet)
         elif args.command == "finetune-report":
-            cmd_finetune_report(args, shlex.join(["moelab", *(sys.argv[1:] if argv is None else argv)]))
+            cmd_finetune_report(args.out, args.bases, args.data, args.pretrain_data, args.pretrain_steps, args.steps,
+                                args.train_examples, args.lr, args.lora_lr, args.batch_size, args.overrides,
+                                args.ft_overrides, args.doc,
+                                shlex.join(["moelab", *(sys.argv[1:] if argv is None else argv)]), args.quiet)
         elif args.command == "import":
             cmd_import(args.hf_dir, args.out)
         elif args.command == "export":

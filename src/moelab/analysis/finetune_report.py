@@ -11,8 +11,9 @@
 
 Everything lands in OUT (report.json, report.md, heldout_loss.png); `--doc FILE`
 also replaces the part of FILE between the report markers and puts the plot in
-FILE's images/ folder. Finished fine-tunes are reused, so an interrupted report
-continues where it stopped.
+FILE's images/ folder. Finished runs made with the same settings are reused, so an
+interrupted report continues where it stopped; other settings redo a fine-tune and
+are refused for a pretraining run.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def pretrain(base: str, out: Path, data: str, steps: int | None, overrides: list
 
 def score(r, cfg, data_src: str) -> tuple[float, float, int]:
     """(train loss, held-out loss, held-out examples) in eval mode; `cfg` picks the examples."""
-    data = finetune_data(cfg, data_src, r.need_tokenizer(), r.checkpoint.parent.parent, warn=False)
+    data = finetune_data(cfg, data_src, r.need_tokenizer(), r.checkpoint.parent.parent, verbose=False)
     bs, device = cfg.train.batch_size, next(r.model.parameters()).device
     n_train = min(len(data.train), 1024)  # enough for a stable mean, bounded cost
     return (evaluate(r.model, data.train, bs, math.ceil(n_train / bs), device, nullcontext()),

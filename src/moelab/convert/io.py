@@ -115,7 +115,8 @@ def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None =
         if src_cfg.is_file():  # imported: hand back the source's own config and chat template
             copy_tokenizer_extras(tokenizer_file.parent, out)
             fmt = load_chat_format(tokenizer_file.parent)
-            eos, pad = tok.token_to_id(fmt.eos_token), tok.token_to_id(dict(fmt.special).get("pad_token", ""))
+            pad_token = dict(fmt.special).get("pad_token")
+            eos, pad = tok.token_to_id(fmt.eos_token), tok.token_to_id(pad_token) if pad_token else None
         else:
             eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
             (out / "tokenizer_config.json").write_text(json.dumps({

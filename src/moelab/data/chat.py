@@ -14,6 +14,7 @@ the fallback, rather than guessed at.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,22 +89,18 @@ class ChatFormat:
         return tuple(s for s in segs if s[0])
 
 
-_CACHE: dict[str, object] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _compiled(source: str):
-    if source not in _CACHE:
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(msg):
-            raise ConfigError(f"chat template: {msg}")
+    def raise_exception(msg):
+        raise ConfigError(f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        _CACHE[source] = env.from_string(source).render
-    return _CACHE[source]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source).render
 
 
 def load_chat_format(run_dir: Path | None, choice: str = "auto") -> ChatFormat:

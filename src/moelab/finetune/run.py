@@ -19,10 +19,12 @@ from ..train.checkpoint import CheckpointError
 from .recipes import apply_recipe, trainable_report
 
 
-def finetune_data(cfg: RunConfig, data_src: str, tok, run_dir: Path | None = None, *, warn: bool = True) -> Data:
+def finetune_data(cfg: RunConfig, data_src: str, tok, run_dir: Path | None = None, *, verbose: bool = True) -> Data:
     """Training and held-out examples as `cfg` selects them (chat format of `run_dir`,
     split, seeded subset, seq_len)."""
     fmt = load_chat_format(run_dir, cfg.finetune.chat_template)
+    if verbose:
+        print(f"chat format (for messages examples): {fmt.describe()}", file=sys.stderr)
     train_ex, val_ex = load_sft(data_src, cfg.data.val_fraction, fmt)
     n = cfg.finetune.train_examples
     if n is not None:
@@ -34,7 +36,7 @@ def finetune_data(cfg: RunConfig, data_src: str, tok, run_dir: Path | None = Non
     data = Data(tok, SFTExamples(train_ex, tok, cfg.data.seq_len, fmt.eos_token),
                 SFTExamples(val_ex, tok, cfg.data.seq_len, fmt.eos_token), token_byte_lengths(tok))
     for name, part in (("training", data.train), ("held-out", data.val)):
-        if part.dropped and warn:
+        if part.dropped and verbose:
             print(f"warning: {part.dropped} {name} examples have no completion token within "
                   f"data.seq_len={cfg.data.seq_len} and were skipped", file=sys.stderr)
     return data
@@ -65,8 +67,6 @@ def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: in
 
     base_dir = tok_file.parent
     data = finetune_data(cfg, data_src, load_tokenizer(tok_file), base_dir)
-    print(f"chat format (for messages examples): {load_chat_format(base_dir, ft.chat_template).describe()}",
-          file=sys.stderr)
     out = Path(out)
     report: dict = {}
 
