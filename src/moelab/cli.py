@@ -8,18 +8,28 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError, MoelabError
+
+
+def _require(ok: bool, flag: str, expected: str, got) -> None:
+    """Arguments are checked where they enter: a bad one names its flag."""
+    if not ok:
+        raise ConfigError(f"{flag}: expected {expected}, got {got!r}")
 
 
 def cmd_train(recipe: str, data: str | None, out: str, steps: int | None = None, stop_after: int | None = None,
               resume: bool = False, overwrite: bool = False, init: str | None = None,
               overrides: list[str] | None = None, quiet: bool = False):
     """Train a model from a named recipe or a YAML file."""
-    from .run_config import load_config
+    from .run_config import load_config, read_config
     from .train import train
+    _require(steps is None or steps > 0, "--steps", "a positive number of steps", steps)
+    _require(stop_after is None or stop_after > 0, "--stop-after", "a positive number of steps", stop_after)
     cfg = load_config(recipe, overrides)
     if data is not None:
         cfg.data.source = data
+    elif resume and (Path(out) / "config.yaml").is_file():  # resuming: the run's own data unless named
+        cfg.data.source = read_config(Path(out) / "config.yaml").data.source
     if steps is not None:
         cfg.train.steps = steps
     cfg.validate()
@@ -34,6 +44,8 @@ def cmd_train(recipe: str, data: str | None, out: str, steps: int | None = None,
 def cmd_eval(run: str, data: str, as_json: bool = False, split: str = "val", max_tokens: int = 1_000_000):
     """Loss, perplexity and bits per byte of a run or checkpoint on a source."""
     from .inference import evaluate_source, load_run
+    _require(split in ("val", "all"), "--split", "val or all", split)
+    _require(max_tokens > 0, "--max-tokens", "a positive number", max_tokens)
     r = evaluate_source(load_run(run), data, split=split, max_tokens=max_tokens)
     if as_json:
         print(json.dumps(r))
@@ -47,6 +59,9 @@ def cmd_generate(run: str, prompt: str, max_new_tokens: int = 100, temperature: 
                  seed: int = 0):
     """Continue a prompt with a trained model."""
     from .inference import generate, load_run
+    _require(max_new_tokens > 0, "--max-new-tokens", "a positive number", max_new_tokens)
+    _require(top_k >= 0, "--top-k", "0 (no limit) or a positive number", top_k)
+    _require(temperature >= 0, "--temperature", "0 (greedy) or a positive number", temperature)
     text = generate(load_run(run), prompt, max_new_tokens, temperature, top_k, seed)
     print(text)
     return text
@@ -58,6 +73,13 @@ def cmd_memory(recipe: str, devices: int = 1, expert_parallel: int = 1, zero: in
     """Predict (and optionally measure) memory per device for a model and its dense twin."""
     from .analysis.memory import format_plans, plan_and_measure
     from .run_config import load_config
+    _require(devices > 0, "--devices", "a positive number of devices", devices)
+    _require(expert_parallel > 0, "--expert-parallel", "a positive degree", expert_parallel)
+    _require(devices % expert_parallel == 0, "--expert-parallel", f"a divisor of --devices {devices}",
+             expert_parallel)
+    _require(micro_batch > 0, "--micro-batch", "a positive number of sequences", micro_batch)
+    _require(seq_len is None or seq_len > 0, "--seq-len", "a positive number of tokens", seq_len)
+    _require(zero in (0, 1, 2, 3), "--zero", "0, 1, 2 or 3", zero)
     cfg = load_config(recipe)
     seq_len = seq_len or cfg.data.seq_len
     plans, measured = plan_and_measure(cfg, micro_batch=micro_batch, seq_len=seq_len, devices=devices,
@@ -122,41 +144,53 @@ def cmd_lr_fit(sweep_dir: str, target_params: float | None = None, count: str = 
     return res
 
 
-def cmd_import(hf_dir: str, out: str):
+def cmd_import(hf_dir: str, out: str, overwrite: bool = False):
     """Import a local Hugging Face folder (safetensors) as a moelab checkpoint folder."""
     from .convert.io import import_hf
-    path = import_hf(hf_dir, out)
+    path = import_hf(hf_dir, out, overwrite=overwrite)
     print(f"imported {hf_dir} -> {path}")
     return path
 
 
-def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False):
+def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False, overwrite: bool = False):
     """Export a run or checkpoint as a Hugging Face folder that transformers loads."""
     from .convert.io import export_hf
     from .inference import load_run
+    from .outputs import check_output, staged_output
+    check_output(out, overwrite=overwrite, protect=[run])
     r = load_run(run, device="cpu")
+    run_dir = r.checkpoint.parent.parent
     if peft:
         if r.cfg.finetune.recipe != "lora":
             raise ConfigError("--peft: this run was not fine-tuned with --recipe lora")
         from .finetune.peft_export import export_peft
         from .train.checkpoint import load_tensors
-        base, adapter = export_peft(r.cfg, load_tensors(r.checkpoint, "model.safetensors"),
-                                    r.checkpoint.parent.parent / "tokenizer.json", Path(out))
+        with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+            export_peft(r.cfg, load_tensors(r.checkpoint, "model.safetensors"), run_dir / "tokenizer.json", tmp)
+        base, adapter = Path(out) / "base", Path(out) / "adapter"
         print(f"exported base model -> {base}\nexported peft adapter -> {adapter}\n"
               f"load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base}'), '{adapter}')")
         return adapter
-    path = export_hf(r.model, out, r.checkpoint.parent.parent / "tokenizer.json", arch)
+    with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+        export_hf(r.model, tmp, run_dir / "tokenizer.json", arch)
+    path = Path(out)
     print(f"exported {r.checkpoint} -> {path} ({json.loads((path / 'config.json').read_text())['model_type']})")
     return path
 
 
 def cmd_upcycle(src: str, experts: int, top_k: int, out: str, router_init: str = "zeros", noise: float = 0.0,
-                granularity: int = 1, pattern: str = "all", first_dense: int = 0, prompts: str | None = None):
+                granularity: int = 1, pattern: str = "all", first_dense: int = 0, prompts: str | None = None,
+                overwrite: bool = False):
     """Turn a dense model (HF folder or moelab run) into an MoE whose experts start as copies."""
     from .convert.upcycle import upcycle_to_folder
+    _require(experts > 0, "--experts", "a positive number", experts)
+    _require(0 < top_k <= experts, "--top-k", f"a number in 1..--experts ({experts})", top_k)
+    _require(granularity > 0, "--granularity", "a positive number", granularity)
+    _require(noise >= 0, "--noise", "a non-negative standard deviation", noise)
+    _require(first_dense >= 0, "--first-dense", "a non-negative number of layers", first_dense)
     path, moe = upcycle_to_folder(src, Path(out), experts, top_k, router_init=router_init, noise=noise,
                                   granularity=granularity, pattern=pattern, first_dense=first_dense,
-                                  prompts_file=prompts)
+                                  prompts_file=prompts, overwrite=overwrite)
     pc = moe.cfg.param_counts()
     print(f"upcycled {src} -> {path}: {moe.cfg.moe.n_experts} experts, top-{moe.cfg.moe.top_k}, "
           f"{pc['total']:,} parameters ({pc['active']:,} active). Continue training with:\n"
@@ -276,12 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help=cmd_import.__doc__)
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
 
     p = sub.add_parser("export", help=cmd_export.__doc__)
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.add_argument("--arch", help="force a target (llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, olmoe)")
     p.add_argument("--peft", action="store_true", help="LoRA runs: write OUT/base and a peft adapter in OUT/adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
 
     p = sub.add_parser("upcycle", help=cmd_upcycle.__doc__)
     p.add_argument("src", help="HF folder or moelab run/checkpoint of a dense model")
@@ -294,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", choices=["all", "alternate"], default="all")
     p.add_argument("--first-dense", type=int, default=0)
     p.add_argument("--prompts", help="text file, one prompt per expert (for --router-init hidden)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
 
     p = sub.add_parser("memory", help=cmd_memory.__doc__)
     p.add_argument("recipe", help="recipe or YAML (presets: mixtral-8x7b, olmoe-1b-7b, llama-7b)")
@@ -322,7 +359,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if args.command in ("train", "finetune"):
         args.overrides = list(getattr(args, "overrides", None) or []) + extra
-    from .train import CheckpointError, NonFiniteLoss, RunExists
     try:
         if args.command == "train":
             cmd_train(args.recipe, args.data, args.out, args.steps, args.stop_after, args.resume, args.overwrite,
@@ -347,19 +383,19 @@ def main(argv: list[str] | None = None) -> int:
                                 args.ft_overrides, args.doc,
                                 shlex.join(["moelab", *(sys.argv[1:] if argv is None else argv)]), args.quiet)
         elif args.command == "import":
-            cmd_import(args.hf_dir, args.out)
+            cmd_import(args.hf_dir, args.out, args.overwrite)
         elif args.command == "export":
-            cmd_export(args.run, args.out, args.arch, args.peft)
+            cmd_export(args.run, args.out, args.arch, args.peft, args.overwrite)
         elif args.command == "upcycle":
             cmd_upcycle(args.src, args.experts, args.top_k, args.out, args.router_init, args.noise, args.granularity,
-                        args.pattern, args.first_dense, args.prompts)
+                        args.pattern, args.first_dense, args.prompts, args.overwrite)
         elif args.command == "memory":
             cmd_memory(args.recipe, args.devices, args.expert_parallel, args.zero, args.dtype, args.micro_batch,
                        args.seq_len, args.activation_checkpointing, args.measure, args.as_json)
         elif args.command == "demo":
             from .demo import run_demo
             run_demo(Path(args.out), args.steps)
-    except (ConfigError, CheckpointError, RunExists, NonFiniteLoss) as e:
+    except MoelabError as e:
         print(f"moelab {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

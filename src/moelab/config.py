@@ -11,9 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type or range."""
+from .errors import ConfigError
 
 
 def _check(cond: bool, key: str, msg: str) -> None:

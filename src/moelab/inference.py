@@ -12,10 +12,11 @@ from tokenizers import Tokenizer
 from .data import load_documents, split_documents
 from .data.loader import PackedSequences, tokenize_documents
 from .data.tokenizer import load_tokenizer, token_byte_lengths
+from .errors import NonFiniteError
 from .model import Transformer
 from .run_config import RunConfig, read_config
-from .train.checkpoint import CheckpointError, resolve_checkpoint
-from .train.trainer import load_model_weights, pick_device
+from .runtime import pick_device
+from .train.checkpoint import CheckpointError, load_model_weights, resolve_checkpoint
 
 
 @dataclass
@@ -74,6 +75,9 @@ def evaluate_source(run: LoadedRun, source: str, split: str = "val", max_tokens:
         tokens += y.numel()
         bytes_ += int(nbytes[y.numpy()].sum())
     loss = nats / tokens
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"the loss of {run.checkpoint} on '{source}' is {loss}: the model overflows on this "
+                             "text (non-finite activations); no result to report")
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(bytes_, 1),
             "tokens": tokens}
 

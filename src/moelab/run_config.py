@@ -3,8 +3,10 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,11 +77,19 @@ class TrainConfig:
     spike_window: int = 50          # ... of the last `spike_window` steps
     collapse_max_violation: float = 3.0  # warn when an MoE layer stays above this ...
     collapse_window: int = 20       # ... for this many consecutive logged steps
+    # A NaN/inf loss or gradient norm: "stop" before the update (the default), or "skip"
+    # the update and go on - at most `max_skipped_steps` in a row, then stop.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
 
     def validate(self, p: str = "train.") -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every",
-                     "eval_batches", "keep_checkpoints", "spike_window", "collapse_window"):
+                     "eval_batches", "keep_checkpoints", "spike_window", "collapse_window", "max_skipped_steps"):
             _pos_int(getattr(self, name), p + name)
+        if self.threads is not None:
+            _pos_int(self.threads, p + "threads")
+        if self.device != "auto" and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"{p}device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 @dataclass
@@ -309,5 +319,48 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# Settings a resumed run may change: the horizon, and how it logs, evaluates, checkpoints
+# and watches itself. Everything else would make the resumed run a different run.
+RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
+             "train.keep_checkpoints", "train.threads", "train.device", "train.spike_factor",
+             "train.spike_window", "train.collapse_max_violation", "train.collapse_window",
+             "train.on_nonfinite", "train.max_skipped_steps")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_diff(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for every field that differs, keys sorted."""
+    fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if k not in ignore and fa.get(k) != fb.get(k)]
+
+
+def resume_config(saved: RunConfig, command: RunConfig, run_dir: Path) -> RunConfig:
+    """The config a resumed run continues with: the saved one, with the RESUMABLE fields
+    taken from the command. Any other difference is refused, naming each key."""
+    diff = config_diff(saved, command, ignore=RESUMABLE)
+    if diff:
+        shown = "; ".join(f"{k}: run has {va!r}, command has {vb!r}" for k, va, vb in diff[:8])
+        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+        raise ConfigError(f"--resume: the command differs from the config saved in {run_dir}: {shown}{more}. "
+                          "Resume with the same recipe, --data and overrides (only the --steps horizon and "
+                          "train.log_every/eval_every/ckpt_every-style settings may change), or start a new run")
+    out = copy.deepcopy(saved)
+    for key in RESUMABLE:
+        section, name = key.split(".")
+        setattr(getattr(out, section), name, getattr(getattr(command, section), name))
+    out.validate()
+    return out
+
+
 __all__ = ["RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "ModelConfig", "MoEConfig",
-           "ConfigError", "load_config", "read_config", "config_from_dict", "apply_overrides", "save_config", "list_recipes"]
+           "ConfigError", "load_config", "read_config", "config_from_dict", "apply_overrides", "save_config", "list_recipes",
+           "config_diff", "resume_config", "RESUMABLE"]

@@ -6,6 +6,10 @@ from __future__ import annotations
 import ctypes
 import platform
 
+import torch
+
+from .errors import ConfigError
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _tuned = False
@@ -33,3 +37,23 @@ def tune_cpu_allocator() -> bool:
         return False
     _tuned = ok
     return ok
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` = CUDA when available, else CPU. A device this machine lacks is a ConfigError
+    naming `train.device`, not a failure deep inside the first step."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name}: CUDA is not available here (torch {torch.__version__}); "
+                              "use train.device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name}: MPS is not available here; use train.device=cpu or auto")
+    return dev

@@ -63,7 +63,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, text_file):
 
     run = tmp_path / "run"
     run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE)
-    assert "already exists: pass --resume" in err("train", "tiny-moe", "--data", str(text_file), "--out", str(run),
+    assert "already exists and is not empty: pass --resume" in err("train", "tiny-moe", "--data", str(text_file), "--out", str(run),
                                                   "--steps", "4", *TINY_MOE)
     ckpt = run / "checkpoints" / "step-000004"
     model = ckpt / "model.safetensors"

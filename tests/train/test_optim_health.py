@@ -5,7 +5,7 @@ import pytest
 
 from moelab import ModelConfig, Transformer
 from moelab.run_config import OptimConfig
-from moelab.train.health import HealthMonitor, NonFiniteLoss
+from moelab.train.health import HealthMonitor
 from moelab.train.optim import lr_at, param_groups
 
 
@@ -35,8 +35,6 @@ def test_health_monitor():
         assert h.check_loss(i, 3.0 + 0.01 * i) is None
     assert "loss spike at step 15" in h.check_loss(15, 7.0)
     assert h.spikes == 1
-    with pytest.raises(NonFiniteLoss):
-        h.check_loss(16, float("inf"))
     assert h.check_router(1, [4.0, 0.1]) == [] and h.check_router(2, [4.0, 0.1]) == []
     assert "MoE layer 0" in h.check_router(3, [4.0, 0.1])[0]
     h2 = HealthMonitor(2.0, 20, 3.0, 3, state=h.state())

@@ -49,8 +49,8 @@ from moelab.run_config import load_config
 from moelab.train import train
 
 real_save, calls = ck._save, {"n": 0}
-def slow_save(tensors, path):
-    real_save(tensors, path)
+def slow_save(tensors, path, **kw):
+    real_save(tensors, path, **kw)
     if path.name == "optimizer.safetensors":
         calls["n"] += 1
         if calls["n"] == 2:  # second checkpoint: signal the parent, then hang mid-write
@@ -102,7 +102,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, text_file, monkeypat
         return out
 
     monkeypatch.setattr(Transformer, "forward", poisoned)
-    with pytest.raises(NonFiniteLoss, match="loss is nan at step 6.*last checkpoint is intact"):
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 6: stopping before the update; the last good checkpoint is .*step-000004"):
         train(cfg_for(text_file, 10), tmp_path / "run", quiet=True)
     last = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert last.name == "step-000004" and check_checkpoint(last)["step"] == 4

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..run_config import load_config
 from ..train import latest_checkpoint, train
 from .lr_scaling import read_sweep, scale_model
@@ -54,9 +54,7 @@ def lr_sweep(recipe: str, sizes: list[int], lrs: list[float], data: str | None, 
         try:
             res = train(cfg, run_dir, resume=resume, overwrite=not resume, quiet=True)
             loss = res.final_val_loss
-        except Exception as e:  # a diverged LR is a result, not a crash of the sweep
-            if type(e).__name__ != "NonFiniteLoss":
-                raise
+        except NonFiniteError:  # a diverged LR is a result, not a crash of the sweep
             loss = None
         row = {"d_model": d, "n_layers": cfg.model.n_layers, "lr": lr, "steps": cfg.train.steps,
                "params": {k: counts[k] for k in ("non_embedding", "active", "total")}, "final_val_loss": loss,

@@ -114,6 +114,17 @@ def _layer_pattern(d: dict, n_layers: int) -> tuple[str, int]:
 
 
 def config_from_hf(d: dict) -> tuple[ModelConfig, Arch]:
+    """A ModelConfig from a Hugging Face config.json mapping, and its architecture entry.
+    Raises ConfigError naming an unsupported feature or a missing or ill-typed field."""
+    try:
+        return _config_from_hf(d)
+    except KeyError as e:
+        raise ConfigError(f"config.json ({d.get('model_type')}): required field {e} is missing") from None
+    except (TypeError, ZeroDivisionError) as e:
+        raise ConfigError(f"config.json ({d.get('model_type')}): a field has the wrong type or value ({e})") from None
+
+
+def _config_from_hf(d: dict) -> tuple[ModelConfig, Arch]:
     mt = d.get("model_type")
     if mt not in ARCHS:
         raise ConfigError(f"config.json: model_type {mt!r} is not supported; moelab imports {sorted(ARCHS)}")

@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ConfigError
 from ..data.chat import copy_tokenizer_extras, load_chat_format
 from ..model import Transformer
+from ..outputs import check_output, staged_output
 from ..run_config import RunConfig, save_config
 from ..train.checkpoint import save_checkpoint
 from .hf import ARCHS, choose_arch, config_from_hf, config_to_hf, key_pairs
@@ -40,21 +41,34 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, str]:
     hf_dir = Path(hf_dir)
     cfg_file = hf_dir / "config.json"
     if not cfg_file.is_file():
+        if (hf_dir / "config.yaml").is_file():
+            raise ConfigError(f"{hf_dir}: this is a moelab run folder, not a Hugging Face one; use it directly "
+                              "(train --init, eval, export)")
         raise ConfigError(f"{hf_dir}: config.json is missing (expected a Hugging Face model folder)")
-    cfg, arch = config_from_hf(json.loads(cfg_file.read_text()))
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object")
+    cfg, arch = config_from_hf(hf_cfg)
     tensors: dict[str, torch.Tensor] = {}
     for f in _weight_files(hf_dir):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k)
+        if not f.is_file():
+            raise ConfigError(f"{hf_dir}: weight file {f.name} (named by the index) is missing")
+        try:
+            with safe_open(str(f), "pt") as sf:
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
     model = Transformer(cfg)
     state = model.state_dict()
     used = set()
     for hf_key, key, e in key_pairs(cfg, arch):
-        if hf_key not in tensors:
-            if hf_key == "lm_head.weight":
-                continue
-            raise ConfigError(f"{hf_dir}: weight {hf_key} is missing")
+        if hf_key not in tensors:  # every weight comes from the file: nothing stays at its random init
+            hint = " (config.json says tie_word_embeddings=false)" if hf_key == "lm_head.weight" else ""
+            raise ConfigError(f"{hf_dir}: weight {hf_key} is missing{hint}")
         t = tensors[hf_key].to(torch.float32)
         target = state[key] if e is None else state[key][e]
         if t.shape != target.shape:
@@ -82,16 +96,18 @@ def write_model_folder(out: Path, cfg: RunConfig, model: Transformer, tokenizer_
     return out
 
 
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Write a moelab run folder (config, tokenizer, checkpoint step 0) from an HF folder."""
+def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a moelab run folder (config, tokenizer, checkpoint step 0) from an HF folder.
+    `out` must be new or empty unless `overwrite`; it appears only when complete."""
     hf_dir = Path(hf_dir)
+    check_output(out, overwrite=overwrite, protect=[hf_dir])
     model, mt = read_hf(hf_dir)
     cfg = RunConfig(name=f"{hf_dir.name}-{mt}", model=model.cfg)
     cfg.data.seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
-    out = write_model_folder(Path(out), cfg, model, hf_dir / "tokenizer.json",
-                             {"source": str(hf_dir), "model_type": mt})
-    copy_tokenizer_extras(hf_dir, out)  # chat template and special tokens, for fine-tuning and export
-    return out
+    with staged_output(out, overwrite=overwrite, protect=[hf_dir]) as tmp:
+        write_model_folder(tmp, cfg, model, hf_dir / "tokenizer.json", {"source": str(hf_dir), "model_type": mt})
+        copy_tokenizer_extras(hf_dir, tmp)  # chat template and special tokens, for fine-tuning and export
+    return Path(out)
 
 
 def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None = None,

@@ -104,16 +104,19 @@ def upcycle(dense: Transformer, experts: int, top_k: int, *, granularity: int = 
     return moe_model
 
 
-def upcycle_to_folder(src: str, out, experts: int, top_k: int, *, prompts_file: str | None = None, **kw):
+def upcycle_to_folder(src: str, out, experts: int, top_k: int, *, prompts_file: str | None = None,
+                      overwrite: bool = False, **kw):
     """Upcycle an HF folder or moelab run into a run folder (step 0) that carries the
     dense run's hyper-parameters. `prompts_file`: one prompt per expert, for router_init
-    "hidden". Returns (folder, model)."""
+    "hidden". `out` must be new or empty unless `overwrite`. Returns (folder, model)."""
     from pathlib import Path
 
     from ..data.tokenizer import load_tokenizer
     from ..inference import load_run
+    from ..outputs import check_output, staged_output
     from ..run_config import RunConfig
     from .io import read_hf, write_model_folder
+    check_output(out, overwrite=overwrite, protect=[src])
     src_path = Path(src)
     if (src_path / "config.json").is_file():
         dense, _ = read_hf(src_path)
@@ -127,11 +130,14 @@ def upcycle_to_folder(src: str, out, experts: int, top_k: int, *, prompts_file: 
         if not tok_file.is_file():
             raise ConfigError(f"--prompts needs the source's tokenizer.json ({tok_file} is missing)")
         tok = load_tokenizer(tok_file)
+        if not Path(prompts_file).is_file():
+            raise ConfigError(f"--prompts: {prompts_file} is not a file (expected one prompt per line)")
         lines = [ln for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
         prompts = [torch.tensor(tok.encode(ln).ids[: dense.cfg.max_seq_len] or [0]) for ln in lines]
     moe = upcycle(dense, experts, top_k, prompts=prompts, **kw)
-    path = write_model_folder(Path(out), carry_over(run_cfg, moe.cfg), moe, tok_file, {"upcycled_from": str(src)})
-    return path, moe
+    with staged_output(out, overwrite=overwrite, protect=[src]) as tmp:
+        write_model_folder(tmp, carry_over(run_cfg, moe.cfg), moe, tok_file, {"upcycled_from": str(src)})
+    return Path(out), moe
 
 
 def carry_over(cfg_run, model_cfg: ModelConfig):

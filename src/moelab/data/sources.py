@@ -48,8 +48,12 @@ def _blocks(name: str, text: str) -> list[Document]:
 
 def _jsonl(path: Path, field: str) -> list[Document]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}:{n}: not UTF-8 text (expected one JSON object per line)") from None
             if not line.strip():
                 continue
             try:
@@ -67,10 +71,18 @@ def _parquet(path: Path, field: str) -> list[Document]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(f"{path}: reading .parquet needs pyarrow (pip install 'moelab[data]')") from None
-    table = pq.read_table(path)
+    import pyarrow as pa
+    try:
+        table = pq.read_table(path, columns=None)
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: not a readable parquet file ({e})") from None
     if field not in table.column_names:
         raise ConfigError(f"{path}: no column '{field}' (columns: {table.column_names})")
-    return [Document(f"{path.name}:{i}", t) for i, t in enumerate(table.column(field).to_pylist()) if t]
+    col = table.column(field)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise ConfigError(f"{path}: column '{field}' holds {col.type}, expected strings (data.text_field names "
+                          "the text column)")
+    return [Document(f"{path.name}:{i}", t) for i, t in enumerate(col.to_pylist()) if t]
 
 
 def load_documents(source: str, text_field: str = "text") -> list[Document]:

@@ -1,6 +1,7 @@
-from .checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
+from ..errors import CheckpointError, NonFiniteError, OutputExists
+from .checkpoint import latest_checkpoint, load_model_weights, resolve_checkpoint
 from .health import NonFiniteLoss
 from .trainer import RunExists, TrainResult, evaluate, train
 
-__all__ = ["train", "evaluate", "TrainResult", "RunExists", "NonFiniteLoss", "CheckpointError",
-           "latest_checkpoint", "resolve_checkpoint"]
+__all__ = ["train", "evaluate", "TrainResult", "RunExists", "OutputExists", "NonFiniteLoss", "NonFiniteError",
+           "CheckpointError", "latest_checkpoint", "resolve_checkpoint", "load_model_weights"]

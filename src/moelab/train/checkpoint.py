@@ -5,16 +5,21 @@ RUN/checkpoints/step-NNNNNN/
   optimizer.safetensors   AdamW moments and step counts, keyed state.<param index>.<name>
   rng.safetensors         torch CPU (and CUDA) generator states
   trainer_state.json      step, data position, health history, param-group settings,
-                          and the list of files above with their sizes (written last)
+                          and the files above with their sizes and SHA-256 (written last)
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash
-mid-write leaves the previous checkpoint as the latest complete one.
+mid-write leaves the previous checkpoint as the latest complete one. A checkpoint whose
+weights or optimizer moments are not finite is never written. Reading checks sizes
+(cheap, for listing) and, for the checkpoint actually used, the checksums, so a damaged
+file is found whether it was cut short or corrupted inside.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -24,9 +29,7 @@ from safetensors.torch import load_file, save_file
 STATE_FILE = "trainer_state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
-
-class CheckpointError(RuntimeError):
-    pass
+from ..errors import CheckpointError, NonFiniteError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,7 +43,19 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, require_finite: bool = False) -> None:
+    if require_finite:
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteError(f"refusing to write {path.name}: non-finite values in {bad[:5]}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -88,12 +103,16 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, opt: tor
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save(model.state_dict(), tmp / "model.safetensors")
-    opt_tensors, groups = optimizer_tensors(opt) if opt is not None else ({}, [])
-    _save(opt_tensors, tmp / "optimizer.safetensors")
+    try:
+        _save(model.state_dict(), tmp / "model.safetensors", require_finite=True)
+        opt_tensors, groups = optimizer_tensors(opt) if opt is not None else ({}, [])
+        _save(opt_tensors, tmp / "optimizer.safetensors", require_finite=True)
+    except NonFiniteError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _save(rng_tensors(), tmp / "rng.safetensors")
     state = dict(trainer_state, step=step, param_groups=groups,
-                 files={f: (tmp / f).stat().st_size for f in FILES})
+                 files={f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES})
     with open(tmp / STATE_FILE, "w") as f:
         json.dump(state, f, indent=1)
         f.flush()
@@ -109,8 +128,9 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, opt: tor
     return final
 
 
-def check_checkpoint(path: Path) -> dict:
-    """The trainer state of a complete checkpoint; CheckpointError naming what is wrong."""
+def check_checkpoint(path: Path, verify: bool = True) -> dict:
+    """The trainer state of a complete checkpoint; CheckpointError naming what is wrong.
+    `verify` also compares each file's SHA-256 with the manifest (reads every byte)."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.is_file():
@@ -119,30 +139,45 @@ def check_checkpoint(path: Path) -> dict:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is truncated or not JSON") from None
-    for name, size in state.get("files", {}).items():
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is not a JSON object")
+    for name, info in state.get("files", {}).items():
+        info = info if isinstance(info, dict) else {"bytes": info}  # manifests before checksums
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if f.stat().st_size != size:
+        if f.stat().st_size != info["bytes"]:
             raise CheckpointError(f"checkpoint {path}: {name} is truncated "
-                                  f"({f.stat().st_size} of {size} bytes)")
+                                  f"({f.stat().st_size} of {info['bytes']} bytes)")
+        if verify and "sha256" in info and _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupted (its SHA-256 differs from the manifest)")
     return state
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoints whose files are all present at their recorded sizes, oldest first."""
     out = []
     for p in sorted(Path(ckpt_root).glob("step-*")):
         try:
-            check_checkpoint(p)
+            check_checkpoint(p, verify=False)
             out.append(p)
         except CheckpointError:
             pass
     return out
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = complete_checkpoints(ckpt_root)
-    return done[-1] if done else None
+def latest_checkpoint(ckpt_root: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint that passes every check (checksums included). Newer ones that
+    fail are named on stderr with the reason, so eval and resume never fall back silently;
+    None when there is none."""
+    for p in sorted(Path(ckpt_root).glob("step-*"), reverse=True):
+        try:
+            check_checkpoint(p)
+            return p
+        except CheckpointError as e:
+            if warn:
+                print(f"warning: skipping damaged {e}", file=sys.stderr)
+    return None
 
 
 def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
@@ -158,9 +193,38 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"'{p}' does not exist (expected a run folder or a checkpoint folder)")
     if (p / STATE_FILE).exists() or (p / "model.safetensors").exists():
+        if (p / "config.json").is_file() and not (p / STATE_FILE).exists():
+            raise CheckpointError(f"'{p}' is a Hugging Face model folder: run `moelab import {p} --out RUN` "
+                                  "first, then use RUN")
         check_checkpoint(p)
         return p
     latest = latest_checkpoint(p / "checkpoints")
     if latest is None:
+        if (p / "config.json").is_file():
+            raise CheckpointError(f"'{p}' is a Hugging Face model folder: run `moelab import {p} --out RUN` "
+                                  "first, then use RUN")
         raise CheckpointError(f"'{p}' holds no complete checkpoint (looked in {p / 'checkpoints'})")
+    steps = sorted(Path(p / "checkpoints").glob("step-*"))
+    if steps and steps[-1] != latest:
+        print(f"using {latest} (newer checkpoints are damaged)", file=sys.stderr)
     return latest
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load a checkpoint's model.safetensors into `model`: every key present, every shape
+    equal and every value finite, else CheckpointError naming the keys."""
+    tensors = load_tensors(ckpt, "model.safetensors")
+    state = model.state_dict()
+    missing = [k for k in state if k not in tensors]
+    unexpected = [k for k in tensors if k not in state]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in state.items()
+              if tuple(tensors[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model (shapes differ): {'; '.join(shapes[:4])}")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt} holds non-finite values (NaN/inf) in {bad[:5]}")
+    model.load_state_dict(tensors)

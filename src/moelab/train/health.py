@@ -1,13 +1,13 @@
-"""Training health: non-finite losses stop the run; loss spikes and router collapse warn."""
+"""Training health: loss spikes and router collapse warn (non-finite losses and
+gradients are the trainer's to stop or skip, before the update)."""
 from __future__ import annotations
 
-import math
 import statistics
 from collections import deque
 
+from ..errors import NonFiniteError
 
-class NonFiniteLoss(RuntimeError):
-    pass
+NonFiniteLoss = NonFiniteError  # the older name
 
 
 class HealthMonitor:
@@ -23,10 +23,7 @@ class HealthMonitor:
         return {"losses": list(self.losses), "collapse_run": self.collapse_run, "spikes": self.spikes}
 
     def check_loss(self, step: int, loss: float) -> str | None:
-        """Raises NonFiniteLoss; returns a warning on a spike (loss > factor x running median)."""
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping. The last checkpoint is intact; "
-                                "lower optim.lr, raise warmup, or enable router z-loss (model.moe.z_coef)")
+        """A warning on a spike (a finite loss > factor x the running median), else None."""
         warning = None
         if len(self.losses) >= min(10, self.losses.maxlen):
             med = statistics.median(self.losses)

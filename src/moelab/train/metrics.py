@@ -95,8 +95,19 @@ class MetricsWriter:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log has each step once."""
+    """On resume, drop log lines past the checkpoint so the log has each step once. A line
+    torn by a kill mid-write (not JSON) is dropped too: it cannot be read, and what it
+    held is rewritten by the resumed steps."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)

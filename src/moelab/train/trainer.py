@@ -1,6 +1,12 @@
 """The training loop: data -> model -> AdamW, with evaluation, metrics, health checks
 and atomic checkpoints. Exact resume: a run stopped with `stop_after` and resumed logs
-bitwise the same losses as an uninterrupted one (fp32, same thread count)."""
+bitwise the same losses as an uninterrupted one (fp32, same thread count).
+
+Three parts: `_setup` (config, run folder, data, model, optimizer, resume state; it
+touches the run folder only once everything it needs has loaded), `_step` (one
+optimizer step, guarded against non-finite values before the update) and the loop in
+`train` (evaluation, logging, checkpoints).
+"""
 from __future__ import annotations
 
 import math
@@ -8,24 +14,27 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..data import Data, Sampler, SamplerState, prepare_data
+from ..errors import CheckpointError, ConfigError, NonFiniteError, OutputExists
 from ..model import Transformer
-from ..run_config import RunConfig, read_config, save_config
-from ..runtime import tune_cpu_allocator
+from ..outputs import check_output
+from ..run_config import RunConfig, read_config, resume_config, save_config
+from ..runtime import pick_device, tune_cpu_allocator
 from . import checkpoint as ck
+from .checkpoint import load_model_weights
 from .health import HealthMonitor
 from .metrics import MetricsWriter, MoEWindow, peak_memory_bytes, truncate_after
 from .optim import build_optimizer, lr_at
+from .progress import Progress
 
+RunExists = OutputExists  # the older name
 
-class RunExists(RuntimeError):
-    pass
+__all__ = ["train", "evaluate", "TrainResult", "RunExists", "pick_device", "load_model_weights", "autocast_ctx"]
 
 
 @dataclass
@@ -37,12 +46,7 @@ class TrainResult:
     params: dict
     expert_load: list[list[float]]  # last window's load fractions per MoE layer
     stopped_early: bool
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    skipped_steps: int = 0
 
 
 def autocast_ctx(cfg: RunConfig, device: torch.device):
@@ -70,45 +74,49 @@ def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, devi
     return total / max(count, 1)
 
 
-def load_model_weights(model: Transformer, ckpt: Path) -> None:
-    tensors = ck.load_tensors(ckpt, "model.safetensors")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ck.CheckpointError(f"checkpoint {ckpt} does not fit this model: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
+@dataclass
+class _Run:
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    data: Data
+    model: Transformer
+    opt: torch.optim.Optimizer
+    state: dict = field(default_factory=dict)  # trainer state of the checkpoint resumed from
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          stop_after: int | None = None, init: str | None = None, quiet: bool = False,
-          data: Data | None = None, prepare_model=None) -> TrainResult:
-    """Train `cfg` into `run_dir`. `data` replaces the config's text source (fine-tuning
-    passes its own examples); `prepare_model(model)` runs after weights are loaded and
-    before the optimizer is built (freezing, adapters)."""
-    run_dir = Path(run_dir)
+def _init_tokenizer(init_ckpt: Path) -> Path:
+    """The tokenizer of the run a model is initialised from: its embeddings index those ids."""
+    tok = init_ckpt.parent.parent / "tokenizer.json"
+    if not tok.is_file():
+        raise ConfigError(f"--init {init_ckpt}: its run folder has no tokenizer.json, so the token ids of its "
+                          "embeddings are unknown; name the tokenizer to use with data.tokenizer=PATH")
+    return tok
+
+
+def _setup(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init: str | None, data: Data | None,
+           prepare_model) -> _Run:
     ckpt_root = run_dir / "checkpoints"
-    start_ckpt = None
-    if resume:
-        start_ckpt = ck.latest_checkpoint(ckpt_root)
-        if start_ckpt is None:
-            raise ck.CheckpointError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
-        steps = cfg.train.steps
-        cfg = read_config(run_dir / "config.yaml")
-        cfg.train.steps = steps
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunExists(f"run folder {run_dir} already exists: pass --resume to continue it "
-                            "or --overwrite to start over")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-
     if cfg.optim.lr == "auto":
         from ..analysis.lr_scaling import resolve_auto_lr
         cfg.optim.lr = resolve_auto_lr(cfg)
         rule = f"the fit in {cfg.optim.lr_fit}" if cfg.optim.lr_fit else "MM1's rule over non-embedding parameters"
         print(f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={cfg.model.param_counts()['non_embedding']:,})",
               file=sys.stderr)
+    start_ckpt = None
+    if resume:
+        start_ckpt = ck.latest_checkpoint(ckpt_root)
+        if start_ckpt is None:
+            raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
+        cfg = resume_config(read_config(run_dir / "config.yaml"), cfg, run_dir)
+    else:
+        check_output(run_dir, overwrite=overwrite, hint="pass --resume to continue it or --overwrite to start over")
+    init_ckpt = ck.resolve_checkpoint(init) if init is not None and not resume else None
+
     device = pick_device(cfg.train.device)
     if device.type == "cpu":
         tune_cpu_allocator()
@@ -117,133 +125,201 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     torch.manual_seed(cfg.train.seed)
 
     tok_file = run_dir / "tokenizer.json"
-    if data is not None:
-        if not resume:
-            data.tokenizer.save(str(tok_file))
-    else:
+    if data is None:
+        tok_path = tok_file if resume else cfg.data.tokenizer
+        if tok_path is None and init_ckpt is not None:
+            tok_path = _init_tokenizer(init_ckpt)
         data = prepare_data(
             cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
-            text_field=cfg.data.text_field,
-            tokenizer_path=tok_file if resume else cfg.data.tokenizer,
-            tokenizer_train_bytes=cfg.data.tokenizer_train_bytes,
-            save_tokenizer_to=None if resume else tok_file)
-    if not resume:
-        save_config(cfg, run_dir / "config.yaml")
+            text_field=cfg.data.text_field, tokenizer_path=tok_path,
+            tokenizer_train_bytes=cfg.data.tokenizer_train_bytes)
 
     model = Transformer(cfg.model).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    if init is not None:
-        load_model_weights(model, ck.resolve_checkpoint(init))
+    if init_ckpt is not None:
+        load_model_weights(model, init_ckpt)
     if prepare_model is not None:
         prepare_model(model)
     opt = build_optimizer(model, cfg.optim)
-    state: dict = {}
+    run = _Run(cfg, run_dir, device, data, model, opt)
     if start_ckpt is not None:
-        state = ck.check_checkpoint(start_ckpt)
+        run.state = ck.check_checkpoint(start_ckpt)
         load_model_weights(model, start_ckpt)
-        ck.load_optimizer(opt, ck.load_tensors(start_ckpt, "optimizer.safetensors"), state["param_groups"])
+        ck.load_optimizer(opt, ck.load_tensors(start_ckpt, "optimizer.safetensors"), run.state["param_groups"])
         ck.restore_rng(ck.load_tensors(start_ckpt, "rng.safetensors"))
-        truncate_after(run_dir / "metrics.jsonl", state["step"])
+        truncate_after(run_dir / "metrics.jsonl", run.state["step"])
+    else:  # everything loaded: only now replace (with --overwrite) or create the run folder
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        data.tokenizer.save(str(tok_file))
+        save_config(cfg, run_dir / "config.yaml")
+    for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    return run
 
-    tc = cfg.train
+
+@dataclass
+class _StepResult:
+    loss: float
+    lm_loss: float
+    grad_norm: float
+    tokens: int
+    loads: list[torch.Tensor] | None
+    finite: bool
+
+
+def _step(run: _Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> _StepResult:
+    """Forward/backward over grad_accum micro-batches, then the update - unless the loss
+    or the gradient norm is not finite, in which case the gradients are dropped and the
+    weights stay as they were (the caller stops or skips)."""
+    tc, model, opt = run.cfg.train, run.model, run.opt
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loads = None
+    loss_sum = lm_sum = 0.0
+    tokens = 0
+    for _ in range(tc.grad_accum):
+        x, y, *mask = run.data.train.batch(sampler.next())
+        # padding (SFT rows) is not work done: count only real tokens
+        tokens += int(mask[0].sum()) if mask else x.numel()
+        with ctx:
+            out = model(x.to(run.device), y.to(run.device), mask[0].to(run.device) if mask else None)
+        (out.loss / tc.grad_accum).backward()
+        loss_sum += out.loss.item() / tc.grad_accum
+        lm_sum += out.lm_loss.item() / tc.grad_accum
+        window.add(out.moe_stats)
+        step_loads = [s.tokens_per_expert for s in out.moe_stats]
+        loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+    clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+    if finite:
+        opt.step()
+        if loads:
+            model.update_router_biases(loads)
+    opt.zero_grad(set_to_none=True)
+    return _StepResult(loss_sum, lm_sum, grad_norm, tokens, loads, finite)
+
+
+def _nonfinite_message(res: _StepResult, step: int, ckpt_root: Path, skipped: int | None = None) -> str:
+    what = f"loss is {res.loss}" if not math.isfinite(res.loss) else f"gradient norm is {res.grad_norm}"
+    last = ck.latest_checkpoint(ckpt_root, warn=False)
+    where = (f"the last good checkpoint is {last} (weights unchanged since; continue with --resume)" if last
+             else "no checkpoint has been written yet")
+    lead = (f"{what} at step {step}: stopping before the update" if skipped is None else
+            f"{what} at step {step}, {skipped} steps in a row (train.max_skipped_steps): stopping")
+    return (f"{lead}; {where}. Lower optim.lr, raise optim.warmup_steps, keep optim.grad_clip on, or enable "
+            "the router z-loss (model.moe.z_coef); train.on_nonfinite=skip skips such steps instead")
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None, init: str | None = None, quiet: bool = False,
+          data: Data | None = None, prepare_model=None) -> TrainResult:
+    """Train `cfg` into `run_dir` and return a TrainResult.
+
+    `resume` continues the run's latest good checkpoint (the command's config must equal
+    the saved one except for the RESUMABLE fields); `overwrite` replaces an existing run
+    once setup has succeeded; `stop_after` ends this invocation after K steps, with a
+    checkpoint; `init` loads weights (and, unless data.tokenizer names one, the tokenizer)
+    of another run. `data` replaces the config's text source (fine-tuning passes its own
+    examples); `prepare_model(model)` runs after weights are loaded and before the
+    optimizer is built (freezing, adapters). Raises ConfigError, CheckpointError,
+    OutputExists, or NonFiniteError when a step's loss or gradient is not finite.
+    """
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after: expected a positive number of steps, got {stop_after}")
+    run = _setup(cfg, Path(run_dir), resume, overwrite, init, data, prepare_model)
+    cfg, tc, state = run.cfg, run.cfg.train, run.state
     step = int(state.get("step", 0))
-    sampler = Sampler(len(data.train), tc.batch_size, tc.seed, SamplerState(**state.get("sampler", {})))
+    sampler = Sampler(len(run.data.train), tc.batch_size, tc.seed, SamplerState(**state.get("sampler", {})))
     health = HealthMonitor(tc.spike_factor, tc.spike_window, tc.collapse_max_violation, tc.collapse_window,
                            state.get("health"))
     tokens_seen = int(state.get("tokens", 0))
     elapsed = float(state.get("elapsed_s", 0.0))  # training wall-clock, summed over resumes
+    skipped_total = int(state.get("skipped_steps", 0))
     end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
-    metrics = MetricsWriter(run_dir)
+    metrics = MetricsWriter(run.run_dir)
     window = MoEWindow()
-    ctx = autocast_ctx(cfg, device)
+    ctx = autocast_ctx(cfg, run.device)
     val_loss = state.get("val_loss")
     # tokens/s counts optimizer-step time only (evaluation and checkpoints excluded)
     t_window, tok_window, tps = elapsed, 0, 0.0
     start_elapsed, start_tokens = elapsed, tokens_seen
     last_summary: list[dict] = []
     pending: list[str] = []  # warnings waiting for the next metrics line
+    skipped_in_row = 0
 
-    def trainer_state() -> dict:
-        return {"sampler": vars(sampler.state), "health": health.state(), "tokens": tokens_seen,
-                "val_loss": val_loss, "total_steps": tc.steps, "elapsed_s": elapsed}
+    def warn(msg: str) -> None:
+        progress.write(f"warning: {msg}")
+        pending.append(msg)
 
-    model.train()
-    bar = tqdm(total=end, initial=step, disable=quiet, file=sys.stderr, dynamic_ncols=True,
-               desc=cfg.name, unit="step")
+    run.model.train()
+    progress = Progress(end, step, cfg.name, quiet)
     try:
         while step < end:
             t_step = time.perf_counter()
             lr = lr_at(step, tc.steps, cfg.optim)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loads = None
-            loss_sum = lm_sum = 0.0
-            step_tokens = 0
-            for _ in range(tc.grad_accum):
-                x, y, *mask = data.train.batch(sampler.next())
-                # padding (SFT rows) is not work done: count only real tokens
-                step_tokens += int(mask[0].sum()) if mask else x.numel()
-                with ctx:
-                    out = model(x.to(device), y.to(device), mask[0].to(device) if mask else None)
-                (out.loss / tc.grad_accum).backward()
-                loss_sum += out.loss.item() / tc.grad_accum
-                lm_sum += out.lm_loss.item() / tc.grad_accum
-                window.add(out.moe_stats)
-                step_loads = [s.tokens_per_expert for s in out.moe_stats]
-                loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-            spike = health.check_loss(step + 1, loss_sum)
-            if spike:
-                tqdm.write(f"warning: {spike}", file=sys.stderr)
-                pending.append(spike)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc_clip(cfg))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if loads:
-                model.update_router_biases(loads)
+            res = _step(run, sampler, window, ctx, lr)
+            if not res.finite:
+                skipped_in_row += 1
+                if tc.on_nonfinite == "stop" or skipped_in_row >= tc.max_skipped_steps:
+                    raise NonFiniteError(_nonfinite_message(
+                        res, step + 1, run.ckpt_root, None if tc.on_nonfinite == "stop" else skipped_in_row))
+                skipped_total += 1
+                warn(f"step {step + 1} skipped: loss {res.loss}, gradient norm {res.grad_norm} (train.on_nonfinite=skip)")
+            else:
+                skipped_in_row = 0
+                spike = health.check_loss(step + 1, res.loss)
+                if spike:
+                    warn(spike)
             step += 1
             elapsed += time.perf_counter() - t_step
-            tokens_seen += step_tokens
-            tok_window += step_tokens
-            bar.update(1)
+            tokens_seen += res.tokens
+            tok_window += res.tokens
+            progress.update(step)
 
             evaluated = step % tc.eval_every == 0 or step == tc.steps
             if evaluated:
-                val_loss = evaluate(model, data.val, tc.batch_size, tc.eval_batches, device, ctx)
+                val_loss = evaluate(run.model, run.data.val, tc.batch_size, tc.eval_batches, run.device, ctx)
             if step % tc.log_every == 0 or step == end or evaluated:
                 tps = tok_window / max(elapsed - t_window, 1e-9)
                 t_window, tok_window = elapsed, 0
                 last_summary = window.summary()
                 window.reset()
                 record = {
-                    "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "loss": loss_sum, "lm_loss": lm_sum,
+                    "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "loss": res.loss,
+                    "lm_loss": res.lm_loss,
                     "lb_loss": _mean([m["lb_loss"] for m in last_summary]),
                     "z_loss": _mean([m["z_loss"] for m in last_summary]),
-                    "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                    "peak_mem_bytes": peak_memory_bytes(device), "loss_spikes": health.spikes,
-                    "moe_layers": last_summary,
+                    "lr": lr, "grad_norm": res.grad_norm, "tokens_per_s": tps,
+                    "peak_mem_bytes": peak_memory_bytes(run.device), "loss_spikes": health.spikes,
+                    "skipped_steps": skipped_total, "moe_layers": last_summary,
                 }
                 if evaluated:
                     record["val_loss"] = val_loss
                 for w in health.check_router(step, [m["max_violation"] for m in last_summary]):
-                    tqdm.write(f"warning: {w}", file=sys.stderr)
-                    pending.append(w)
+                    warn(w)
                 if pending:
                     record["warnings"], pending = pending, []
-                metrics.write(record)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
-                                tok_s=f"{tps:,.0f}")
+                metrics.write(_json_safe(record))
+                progress.log(step, res.loss, val_loss, tps)
             if step % tc.ckpt_every == 0 or step == end:
-                ck.save_checkpoint(ckpt_root, step, model, opt, trainer_state(), keep=tc.keep_checkpoints)
+                trainer_state = {"sampler": vars(sampler.state), "health": health.state(), "tokens": tokens_seen,
+                                 "val_loss": val_loss, "total_steps": tc.steps, "elapsed_s": elapsed,
+                                 "skipped_steps": skipped_total}
+                ck.save_checkpoint(run.ckpt_root, step, run.model, run.opt, trainer_state, keep=tc.keep_checkpoints)
     finally:
-        bar.close()
+        progress.close()
         metrics.close()
     mean_tps = (tokens_seen - start_tokens) / max(elapsed - start_elapsed, 1e-9)
-    return TrainResult(run_dir, step, val_loss, mean_tps, cfg.model.param_counts(),
-                       [m["load"] for m in last_summary], stopped_early=step < tc.steps)
+    return TrainResult(run.run_dir, step, val_loss, mean_tps, cfg.model.param_counts(),
+                       [m["load"] for m in last_summary], stopped_early=step < tc.steps, skipped_steps=skipped_total)
 
 
-def tc_clip(cfg: RunConfig) -> float:
-    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+def _json_safe(record: dict) -> dict:
+    """NaN/inf (a skipped step's loss) as strings: metrics.jsonl stays strict JSON."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def _mean(xs: list[float]) -> float:

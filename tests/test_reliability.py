@@ -1,0 +1,278 @@
+"""Nothing lost, nothing silent (docs/reliability.md): non-finite steps never reach a
+checkpoint, commands never overwrite by accident, damaged checkpoints are named, and
+bad input is one clear line. In-process `moelab.cli.main` calls keep this file fast."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY, TINY_MOE
+from moelab.cli import main
+from moelab.errors import NonFiniteError
+from moelab.run_config import load_config
+from moelab.train import latest_checkpoint, train
+from moelab.train.checkpoint import FILES, STATE_FILE, check_checkpoint, save_checkpoint
+
+
+def cli_error(capsys, *args) -> str:
+    """Run the CLI in-process; it must fail with exit code 2 and one line, no traceback."""
+    capsys.readouterr()
+    assert main([*args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("moelab "), err
+    return err[-1]
+
+
+def tiny_cfg(data, steps, extra=()):
+    cfg = load_config("tiny-moe", [*TINY_MOE, "train.log_every=1", *extra])
+    cfg.data.source, cfg.train.steps = str(data), steps
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text("".join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}.\n"
+                         for i in range(1200)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory, corpus):
+    """A finished 4-step tiny-moe run with checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("run4") / "run"
+    train(tiny_cfg(corpus, 4, ["train.ckpt_every=2"]), run, quiet=True)
+    return run
+
+
+def poison_grads_at(steps: set[int]):
+    """prepare_model hook: the gradient of the embedding becomes NaN on the given steps
+    (counted in backward passes), while the loss stays finite."""
+    calls = {"n": 0}
+
+    def prepare(model):
+        def hook(g):
+            calls["n"] += 1
+            return g * float("nan") if calls["n"] in steps else g
+        model.embed.weight.register_hook(hook)
+    return prepare
+
+
+# ------------------------------------------------------------ non-finite steps
+def test_nan_gradient_stops_before_the_update_and_names_the_last_good_checkpoint(tmp_path, corpus):
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"gradient norm is nan at step 4: stopping before the update; "
+                                             r"the last good checkpoint is .*step-000002"):
+        train(tiny_cfg(corpus, 10, ["train.ckpt_every=2"]), run, quiet=True, prepare_model=poison_grads_at({4}))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step-000002"]  # step 4 was never saved (it would have held NaN weights)
+    weights = load_file(str(run / "checkpoints/step-000002/model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path, corpus):
+    with pytest.raises(NonFiniteError, match="gradient norm is nan at step 2.*no checkpoint has been written yet"):
+        train(tiny_cfg(corpus, 10, ["train.ckpt_every=3"]), tmp_path / "run", quiet=True,
+              prepare_model=poison_grads_at({2}))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_skip_mode_skips_the_update_and_records_it(tmp_path, corpus):
+    run = tmp_path / "run"
+    res = train(tiny_cfg(corpus, 6, ["train.on_nonfinite=skip"]), run, quiet=True,
+                prepare_model=poison_grads_at({3}))
+    assert res.step == 6 and res.skipped_steps == 1
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert recs[2]["skipped_steps"] == 1 and "step 3 skipped" in recs[2]["warnings"][0]
+    assert recs[2]["grad_norm"] == "nan" and recs[1]["skipped_steps"] == 0
+    # the skipped step left the weights as they were: the same run with step 3's update
+    # dropped equals one whose step-3 batch contributed nothing - so all weights stay finite
+    weights = load_file(str(latest_checkpoint(run / "checkpoints") / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_skip_mode_stops_after_too_many_in_a_row(tmp_path, corpus):
+    with pytest.raises(NonFiniteError, match="at step 4, 2 steps in a row"):
+        train(tiny_cfg(corpus, 10, ["train.on_nonfinite=skip", "train.max_skipped_steps=2"]), tmp_path / "run",
+              quiet=True, prepare_model=poison_grads_at(set(range(3, 20))))
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="model.safetensors: non-finite values in \\['weight'\\]"):
+        save_checkpoint(tmp_path, 1, model, None, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------ resume must match
+def test_resume_refuses_a_different_config_and_names_the_keys(tmp_path, corpus, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "tiny-moe", "--data", str(corpus), "--out", run, "--steps", "4", "--stop-after", "2",
+                 "--quiet", *TINY_MOE]) == 0
+    msg = cli_error(capsys, "train", "tiny-moe", "--out", run, "--steps", "4", "--resume", *TINY_MOE,
+                    "model.moe.n_experts=8")
+    assert "model.moe.n_experts: run has 4, command has 8" in msg
+    msg = cli_error(capsys, "train", "tiny-dense", "--data", "/nonexistent", "--out", run, "--resume", *TINY)
+    assert "data.source: run has" in msg and "model.moe" in msg
+    # the horizon and logging settings may change; the data source defaults to the run's own
+    assert main(["train", "tiny-moe", "--out", run, "--steps", "6", "--resume", "--quiet", *TINY_MOE,
+                 "train.eval_every=3"]) == 0
+    assert check_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))["step"] == 6
+
+
+def test_torn_metrics_line_does_not_stop_resume(tmp_path, corpus):
+    run = tmp_path / "run"
+    train(tiny_cfg(corpus, 6), run, stop_after=4, quiet=True)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.1')  # killed mid-line
+    res = train(tiny_cfg(corpus, 6), run, resume=True, quiet=True)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert res.step == 6 and steps == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------ damaged checkpoints
+def test_damaged_latest_checkpoint_is_named_and_skipped(tmp_path, run4, corpus, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    data = run / "checkpoints/step-000004/model.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-3] ^= 0xFF  # same size, different content: only the checksum can tell
+    data.write_bytes(bytes(raw))
+    assert main(["eval", str(run), "--data", str(corpus), "--split", "all", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping damaged checkpoint" in err and "step-000004" in err and "corrupted" in err
+    assert "using " in err and "step-000002" in err
+    assert latest_checkpoint(run / "checkpoints").name == "step-000002"  # resume sees the same
+
+
+def test_truncated_latest_checkpoint_is_named(tmp_path, run4, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    opt = run / "checkpoints/step-000004/optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[:100])
+    latest = latest_checkpoint(run / "checkpoints")
+    assert latest.name == "step-000002" and "optimizer.safetensors is truncated" in capsys.readouterr().err
+
+
+def test_eval_refuses_non_finite_weights(tmp_path, run4, corpus, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    ckpt = run / "checkpoints/step-000004"
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["norm.weight"][0] = float("nan")
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    state["files"] = {f: state["files"][f]["bytes"] for f in FILES}  # an older manifest: sizes only
+    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    msg = cli_error(capsys, "eval", str(ckpt), "--data", str(corpus), "--json")
+    assert "non-finite values" in msg and "norm.weight" in msg
+
+
+# ------------------------------------------------------------ outputs never overwritten
+def test_folder_writing_commands_refuse_existing_output(tmp_path, run4, capsys):
+    hf = tmp_path / "hf"
+    assert main(["export", str(run4), "--out", str(hf)]) == 0
+    before = sorted(p.name for p in hf.iterdir())
+    assert "already exists and is not empty" in cli_error(capsys, "export", str(run4), "--out", str(hf))
+    assert "already exists and is not empty" in cli_error(capsys, "import", str(hf), "--out", str(run4))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    for args in (["import", str(hf), "--out", str(victim)],
+                 ["upcycle", str(run4), "--experts", "2", "--top-k", "1", "--out", str(victim)]):
+        assert "--overwrite" in cli_error(capsys, *args)
+        assert (victim / "keep.txt").read_text() == "precious"
+    # into (or over) its own input: refused even with --overwrite
+    assert "would overwrite or nest inside the input" in cli_error(capsys, "export", str(run4), "--out",
+                                                                   str(run4 / "hf"), "--overwrite")
+    assert "would overwrite or nest inside" in cli_error(capsys, "import", str(hf), "--out", str(hf), "--overwrite")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file" in cli_error(capsys, "export", str(run4), "--out", str(afile))
+    # --overwrite replaces the folder whole: no stale file of the old one survives
+    (hf / "stale.safetensors").write_text("old shard")
+    assert main(["export", str(run4), "--out", str(hf), "--overwrite"]) == 0
+    assert sorted(p.name for p in hf.iterdir()) == before
+    assert main(["import", str(hf), "--out", str(victim), "--overwrite"]) == 0
+    assert not (victim / "keep.txt").exists() and (victim / "config.yaml").is_file()
+    assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_failed_commands_leave_no_half_made_folder(tmp_path, run4, capsys):
+    bad_hf = tmp_path / "bad_hf"
+    bad_hf.mkdir()
+    (bad_hf / "config.json").write_text("{not json")
+    assert "not valid JSON" in cli_error(capsys, "import", str(bad_hf), "--out", str(tmp_path / "imp"))
+    assert not (tmp_path / "imp").exists()
+    out = tmp_path / "r"
+    cli_error(capsys, "train", "tiny-moe", "--data", str(tmp_path / "missing.txt"), "--out", str(out), *TINY_MOE)
+    assert not out.exists()
+    # --overwrite of a good run with a start that fails leaves the good run in place
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    cli_error(capsys, "train", "tiny-moe", "--data", str(tmp_path / "missing.txt"), "--out", str(run),
+              "--overwrite", *TINY_MOE)
+    assert latest_checkpoint(run / "checkpoints").name == "step-000004"
+
+
+def test_import_without_lm_head_for_untied_model_fails(tmp_path, run4, capsys):
+    hf = tmp_path / "hf"
+    assert main(["export", str(run4), "--out", str(hf)]) == 0
+    assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is False
+    tensors = load_file(str(hf / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    msg = cli_error(capsys, "import", str(hf), "--out", str(tmp_path / "imp"))
+    assert "lm_head.weight is missing" in msg
+
+
+def test_init_uses_the_source_runs_tokenizer(tmp_path, run4):
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"completely different words {i} zebra quartz\n" for i in range(1500)))
+    res = train(tiny_cfg(other, 2), tmp_path / "ft", init=str(run4), quiet=True)
+    assert res.step == 2
+    assert (tmp_path / "ft/tokenizer.json").read_text() == (run4 / "tokenizer.json").read_text()
+
+
+# ------------------------------------------------------------ one clear line, not a traceback
+def test_bad_input_is_one_clear_line(tmp_path, run4, corpus, capsys):
+    out = str(tmp_path / "r")
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b'{"text": "ok"}\n\xff\xfe\x00\x01garbage\n')
+    assert "b.jsonl:2: not UTF-8" in cli_error(capsys, "train", "tiny-moe", "--data", str(binary), "--out", out)
+    fake = tmp_path / "f.parquet"
+    fake.write_text("not parquet at all")
+    assert "not a readable parquet file" in cli_error(capsys, "train", "tiny-moe", "--data", str(fake), "--out", out)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), ints)
+    assert "column 'text' holds int64, expected strings" in cli_error(capsys, "train", "tiny-moe", "--data",
+                                                                      str(ints), "--out", out)
+    assert "train.device: expected auto, cpu, cuda" in cli_error(capsys, "train", "tiny-moe", "--out", out,
+                                                                 "train.device=gpu0")
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in cli_error(capsys, "train", "tiny-moe", "--data", str(corpus),
+                                                    "--out", out, "train.device=cuda", *TINY_MOE)
+    assert "train.threads: expected a positive integer" in cli_error(capsys, "train", "tiny-moe", "--out", out,
+                                                                     "train.threads=-1")
+    assert "--stop-after: expected a positive" in cli_error(capsys, "train", "tiny-moe", "--out", out,
+                                                            "--stop-after", "-3")
+    assert "--top-k: expected 0" in cli_error(capsys, "generate", str(run4), "--prompt", "x", "--top-k", "-3")
+    assert "--max-new-tokens: expected a positive" in cli_error(capsys, "generate", str(run4), "--prompt", "x",
+                                                                "--max-new-tokens", "-5")
+    assert "--devices: expected a positive" in cli_error(capsys, "memory", "tiny-moe", "--devices", "0", "--zero", "1")
+    assert "--devices: expected a positive" in cli_error(capsys, "memory", "tiny-moe", "--devices", "-2")
+    assert "--micro-batch: expected a positive" in cli_error(capsys, "memory", "tiny-moe", "--micro-batch", "0")
+    hf = tmp_path / "hf"
+    assert main(["export", str(run4), "--out", str(hf)]) == 0
+    assert "run `moelab import" in cli_error(capsys, "eval", str(hf), "--data", str(corpus))
+    # a checkpoint of another shape: named keys and shapes, not a load_state_dict traceback
+    msg = cli_error(capsys, "train", "tiny-moe", "--data", str(corpus), "--out", out, "--init",
+                    str(run4), *TINY_MOE, "model.d_ff=96", "model.moe.d_expert=24")
+    assert "shapes differ" in msg and "w_gate (4, 16, 32) vs model (4, 24, 32)" in msg
+    assert not (tmp_path / "r").exists()
