@@ -47,3 +47,46 @@ def test_sharding_rules():
     assert plan_memory(twin).notes == [] and len(one.notes) >= 4
     with pytest.raises(ValueError, match="must divide n_experts"):
         plan_memory(cfg, devices=3, expert_parallel=3)
+
+
+def test_zero_and_bf16_bytes_against_real_tensors():
+    """ZeRO-1/2/3 over 4 data-parallel devices shard the optimizer, then the gradients,
+    then the parameters 4 ways; bf16 keeps bf16 weights and grads plus fp32 AdamW moments
+    and an fp32 master copy. Each expected value is read off real tensors here."""
+    import torch
+
+    from moelab.model import Transformer
+    cfg = load_config("tiny-moe").model
+    real = measure_memory(cfg, micro_batch=1, seq_len=16, steps=1, isolated=False)
+    # AdamW keeps one fp32 step counter per parameter tensor; every rank keeps its own
+    steps = 4 * len(list(Transformer(cfg).parameters()))
+    for zero, sharded in ((1, {"optimizer"}), (2, {"optimizer", "grads"}), (3, {"optimizer", "grads", "params"})):
+        plan = plan_memory(cfg, micro_batch=1, seq_len=16, devices=4, zero=zero)
+        for key in ("params", "grads", "optimizer"):
+            want = real[key] / 4 if key in sharded else real[key]
+            if key == "optimizer":
+                want = (real[key] - steps) / 4 + steps
+            assert plan.bytes[key] == pytest.approx(want, rel=1e-9), (zero, key)
+    bf16_model = Transformer(cfg).to(torch.bfloat16)
+    bf16_bytes = sum(p.numel() * p.element_size() for p in bf16_model.parameters())
+    plan = plan_memory(cfg, micro_batch=1, seq_len=16, dtype="bf16")
+    assert plan.bytes["params"] == bf16_bytes == plan.bytes["grads"]
+    assert plan.bytes["optimizer"] == real["optimizer"] + real["params"]  # fp32 moments + fp32 master weights
+
+
+def test_memory_cli_json_and_measure():
+    import json
+
+    from conftest import run_cli
+    from moelab.model import Transformer
+    _, out, _ = run_cli("memory", "tiny-moe", "--json", "--measure", "--micro-batch", "2", "--seq-len", "32")
+    plans = json.loads(out)
+    assert [p["name"] for p in plans] == ["tiny-moe", "tiny-moe dense twin"]
+    model = Transformer(load_config("tiny-moe").model)
+    assert plans[0]["params_total"] == sum(p.numel() for p in model.parameters())
+    for p in plans:
+        assert {"params", "grads", "optimizer", "activations", "total"} <= set(p["bytes"])
+        m = p["measured"]
+        assert m["params"] == p["bytes"]["params"] and m["optimizer"] == p["bytes"]["optimizer"]
+        assert abs(p["bytes"]["activations"] / m["activations"] - 1) < 0.25
+    assert plans[0]["bytes"]["params"] > 2 * plans[1]["bytes"]["params"]  # 8 experts vs one dense FFN

@@ -8,7 +8,7 @@ from moelab import ConfigError, ModelConfig, MoEConfig, Transformer
 from moelab.convert.io import export_hf, import_hf, read_hf
 from moelab.inference import load_run
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 BASE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6)
@@ -128,7 +128,12 @@ def test_refusals(tmp_path):
                        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope scaling 'llama3'"),
                        ({"model_type": "mistral", "sliding_window": 16}, "sliding-window attention"),
                        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-                       ({"attention_bias": True}, "attention_bias")]:
+                       ({"attention_bias": True}, "attention_bias"),
+                       ({"mlp_bias": True}, "mlp_bias"),
+                       ({"clip_qkv": 8.0}, "clip_qkv=8.0"),
+                       ({"head_dim": 16}, "head_dim=16"),
+                       ({"hidden_size": None}, "hidden_size|wrong type"),
+                       ({"num_hidden_layers": None, "hidden_size": 32}, "n_layers: expected a positive integer")]:
         (path / "config.json").write_text(json.dumps({**cfg, **patch}))
         with pytest.raises(ConfigError, match=msg):
             read_hf(path)
@@ -140,6 +145,24 @@ def test_refusals(tmp_path):
                                      moe=MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=2, n_shared_experts=1)))
     with pytest.raises(ConfigError, match="shared experts without a gate"):
         export_hf(nogate, tmp_path / "y")
+
+
+def test_export_arch_choice(tmp_path):
+    """--arch picks among compatible targets: a plain dense model loads in transformers as
+    Mistral (sliding window off) with equal logits; an MoE target for it is refused."""
+    from conftest import run_cli
+    model, path = make_hf("llama", tmp_path)
+    run = import_hf(path, tmp_path / "run")
+    run_cli("export", str(run), "--out", str(tmp_path / "as_mistral"), "--arch", "mistral")
+    cfg = json.loads((tmp_path / "as_mistral" / "config.json").read_text())
+    assert cfg["model_type"] == "mistral" and cfg.get("sliding_window") is None
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "as_mistral").eval()
+    assert type(back).__name__ == "MistralForCausalLM"
+    tokens = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, model(tokens).logits, atol=1e-4, rtol=1e-4)
+    rc, _, err = run_cli("export", str(run), "--out", str(tmp_path / "as_mixtral"), "--arch", "mixtral", check=False)
+    assert rc == 2 and "--arch mixtral: this model needs llama" in err
 
 
 def test_cli_export_of_trained_run(tmp_path, text_file):

@@ -79,3 +79,26 @@ def test_cli_train_upcycle_continue(tmp_path, text_file):
     # Its first loss is the dense model's loss, not a fresh model's ~log(vocab).
     first_dense = json.loads((dense_run / "metrics.jsonl").read_text().splitlines()[-1])["lm_loss"]
     assert rec[0]["lm_loss"] < first_dense + 0.5
+
+    # --first-dense keeps the first layer's FFN dense (a copy); --router-init hidden with
+    # --prompts makes each router row the unit-norm mean FFN input of its prompt.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main():\n\nclass Foo:\n\nimport os\n\nreturn x + y\n")
+    up2 = tmp_path / "up2"
+    run_cli("upcycle", str(dense_run), "--experts", "4", "--top-k", "2", "--out", str(up2), "--first-dense", "1",
+            "--router-init", "hidden", "--prompts", str(prompts))
+    m2 = load_run(up2).model
+    assert [layer.is_moe for layer in m2.layers] == [False, True]
+    torch.testing.assert_close(m2.layers[0].ffn.w_up, d.model.layers[0].ffn.w_up)
+    rows = m2.layers[1].ffn.router.weight
+    torch.testing.assert_close(rows.norm(dim=-1), torch.ones(4))
+    captured = []
+    hook = d.model.layers[1].ffn_norm.register_forward_hook(lambda mod, i, o: captured.append(o[0].mean(0)))
+    ids = load_run(dense_run).tokenizer.encode("class Foo:").ids
+    with torch.no_grad():
+        d.model(torch.tensor([ids]))
+    hook.remove()
+    torch.testing.assert_close(rows[1], captured[0] / captured[0].norm())
+    rc, _, err = run_cli("upcycle", str(dense_run), "--experts", "3", "--top-k", "2", "--out", str(tmp_path / "u3"),
+                         "--router-init", "hidden", "--prompts", str(prompts), check=False)
+    assert rc == 2 and "one prompt per expert (3), got 4" in err

@@ -39,7 +39,7 @@ def test_folder_jsonl_parquet(tmp_path):
     j = tmp_path / "d.jsonl"
     j.write_text("\n".join(json.dumps({"text": t}) for t in ["x y", "z"]) + "\n")
     assert [d.text for d in load_documents(str(j))] == ["x y", "z"]
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"body": ["one", "two"]}), tmp_path / "d.parquet")
     assert [d.text for d in load_documents(str(tmp_path / "d.parquet"), "body")] == ["one", "two"]

@@ -42,10 +42,24 @@ def test_param_counts_match_hand_count_and_modules():
     assert tied.param_counts()["total"] == sum(p.numel() for p in Transformer(tied).parameters()) == total - 1600
 
 
-def test_flops_per_token():
-    cfg = tiny()
-    n = cfg.param_counts()["active_non_embedding"] + 97 * 32
-    assert cfg.flops_per_token(16) == 6 * n + 12 * 4 * 32 * 16
+def test_flops_per_token_against_a_flop_counter():
+    """Measured: torch's FlopCounterMode over a real forward+backward of a dense model
+    (it counts every matmul: projections, FFN, head, and their two backward products).
+    It does not count SDPA on CPU, so attention is added by hand: per layer and token,
+    QK^T and AV cost 2*S*d each forward (the full S x S square), twice that backward,
+    so 12*S*d. The formula also counts 6 FLOPs per norm gain, which no matmul does."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = tiny(moe=False)
+    B, S, L, d = 2, 16, cfg.n_layers, cfg.d_model
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 97, (B, S))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(tokens, tokens).loss.backward()
+    matmul = counter.get_total_flops()
+    attention = 12 * S * d * L * B * S
+    norm_gains = (2 * L + 1) * d
+    assert cfg.flops_per_token(S) * B * S == matmul + attention + 6 * norm_gains * B * S
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -68,11 +82,29 @@ def test_overfits_fixed_batch(moe):
 
 
 def test_loss_is_lm_plus_mean_aux():
-    model = Transformer(tiny())
+    """Against the published definitions, computed here from the routers' own outputs:
+    cross-entropy of the logits; Switch balance E * sum_e f_e P_e (f over the T*K
+    assignments); ST-MoE z-loss mean(logsumexp^2); weighted and averaged over layers."""
+    cfg = tiny()
+    cfg.moe.lb_coef, cfg.moe.z_coef = 0.03, 0.002
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    routings = []
+    for layer in model.layers:
+        layer.ffn.router.register_forward_hook(lambda mod, inp, out: routings.append(out))
     tokens = torch.randint(0, 97, (2, 16))
     out = model(tokens, tokens)
-    aux = torch.stack([s.aux_loss for s in out.moe_stats]).mean()
-    torch.testing.assert_close(out.loss, out.lm_loss + aux)
+    lm = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 97), tokens.reshape(-1))
+    aux = []
+    for r in routings:
+        T, K = r.expert_idx_TK.shape
+        f = torch.stack([(r.expert_idx_TK == e).sum() for e in range(4)]).float() / (T * K)
+        lb = 4 * (f * r.probs_TE.mean(0)).sum()
+        z = (r.logits_TE.exp().sum(-1).log() ** 2).mean()
+        aux.append(0.03 * lb + 0.002 * z)
+    assert len(aux) == 4
+    torch.testing.assert_close(out.lm_loss, lm)
+    torch.testing.assert_close(out.loss, lm + sum(aux) / 4)
 
 
 def test_causal_and_activation_checkpointing_equivalent():

@@ -1,0 +1,145 @@
+"""Documented trainer and CLI features, each checked against an independent expectation:
+grad accumulation, schedules, activation checkpointing, bf16, expert dropout, health
+warnings in the metrics, eval --split all, greedy generation, compare --tokens."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, TINY_MOE, run_cli
+from moelab.cli import main
+from moelab.inference import load_run
+from moelab.run_config import load_config
+from moelab.train import latest_checkpoint, train
+
+
+def cfg_for(recipe, data, steps, extra=()):
+    cfg = load_config(recipe, [*(TINY_MOE if recipe == "tiny-moe" else TINY), "train.log_every=1", *extra])
+    cfg.data.source, cfg.train.steps = str(data), steps
+    return cfg
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run):
+    return load_file(str(latest_checkpoint(run / "checkpoints") / "model.safetensors"))
+
+
+def test_grad_accum_equals_the_larger_batch(tmp_path, text_file):
+    """Two micro-batches of 4 are the same 8 sequences, in order, as one batch of 8, and
+    the dense LM loss is a mean over equal-sized micro-batches: the same update."""
+    train(cfg_for("tiny-dense", text_file, 3, ["train.batch_size=8"]), tmp_path / "one", quiet=True)
+    train(cfg_for("tiny-dense", text_file, 3, ["train.batch_size=4", "train.grad_accum=2"]), tmp_path / "acc",
+          quiet=True)
+    a, b = records(tmp_path / "one"), records(tmp_path / "acc")
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5) and ra["tokens"] == rb["tokens"]
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "acc")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_constant_schedule_holds_the_peak_after_warmup(tmp_path, text_file):
+    train(cfg_for("tiny-dense", text_file, 6, ["optim.schedule=constant", "optim.lr=0.002",
+                                               "optim.warmup_steps=2"]), tmp_path / "run", quiet=True)
+    assert [r["lr"] for r in records(tmp_path / "run")] == [0.001, 0.002, 0.002, 0.002, 0.002, 0.002]
+
+
+def test_activation_checkpointing_through_the_trainer_changes_nothing(tmp_path, text_file):
+    train(cfg_for("tiny-moe", text_file, 3), tmp_path / "plain", quiet=True)
+    train(cfg_for("tiny-moe", text_file, 3, ["train.activation_checkpointing=true"]), tmp_path / "ckpt", quiet=True)
+    for ra, rb in zip(records(tmp_path / "plain"), records(tmp_path / "ckpt")):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, text_file):
+    train(cfg_for("tiny-moe", text_file, 2), tmp_path / "fp32", quiet=True)
+    train(cfg_for("tiny-moe", text_file, 2, ["train.precision=bf16"]), tmp_path / "bf16", quiet=True)
+    a, b = records(tmp_path / "fp32"), records(tmp_path / "bf16")
+    assert a[0]["loss"] != b[0]["loss"]  # bf16 really ran (its rounding shows) ...
+    assert abs(a[0]["loss"] - b[0]["loss"]) < 0.05  # ... and stays near fp32 at step 1
+
+
+def test_expert_dropout_acts_in_training_only():
+    from moelab import MoE, MoEConfig
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_expert=32, n_experts=4, top_k=2, expert_dropout=0.5))
+    x = torch.randn(64, 16)
+    moe.eval()
+    ref, _ = moe(x)
+    no_drop = MoE(MoEConfig(d_model=16, d_expert=32, n_experts=4, top_k=2))
+    no_drop.load_state_dict(moe.state_dict())
+    no_drop.eval()
+    torch.testing.assert_close(no_drop(x)[0], ref)  # eval: dropout off, the same layer
+    moe.train()
+    y1, _ = moe(x)
+    y2, _ = moe(x)
+    assert not torch.allclose(y1, ref) and not torch.allclose(y1, y2)  # train: random units dropped
+    # inverted dropout keeps the expected output: the mean over many draws approaches eval's
+    mean = torch.stack([moe(x)[0] for _ in range(400)]).mean(0)
+    assert (mean - ref).abs().mean() < 0.15 * ref.abs().mean()
+
+
+def test_spike_and_collapse_warnings_reach_the_metrics(tmp_path, text_file):
+    def prepare(model):
+        calls = {"n": 0}
+
+        def hook(mod, inp, out):
+            if mod.training:
+                calls["n"] += 1
+                if calls["n"] == 5:
+                    out.loss = out.loss * 5
+            return out
+        model.register_forward_hook(hook)
+    train(cfg_for("tiny-moe", text_file, 6, ["train.spike_window=3", "train.collapse_max_violation=0.0",
+                                             "train.collapse_window=2"]), tmp_path / "run", quiet=True,
+          prepare_model=prepare)
+    recs = records(tmp_path / "run")
+    warnings = {r["step"]: r.get("warnings", []) for r in recs}
+    assert any("loss spike at step 5" in w for w in warnings[5]) and recs[4]["loss_spikes"] == 1
+    assert any("router collapse in MoE layer 0 at step 2" in w for w in warnings[2])
+
+
+def test_eval_split_all_counts_every_document(tmp_path, text_file, capsys):
+    run = tmp_path / "run"
+    train(cfg_for("tiny-dense", text_file, 2), run, quiet=True)
+    tok = load_run(run).tokenizer
+    text = text_file.read_text()
+    lines = text.splitlines(keepends=True)
+    blocks = ["".join(lines[i:i + 200]) for i in range(0, len(lines), 200)]  # the text-file rule: 200 lines
+    n = sum(len(tok.encode(b, add_special_tokens=False).ids) + 1 for b in blocks)  # + end-of-text each
+    S = 32
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(text_file), "--split", "all", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["tokens"] == (n - 1) // S * S
+    assert main(["eval", str(run), "--data", str(text_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] < ev["tokens"]
+
+
+def test_greedy_generate_is_argmax_by_hand(tmp_path, text_file, capsys):
+    run = tmp_path / "run"
+    train(cfg_for("tiny-dense", text_file, 2), run, quiet=True)
+    r = load_run(run)
+    ids = r.tokenizer.encode("the quick", add_special_tokens=False).ids
+    for _ in range(4):
+        with torch.no_grad():
+            ids.append(int(r.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    for seed in ("0", "7"):  # greedy ignores the seed
+        capsys.readouterr()
+        assert main(["generate", str(run), "--prompt", "the quick", "--temperature", "0",
+                     "--max-new-tokens", "4", "--seed", seed]) == 0
+        assert capsys.readouterr().out.rstrip("\n") == r.tokenizer.decode(ids)
+
+
+def test_compare_with_a_token_budget(tmp_path, text_file):
+    sets = [a for o in TINY for a in ("--set", o)]
+    budget = 4 * 32 * 5  # five steps of 4 x 32 tokens
+    run_cli("compare", "tiny-dense", "tiny-moe", "--data", str(text_file), "--out", str(tmp_path / "cmp"),
+            "--tokens", str(budget), "--quiet", *sets)
+    for name in ("tiny-dense", "tiny-moe"):
+        last = records(tmp_path / "cmp" / "runs" / name)[-1]
+        assert last["step"] == 5 and last["tokens"] == budget
