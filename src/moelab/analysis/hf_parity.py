@@ -1,0 +1,111 @@
+"""Training-dynamics parity with Hugging Face transformers.
+
+moelab's own trainer trains a recipe for a few steps; the same initial weights, exported
+with `moelab export`, are trained in `transformers` (LlamaForCausalLM or
+MixtralForCausalLM) by a plain loop written here from the published recipe: the same
+batches in the same order, AdamW with the same parameter groups (no weight decay on
+embeddings and 1-D gains), the same warmup/cosine schedule, global-norm clipping, and the
+same auxiliary losses computed from the Hugging Face model's own router logits (its
+`load_balancing_loss_func` per layer, divided by top-k because it counts assignments per
+token; the ST-MoE z-loss). If the two loss curves agree to float noise, moelab's forward,
+backward, losses and update are those of the reference implementation, and any quality
+gap is a matter of settings, not of a bug.
+
+Hugging Face's own `router_aux_loss_coef` path pools all layers' routing into one
+balance loss; moelab balances each layer and averages. The loop here follows moelab's
+definition so that the comparison isolates the implementation (docs/quality.md discusses
+the definitions).
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..data import Sampler, prepare_data
+from ..run_config import RunConfig
+from ..train import train
+from ..train.optim import lr_at
+
+
+def _hf_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """moelab's rule on Hugging Face names: decay matrices, not embeddings or gains."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _hf_loss(hf, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, LM loss) of a Hugging Face causal LM with moelab's aux-loss definition."""
+    moe = cfg.model.moe
+    out = hf(input_ids=x, output_router_logits=moe is not None)
+    lm = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+    if moe is None:
+        return lm, lm
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    aux = []
+    for logits_TE in out.router_logits:
+        lb = load_balancing_loss_func((logits_TE,), moe.n_experts, moe.top_k) / moe.top_k
+        z = torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+        aux.append(moe.lb_coef * lb + moe.z_coef * z)
+    return lm + torch.stack(aux).mean(), lm
+
+
+def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = None) -> dict:
+    """Train `cfg` for `steps` in moelab and in transformers from the same initial weights;
+    returns {"moelab": [loss per step], "transformers": [...], "lm_moelab", "lm_transformers",
+    "max_abs_diff", "arch"}. Needs `transformers`; fp32 on CPU."""
+    import transformers
+
+    from ..convert.io import export_hf
+    from ..model import Transformer
+
+    cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.train.ckpt_every = steps, 1, steps, steps
+    cfg.train.device, cfg.train.precision = "cpu", "fp32"
+    if cfg.model.moe is not None and cfg.model.moe.jitter:
+        raise ValueError("parity needs deterministic routing: set model.moe.jitter=0")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(workdir or tmp)
+        init: dict = {}
+        train(cfg, work / "moelab", quiet=True, overwrite=True,
+              prepare_model=lambda m: init.update({k: v.detach().clone() for k, v in m.state_dict().items()}))
+        recs = [json.loads(line) for line in (work / "moelab" / "metrics.jsonl").read_text().splitlines()]
+        ours, ours_lm = [r["loss"] for r in recs], [r["lm_loss"] for r in recs]
+
+        start = Transformer(cfg.model)
+        start.load_state_dict(init)
+        export_hf(start, work / "hf", work / "moelab" / "tokenizer.json")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(work / "hf", attn_implementation="sdpa",
+                                                               dtype=torch.float32)
+        arch = hf.config.model_type
+        hf.train()
+        o = cfg.optim
+        opt = torch.optim.AdamW(_hf_param_groups(hf, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        data = prepare_data(cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size,
+                            val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
+                            tokenizer_path=work / "moelab" / "tokenizer.json")
+        sampler = Sampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
+        theirs, theirs_lm = [], []
+        clip = o.grad_clip if o.grad_clip > 0 else math.inf
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, o)
+            loss_sum = lm_sum = 0.0
+            for _ in range(cfg.train.grad_accum):
+                x, y = data.train.batch(sampler.next())
+                loss, lm = _hf_loss(hf, x, y, cfg)
+                (loss / cfg.train.grad_accum).backward()
+                loss_sum += loss.item() / cfg.train.grad_accum
+                lm_sum += lm.item() / cfg.train.grad_accum
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            theirs.append(loss_sum)
+            theirs_lm.append(lm_sum)
+    diff = max(abs(a - b) for a, b in zip(ours, theirs))
+    return {"arch": arch, "moelab": ours, "transformers": theirs, "lm_moelab": ours_lm,
+            "lm_transformers": theirs_lm, "max_abs_diff": diff}
