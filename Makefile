@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 # torch is pinned here (a CPU wheel is available locally); the library itself asks only torch>=2.6.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
+LINT_PATHS ?= src/moelab
 
 install: $(VENV)/.installed
 
@@ -21,6 +22,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile
+
+# ruff (lint + format) and mypy, configured in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(LINT_PATHS)
 
 bench: install
 	$(PY) benchmarks/moe_layer.py --write docs/benchmarks.md

@@ -1,4 +1,5 @@
 """moelab: train, measure, convert and fine-tune Mixture-of-Experts language models."""
+
 from .config import ConfigError, ModelConfig, MoEConfig
 from .model import ModelOutput, Transformer
 from .moe import MoE, MoEStats

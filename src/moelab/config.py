@@ -5,10 +5,11 @@ counts (total and active), which the memory planner and the LR-scaling fit rely 
 Errors name the offending field by its dotted path so YAML and `key=value` overrides can
 be fixed without reading code.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from .errors import ConfigError
@@ -51,27 +52,46 @@ class MoEConfig:
         self.validate()
 
     def validate(self, prefix: str = "moe") -> None:
+        """Raise ConfigError naming the first field (as PREFIX.field) that is out of range or inconsistent."""
         p = prefix + "."
         for name in ("d_model", "d_expert", "n_experts", "top_k"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, p + name,
-                   f"expected a positive integer, got {v!r}")
-        _check(self.top_k <= self.n_experts, p + "top_k",
-               f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
-        _check(self.router in ("softmax", "sigmoid"), p + "router",
-               f"expected 'softmax' or 'sigmoid', got {self.router!r}")
+            _check(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                p + name,
+                f"expected a positive integer, got {v!r}",
+            )
+        _check(self.top_k <= self.n_experts, p + "top_k", f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        _check(
+            self.router in ("softmax", "sigmoid"), p + "router", f"expected 'softmax' or 'sigmoid', got {self.router!r}"
+        )
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, (int, float)) and v > 0), p + name,
-                   f"expected a positive number or null (dropless), got {v!r}")
-        _check(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
-               p + "n_shared_experts", f"expected an integer >= 0, got {self.n_shared_experts!r}")
-        _check(self.d_shared is None or (isinstance(self.d_shared, int) and self.d_shared > 0),
-               p + "d_shared", f"expected a positive integer or null, got {self.d_shared!r}")
-        _check(not self.shared_gate or self.n_shared_experts > 0, p + "shared_gate",
-               "a shared-expert gate needs n_shared_experts > 0")
-        _check(0.0 <= self.expert_dropout < 1.0, p + "expert_dropout",
-               f"expected 0 <= expert_dropout < 1, got {self.expert_dropout!r}")
+            _check(
+                v is None or (isinstance(v, (int, float)) and v > 0),
+                p + name,
+                f"expected a positive number or null (dropless), got {v!r}",
+            )
+        _check(
+            isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
+            p + "n_shared_experts",
+            f"expected an integer >= 0, got {self.n_shared_experts!r}",
+        )
+        _check(
+            self.d_shared is None or (isinstance(self.d_shared, int) and self.d_shared > 0),
+            p + "d_shared",
+            f"expected a positive integer or null, got {self.d_shared!r}",
+        )
+        _check(
+            not self.shared_gate or self.n_shared_experts > 0,
+            p + "shared_gate",
+            "a shared-expert gate needs n_shared_experts > 0",
+        )
+        _check(
+            0.0 <= self.expert_dropout < 1.0,
+            p + "expert_dropout",
+            f"expected 0 <= expert_dropout < 1, got {self.expert_dropout!r}",
+        )
         _check(0.0 <= self.jitter < 1.0, p + "jitter", f"expected 0 <= jitter < 1, got {self.jitter!r}")
         for name in ("lb_coef", "z_coef", "bias_update_rate"):
             v = getattr(self, name)
@@ -84,9 +104,12 @@ class MoEConfig:
 
     @property
     def init_std_router(self) -> float:
+        """Standard deviation of the router's initial weights: router_init_std, else sqrt(0.1 / d_model) (Switch's 0.1
+        scale on a fan-in variance)."""
         return self.router_init_std if self.router_init_std is not None else math.sqrt(0.1 / self.d_model)
 
     def params_total(self) -> int:
+        """Parameters of one MoE layer: router, all routed experts and the shared experts (with their gate)."""
         D, F, E = self.d_model, self.d_expert, self.n_experts
         shared = 3 * D * self.d_shared_total + (D if self.shared_gate else 0)
         return E * D + E * 3 * F * D + shared
@@ -133,44 +156,72 @@ class ModelConfig:
         self.validate()
 
     def validate(self, prefix: str = "model") -> None:
+        """Raise ConfigError naming the first field (as PREFIX.field) that is out of range or inconsistent; validates
+        the MoE config too."""
         p = prefix + "."
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, p + name,
-                   f"expected a positive integer, got {v!r}")
-        _check(self.d_model % self.n_heads == 0, p + "n_heads",
-               f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        _check((self.d_model // self.n_heads) % 2 == 0, p + "n_heads",
-               "head dimension must be even for rotary embeddings")
+            _check(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                p + name,
+                f"expected a positive integer, got {v!r}",
+            )
+        _check(
+            self.d_model % self.n_heads == 0,
+            p + "n_heads",
+            f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
+        )
+        _check(
+            (self.d_model // self.n_heads) % 2 == 0, p + "n_heads", "head dimension must be even for rotary embeddings"
+        )
         kv = self.kv_heads
-        _check(kv > 0 and self.n_heads % kv == 0, p + "n_kv_heads",
-               f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
-        _check(self.qk_norm in ("none", "head", "full"), p + "qk_norm",
-               f"expected 'none', 'head' or 'full', got {self.qk_norm!r}")
-        _check(self.moe_pattern in ("all", "alternate", "none"), p + "moe_pattern",
-               f"expected 'all', 'alternate' or 'none', got {self.moe_pattern!r}")
-        _check(isinstance(self.first_dense, int) and 0 <= self.first_dense <= self.n_layers,
-               p + "first_dense", f"expected 0..n_layers, got {self.first_dense!r}")
+        _check(
+            kv > 0 and self.n_heads % kv == 0,
+            p + "n_kv_heads",
+            f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}",
+        )
+        _check(
+            self.qk_norm in ("none", "head", "full"),
+            p + "qk_norm",
+            f"expected 'none', 'head' or 'full', got {self.qk_norm!r}",
+        )
+        _check(
+            self.moe_pattern in ("all", "alternate", "none"),
+            p + "moe_pattern",
+            f"expected 'all', 'alternate' or 'none', got {self.moe_pattern!r}",
+        )
+        _check(
+            isinstance(self.first_dense, int) and 0 <= self.first_dense <= self.n_layers,
+            p + "first_dense",
+            f"expected 0..n_layers, got {self.first_dense!r}",
+        )
         if self.moe is not None:
-            _check(self.moe.d_model == self.d_model, p + "moe.d_model",
-                   f"{self.moe.d_model} differs from model.d_model={self.d_model}")
+            _check(
+                self.moe.d_model == self.d_model,
+                p + "moe.d_model",
+                f"{self.moe.d_model} differs from model.d_model={self.d_model}",
+            )
             self.moe.validate(p + "moe")
 
     @property
     def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when unset (no grouping)."""
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
     def head_dim(self) -> int:
+        """Per-head dimension, d_model / n_heads."""
         return self.d_model // self.n_heads
 
     def is_moe_layer(self, i: int) -> bool:
+        """Whether layer `i` (0-based) has an MoE FFN under moe_pattern and first_dense."""
         if self.moe is None or self.moe_pattern == "none" or i < self.first_dense:
             return False
         return self.moe_pattern == "all" or i % 2 == 1
 
     @property
     def n_moe_layers(self) -> int:
+        """How many layers have an MoE FFN."""
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     # ---- counting: these match the module's parameters exactly (tested) ----
@@ -197,7 +248,7 @@ class ModelConfig:
         body_total = body_active = 0
         for i in range(self.n_layers):
             body = self._attn_params() + 2 * D  # two RMSNorms
-            if self.is_moe_layer(i):
+            if self.moe is not None and self.is_moe_layer(i):
                 body_total += body + self.moe.params_total()
                 body_active += body + self.moe.params_active()
             else:

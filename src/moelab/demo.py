@@ -1,4 +1,5 @@
 """`make demo`: train tiny-dense and tiny-moe on the standard library and compare them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,8 @@ def _spread(load: list[float]) -> str:
 
 
 def run_demo(out: Path, steps: int | None = None) -> dict:
+    """Train tiny-dense and tiny-moe on stdlib into OUT, print them side by side and write the compare report; returns
+    the compare summary."""
     summary = compare(["tiny-dense", "tiny-moe"], "stdlib", out, steps=steps)
     runs = summary["runs"]
     rows = [("", *(r["name"] for r in runs))]
@@ -19,12 +22,16 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
     rows.append(("params total", *(f"{r['params_total']:,}" for r in runs)))
     rows.append(("params active/token", *(f"{r['params_active']:,}" for r in runs)))
     for i in range(max(len(r["final_expert_load"]) for r in runs)):
-        rows.append((f"expert load min..max, layer {i}",
-                     *(_spread(r["final_expert_load"][i]) if i < len(r["final_expert_load"]) else "-" for r in runs)))
+        rows.append(
+            (
+                f"expert load min..max, layer {i}",
+                *(_spread(r["final_expert_load"][i]) if i < len(r["final_expert_load"]) else "-" for r in runs),
+            )
+        )
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     print()
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     print("\n(a uniform expert load is 1/8 = 0.125)\n")
     for line in summary["summary"]:
         print(line)

@@ -3,6 +3,7 @@
 Each is printed by the CLI as one line naming the field, file or folder at fault; any
 other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

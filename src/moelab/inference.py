@@ -1,4 +1,5 @@
 """Loading trained runs, evaluating them on a source, and generating text."""
+
 from __future__ import annotations
 
 import math
@@ -21,18 +22,24 @@ from .train.checkpoint import CheckpointError, load_model_weights, resolve_check
 
 @dataclass
 class LoadedRun:
+    """A loaded run: its config, model (on the chosen device, in eval mode), tokenizer (None for imports without one)
+    and the checkpoint used."""
+
     cfg: RunConfig
     model: Transformer
     tokenizer: Tokenizer | None  # None for imports that came without tokenizer.json
     checkpoint: Path
 
     def need_tokenizer(self) -> Tokenizer:
+        """The tokenizer; CheckpointError when the run folder has none."""
         if self.tokenizer is None:
             raise CheckpointError(f"{self.checkpoint.parent.parent}/tokenizer.json is missing: this needs text")
         return self.tokenizer
 
 
 def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
+    """Load a run folder (its latest good checkpoint) or a checkpoint folder with its run's config and tokenizer; LoRA
+    runs are merged. Raises CheckpointError naming what is missing or damaged."""
     ckpt = resolve_checkpoint(run_or_ckpt)
     run_dir = ckpt.parent.parent
     cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
@@ -42,6 +49,7 @@ def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
     model = Transformer(cfg.model)
     if cfg.finetune.recipe == "lora":  # adapters are saved unmerged: rebuild, load, then fold in
         from .finetune.lora import apply_lora, merge_lora
+
         apply_lora(model, cfg.lora.target_list(), cfg.lora.rank, cfg.lora.alpha)
         load_model_weights(model, ckpt)
         merge_lora(model)
@@ -52,8 +60,9 @@ def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
 
 
 @torch.no_grad()
-def evaluate_source(run: LoadedRun, source: str, split: str = "val", max_tokens: int = 1_000_000,
-                    batch_size: int = 8) -> dict:
+def evaluate_source(
+    run: LoadedRun, source: str, split: str = "val", max_tokens: int = 1_000_000, batch_size: int = 8
+) -> dict:
     """loss (nats/token), perplexity, bits_per_byte and tokens on `source`.
 
     split="val" evaluates the documents the training split rule holds out; "all" every
@@ -76,15 +85,22 @@ def evaluate_source(run: LoadedRun, source: str, split: str = "val", max_tokens:
         bytes_ += int(nbytes[y.numpy()].sum())
     loss = nats / tokens
     if not math.isfinite(loss):
-        raise NonFiniteError(f"the loss of {run.checkpoint} on '{source}' is {loss}: the model overflows on this "
-                             "text (non-finite activations); no result to report")
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(bytes_, 1),
-            "tokens": tokens}
+        raise NonFiniteError(
+            f"the loss of {run.checkpoint} on '{source}' is {loss}: the model overflows on this "
+            "text (non-finite activations); no result to report"
+        )
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": nats / math.log(2) / max(bytes_, 1),
+        "tokens": tokens,
+    }
 
 
 @torch.no_grad()
-def generate(run: LoadedRun, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
-             top_k: int = 50, seed: int = 0) -> str:
+def generate(
+    run: LoadedRun, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 50, seed: int = 0
+) -> str:
     """Sample a continuation (temperature 0 = greedy). No KV cache: fine at these sizes."""
     g = torch.Generator().manual_seed(seed)
     tok = run.need_tokenizer()

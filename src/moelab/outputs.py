@@ -5,6 +5,7 @@ non-empty folder unless `overwrite`, refuses to write over (or inside) its own i
 builds the result in a hidden sibling folder and renames it into place only when the
 command succeeded - so a crash leaves either the old folder or the new one, never a mix.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,14 @@ def _within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_output(out: str | Path, *, overwrite: bool = False, protect: Sequence[str | Path] = (),
-                 flag: str = "--out", hint: str = "choose a new folder, or pass --overwrite to replace it") -> Path:
+def check_output(
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    protect: Sequence[str | Path] = (),
+    flag: str = "--out",
+    hint: str = "choose a new folder, or pass --overwrite to replace it",
+) -> Path:
     """Validate an output folder path before any work starts; return it as a Path."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -31,16 +38,18 @@ def check_output(out: str | Path, *, overwrite: bool = False, protect: Sequence[
     for src in protect:
         s = Path(src).resolve()
         if _within(real, s) or _within(s, real):
-            raise OutputExists(f"{flag} {out} would overwrite or nest inside the input {src}; "
-                               "choose a folder outside it")
+            raise OutputExists(
+                f"{flag} {out} would overwrite or nest inside the input {src}; choose a folder outside it"
+            )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExists(f"{flag} {out} already exists and is not empty: {hint}")
     return out
 
 
 @contextmanager
-def staged_output(out: str | Path, *, overwrite: bool = False, protect: Sequence[str | Path] = (),
-                  flag: str = "--out") -> Iterator[Path]:
+def staged_output(
+    out: str | Path, *, overwrite: bool = False, protect: Sequence[str | Path] = (), flag: str = "--out"
+) -> Iterator[Path]:
     """Yield a temporary folder to write into; on success it replaces `out` atomically
     (a rename); on failure it is removed and `out` is left as it was."""
     out = check_output(out, overwrite=overwrite, protect=protect, flag=flag)

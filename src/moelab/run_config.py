@@ -1,6 +1,7 @@
 """Run configuration: model + data + optimizer + trainer, from YAML recipes with dotted
 `key=value` overrides. Every error names the dotted key and what was expected.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,14 +23,18 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"          # replaced by `--data`
+    """Where the text comes from and how it becomes sequences: source, seq_len, validation share (by document),
+    tokenizer reuse, tokenizer training budget, text field."""
+
+    source: str = "stdlib"  # replaced by `--data`
     seq_len: int = 128
-    val_fraction: float = 0.05      # share of *documents* held out for validation
-    tokenizer: str | None = None    # reuse this tokenizer.json instead of training one
+    val_fraction: float = 0.05  # share of *documents* held out for validation
+    tokenizer: str | None = None  # reuse this tokenizer.json instead of training one
     tokenizer_train_bytes: int = 10_000_000  # train BPE on at most this much text
-    text_field: str = "text"        # .jsonl / .parquet column
+    text_field: str = "text"  # .jsonl / .parquet column
 
     def validate(self, p: str = "data.") -> None:
+        """Raise ConfigError naming the first out-of-range field (as data.FIELD)."""
         _pos_int(self.seq_len, p + "seq_len")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{p}val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
@@ -37,19 +42,31 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW and the learning-rate schedule: peak lr (or 'auto'), weight decay, betas, eps, grad clipping,
+    cosine/WSD/constant schedule with warmup."""
+
     lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)
-    lr_fit: str | None = None       # fit.json from `moelab lr-fit`, used by lr=auto
+    lr_fit: str | None = None  # fit.json from `moelab lr-fit`, used by lr=auto
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0          # max global grad norm; 0 = off
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 50
-    min_lr_ratio: float = 0.1       # final LR as a fraction of the peak
-    decay_fraction: float = 0.2     # WSD: share of steps spent decaying at the end
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying at the end
+
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate as a number; ConfigError while it is still 'auto' (the
+        trainer resolves 'auto' before building the optimizer)."""
+        if isinstance(self.lr, str):
+            raise ConfigError("optim.lr=auto has not been resolved to a number yet")
+        return self.lr
 
     def validate(self, p: str = "optim.") -> None:
+        """Raise ConfigError naming the first out-of-range field (as optim.FIELD)."""
         if self.lr != "auto" and self.lr <= 0:
             raise ConfigError(f"{p}lr: expected a positive number, got {self.lr!r}")
         if not 0 <= self.decay_fraction <= 1:
@@ -60,31 +77,46 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000               # the run's total length (the schedule's horizon)
-    batch_size: int = 16            # sequences per micro-batch
+    """The loop: length, batch, accumulation, seed, precision, device, logging, evaluation, checkpoints and health
+    thresholds."""
+
+    steps: int = 1000  # the run's total length (the schedule's horizon)
+    batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; CPUs without bf16 units: slow
     activation_checkpointing: bool = False
     device: str = "auto"
-    threads: int | None = None      # torch intra-op threads on CPU; None = torch's default
+    threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 200
     keep_checkpoints: int = 2
-    spike_factor: float = 2.0       # warn when loss > factor x running median ...
-    spike_window: int = 50          # ... of the last `spike_window` steps
+    spike_factor: float = 2.0  # warn when loss > factor x running median ...
+    spike_window: int = 50  # ... of the last `spike_window` steps
     collapse_max_violation: float = 3.0  # warn when an MoE layer stays above this ...
-    collapse_window: int = 20       # ... for this many consecutive logged steps
+    collapse_window: int = 20  # ... for this many consecutive logged steps
     # A NaN/inf loss or gradient norm: "stop" before the update (the default), or "skip"
     # the update and go on - at most `max_skipped_steps` in a row, then stop.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
 
     def validate(self, p: str = "train.") -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every",
-                     "eval_batches", "keep_checkpoints", "spike_window", "collapse_window", "max_skipped_steps"):
+        """Raise ConfigError naming the first out-of-range field (as train.FIELD)."""
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "eval_every",
+            "ckpt_every",
+            "eval_batches",
+            "keep_checkpoints",
+            "spike_window",
+            "collapse_window",
+            "max_skipped_steps",
+        ):
             _pos_int(getattr(self, name), p + name)
         if self.threads is not None:
             _pos_int(self.threads, p + "threads")
@@ -95,8 +127,8 @@ class TrainConfig:
 @dataclass
 class FinetuneConfig:
     recipe: Literal["none", "full", "freeze-experts", "freeze-router", "experts-only", "lora"] = "none"
-    expert_dropout: float = 0.0     # copied into model.moe.expert_dropout
-    aux_loss: bool = True           # false: lb and z coefficients set to 0 (printed, never silent)
+    expert_dropout: float = 0.0  # copied into model.moe.expert_dropout
+    aux_loss: bool = True  # false: lb and z coefficients set to 0 (printed, never silent)
     # Train on a seeded sample of this many examples: small fine-tuning sets are where
     # sparse models were found to overfit, so the report needs to be able to make one.
     train_examples: int | None = None
@@ -114,7 +146,7 @@ class FinetuneConfig:
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
-    targets: str = "attn,experts"   # comma-separated: attn, experts, router, ffn
+    targets: str = "attn,experts"  # comma-separated: attn, experts, router, ffn
 
     def target_list(self) -> list[str]:
         return [t.strip() for t in self.targets.split(",") if t.strip()]
@@ -122,6 +154,9 @@ class LoraConfig:
 
 @dataclass
 class RunConfig:
+    """Everything one run needs: model, data, optimizer, trainer, fine-tuning and LoRA settings, saved as
+    RUN/config.yaml."""
+
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +166,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> None:
+        """Validate every section; ConfigError names the first bad field by its dotted key."""
         self.finetune.validate()
         self.model.validate()
         self.data.validate()
@@ -140,6 +176,7 @@ class RunConfig:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
     def to_dict(self) -> dict:
+        """The config as nested plain dicts (what config.yaml holds)."""
         return dataclasses.asdict(self)
 
 
@@ -231,6 +268,7 @@ def _prepare_model_dict(d: dict) -> None:
 
 
 def config_from_dict(d: dict) -> RunConfig:
+    """A validated RunConfig from nested dicts; ConfigError naming an unknown key or a wrong type by its dotted path."""
     d = yaml.safe_load(yaml.safe_dump(d))  # deep copy through plain types
     _prepare_model_dict(d)
     cfg = _from_dict(RunConfig, d, "")
@@ -240,6 +278,7 @@ def config_from_dict(d: dict) -> RunConfig:
 
 # ---------------------------------------------------------------- files and overrides
 def list_recipes() -> list[str]:
+    """Names of the built-in recipes."""
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
@@ -248,8 +287,9 @@ def read_recipe(recipe_or_yaml: str) -> dict:
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{recipe_or_yaml}.yaml"
         if not path.exists():
-            raise ConfigError(f"recipe '{recipe_or_yaml}' not found: not a file, and not one of the "
-                              f"named recipes {list_recipes()}")
+            raise ConfigError(
+                f"recipe '{recipe_or_yaml}' not found: not a file, and not one of the named recipes {list_recipes()}"
+            )
     if not path.exists():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -270,11 +310,12 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         value = _parse_value(raw)
         parts = key.strip().split(".")
-        node, cls = d, RunConfig
+        node: dict = d
+        cls: Any = RunConfig
         for i, part in enumerate(parts):
             dotted = ".".join(parts[: i + 1])
-            names = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
-            if cls and part not in names:
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in names:
                 raise _unknown(dotted, part, names)
             if i == len(parts) - 1:
                 node[part] = value
@@ -302,6 +343,7 @@ def _parse_value(raw: str) -> Any:
 
 
 def load_config(recipe_or_yaml: str, overrides: list[str] | None = None) -> RunConfig:
+    """A named recipe or YAML file with dotted `key=value` overrides applied, validated."""
     return config_from_dict(apply_overrides(read_recipe(recipe_or_yaml), overrides or []))
 
 
@@ -316,15 +358,28 @@ def read_config(path: Path) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write `cfg` as YAML to `path` (read back by read_config)."""
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # Settings a resumed run may change: the horizon, and how it logs, evaluates, checkpoints
 # and watches itself. Everything else would make the resumed run a different run.
-RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
-             "train.keep_checkpoints", "train.threads", "train.device", "train.spike_factor",
-             "train.spike_window", "train.collapse_max_violation", "train.collapse_window",
-             "train.on_nonfinite", "train.max_skipped_steps")
+RESUMABLE = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.threads",
+    "train.device",
+    "train.spike_factor",
+    "train.spike_window",
+    "train.collapse_max_violation",
+    "train.collapse_window",
+    "train.on_nonfinite",
+    "train.max_skipped_steps",
+)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -339,8 +394,7 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """(dotted key, value in a, value in b) for every field that differs, keys sorted."""
     fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
-    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
-            if k not in ignore and fa.get(k) != fb.get(k)]
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if k not in ignore and fa.get(k) != fb.get(k)]
 
 
 def resume_config(saved: RunConfig, command: RunConfig, run_dir: Path) -> RunConfig:
@@ -350,9 +404,11 @@ def resume_config(saved: RunConfig, command: RunConfig, run_dir: Path) -> RunCon
     if diff:
         shown = "; ".join(f"{k}: run has {va!r}, command has {vb!r}" for k, va, vb in diff[:8])
         more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
-        raise ConfigError(f"--resume: the command differs from the config saved in {run_dir}: {shown}{more}. "
-                          "Resume with the same recipe, --data and overrides (only the --steps horizon and "
-                          "train.log_every/eval_every/ckpt_every-style settings may change), or start a new run")
+        raise ConfigError(
+            f"--resume: the command differs from the config saved in {run_dir}: {shown}{more}. "
+            "Resume with the same recipe, --data and overrides (only the --steps horizon and "
+            "train.log_every/eval_every/ckpt_every-style settings may change), or start a new run"
+        )
     out = copy.deepcopy(saved)
     for key in RESUMABLE:
         section, name = key.split(".")
@@ -361,6 +417,21 @@ def resume_config(saved: RunConfig, command: RunConfig, run_dir: Path) -> RunCon
     return out
 
 
-__all__ = ["RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "ModelConfig", "MoEConfig",
-           "ConfigError", "load_config", "read_config", "config_from_dict", "apply_overrides", "save_config", "list_recipes",
-           "config_diff", "resume_config", "RESUMABLE"]
+__all__ = [
+    "RunConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "ConfigError",
+    "load_config",
+    "read_config",
+    "config_from_dict",
+    "apply_overrides",
+    "save_config",
+    "list_recipes",
+    "config_diff",
+    "resume_config",
+    "RESUMABLE",
+]

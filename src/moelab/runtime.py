@@ -1,6 +1,7 @@
 """Process-level settings that make CPU training fast. Opt-in: a library must not
 change its host process behind its back, so the trainer and benchmarks call these.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,7 +33,9 @@ def tune_cpu_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1  # a C int: 1 << 40 would wrap
+        ok = (
+            libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        )  # a C int: 1 << 40 would wrap
     except (OSError, AttributeError):
         return False
     _tuned = ok
@@ -50,8 +53,10 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"train.device: expected auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name}: CUDA is not available here (torch {torch.__version__}); "
-                              "use train.device=cpu or auto")
+            raise ConfigError(
+                f"train.device={name}: CUDA is not available here (torch {torch.__version__}); "
+                "use train.device=cpu or auto"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"train.device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
     if dev.type == "mps" and not torch.backends.mps.is_available():

@@ -5,6 +5,7 @@ Curves come from each run's metrics.jsonl: validation loss against training toke
 training FLOPs (tokens x the model's FLOPs per token: 6 x active matmul parameters plus
 attention) and training wall-clock seconds (optimizer steps only).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import Any
 
 from ..config import ConfigError
 from ..run_config import RunConfig, load_config, read_config
@@ -20,20 +21,25 @@ from ..run_config import RunConfig, load_config, read_config
 
 @dataclass
 class RunCurves:
+    """A finished run's config and metrics records, with its validation-loss curve against tokens, FLOPs and seconds."""
+
     name: str
     cfg: RunConfig
     records: list[dict]
-    tokens: list[float] = field(default_factory=list)   # at each validation point
+    tokens: list[float] = field(default_factory=list)  # at each validation point
     flops: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
 
     @property
     def is_moe(self) -> bool:
+        """True when the run's model has at least one MoE layer."""
         return self.cfg.model.n_moe_layers > 0
 
 
 def read_run(run_dir: Path, name: str | None = None) -> RunCurves:
+    """Read a run folder's config.yaml and metrics.jsonl; ConfigError naming a missing file or a run without validation
+    points."""
     run_dir = Path(run_dir)
     for f in ("config.yaml", "metrics.jsonl"):
         if not (run_dir / f).is_file():
@@ -56,7 +62,7 @@ def read_run(run_dir: Path, name: str | None = None) -> RunCurves:
 def x_to_reach(xs: list[float], ys: list[float], target: float) -> float | None:
     """The first x at which the curve y(x) comes down to `target`, by linear
     interpolation between the stored points; None if it never does."""
-    for i, (x, y) in enumerate(zip(xs, ys)):
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         if y <= target:
             if i == 0:
                 return x
@@ -79,7 +85,7 @@ def y_at(xs: list[float], ys: list[float], x: float) -> float | None:
 def speedups(ref: RunCurves, other: RunCurves) -> dict:
     """How much less tokens / FLOPs / time `other` needs to reach `ref`'s final loss."""
     target = ref.val_loss[-1]
-    out = {"target_val_loss": target, "reached": False}
+    out: dict[str, Any] = {"target_val_loss": target, "reached": False}
     for axis in ("tokens", "flops", "seconds"):
         need = x_to_reach(getattr(other, axis), other.val_loss, target)
         out[f"{axis}_needed"] = need
@@ -90,20 +96,27 @@ def speedups(ref: RunCurves, other: RunCurves) -> dict:
 
 
 def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
+    """One run's entry of summary.json: name, final validation loss, tokens/s, peak memory, parameter counts and planned
+    weight/gradient/optimizer bytes."""
     from .memory import plan_memory
+
     pc = rc.cfg.model.param_counts()
     tps = [r["tokens_per_s"] for r in rc.records if r.get("tokens_per_s")]
     plan = plan_memory(rc.cfg.model, micro_batch=rc.cfg.train.batch_size, seq_len=rc.cfg.data.seq_len)
     last_moe = rc.records[-1].get("moe_layers", [])
     return {
-        "name": rc.name, "run_dir": str(run_dir) if run_dir else None,
+        "name": rc.name,
+        "run_dir": str(run_dir) if run_dir else None,
         "final_val_loss": rc.val_loss[-1],
         "tokens_per_s": sum(tps) / len(tps) if tps else None,
         "peak_mem_bytes": max(r.get("peak_mem_bytes", 0) for r in rc.records),
         "peak_mem_kind": "process peak RSS (CPU)" if rc.cfg.train.device in ("cpu", "auto") else "device",
         "tensor_bytes": {k: plan.bytes[k] for k in ("params", "grads", "optimizer")},
-        "params_total": pc["total"], "params_active": pc["active"],
-        "tokens": rc.tokens[-1], "flops": rc.flops[-1], "seconds": rc.seconds[-1],
+        "params_total": pc["total"],
+        "params_active": pc["active"],
+        "tokens": rc.tokens[-1],
+        "flops": rc.flops[-1],
+        "seconds": rc.seconds[-1],
         "loss_spikes": rc.records[-1].get("loss_spikes", 0),
         "final_max_violation": [m["max_violation"] for m in last_moe],
         "dead_experts": [m["dead_experts"] for m in last_moe],
@@ -114,41 +127,65 @@ def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
 def describe(ref: dict, other: dict, sp: dict) -> str:
     """Plain words from the numbers: what the MoE cost and what it bought."""
     a, b = ref["name"], other["name"]
-    parts = [f"{b} holds {other['params_total'] / ref['params_total']:.2f}x the parameters of {a} "
-             f"({other['params_total'] / 1e6:.1f} M vs {ref['params_total'] / 1e6:.1f} M) with "
-             f"{other['params_active'] / ref['params_active']:.2f}x the active parameters per token."]
+    parts = [
+        f"{b} holds {other['params_total'] / ref['params_total']:.2f}x the parameters of {a} "
+        f"({other['params_total'] / 1e6:.1f} M vs {ref['params_total'] / 1e6:.1f} M) with "
+        f"{other['params_active'] / ref['params_active']:.2f}x the active parameters per token."
+    ]
     if ref["tokens_per_s"] and other["tokens_per_s"]:
-        parts.append(f"It trained at {other['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s "
-                     f"({other['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f}).")
+        parts.append(
+            f"It trained at {other['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s "
+            f"({other['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f})."
+        )
     tb_ref, tb = sum(ref["tensor_bytes"].values()), sum(other["tensor_bytes"].values())
-    parts.append(f"Weights, gradients and AdamW state take {tb / tb_ref:.2f}x the bytes "
-                 f"({tb / 2**20:,.0f} MiB vs {tb_ref / 2**20:,.0f} MiB); peak process memory "
-                 f"{other['peak_mem_bytes'] / max(ref['peak_mem_bytes'], 1):.2f}x.")
+    parts.append(
+        f"Weights, gradients and AdamW state take {tb / tb_ref:.2f}x the bytes "
+        f"({tb / 2**20:,.0f} MiB vs {tb_ref / 2**20:,.0f} MiB); peak process memory "
+        f"{other['peak_mem_bytes'] / max(ref['peak_mem_bytes'], 1):.2f}x."
+    )
     if sp["val_loss_at_equal_flops"] is not None:
         d = sp["val_loss_at_equal_flops"] - ref["final_val_loss"]
-        parts.append(f"At {a}'s final training FLOPs its validation loss was {sp['val_loss_at_equal_flops']:.3f} "
-                     f"vs {ref['final_val_loss']:.3f} ({'better' if d < 0 else 'worse'} by {abs(d):.3f} nats/token).")
+        parts.append(
+            f"At {a}'s final training FLOPs its validation loss was {sp['val_loss_at_equal_flops']:.3f} "
+            f"vs {ref['final_val_loss']:.3f} ({'better' if d < 0 else 'worse'} by {abs(d):.3f} nats/token)."
+        )
     if sp["reached"]:
+
         def ratio(x: float | None, what: str) -> str:
             if not x:
                 return f"(no {what} figure)"
             return f"{x:.2f}x fewer {what}" if x >= 1 else f"{1 / x:.2f}x more {what}"
-        parts.append(f"It reached {a}'s final loss with {ratio(sp['tokens_speedup'], 'tokens')}, "
-                     f"{ratio(sp['flops_speedup'], 'FLOPs')} and {ratio(sp['seconds_speedup'], 'seconds of training')}.")
+
+        parts.append(
+            f"It reached {a}'s final loss with {ratio(sp['tokens_speedup'], 'tokens')}, "
+            f"{ratio(sp['flops_speedup'], 'FLOPs')} and {ratio(sp['seconds_speedup'], 'seconds of training')}."
+        )
     else:
-        parts.append(f"It did not reach {a}'s final loss ({ref['final_val_loss']:.3f}) within the budget "
-                     f"(its final: {other['final_val_loss']:.3f}).")
+        parts.append(
+            f"It did not reach {a}'s final loss ({ref['final_val_loss']:.3f}) within the budget "
+            f"(its final: {other['final_val_loss']:.3f})."
+        )
     if other["final_max_violation"]:
         mv = max(other["final_max_violation"])
-        parts.append(f"Routing: worst layer max-violation {mv:.2f} at the end (0 = perfectly balanced), "
-                     f"{sum(other['dead_experts'])} dead experts, {other['loss_spikes']} loss spikes.")
+        parts.append(
+            f"Routing: worst layer max-violation {mv:.2f} at the end (0 = perfectly balanced), "
+            f"{sum(other['dead_experts'])} dead experts, {other['loss_spikes']} loss spikes."
+        )
     return " ".join(parts)
 
 
-def compare(items: list[str], data: str | None, out: Path, steps: int | None = None, tokens: int | None = None,
-            overrides: list[str] | None = None, quiet: bool = False) -> dict:
+def compare(
+    items: list[str],
+    data: str | None,
+    out: Path,
+    steps: int | None = None,
+    tokens: int | None = None,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+) -> dict:
     """Train each recipe (or read each finished run folder) and write the report."""
     from .report import write_report
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves, dirs = [], []
@@ -165,9 +202,21 @@ def compare(items: list[str], data: str | None, out: Path, steps: int | None = N
             steps_i = steps or cfg.train.steps
         run_dir = out / "runs" / cfg.name
         # One process per run: peak memory (RSS on CPU) and speed are then each run's own.
-        cmd = [sys.executable, "-m", "moelab", "train", item, "--out", str(run_dir), "--steps", str(steps_i),
-               "--overwrite", *(["--data", data] if data else []), *(["--quiet"] if quiet else []),
-               *(overrides or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "moelab",
+            "train",
+            item,
+            "--out",
+            str(run_dir),
+            "--steps",
+            str(steps_i),
+            "--overwrite",
+            *(["--data", data] if data else []),
+            *(["--quiet"] if quiet else []),
+            *(overrides or []),
+        ]
         if subprocess.run(cmd).returncode != 0:
             raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
         curves.append(read_run(run_dir))
@@ -176,7 +225,7 @@ def compare(items: list[str], data: str | None, out: Path, steps: int | None = N
     if len(set(names)) != len(names):
         raise ConfigError(f"compare: run names must differ, got {names}")
     ref_i = next((i for i, c in enumerate(curves) if not c.is_moe), 0)
-    runs = [run_summary(c, d) for c, d in zip(curves, dirs)]
+    runs = [run_summary(c, d) for c, d in zip(curves, dirs, strict=True)]
     ref = runs[ref_i]
     speed = {c.name: speedups(curves[ref_i], c) for i, c in enumerate(curves) if i != ref_i}
     text = [describe(ref, r, speed[r["name"]]) for r in runs if r["name"] in speed]

@@ -15,6 +15,7 @@ FILE's images/ folder. Finished runs made with the same settings are reused, so 
 interrupted report continues where it stopped; other settings redo a fine-tune and
 are refused for a pretraining run.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ import math
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,9 @@ BEGIN, END = "<!-- finetune-report:begin -->", "<!-- finetune-report:end -->"
 
 @dataclass(frozen=True)
 class Variant:
+    """One fine-tuning variant of the report: a label, the `moelab finetune` recipe, its overrides, and which bases it
+    applies to (all, moe or dense)."""
+
     label: str
     recipe: str
     overrides: tuple[str, ...] = ()
@@ -64,15 +69,19 @@ VARIANTS = (
 
 
 def slug(label: str) -> str:
+    """A label as a folder name: lower case, runs of other characters as '-'."""
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
 
 
 def final_step(run: Path) -> int | None:
+    """The step of a run folder's latest complete checkpoint, or None when it has none."""
     ck = latest_checkpoint(run / "checkpoints")
     return int(check_checkpoint(ck)["step"]) if ck else None
 
 
 def pretrain(base: str, out: Path, data: str, steps: int | None, overrides: list[str], quiet: bool) -> Path:
+    """Pretrain (or reuse, or resume) base recipe `base` on `data` in OUT/pretrain/BASE; returns the run folder. A
+    reused run must have been made with the same settings."""
     cfg = load_config(base, overrides)
     cfg.data.source = data
     if steps is not None:
@@ -96,18 +105,36 @@ def score(r, cfg, data_src: str) -> tuple[float, float, int]:
     data = finetune_data(cfg, data_src, r.need_tokenizer(), r.checkpoint.parent.parent, verbose=False)
     bs, device = cfg.train.batch_size, next(r.model.parameters()).device
     n_train = min(len(data.train), 1024)  # enough for a stable mean, bounded cost
-    return (evaluate(r.model, data.train, bs, math.ceil(n_train / bs), device, nullcontext()),
-            evaluate(r.model, data.val, bs, math.ceil(len(data.val) / bs), device, nullcontext()), len(data.val))
+    return (
+        evaluate(r.model, data.train, bs, math.ceil(n_train / bs), device, nullcontext()),
+        evaluate(r.model, data.val, bs, math.ceil(len(data.val) / bs), device, nullcontext()),
+        len(data.val),
+    )
 
 
-def run_report(out: Path, bases: list[str], data: str = "stdlib-docstrings", pretrain_data: str = "stdlib",
-               pretrain_steps: int | None = None, pretrain_overrides: list[str] = (), steps: int = 100,
-               train_examples: int = 400, lr: float = 1e-3, lora_lr: float = 3e-3, batch_size: int = 16,
-               ft_overrides: list[str] = (), doc: Path | None = None, command: str = "",
-               quiet: bool = False) -> dict:
+def run_report(
+    out: Path,
+    bases: list[str],
+    data: str = "stdlib-docstrings",
+    pretrain_data: str = "stdlib",
+    pretrain_steps: int | None = None,
+    pretrain_overrides: Sequence[str] = (),
+    steps: int = 100,
+    train_examples: int = 400,
+    lr: float = 1e-3,
+    lora_lr: float = 3e-3,
+    batch_size: int = 16,
+    ft_overrides: Sequence[str] = (),
+    doc: Path | None = None,
+    command: str = "",
+    quiet: bool = False,
+) -> dict:
+    """Pretrain each base, fine-tune it with every applicable variant, score train and held-out loss, write report.json,
+    report.md and heldout_loss.png in `out` (and the section of `doc`); returns the report as a dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, curves = [], {}
+    rows: list[dict] = []
+    curves: dict[str, list] = {}
     for base in bases:
         base_run = pretrain(base, out, pretrain_data, pretrain_steps, list(pretrain_overrides), quiet)
         loaded = load_run(base_run)
@@ -116,26 +143,44 @@ def run_report(out: Path, bases: list[str], data: str = "stdlib-docstrings", pre
         cfg.finetune.train_examples, cfg.train.batch_size = train_examples, batch_size
         tr0, ho0, n_val = score(loaded, cfg, data)
         del loaded
-        rows.append({"base": base, "variant": "(pretrained, not fine-tuned)", "trainable": 0,
-                     "train_loss": tr0, "heldout_loss": ho0, "gap": ho0 - tr0, "tokens_per_s": None})
+        rows.append(
+            {
+                "base": base,
+                "variant": "(pretrained, not fine-tuned)",
+                "trainable": 0,
+                "train_loss": tr0,
+                "heldout_loss": ho0,
+                "gap": ho0 - tr0,
+                "tokens_per_s": None,
+            }
+        )
         kind = "moe" if cfg.model.moe is not None else "dense"
         for v in VARIANTS:
             if v.models not in ("all", kind):
                 continue
             ft_dir = out / "finetune" / base / slug(v.label)
-            sets = [f"finetune.train_examples={train_examples}", f"train.batch_size={batch_size}",
-                    f"optim.lr={lora_lr if v.recipe == 'lora' else lr}",
-                    f"optim.warmup_steps={max(1, steps // 10)}", f"train.eval_every={max(1, steps // 10)}",
-                    f"train.eval_batches={math.ceil(n_val / batch_size)}", f"train.ckpt_every={steps}",
-                    "train.keep_checkpoints=1", "lora.rank=16", "lora.alpha=32", *v.overrides, *ft_overrides]
+            sets = [
+                f"finetune.train_examples={train_examples}",
+                f"train.batch_size={batch_size}",
+                f"optim.lr={lora_lr if v.recipe == 'lora' else lr}",
+                f"optim.warmup_steps={max(1, steps // 10)}",
+                f"train.eval_every={max(1, steps // 10)}",
+                f"train.eval_batches={math.ceil(n_val / batch_size)}",
+                f"train.ckpt_every={steps}",
+                "train.keep_checkpoints=1",
+                "lora.rank=16",
+                "lora.alpha=32",
+                *v.overrides,
+                *ft_overrides,
+            ]
             info, stamp = ft_dir / "finetune.json", ft_dir / "report-settings.json"
             wanted = json.dumps({"recipe": v.recipe, "data": data, "steps": steps, "overrides": sets})
             # reuse only a finished run made with exactly these settings; anything else is redone
-            if not (info.is_file() and stamp.is_file() and stamp.read_text() == wanted
-                    and final_step(ft_dir) == steps):
+            if not (info.is_file() and stamp.is_file() and stamp.read_text() == wanted and final_step(ft_dir) == steps):
                 print(f"fine-tuning {base}: {v.label} -> {ft_dir}", file=sys.stderr)
-                finetune(str(base_run), data, ft_dir, v.recipe, steps=steps, overrides=sets, overwrite=True,
-                         quiet=quiet)
+                finetune(
+                    str(base_run), data, ft_dir, v.recipe, steps=steps, overrides=sets, overwrite=True, quiet=quiet
+                )
                 stamp.write_text(wanted)
             meta = json.loads(info.read_text())
             records = read_run(ft_dir).records
@@ -143,14 +188,33 @@ def run_report(out: Path, bases: list[str], data: str = "stdlib-docstrings", pre
             last = records[-1]
             r = load_run(ft_dir)
             tr, ho, _ = score(r, r.cfg, data)
-            rows.append({"base": base, "variant": v.label, "trainable": meta["trainable"], "total": meta["total"],
-                         "train_loss": tr, "heldout_loss": ho, "gap": ho - tr,
-                         "tokens_per_s": last["tokens"] / last["elapsed_s"] if last.get("elapsed_s") else None,
-                         "train_examples": meta["train_examples"], "heldout_examples": meta["heldout_examples"]})
+            rows.append(
+                {
+                    "base": base,
+                    "variant": v.label,
+                    "trainable": meta["trainable"],
+                    "total": meta["total"],
+                    "train_loss": tr,
+                    "heldout_loss": ho,
+                    "gap": ho - tr,
+                    "tokens_per_s": last["tokens"] / last["elapsed_s"] if last.get("elapsed_s") else None,
+                    "train_examples": meta["train_examples"],
+                    "heldout_examples": meta["heldout_examples"],
+                }
+            )
             curves.setdefault(base, []).append((v.label, curve))
-    settings = {"bases": bases, "data": data, "pretrain_data": pretrain_data, "pretrain_steps": pretrain_steps,
-                "steps": steps, "train_examples": train_examples, "batch_size": batch_size, "lr": lr,
-                "lora_lr": lora_lr, "command": command}
+    settings = {
+        "bases": bases,
+        "data": data,
+        "pretrain_data": pretrain_data,
+        "pretrain_steps": pretrain_steps,
+        "steps": steps,
+        "train_examples": train_examples,
+        "batch_size": batch_size,
+        "lr": lr,
+        "lora_lr": lora_lr,
+        "command": command,
+    }
     result = {"settings": settings, "rows": rows, "curves": curves}
     (out / "report.json").write_text(json.dumps(result, indent=1))
     plot = plot_curves(curves, out / "heldout_loss.png")
@@ -165,8 +229,9 @@ def run_report(out: Path, bases: list[str], data: str = "stdlib-docstrings", pre
 
 
 def plot_curves(curves: dict, path: Path) -> Path:
+    """Plot held-out loss against fine-tuning step, one panel per base; returns the PNG path."""
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False, sharey=True)
-    for ax, (base, runs) in zip(axes[0], curves.items()):
+    for ax, (base, runs) in zip(axes[0], curves.items(), strict=True):
         for label, pts in runs:
             ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=label)
         ax.set_title(base)
@@ -181,31 +246,45 @@ def plot_curves(curves: dict, path: Path) -> Path:
 
 
 def markdown(result: dict, image: str) -> str:
+    """The report as Markdown: settings, one table row per variant, and the plot `image`."""
     s = result["settings"]
-    head = ("| base | variant | trainable params | train loss | held-out loss | gap | tokens/s |\n"
-            "|---|---|---:|---:|---:|---:|---:|")
+    head = (
+        "| base | variant | trainable params | train loss | held-out loss | gap | tokens/s |\n"
+        "|---|---|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for r in result["rows"]:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
-        lines.append(f"| {r['base']} | {r['variant']} | {r['trainable']:,} | {r['train_loss']:.4f} | "
-                     f"{r['heldout_loss']:.4f} | {r['gap']:+.4f} | {tps} |")
-    return "\n".join([
-        f"Command: `{s['command']}`" if s["command"] else "",
-        "",
-        f"Bases pretrained on `{s['pretrain_data']}` for {s['pretrain_steps'] or 'the recipe'} steps; each variant "
-        f"fine-tuned on {s['train_examples']} `{s['data']}` training examples for {s['steps']} steps of "
-        f"{s['batch_size']} (lr {s['lr']:g}, LoRA {s['lora_lr']:g}, rank 16, alpha 32). Train and held-out "
-        "losses are measured after fine-tuning, in eval mode, on the completion tokens of the training "
-        "examples seen and of the held-out split (whole modules, for stdlib-docstrings); gap = held-out − train. tokens/s counts real "
-        "(unpadded) tokens per second of optimizer steps.",
-        "",
-        *lines,
-        "",
-        f"![held-out loss over fine-tuning steps]({image})",
-    ]).strip() + "\n"
+        lines.append(
+            f"| {r['base']} | {r['variant']} | {r['trainable']:,} | {r['train_loss']:.4f} | "
+            f"{r['heldout_loss']:.4f} | {r['gap']:+.4f} | {tps} |"
+        )
+    return (
+        "\n".join(
+            [
+                f"Command: `{s['command']}`" if s["command"] else "",
+                "",
+                f"Bases pretrained on `{s['pretrain_data']}` for {s['pretrain_steps'] or 'the recipe'} steps; "
+                "each variant "
+                f"fine-tuned on {s['train_examples']} `{s['data']}` training examples for {s['steps']} steps of "
+                f"{s['batch_size']} (lr {s['lr']:g}, LoRA {s['lora_lr']:g}, rank 16, alpha 32). Train and held-out "
+                "losses are measured after fine-tuning, in eval mode, on the completion tokens of the training "
+                "examples seen and of the held-out split (whole modules, for stdlib-docstrings); "
+                "gap = held-out − train. tokens/s counts real "
+                "(unpadded) tokens per second of optimizer steps.",
+                "",
+                *lines,
+                "",
+                f"![held-out loss over fine-tuning steps]({image})",
+            ]
+        ).strip()
+        + "\n"
+    )
 
 
 def splice(doc: Path, body: str) -> None:
+    """Replace the text between the report markers of `doc` with `body` (append the section when the markers are
+    missing)."""
     text = doc.read_text() if doc.is_file() else ""
     if BEGIN in text and END in text:
         pre, rest = text.split(BEGIN, 1)

@@ -16,6 +16,7 @@ balance loss; moelab balances each layer and averages. The loop here follows moe
 definition so that the comparison isolates the implementation (docs/quality.md discusses
 the definitions).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,8 @@ from ..train.optim import lr_at
 
 def _hf_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """moelab's rule on Hugging Face names: decay matrices, not embeddings or gains."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -47,6 +49,7 @@ def _hf_loss(hf, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> tuple[torc
     if moe is None:
         return lm, lm
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
     aux = []
     for logits_TE in out.router_logits:
         lb = load_balancing_loss_func((logits_TE,), moe.n_experts, moe.top_k) / moe.top_k
@@ -71,23 +74,34 @@ def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir or tmp)
         init: dict = {}
-        train(cfg, work / "moelab", quiet=True, overwrite=True,
-              prepare_model=lambda m: init.update({k: v.detach().clone() for k, v in m.state_dict().items()}))
+        train(
+            cfg,
+            work / "moelab",
+            quiet=True,
+            overwrite=True,
+            prepare_model=lambda m: init.update({k: v.detach().clone() for k, v in m.state_dict().items()}),
+        )
         recs = [json.loads(line) for line in (work / "moelab" / "metrics.jsonl").read_text().splitlines()]
         ours, ours_lm = [r["loss"] for r in recs], [r["lm_loss"] for r in recs]
 
         start = Transformer(cfg.model)
         start.load_state_dict(init)
         export_hf(start, work / "hf", work / "moelab" / "tokenizer.json")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(work / "hf", attn_implementation="sdpa",
-                                                               dtype=torch.float32)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            work / "hf", attn_implementation="sdpa", dtype=torch.float32
+        )
         arch = hf.config.model_type
         hf.train()
         o = cfg.optim
-        opt = torch.optim.AdamW(_hf_param_groups(hf, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        data = prepare_data(cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size,
-                            val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                            tokenizer_path=work / "moelab" / "tokenizer.json")
+        opt = torch.optim.AdamW(_hf_param_groups(hf, o.weight_decay), lr=o.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        data = prepare_data(
+            cfg.data.source,
+            cfg.data.seq_len,
+            cfg.model.vocab_size,
+            val_fraction=cfg.data.val_fraction,
+            text_field=cfg.data.text_field,
+            tokenizer_path=work / "moelab" / "tokenizer.json",
+        )
         sampler = Sampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
         theirs, theirs_lm = [], []
         clip = o.grad_clip if o.grad_clip > 0 else math.inf
@@ -106,6 +120,12 @@ def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = Non
             opt.zero_grad(set_to_none=True)
             theirs.append(loss_sum)
             theirs_lm.append(lm_sum)
-    diff = max(abs(a - b) for a, b in zip(ours, theirs))
-    return {"arch": arch, "moelab": ours, "transformers": theirs, "lm_moelab": ours_lm,
-            "lm_transformers": theirs_lm, "max_abs_diff": diff}
+    diff = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
+    return {
+        "arch": arch,
+        "moelab": ours,
+        "transformers": theirs,
+        "lm_moelab": ours_lm,
+        "lm_transformers": theirs_lm,
+        "max_abs_diff": diff,
+    }

@@ -7,6 +7,7 @@ Size ladder: a size is a d_model. Heads keep the recipe's head dimension, d_ff a
 expert hidden keep their ratio to d_model, and depth scales with width (fixed
 d_model / n_layers aspect ratio, at least 2 layers).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,8 @@ def mm1_lr(n_params: float) -> float:
 
 
 def scale_model(base: ModelConfig, d_model: int) -> ModelConfig:
+    """The recipe's model at width `d_model`: head dimension kept, FFN and expert widths in proportion, depth by the
+    fixed aspect ratio (at least 2 layers)."""
     hd = base.head_dim
     if d_model % hd:
         raise ConfigError(f"--sizes: d_model {d_model} is not a multiple of the recipe's head dim {hd}")
@@ -41,16 +44,33 @@ def scale_model(base: ModelConfig, d_model: int) -> ModelConfig:
     moe = None
     if base.moe is not None:
         m = base.moe
-        moe = MoEConfig(**{**m.__dict__, "d_model": d_model, "d_expert": max(4, round(m.d_expert * r / 4) * 4),
-                           "d_shared": None if m.d_shared is None else max(4, round(m.d_shared * r / 4) * 4)})
-    return ModelConfig(**{**base.__dict__, "d_model": d_model, "n_heads": n_heads, "n_kv_heads": kv,
-                          "d_ff": max(4, round(base.d_ff * r / 4) * 4), "n_layers": max(2, round(base.n_layers * r)),
-                          "moe": moe})
+        moe = MoEConfig(
+            **{
+                **m.__dict__,
+                "d_model": d_model,
+                "d_expert": max(4, round(m.d_expert * r / 4) * 4),
+                "d_shared": None if m.d_shared is None else max(4, round(m.d_shared * r / 4) * 4),
+            }
+        )
+    return ModelConfig(
+        **{
+            **base.__dict__,
+            "d_model": d_model,
+            "n_heads": n_heads,
+            "n_kv_heads": kv,
+            "d_ff": max(4, round(base.d_ff * r / 4) * 4),
+            "n_layers": max(2, round(base.n_layers * r)),
+            "moe": moe,
+        }
+    )
 
 
 # ------------------------------------------------------------------ fitting
 @dataclass
 class SizeOptimum:
+    """The best learning rate found at one size: parameter count N, the optimum (quadratic in log LR around the grid
+    minimum), its loss, and whether it lies at the grid's edge."""
+
     d_model: int
     n_params: int
     lr: float
@@ -86,7 +106,7 @@ def fit_power_law(n: list[float], lr: list[float], bootstrap: int = 1000, seed: 
     a, b = np.polyfit(x, y, 1)
     resid = y - (a * x + b)
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    r2 = 1 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 1.0
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(bootstrap):
@@ -95,16 +115,22 @@ def fit_power_law(n: list[float], lr: list[float], bootstrap: int = 1000, seed: 
             continue
         samples.append(np.polyfit(x[idx], y[idx], 1))
     s = np.asarray(samples) if samples else np.asarray([[a, b]])
-    return {"a": float(a), "b": float(b), "r2": r2,
-            "a_interval": [float(np.percentile(s[:, 0], 5)), float(np.percentile(s[:, 0], 95))],
-            "b_interval": [float(np.percentile(s[:, 1], 5)), float(np.percentile(s[:, 1], 95))]}
+    return {
+        "a": float(a),
+        "b": float(b),
+        "r2": r2,
+        "a_interval": [float(np.percentile(s[:, 0], 5)), float(np.percentile(s[:, 0], 95))],
+        "b_interval": [float(np.percentile(s[:, 1], 5)), float(np.percentile(s[:, 1], 95))],
+    }
 
 
 def predict_lr(fit: dict, n_params: float) -> float:
+    """exp(a * log(n_params) + b): the learning rate a fit predicts for a model of `n_params`."""
     return math.exp(fit["a"] * math.log(n_params) + fit["b"])
 
 
 def read_sweep(sweep_dir: Path) -> list[dict]:
+    """The rows of DIR/sweep.jsonl (one per finished run); ConfigError when the file is missing."""
     path = Path(sweep_dir) / "sweep.jsonl"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: run `moelab lr-sweep` first")
@@ -112,6 +138,8 @@ def read_sweep(sweep_dir: Path) -> list[dict]:
 
 
 def fit_sweep(sweep_dir: Path, count: str = "non_embedding", target_params: float | None = None) -> dict:
+    """Fit log(lr*) = a log(N) + b over the sweep's per-size optima (N counted as `count`), with a bootstrap interval,
+    write fit.json and lr_fit.png, and predict for `target_params`; returns the fit as a dict."""
     if count not in COUNTS:
         raise ConfigError(f"--count: expected one of {list(COUNTS)}, got {count!r}")
     rows = read_sweep(sweep_dir)
@@ -130,27 +158,32 @@ def fit_sweep(sweep_dir: Path, count: str = "non_embedding", target_params: floa
             print(f"warning (d_model={d}): {w.message}")
         optima.append(SizeOptimum(d, ok[0]["params"][count], lr, loss, edge))
     fit = fit_power_law([o.n_params for o in optima], [o.lr for o in optima])
-    out = {"count": count, "fit": fit, "mm1": {"a": MM1_A, "b": MM1_B},
-           "optima": [o.__dict__ for o in optima]}
+    out = {"count": count, "fit": fit, "mm1": {"a": MM1_A, "b": MM1_B}, "optima": [o.__dict__ for o in optima]}
     if target_params:
         eta = predict_lr(fit, target_params)
-        out["target"] = {"params": target_params, "lr": eta, "weight_decay": 0.1 * eta,
-                         "mm1_lr": mm1_lr(target_params)}
+        out["target"] = {"params": target_params, "lr": eta, "weight_decay": 0.1 * eta, "mm1_lr": mm1_lr(target_params)}
     (Path(sweep_dir) / "fit.json").write_text(json.dumps(out, indent=1))
     plot_fit(Path(sweep_dir), rows, out)
     return out
 
 
 def plot_fit(sweep_dir: Path, rows: list[dict], fit_out: dict) -> Path:
+    """Plot loss against LR per size and the fitted rule against N (with MM1's); returns the PNG path."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     count = fit_out["count"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for d in sorted({r["d_model"] for r in rows}):
         rs = sorted((r for r in rows if r["d_model"] == d and r["final_val_loss"] is not None), key=lambda r: r["lr"])
-        ax1.plot([r["lr"] for r in rs], [r["final_val_loss"] for r in rs], marker="o",
-                 label=f"d={d} (N={rs[0]['params'][count] / 1e6:.2f} M)" if rs else f"d={d}")
+        ax1.plot(
+            [r["lr"] for r in rs],
+            [r["final_val_loss"] for r in rs],
+            marker="o",
+            label=f"d={d} (N={rs[0]['params'][count] / 1e6:.2f} M)" if rs else f"d={d}",
+        )
     for o in fit_out["optima"]:
         ax1.plot(o["lr"], o["loss"], "k*", ms=10)
     ax1.set_xscale("log")
@@ -162,8 +195,9 @@ def plot_fit(sweep_dir: Path, rows: list[dict], fit_out: dict) -> Path:
     grid = np.geomspace(ns.min() / 3, max(ns.max() * 3, fit_out.get("target", {}).get("params", 0)), 50)
     f = fit_out["fit"]
     ax2.loglog(ns, [o["lr"] for o in fit_out["optima"]], "ko", label="optimum per size")
-    ax2.loglog(grid, np.exp(f["a"] * np.log(grid) + f["b"]),
-               label=f"fit: a={f['a']:.3f}, b={f['b']:.3f}, R²={f['r2']:.2f}")
+    ax2.loglog(
+        grid, np.exp(f["a"] * np.log(grid) + f["b"]), label=f"fit: a={f['a']:.3f}, b={f['b']:.3f}, R²={f['r2']:.2f}"
+    )
     ax2.loglog(grid, [mm1_lr(n) for n in grid], "--", label="MM1: a=-0.4214, b=-0.5535")
     if "target" in fit_out:
         ax2.loglog(fit_out["target"]["params"], fit_out["target"]["lr"], "r*", ms=12, label="target")

@@ -3,6 +3,7 @@
 DIR/sweep.jsonl gets one line per finished run; a killed sweep continues where it
 stopped (finished runs are skipped, a half-finished one resumes from its checkpoint).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,24 @@ from .lr_scaling import read_sweep, scale_model
 
 
 def run_name(d_model: int, lr: float) -> str:
+    """The run folder name of one grid point, e.g. 'd64-lr0.003'."""
     return f"d{d_model}-lr{lr:.3g}"
 
 
-def lr_sweep(recipe: str, sizes: list[int], lrs: list[float], data: str | None, out: Path,
-             steps: int | None = None, tokens_per_param: float | None = None,
-             overrides: list[str] | None = None, quiet: bool = False) -> list[dict]:
+def lr_sweep(
+    recipe: str,
+    sizes: list[int],
+    lrs: list[float],
+    data: str | None,
+    out: Path,
+    steps: int | None = None,
+    tokens_per_param: float | None = None,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+) -> list[dict]:
+    """Train `recipe` at every size and peak LR of the grid into OUT/runs, appending one row per finished run to
+    OUT/sweep.jsonl; finished runs are skipped and interrupted ones resumed. A diverged run is recorded with loss
+    None. Returns all rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(recipe, overrides)
@@ -56,9 +69,15 @@ def lr_sweep(recipe: str, sizes: list[int], lrs: list[float], data: str | None, 
             loss = res.final_val_loss
         except NonFiniteError:  # a diverged LR is a result, not a crash of the sweep
             loss = None
-        row = {"d_model": d, "n_layers": cfg.model.n_layers, "lr": lr, "steps": cfg.train.steps,
-               "params": {k: counts[k] for k in ("non_embedding", "active", "total")}, "final_val_loss": loss,
-               "moe": cfg.model.moe is not None}
+        row = {
+            "d_model": d,
+            "n_layers": cfg.model.n_layers,
+            "lr": lr,
+            "steps": cfg.train.steps,
+            "params": {k: counts[k] for k in ("non_embedding", "active", "total")},
+            "final_val_loss": loss,
+            "moe": cfg.model.moe is not None,
+        }
         with open(out / "sweep.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
     rows = read_sweep(out)

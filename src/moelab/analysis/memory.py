@@ -24,20 +24,23 @@ activations recomputed at a time in backward. Capacity padding: moelab drops or 
 rows without padded E x C buffers, so there is none; padded implementations hold
 capacity_factor * k * T rows instead of k * T.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..config import ConfigError, ModelConfig
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def _param_inventory(cfg: ModelConfig) -> dict:
     """Counts of expert / non-expert parameters and parameter tensors (exact)."""
     from ..model import Transformer
+
     with torch.device("meta"):
         model = Transformer(cfg)
     inv = {"expert": 0, "other": 0, "expert_tensors": 0, "other_tensors": 0}
@@ -65,15 +68,29 @@ def activation_elements_per_token(cfg: ModelConfig) -> dict[str, float]:
     moe = 0.0
     if cfg.moe is not None:
         m = cfg.moe
-        moe = (2 * D + 2 * m.n_experts + m.top_k * D + 4 * m.top_k * m.d_expert
-               + m.top_k * min(D, m.d_expert) + (4 * m.d_shared_total if m.n_shared_experts else 0))
+        moe = (
+            2 * D
+            + 2 * m.n_experts
+            + m.top_k * D
+            + 4 * m.top_k * m.d_expert
+            + m.top_k * min(D, m.d_expert)
+            + (4 * m.d_shared_total if m.n_shared_experts else 0)
+        )
     n_moe = cfg.n_moe_layers
-    return {"attention": cfg.n_layers * attn, "dense_ffn": (cfg.n_layers - n_moe) * dense,
-            "moe_ffn": n_moe * moe, "head": 2 * D + V, "per_layer_max": attn + max(dense, moe)}
+    return {
+        "attention": cfg.n_layers * attn,
+        "dense_ffn": (cfg.n_layers - n_moe) * dense,
+        "moe_ffn": n_moe * moe,
+        "head": 2 * D + V,
+        "per_layer_max": attn + max(dense, moe),
+    }
 
 
 @dataclass
 class MemoryPlan:
+    """Predicted bytes per device for one model: params, grads, optimizer, activations, comm and total, with parameter
+    counts and one-line notes on what the experts cost."""
+
     name: str
     params_total: int
     params_active: int
@@ -81,13 +98,31 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "params_total": self.params_total, "params_active": self.params_active,
-                "bytes": self.bytes, "notes": self.notes}
+        """The plan as a JSON-ready dict (what `moelab memory --json` prints)."""
+        return {
+            "name": self.name,
+            "params_total": self.params_total,
+            "params_active": self.params_active,
+            "bytes": self.bytes,
+            "notes": self.notes,
+        }
 
 
-def plan_memory(cfg: ModelConfig, *, name: str = "model", micro_batch: int = 1, seq_len: int | None = None,
-                devices: int = 1, expert_parallel: int = 1, zero: int = 0, dtype: str = "fp32",
-                activation_checkpointing: bool = False) -> MemoryPlan:
+def plan_memory(
+    cfg: ModelConfig,
+    *,
+    name: str = "model",
+    micro_batch: int = 1,
+    seq_len: int | None = None,
+    devices: int = 1,
+    expert_parallel: int = 1,
+    zero: int = 0,
+    dtype: str = "fp32",
+    activation_checkpointing: bool = False,
+) -> MemoryPlan:
+    """Predict memory per device for `cfg` training with micro-batch x seq_len tokens on `devices` devices, experts
+    split `expert_parallel` ways, ZeRO stage `zero`, fp32 or bf16 mixed precision, with or without activation
+    checkpointing. Raises ValueError for a layout that does not fit."""
     S = seq_len or cfg.max_seq_len
     T = micro_batch * S
     if devices % expert_parallel:
@@ -137,7 +172,11 @@ def plan_memory(cfg: ModelConfig, *, name: str = "model", micro_batch: int = 1, 
 
 
 def moe_notes(cfg: ModelConfig, T: int, ab: int, pb: int, gb: int, ob: int, ep: int) -> list[str]:
+    """One-line explanations of why an MoE needs more memory than its dense twin (experts, optimizer state, dispatch
+    buffers, router, capacity padding, expert parallelism), with byte figures."""
     m, pc = cfg.moe, cfg.param_counts()
+    if m is None:
+        return []
     extra = pc["total"] - pc["active"]
     L = cfg.n_moe_layers
     gathered = ab * T * m.top_k * cfg.d_model * L
@@ -152,16 +191,18 @@ def moe_notes(cfg: ModelConfig, T: int, ab: int, pb: int, gb: int, ob: int, ep: 
         f"{gathered / GiB:,.3f} GiB over {L} MoE layers",
         f"router: logits and probabilities, 2*T*E per layer: {router / GiB:,.4f} GiB",
         "capacity padding: none (moelab drops or keeps rows; padded E x C buffers would add "
-        f"(capacity_factor - 1) x the dispatch rows)",
+        "(capacity_factor - 1) x the dispatch rows)",
     ]
     if ep > 1:
-        notes.append(f"expert parallelism: all-to-all send+receive buffers of {m.top_k}*T*D per MoE layer in flight; "
-                     f"experts split {ep} ways ({m.n_experts // ep} per device)")
+        notes.append(
+            f"expert parallelism: all-to-all send+receive buffers of {m.top_k}*T*D per MoE layer in flight; "
+            f"experts split {ep} ways ({m.n_experts // ep} per device)"
+        )
     return notes
 
 
 # ------------------------------------------------------------------ measurement
-def measure_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[int, object]:
+def measure_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[int, Any]:
     """Bytes of distinct storages autograd saves during one forward (parameters
     excluded), plus the returned logits. Returns (bytes, model output)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -178,18 +219,21 @@ def measure_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tu
     return sum(seen.values()) + out.logits.numel() * out.logits.element_size(), out
 
 
-def measure_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int = 2,
-                   isolated: bool = True) -> dict[str, int]:
+def measure_memory(
+    cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int = 2, isolated: bool = True
+) -> dict[str, int]:
     """Run real fp32 AdamW steps on this machine and read each category off the tensors.
     `isolated` runs them in a fresh process so its peak RSS belongs to this model alone."""
     if isolated:
         import multiprocessing as mp
+
         with mp.get_context("spawn").Pool(1) as pool:
             return pool.apply(measure_memory, (cfg, micro_batch, seq_len, steps, False))
     import resource
 
     from ..model import Transformer
     from ..train.optim import param_groups
+
     torch.manual_seed(0)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
@@ -201,22 +245,43 @@ def measure_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int 
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                    if torch.is_tensor(t))
-    return {"params": sum(p.numel() * p.element_size() for p in model.parameters()), "grads": grads,
-            "optimizer": opt_bytes, "activations": act,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    opt_bytes = sum(
+        t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)
+    )
+    return {
+        "params": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "grads": grads,
+        "optimizer": opt_bytes,
+        "activations": act,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
-def plan_and_measure(cfg, *, micro_batch: int, seq_len: int, devices: int = 1, expert_parallel: int = 1,
-                     zero: int = 0, dtype: str = "fp32", activation_checkpointing: bool = False,
-                     measure: bool = False) -> tuple[list[MemoryPlan], dict[str, dict]]:
+def plan_and_measure(
+    cfg,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    devices: int = 1,
+    expert_parallel: int = 1,
+    zero: int = 0,
+    dtype: str = "fp32",
+    activation_checkpointing: bool = False,
+    measure: bool = False,
+) -> tuple[list[MemoryPlan], dict[str, dict]]:
     """Plans for a run config's model and, for an MoE, its dense twin; measured here on request."""
     models = [(cfg.name, cfg.model)]
     if cfg.model.moe is not None:
         models.append((f"{cfg.name} dense twin", dense_twin(cfg.model)))
-    kw = dict(micro_batch=micro_batch, seq_len=seq_len, devices=devices, expert_parallel=expert_parallel,
-              zero=zero, dtype=dtype, activation_checkpointing=activation_checkpointing)
+    kw: dict[str, Any] = dict(
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        devices=devices,
+        expert_parallel=expert_parallel,
+        zero=zero,
+        dtype=dtype,
+        activation_checkpointing=activation_checkpointing,
+    )
     try:
         plans = [plan_memory(m, name=n, **kw) for n, m in models]
     except ValueError as e:
@@ -225,16 +290,18 @@ def plan_and_measure(cfg, *, micro_batch: int, seq_len: int, devices: int = 1, e
     if measure:
         if devices != 1 or dtype != "fp32" or activation_checkpointing:
             raise ConfigError("--measure runs on this machine: use --devices 1, --dtype fp32, no checkpointing")
-        for (n, m), p in zip(models, plans):
-            if p.bytes["total"] > 8 * 1024 ** 3:
-                raise ConfigError(f"--measure: {n} needs about {p.bytes['total'] / 1024 ** 3:.0f} GiB; "
-                                  "measure a smaller recipe or batch")
+        for (n, m), p in zip(models, plans, strict=True):
+            if p.bytes["total"] > 8 * 1024**3:
+                raise ConfigError(
+                    f"--measure: {n} needs about {p.bytes['total'] / 1024**3:.0f} GiB; "
+                    "measure a smaller recipe or batch"
+                )
             measured[n] = measure_memory(m, micro_batch, seq_len)
     return plans, measured
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit, div in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    for unit, div in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
         if abs(n) >= div:
             return f"{n / div:,.2f} {unit}"
     return f"{n:,.0f} B"
@@ -249,10 +316,13 @@ def format_plans(plans: list[MemoryPlan], measured: dict[str, dict] | None = Non
         if p.name in measured:
             header.append(f"{p.name} measured")
     rows = [header]
-    rows.append(["params total"] + sum(([f"{p.params_total:,}"] + ([""] if p.name in measured else [])
-                                        for p in plans), []))
-    rows.append(["params active/token"] + sum(([f"{p.params_active:,}"] + ([""] if p.name in measured else [])
-                                               for p in plans), []))
+    rows.append(
+        ["params total"] + sum(([f"{p.params_total:,}"] + ([""] if p.name in measured else []) for p in plans), [])
+    )
+    rows.append(
+        ["params active/token"]
+        + sum(([f"{p.params_active:,}"] + ([""] if p.name in measured else []) for p in plans), [])
+    )
     for key in ("params", "grads", "optimizer", "activations", "comm", "total", "peak_rss"):
         row = [key if key != "peak_rss" else "process peak RSS"]
         for p in plans:
@@ -262,7 +332,7 @@ def format_plans(plans: list[MemoryPlan], measured: dict[str, dict] | None = Non
         if any(row[1:]):
             rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for p in plans:
         if p.notes:
             lines.append(f"\nWhy {p.name} needs more memory than its dense twin:")

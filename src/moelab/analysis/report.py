@@ -1,4 +1,5 @@
 """Plots (PNG) and a self-contained HTML report (images embedded as base64)."""
+
 from __future__ import annotations
 
 import base64
@@ -11,14 +12,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-MOE_CURVES = [("max_violation", "max-violation (max/mean load − 1)"), ("router_entropy", "router entropy (nats)"),
-              ("dropped_fraction", "dropped fraction"), ("z_loss", "router z-loss"), ("lb_loss", "balance loss")]
+MOE_CURVES = [
+    ("max_violation", "max-violation (max/mean load − 1)"),
+    ("router_entropy", "router entropy (nats)"),
+    ("dropped_fraction", "dropped fraction"),
+    ("z_loss", "router z-loss"),
+    ("lb_loss", "balance loss"),
+]
 
 
 def _loss_plots(out: Path, curves) -> list[Path]:
     paths = []
-    for axis, label in (("tokens", "training tokens"), ("flops", "training FLOPs"),
-                        ("seconds", "training wall-clock (s)")):
+    for axis, label in (
+        ("tokens", "training tokens"),
+        ("flops", "training FLOPs"),
+        ("seconds", "training wall-clock (s)"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for c in curves:
             ax.plot(getattr(c, axis), c.val_loss, marker="o", ms=3, label=c.name)
@@ -46,8 +55,13 @@ def _moe_plots(out: Path, c) -> list[Path]:
     fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3.2), squeeze=False)
     for i, ax in enumerate(axes[0]):
         load = np.array([r["moe_layers"][i]["load"] for r in recs]).T  # (E, logged steps)
-        im = ax.imshow(load, aspect="auto", cmap="viridis", interpolation="nearest",
-                       extent=(steps[0], steps[-1], load.shape[0] - 0.5, -0.5))
+        im = ax.imshow(
+            load,
+            aspect="auto",
+            cmap="viridis",
+            interpolation="nearest",
+            extent=(steps[0], steps[-1], load.shape[0] - 0.5, -0.5),
+        )
         ax.set_title(f"layer {i}: expert load")
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
@@ -58,7 +72,7 @@ def _moe_plots(out: Path, c) -> list[Path]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(MOE_CURVES), figsize=(3.4 * len(MOE_CURVES), 3))
-    for ax, (key, label) in zip(axes, MOE_CURVES):
+    for ax, (key, label) in zip(axes, MOE_CURVES, strict=True):
         for i in range(n_layers):
             ax.plot(steps, [r["moe_layers"][i][key] for r in recs], label=f"layer {i}")
         ax.set_title(label, fontsize=9)
@@ -82,6 +96,7 @@ def _fmt(v, spec=",.0f"):
 
 
 def write_report(out: Path, curves, summary: dict) -> Path:
+    """Write OUT/report.html (self-contained, PNGs embedded) from the runs' curves and the summary; returns its path."""
     out = Path(out)
     loss_pngs = _loss_plots(out, curves)
     rows = "".join(
@@ -89,12 +104,14 @@ def write_report(out: Path, curves, summary: dict) -> Path:
         f"<td>{r['params_total']:,}</td><td>{r['params_active']:,}</td>"
         f"<td>{sum(r['tensor_bytes'].values()) / 2**20:,.1f}</td><td>{r['peak_mem_bytes'] / 2**20:,.0f} "
         f"<small>({html.escape(r['peak_mem_kind'])})</small></td><td>{r['loss_spikes']}</td></tr>"
-        for r in summary["runs"])
+        for r in summary["runs"]
+    )
     sp_rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{s['target_val_loss']:.4f}</td>"
         f"<td>{_fmt(s['tokens_speedup'], '.2f')}</td><td>{_fmt(s['flops_speedup'], '.2f')}</td>"
         f"<td>{_fmt(s['seconds_speedup'], '.2f')}</td><td>{_fmt(s['val_loss_at_equal_flops'], '.4f')}</td></tr>"
-        for n, s in summary["speedup"].items())
+        for n, s in summary["speedup"].items()
+    )
     moe_sections = ""
     for c in curves:
         pngs = _moe_plots(out, c)
@@ -108,13 +125,15 @@ td:first-child{{text-align:left}}</style></head><body>
 <h1>Dense vs MoE: what the experts cost and what they bought</h1>
 <h2>Summary</h2>{text}
 <h2>Runs</h2><table><tr><th>run</th><th>final val loss</th><th>tokens/s</th><th>params total</th>
-<th>params active</th><th>weights+grads+AdamW (MiB, exact)</th><th>peak memory (MiB)</th><th>loss spikes</th></tr>{rows}</table>
-<h2>Speed-up against {html.escape(summary['reference'])}</h2>
+<th>params active</th><th>weights+grads+AdamW (MiB, exact)</th><th>peak memory (MiB)</th>
+<th>loss spikes</th></tr>{rows}</table>
+<h2>Speed-up against {html.escape(summary["reference"])}</h2>
 <p>How many times fewer tokens, FLOPs and seconds each run needed to reach the reference's final validation
 loss, interpolated on the stored curves (— = not reached within the budget).</p>
-<table><tr><th>run</th><th>target loss</th><th>tokens</th><th>FLOPs</th><th>seconds</th><th>loss at equal FLOPs</th></tr>{sp_rows}</table>
-<h2>Validation loss</h2>{''.join(_img(p) for p in loss_pngs)}
-<h2>MoE layers</h2>{moe_sections or '<p>No MoE runs.</p>'}
+<table><tr><th>run</th><th>target loss</th><th>tokens</th><th>FLOPs</th><th>seconds</th>
+<th>loss at equal FLOPs</th></tr>{sp_rows}</table>
+<h2>Validation loss</h2>{"".join(_img(p) for p in loss_pngs)}
+<h2>MoE layers</h2>{moe_sections or "<p>No MoE runs.</p>"}
 </body></html>"""
     path = out / "report.html"
     path.write_text(page)

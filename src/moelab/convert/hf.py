@@ -6,40 +6,56 @@ Supported: llama, mistral, qwen2 (dense); mixtral, qwen2_moe, qwen3_moe, olmoe (
 Anything a config asks for that moelab cannot compute (sliding windows, rope scaling,
 clipped qkv, biases where unsupported, other activations) is refused by name.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, ModelConfig, MoEConfig
 
-ATTN = [("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wq.weight"),
-        ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wk.weight"),
-        ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wv.weight"),
-        ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo.weight"),
-        ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
-        ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight")]
+ATTN = [
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.wq.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.wk.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.wv.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.wo.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+]
 QKV_BIAS = [(f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"layers.{{i}}.attn.w{p}.bias") for p in "qkv"]
-QK_NORM = [("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.weight"),
-           ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.weight")]
-DENSE_MLP = [("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.ffn.w_gate"),
-             ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.ffn.w_up"),
-             ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.ffn.w_down")]
-QWEN_EXPERTS = [("model.layers.{i}.mlp.gate.weight", "layers.{i}.ffn.router.weight"),
-                ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "layers.{i}.ffn.experts.w_gate"),
-                ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", "layers.{i}.ffn.experts.w_up"),
-                ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", "layers.{i}.ffn.experts.w_down")]
-MIXTRAL_EXPERTS = [("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.ffn.router.weight"),
-                   ("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "layers.{i}.ffn.experts.w_gate"),
-                   ("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "layers.{i}.ffn.experts.w_up"),
-                   ("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "layers.{i}.ffn.experts.w_down")]
-SHARED = [("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "layers.{i}.ffn.shared.w_gate"),
-          ("model.layers.{i}.mlp.shared_expert.up_proj.weight", "layers.{i}.ffn.shared.w_up"),
-          ("model.layers.{i}.mlp.shared_expert.down_proj.weight", "layers.{i}.ffn.shared.w_down"),
-          ("model.layers.{i}.mlp.shared_expert_gate.weight", "layers.{i}.ffn.shared.gate.weight")]
+QK_NORM = [
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.weight"),
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.weight"),
+]
+DENSE_MLP = [
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.ffn.w_gate"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.ffn.w_up"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.ffn.w_down"),
+]
+QWEN_EXPERTS = [
+    ("model.layers.{i}.mlp.gate.weight", "layers.{i}.ffn.router.weight"),
+    ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "layers.{i}.ffn.experts.w_gate"),
+    ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", "layers.{i}.ffn.experts.w_up"),
+    ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", "layers.{i}.ffn.experts.w_down"),
+]
+MIXTRAL_EXPERTS = [
+    ("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.ffn.router.weight"),
+    ("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "layers.{i}.ffn.experts.w_gate"),
+    ("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "layers.{i}.ffn.experts.w_up"),
+    ("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "layers.{i}.ffn.experts.w_down"),
+]
+SHARED = [
+    ("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "layers.{i}.ffn.shared.w_gate"),
+    ("model.layers.{i}.mlp.shared_expert.up_proj.weight", "layers.{i}.ffn.shared.w_up"),
+    ("model.layers.{i}.mlp.shared_expert.down_proj.weight", "layers.{i}.ffn.shared.w_down"),
+    ("model.layers.{i}.mlp.shared_expert_gate.weight", "layers.{i}.ffn.shared.gate.weight"),
+]
 
 
 @dataclass(frozen=True)
 class Arch:
+    """One Hugging Face architecture moelab reads and writes: model_type, the transformers class, its key templates (MoE
+    and shared-expert keys), q/k/v bias and q/k-norm layout, and MoE config field names."""
+
     model_type: str
     hf_class: str
     moe: tuple = ()
@@ -53,26 +69,48 @@ ARCHS = {
     "llama": Arch("llama", "LlamaForCausalLM"),
     "mistral": Arch("mistral", "MistralForCausalLM"),
     "qwen2": Arch("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
-    "mixtral": Arch("mixtral", "MixtralForCausalLM", moe=tuple(MIXTRAL_EXPERTS),
-                    moe_fields={"n_experts": "num_local_experts", "d_expert": "intermediate_size"}),
-    "qwen2_moe": Arch("qwen2_moe", "Qwen2MoeForCausalLM", moe=tuple(QWEN_EXPERTS), shared=tuple(SHARED),
-                      qkv_bias=True, moe_fields={"n_experts": "num_experts", "d_expert": "moe_intermediate_size"}),
-    "qwen3_moe": Arch("qwen3_moe", "Qwen3MoeForCausalLM", moe=tuple(QWEN_EXPERTS), qk_norm="head",
-                      moe_fields={"n_experts": "num_experts", "d_expert": "moe_intermediate_size"}),
-    "olmoe": Arch("olmoe", "OlmoeForCausalLM", moe=tuple(QWEN_EXPERTS), qk_norm="full",
-                  moe_fields={"n_experts": "num_experts", "d_expert": "intermediate_size"}),
+    "mixtral": Arch(
+        "mixtral",
+        "MixtralForCausalLM",
+        moe=tuple(MIXTRAL_EXPERTS),
+        moe_fields={"n_experts": "num_local_experts", "d_expert": "intermediate_size"},
+    ),
+    "qwen2_moe": Arch(
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        moe=tuple(QWEN_EXPERTS),
+        shared=tuple(SHARED),
+        qkv_bias=True,
+        moe_fields={"n_experts": "num_experts", "d_expert": "moe_intermediate_size"},
+    ),
+    "qwen3_moe": Arch(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        moe=tuple(QWEN_EXPERTS),
+        qk_norm="head",
+        moe_fields={"n_experts": "num_experts", "d_expert": "moe_intermediate_size"},
+    ),
+    "olmoe": Arch(
+        "olmoe",
+        "OlmoeForCausalLM",
+        moe=tuple(QWEN_EXPERTS),
+        qk_norm="full",
+        moe_fields={"n_experts": "num_experts", "d_expert": "intermediate_size"},
+    ),
 }
 
 
 def key_pairs(cfg: ModelConfig, arch: Arch) -> list[tuple[str, str, int | None]]:
     """(hf_key, moelab_key, expert index or None) for every tensor of this model."""
-    pairs: list[tuple[str, str, int | None]] = [("model.embed_tokens.weight", "embed.weight", None),
-                                                ("model.norm.weight", "norm.weight", None)]
+    pairs: list[tuple[str, str, int | None]] = [
+        ("model.embed_tokens.weight", "embed.weight", None),
+        ("model.norm.weight", "norm.weight", None),
+    ]
     if not cfg.tie_embeddings:
         pairs.append(("lm_head.weight", "lm_head.weight", None))
     for i in range(cfg.n_layers):
         layer = ATTN + (QKV_BIAS if cfg.qkv_bias else []) + (QK_NORM if cfg.qk_norm != "none" else [])
-        if cfg.is_moe_layer(i):
+        if cfg.moe is not None and cfg.is_moe_layer(i):
             experts = [t for t in arch.moe if "{e}" in t[0]]
             layer = layer + [t for t in arch.moe if "{e}" not in t[0]]
             if cfg.moe.n_shared_experts:
@@ -87,8 +125,10 @@ def key_pairs(cfg: ModelConfig, arch: Arch) -> list[tuple[str, str, int | None]]
 
 # ------------------------------------------------------------------ HF config -> moelab
 def _refuse(model_type: str, what: str) -> ConfigError:
-    return ConfigError(f"{model_type}: {what} is not supported by moelab; refusing rather than converting "
-                       "to a model that computes something else")
+    return ConfigError(
+        f"{model_type}: {what} is not supported by moelab; refusing rather than converting "
+        "to a model that computes something else"
+    )
 
 
 def _rope_theta(d: dict) -> float:
@@ -151,20 +191,37 @@ def _config_from_hf(d: dict) -> tuple[ModelConfig, Arch]:
         n_exp = next((d[key] for key in (f["n_experts"], "num_local_experts", "num_experts") if d.get(key)), None)
         if n_exp is None:
             raise ConfigError(f"config.json ({mt}): no num_experts / num_local_experts")
-        moe = MoEConfig(d_model=D, d_expert=d[f["d_expert"]], n_experts=n_exp, top_k=k,
-                        renormalize=bool(d.get("norm_topk_prob", mt == "mixtral")),
-                        n_shared_experts=1 if shared else 0, d_shared=shared or None, shared_gate=bool(shared),
-                        jitter=float(d.get("router_jitter_noise", 0.0) or 0.0),
-                        lb_coef=float(d.get("router_aux_loss_coef", 0.01)) * k, z_coef=0.0)
+        moe = MoEConfig(
+            d_model=D,
+            d_expert=d[f["d_expert"]],
+            n_experts=n_exp,
+            top_k=k,
+            renormalize=bool(d.get("norm_topk_prob", mt == "mixtral")),
+            n_shared_experts=1 if shared else 0,
+            d_shared=shared or None,
+            shared_gate=bool(shared),
+            jitter=float(d.get("router_jitter_noise", 0.0) or 0.0),
+            lb_coef=float(d.get("router_aux_loss_coef", 0.01)) * k,
+            z_coef=0.0,
+        )
         pattern, first = _layer_pattern(d, d["num_hidden_layers"])
     cfg = ModelConfig(
-        vocab_size=d["vocab_size"], d_model=D, n_layers=d["num_hidden_layers"], n_heads=H,
-        n_kv_heads=d.get("num_key_value_heads") or H, d_ff=d.get("intermediate_size", 4 * D),
-        max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=_rope_theta(d),
-        norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qk_norm=arch.qk_norm, qkv_bias=bool(d.get("qkv_bias", True)) if mt == "qwen2_moe" else arch.qkv_bias,
-        moe=moe, moe_pattern=pattern if moe else "none",
-        first_dense=first)
+        vocab_size=d["vocab_size"],
+        d_model=D,
+        n_layers=d["num_hidden_layers"],
+        n_heads=H,
+        n_kv_heads=d.get("num_key_value_heads") or H,
+        d_ff=d.get("intermediate_size", 4 * D),
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        rope_theta=_rope_theta(d),
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qk_norm=arch.qk_norm,  # type: ignore[arg-type]  # ARCHS holds only valid names
+        qkv_bias=bool(d.get("qkv_bias", True)) if mt == "qwen2_moe" else arch.qkv_bias,
+        moe=moe,
+        moe_pattern=pattern if moe else "none",  # type: ignore[arg-type]  # _layer_pattern returns all|alternate
+        first_dense=first,
+    )
     return cfg, arch
 
 
@@ -178,14 +235,18 @@ def choose_arch(cfg: ModelConfig, model=None) -> str:
         return "qwen2" if cfg.qkv_bias else "llama"
     m = cfg.moe
     if m.router != "softmax":
-        raise ConfigError("export: router 'sigmoid' has no Hugging Face target among "
-                          f"{sorted(a for a in ARCHS if ARCHS[a].moe)}")
+        raise ConfigError(
+            f"export: router 'sigmoid' has no Hugging Face target among {sorted(a for a in ARCHS if ARCHS[a].moe)}"
+        )
     if m.eval_capacity_factor is not None:
         raise ConfigError("export: eval_capacity_factor drops tokens at inference; HF MoE blocks are dropless")
-    if model is not None and any(r.router.bias is not None and r.router.bias.abs().sum() > 0
-                                 for r in model.moe_layers()):
-        raise ConfigError("export: aux-loss-free balancing biases (router.bias) change expert choice and "
-                          "no HF target among these architectures reads them")
+    if model is not None and any(
+        r.router.bias is not None and r.router.bias.abs().sum() > 0 for r in model.moe_layers()
+    ):
+        raise ConfigError(
+            "export: aux-loss-free balancing biases (router.bias) change expert choice and "
+            "no HF target among these architectures reads them"
+        )
     all_moe = cfg.moe_pattern == "all" and cfg.first_dense == 0
     if m.n_shared_experts:
         if not m.shared_gate:
@@ -203,19 +264,38 @@ def choose_arch(cfg: ModelConfig, model=None) -> str:
         return "olmoe"
     if m.renormalize and all_moe:
         return "mixtral"
-    raise ConfigError("export: an MoE without q/k norms needs renormalised top-k weights and MoE in every "
-                      "layer (Mixtral); use --arch or change the model")
+    raise ConfigError(
+        "export: an MoE without q/k norms needs renormalised top-k weights and MoE in every "
+        "layer (Mixtral); use --arch or change the model"
+    )
 
 
 def config_to_hf(cfg: ModelConfig, arch_name: str, eos_id: int | None, pad_id: int | None) -> dict:
+    """The config.json mapping of `cfg` as Hugging Face architecture `arch_name`, with the tokenizer's end-of-text and
+    pad ids."""
     arch = ARCHS[arch_name]
-    d = {"architectures": [arch.hf_class], "model_type": arch.model_type, "vocab_size": cfg.vocab_size,
-         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
-         "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
-         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-         "attention_bias": arch.qkv_bias and arch_name == "qwen2", "torch_dtype": "float32",
-         "eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": None, "use_cache": True}
+    d = {
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": arch.qkv_bias and arch_name == "qwen2",
+        "torch_dtype": "float32",
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "bos_token_id": None,
+        "use_cache": True,
+    }
     if arch_name in ("qwen2", "qwen2_moe"):
         d["use_sliding_window"] = False
     if cfg.moe is not None and arch.moe:

@@ -1,4 +1,5 @@
 """`moelab import` / `moelab export`: folders on disk, safetensors only."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,12 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if list(hf_dir.glob("pytorch_model*.bin")) or list(hf_dir.glob("*.pt")):
-        raise ConfigError(f"{hf_dir}: only pickle weights (pytorch_model.bin). Loading them would run arbitrary "
-                          "code from the file, so moelab refuses. Convert them where you trust the source: "
-                          "model = AutoModelForCausalLM.from_pretrained(dir); "
-                          "model.save_pretrained(dir, safe_serialization=True)")
+        raise ConfigError(
+            f"{hf_dir}: only pickle weights (pytorch_model.bin). Loading them would run arbitrary "
+            "code from the file, so moelab refuses. Convert them where you trust the source: "
+            "model = AutoModelForCausalLM.from_pretrained(dir); "
+            "model.save_pretrained(dir, safe_serialization=True)"
+        )
     raise ConfigError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -42,8 +45,10 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, str]:
     cfg_file = hf_dir / "config.json"
     if not cfg_file.is_file():
         if (hf_dir / "config.yaml").is_file():
-            raise ConfigError(f"{hf_dir}: this is a moelab run folder, not a Hugging Face one; use it directly "
-                              "(train --init, eval, export)")
+            raise ConfigError(
+                f"{hf_dir}: this is a moelab run folder, not a Hugging Face one; use it directly "
+                "(train --init, eval, export)"
+            )
         raise ConfigError(f"{hf_dir}: config.json is missing (expected a Hugging Face model folder)")
     try:
         hf_cfg = json.loads(cfg_file.read_text())
@@ -65,12 +70,12 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, str]:
     model = Transformer(cfg)
     state = model.state_dict()
     used = set()
-    for hf_key, key, e in key_pairs(cfg, arch):
+    for hf_key, key, expert in key_pairs(cfg, arch):
         if hf_key not in tensors:  # every weight comes from the file: nothing stays at its random init
             hint = " (config.json says tie_word_embeddings=false)" if hf_key == "lm_head.weight" else ""
             raise ConfigError(f"{hf_dir}: weight {hf_key} is missing{hint}")
         t = tensors[hf_key].to(torch.float32)
-        target = state[key] if e is None else state[key][e]
+        target = state[key] if expert is None else state[key][expert]
         if t.shape != target.shape:
             raise ConfigError(f"{hf_dir}: {hf_key} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
         target.copy_(t)
@@ -84,8 +89,7 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, str]:
     return model, arch.model_type
 
 
-def write_model_folder(out: Path, cfg: RunConfig, model: Transformer, tokenizer_file: Path | None,
-                       note: dict) -> Path:
+def write_model_folder(out: Path, cfg: RunConfig, model: Transformer, tokenizer_file: Path | None, note: dict) -> Path:
     """A run folder holding only step 0: what `train --init`, eval, generate, export read."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,8 +114,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> P
     return Path(out)
 
 
-def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None = None,
-              arch: str | None = None) -> Path:
+def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None = None, arch: str | None = None) -> Path:
     """Write an HF folder that `AutoModelForCausalLM.from_pretrained` loads: config.json,
     per-expert safetensors keys, tokenizer files and generation_config.json."""
     cfg, out = model.cfg, Path(out)
@@ -125,6 +128,7 @@ def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None =
     eos = pad = None
     if tokenizer_file is not None and tokenizer_file.is_file():
         from tokenizers import Tokenizer
+
         tok = Tokenizer.from_file(str(tokenizer_file))
         shutil.copy(tokenizer_file, out / "tokenizer.json")
         src_cfg = tokenizer_file.parent / "tokenizer_config.json"
@@ -135,9 +139,18 @@ def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None =
             eos, pad = tok.token_to_id(fmt.eos_token), tok.token_to_id(pad_token) if pad_token else None
         else:
             eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
-            (out / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
-                "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}, indent=1))
+            (out / "tokenizer_config.json").write_text(
+                json.dumps(
+                    {
+                        "tokenizer_class": "PreTrainedTokenizerFast",
+                        "eos_token": "<|endoftext|>",
+                        "pad_token": "<|pad|>",
+                        "model_max_length": cfg.max_seq_len,
+                        "clean_up_tokenization_spaces": False,
+                    },
+                    indent=1,
+                )
+            )
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, arch, eos, pad), indent=1))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": pad}, indent=1))
     state = model.state_dict()

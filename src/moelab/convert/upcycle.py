@@ -14,6 +14,7 @@ Router init: "zeros" (uniform; exact equality at step 0), "normal" (small random
 Switch scale), or "hidden" (row e = the mean normalised hidden state that prompt e
 produces at that layer's FFN input, as mergekit-moe does).
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,18 +23,35 @@ import torch
 
 from ..config import ConfigError, ModelConfig, MoEConfig
 from ..model import Transformer
+from ..model.blocks import SwiGLU
 
 
-def upcycled_config(cfg: ModelConfig, experts: int, top_k: int, granularity: int = 1,
-                    pattern: str = "all", first_dense: int = 0, **moe_kw) -> ModelConfig:
+def upcycled_config(
+    cfg: ModelConfig,
+    experts: int,
+    top_k: int,
+    granularity: int = 1,
+    pattern: str = "all",
+    first_dense: int = 0,
+    **moe_kw,
+) -> ModelConfig:
+    """The ModelConfig of `cfg` upcycled: every FFN chosen by `pattern`/`first_dense` becomes `experts` x `granularity`
+    experts of width d_ff / granularity with top-(top_k x granularity) renormalised routing. ConfigError when the
+    source is already an MoE or the sizes do not divide."""
     if cfg.moe is not None and cfg.n_moe_layers:
         raise ConfigError("upcycle: the source is already an MoE model")
     if cfg.d_ff % granularity:
         raise ConfigError(f"--granularity {granularity} does not divide the FFN hidden size {cfg.d_ff}")
     if top_k > experts:
         raise ConfigError(f"--top-k {top_k} exceeds --experts {experts}")
-    moe = MoEConfig(d_model=cfg.d_model, d_expert=cfg.d_ff // granularity, n_experts=experts * granularity,
-                    top_k=top_k * granularity, renormalize=True, **moe_kw)
+    moe = MoEConfig(
+        d_model=cfg.d_model,
+        d_expert=cfg.d_ff // granularity,
+        n_experts=experts * granularity,
+        top_k=top_k * granularity,
+        renormalize=True,
+        **moe_kw,
+    )
     return ModelConfig(**{**cfg.__dict__, "moe": moe, "moe_pattern": pattern, "first_dense": first_dense})
 
 
@@ -41,8 +59,10 @@ def upcycled_config(cfg: ModelConfig, experts: int, top_k: int, granularity: int
 def _ffn_inputs(dense: Transformer, prompts: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Per layer, per prompt: the mean RMS-normalised FFN input over the prompt's tokens."""
     captured: list[list[torch.Tensor]] = [[] for _ in dense.layers]
-    hooks = [layer.ffn_norm.register_forward_hook(
-        lambda mod, inp, out, i=i: captured[i].append(out[0].mean(0))) for i, layer in enumerate(dense.layers)]
+    hooks = [
+        layer.ffn_norm.register_forward_hook(lambda mod, inp, out, i=i: captured[i].append(out[0].mean(0)))
+        for i, layer in enumerate(dense.layers)
+    ]
     try:
         dense.eval()
         for ids in prompts:
@@ -54,12 +74,28 @@ def _ffn_inputs(dense: Transformer, prompts: list[torch.Tensor]) -> list[list[to
 
 
 @torch.no_grad()
-def upcycle(dense: Transformer, experts: int, top_k: int, *, granularity: int = 1, router_init: str = "zeros",
-            noise: float = 0.0, pattern: str = "all", first_dense: int = 0,
-            prompts: list[torch.Tensor] | None = None, seed: int = 0, **moe_kw) -> Transformer:
+def upcycle(
+    dense: Transformer,
+    experts: int,
+    top_k: int,
+    *,
+    granularity: int = 1,
+    router_init: str = "zeros",
+    noise: float = 0.0,
+    pattern: str = "all",
+    first_dense: int = 0,
+    prompts: list[torch.Tensor] | None = None,
+    seed: int = 0,
+    **moe_kw,
+) -> Transformer:
+    """A new MoE Transformer whose experts start as copies (or slices) of `dense`'s FFNs and whose router starts by
+    `router_init` (zeros, normal, hidden with one prompt per expert), with optional multiplicative noise. With a zero
+    router and no noise it computes exactly `dense`."""
     if router_init not in ("zeros", "normal", "hidden"):
         raise ConfigError(f"--router-init: expected zeros, normal or hidden, got {router_init!r}")
     cfg = upcycled_config(dense.cfg, experts, top_k, granularity, pattern, first_dense, **moe_kw)
+    moe_cfg = cfg.moe
+    assert moe_cfg is not None
     moe_model = Transformer(cfg)
     g = torch.Generator().manual_seed(seed)
     dense_state = dense.state_dict()
@@ -70,12 +106,12 @@ def upcycle(dense: Transformer, experts: int, top_k: int, *, granularity: int = 
     hidden = None
     if router_init == "hidden":
         if not prompts or len(prompts) != experts:
-            raise ConfigError(f"--router-init hidden needs one prompt per expert ({experts}), got "
-                              f"{len(prompts or [])}")
+            raise ConfigError(f"--router-init hidden needs one prompt per expert ({experts}), got {len(prompts or [])}")
         hidden = _ffn_inputs(dense, prompts)
     G, F = granularity, dense.cfg.d_ff // granularity
     for i, layer in enumerate(moe_model.layers):
         src = dense.layers[i].ffn
+        assert isinstance(src, SwiGLU)  # upcycled_config refused an MoE source
         if not layer.is_moe:
             for name in ("w_gate", "w_up", "w_down"):
                 state[f"layers.{i}.ffn.{name}"].copy_(getattr(src, name))
@@ -96,16 +132,18 @@ def upcycle(dense: Transformer, experts: int, top_k: int, *, granularity: int = 
         if router_init == "zeros":
             router.zero_()
         elif router_init == "normal":
-            router.copy_(torch.randn(router.shape, generator=g) * cfg.moe.init_std_router)
+            router.copy_(torch.randn(router.shape, generator=g) * moe_cfg.init_std_router)
         else:
-            rows = torch.stack([h / h.norm().clamp_min(1e-6) for h in hidden[i]])  # (E, D)
-            router.copy_(rows.repeat_interleave(G, dim=0))
+            assert hidden is not None
+            rows_ED = torch.stack([h / h.norm().clamp_min(1e-6) for h in hidden[i]])
+            router.copy_(rows_ED.repeat_interleave(G, dim=0))
     moe_model.load_state_dict(state)
     return moe_model
 
 
-def upcycle_to_folder(src: str, out, experts: int, top_k: int, *, prompts_file: str | None = None,
-                      overwrite: bool = False, **kw):
+def upcycle_to_folder(
+    src: str, out, experts: int, top_k: int, *, prompts_file: str | None = None, overwrite: bool = False, **kw
+):
     """Upcycle an HF folder or moelab run into a run folder (step 0) that carries the
     dense run's hyper-parameters. `prompts_file`: one prompt per expert, for router_init
     "hidden". `out` must be new or empty unless `overwrite`. Returns (folder, model)."""
@@ -116,6 +154,7 @@ def upcycle_to_folder(src: str, out, experts: int, top_k: int, *, prompts_file: 
     from ..outputs import check_output, staged_output
     from ..run_config import RunConfig
     from .io import read_hf, write_model_folder
+
     check_output(out, overwrite=overwrite, protect=[src])
     src_path = Path(src)
     if (src_path / "config.json").is_file():

@@ -12,6 +12,7 @@ turn i adds after it (the reply and whatever end-of-turn marker the template wri
 trained. A template that does not extend its own prefixes this way is refused, naming
 the fallback, rather than guessed at.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,18 +37,26 @@ def _token_str(v) -> str | None:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    template: str | None = None    # Jinja source; None = moelab's plain-text template
+    """How chat and prompt/completion examples become text: a Jinja chat template (None = moelab's plain-text one), the
+    end-of-text token and the special tokens the template sees."""
+
+    template: str | None = None  # Jinja source; None = moelab's plain-text template
     eos_token: str = EOS
     special: tuple[tuple[str, str], ...] = ()  # bos_token, eos_token, ... as the template sees them
     origin: str = "moelab"
 
     def describe(self) -> str:
+        """Which template this is, in words (printed once at fine-tuning start)."""
         return "moelab's plain-text chat template" if self.template is None else f"the chat template of {self.origin}"
 
     def prompt_completion(self, prompt: str, completion: str) -> Segments:
+        """Segments of a prompt/completion example: the prompt is context; the completion and
+        end-of-text are trained."""
         return (prompt, False), (completion, True), (EOS, True)
 
     def chat(self, messages: list[dict], where: str) -> Segments:
+        """Segments of a chat (list of role/content messages): assistant turns are trained, everything else is context.
+        ConfigError naming `where` for a malformed message or a chat without an assistant turn."""
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise ConfigError(f"{where}: each message needs role in {sorted(ROLES)} and a string content")
@@ -76,16 +85,20 @@ class ChatFormat:
             context = render(messages=messages[:i], add_generation_prompt=True, **kw)
             full = render(messages=messages[: i + 1], add_generation_prompt=False, **kw)
             if not (context.startswith(done) and full.startswith(context)):
-                raise ConfigError(f"{where}: {self.describe()} does not render the conversation prefix by "
-                                  "prefix, so the assistant tokens cannot be told apart; set "
-                                  "finetune.chat_template=moelab")
-            segs += [(context[len(done):], False), (full[len(context):], True)]
+                raise ConfigError(
+                    f"{where}: {self.describe()} does not render the conversation prefix by "
+                    "prefix, so the assistant tokens cannot be told apart; set "
+                    "finetune.chat_template=moelab"
+                )
+            segs += [(context[len(done) :], False), (full[len(context) :], True)]
             done = full
         whole = render(messages=messages, add_generation_prompt=False, **kw)
         if not whole.startswith(done):
-            raise ConfigError(f"{where}: {self.describe()} renders the whole conversation differently from "
-                              "its prefixes; set finetune.chat_template=moelab")
-        segs.append((whole[len(done):], False))
+            raise ConfigError(
+                f"{where}: {self.describe()} renders the whole conversation differently from "
+                "its prefixes; set finetune.chat_template=moelab"
+            )
+        segs.append((whole[len(done) :], False))
         return tuple(s for s in segs if s[0])
 
 
@@ -116,8 +129,9 @@ def load_chat_format(run_dir: Path | None, choice: str = "auto") -> ChatFormat:
             tc = json.loads(cfg_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cfg_file}: not valid JSON ({e.msg})") from None
-    special = tuple((k, s) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-                    if (s := _token_str(tc.get(k))) is not None)
+    special = tuple(
+        (k, s) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if (s := _token_str(tc.get(k))) is not None
+    )
     eos = _token_str(tc.get("eos_token")) or EOS
     template = tc.get("chat_template")
     if isinstance(template, list):  # named templates: transformers uses "default"
@@ -130,7 +144,10 @@ def load_chat_format(run_dir: Path | None, choice: str = "auto") -> ChatFormat:
 
 
 def copy_tokenizer_extras(src_dir: Path, dst_dir: Path) -> None:
+    """Copy the tokenizer's config, special-token map and chat template files of `src_dir`
+    (those present) into `dst_dir`."""
     import shutil
+
     for name in TOKENIZER_EXTRAS:
         if (Path(src_dir) / name).is_file():
             shutil.copyfile(Path(src_dir) / name, Path(dst_dir) / name)

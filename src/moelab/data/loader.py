@@ -3,6 +3,7 @@ sampler whose position is part of every checkpoint.
 
 Legend: B sequences per batch, S sequence length.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +21,7 @@ from .tokenizer import eos_id
 
 
 def cache_dir() -> Path:
+    """Where token streams are cached: $MOELAB_CACHE, else ~/.cache/moelab."""
     return Path(os.environ.get("MOELAB_CACHE", Path.home() / ".cache" / "moelab"))
 
 
@@ -38,7 +40,7 @@ def tokenize_documents(docs: list[Document], tok: Tokenizer) -> np.memmap:
         dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
         parts = []
         for i in range(0, len(docs), 512):
-            for enc in tok.encode_batch([d.text for d in docs[i:i + 512]], add_special_tokens=False):
+            for enc in tok.encode_batch([d.text for d in docs[i : i + 512]], add_special_tokens=False):
                 parts.append(np.asarray(enc.ids + [eos], dtype=dtype))
         arr = np.concatenate(parts)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,21 +57,26 @@ class PackedSequences:
         self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len
         if self.n < 1:
-            raise ConfigError(f"{what}: {len(tokens)} tokens are fewer than one sequence of "
-                              f"data.seq_len={seq_len}; use more text or a shorter seq_len")
+            raise ConfigError(
+                f"{what}: {len(tokens)} tokens are fewer than one sequence of "
+                f"data.seq_len={seq_len}; use more text or a shorter seq_len"
+            )
 
     def __len__(self) -> int:
         return self.n
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (each B x S, int64) of the sequences at indices `idx`."""
         S = self.seq_len
-        rows = np.stack([np.asarray(self.tokens[i * S: i * S + S + 1], dtype=np.int64) for i in idx])
+        rows = np.stack([np.asarray(self.tokens[i * S : i * S + S + 1], dtype=np.int64) for i in idx])
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
 
 @dataclass
 class SamplerState:
+    """The sampler's position: epoch and index into that epoch's permutation (saved in every checkpoint)."""
+
     epoch: int = 0
     index: int = 0
 
@@ -80,7 +87,7 @@ class Sampler:
     def __init__(self, n: int, batch_size: int, seed: int, state: SamplerState | None = None):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.state = state or SamplerState()
-        self._perm_epoch, self._perm = -1, None
+        self._perm_epoch, self._perm = -1, np.arange(0)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
@@ -89,10 +96,11 @@ class Sampler:
         return self._perm
 
     def next(self) -> np.ndarray:
-        out = []
+        """The next batch_size sequence indices, crossing into the next epoch's permutation when this one ends."""
+        out: list[int] = []
         while len(out) < self.batch_size:
             order = self._order(self.state.epoch)
-            take = order[self.state.index: self.state.index + self.batch_size - len(out)]
+            take = order[self.state.index : self.state.index + self.batch_size - len(out)]
             out.extend(take.tolist())
             self.state.index += len(take)
             if self.state.index >= self.n:

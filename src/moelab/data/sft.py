@@ -15,6 +15,7 @@ most seq_len + 1 tokens). Padding has target -100 and mask False, so it is neith
 the loss nor routed to experts, and with causal attention it cannot affect real tokens;
 no two examples ever share a row, so attention never crosses examples.
 """
+
 from __future__ import annotations
 
 import ast
@@ -35,11 +36,18 @@ from .tokenizer import EOS, PAD
 
 @dataclass(frozen=True)
 class Example:
-    group: str                        # split unit (module or file:line)
-    segments: Segments                # (text, trained?) in order; EOS = the end-of-text token
+    """One fine-tuning example: its group (for the split) and its (text, trained?) segments."""
+
+    group: str  # split unit (module or file:line)
+    segments: Segments  # (text, trained?) in order; EOS = the end-of-text token
 
 
-def read_sft_jsonl(path: Path, fmt: ChatFormat = ChatFormat()) -> list[Example]:
+MOELAB_FORMAT = ChatFormat()  # moelab's own plain-text chat format
+
+
+def read_sft_jsonl(path: Path, fmt: ChatFormat = MOELAB_FORMAT) -> list[Example]:
+    """Examples of a .jsonl whose lines hold `messages` (chat) or `prompt`/`completion`; ConfigError naming file and
+    line for a malformed one."""
     out = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -52,7 +60,9 @@ def read_sft_jsonl(path: Path, fmt: ChatFormat = ChatFormat()) -> list[Example]:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
             if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
                 segs = fmt.chat(obj["messages"], where)
-            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+            elif (
+                isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str)
+            ):
                 segs = fmt.prompt_completion(obj["prompt"], obj["completion"])
             else:
                 raise ConfigError(f"{where}: expected 'messages' or 'prompt' and 'completion'")
@@ -67,6 +77,7 @@ def stdlib_docstring_examples(max_chars: int = 2000) -> tuple[Example, ...]:
     """Functions with a docstring and a body, signature+docstring -> body (cached: parsing
     the whole standard library takes seconds, and a report fine-tunes many times)."""
     import sysconfig
+
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
     for path in stdlib_files():
@@ -81,22 +92,25 @@ def stdlib_docstring_examples(max_chars: int = 2000) -> tuple[Example, ...]:
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
                 continue
             doc = node.body[0]
-            if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-                    and isinstance(doc.value.value, str)):
+            if not (
+                isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+            ):
                 continue
             start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
-            prompt = "".join(lines[start:doc.end_lineno])
-            body = "".join(lines[doc.end_lineno:node.end_lineno])
+            prompt = "".join(lines[start : doc.end_lineno])
+            body = "".join(lines[doc.end_lineno : node.end_lineno])
             if body.strip() and len(prompt) + len(body) <= max_chars:
                 out.append(Example(module, ((prompt, False), (body, True), (EOS, True))))
     return tuple(out)
 
 
-def load_sft(source: str, val_fraction: float = 0.05,
-             fmt: ChatFormat = ChatFormat()) -> tuple[list[Example], list[Example]]:
+def load_sft(
+    source: str, val_fraction: float = 0.05, fmt: ChatFormat = MOELAB_FORMAT
+) -> tuple[list[Example], list[Example]]:
     """Examples split by group (module for stdlib-docstrings), deterministically."""
+    examples: list[Example]
     if source == "stdlib-docstrings":
-        examples = stdlib_docstring_examples()
+        examples = list(stdlib_docstring_examples())
     else:
         path = Path(source)
         if not path.is_file() or path.suffix != ".jsonl":
@@ -142,9 +156,11 @@ class SFTExamples:
         return len(self.rows)
 
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs, targets and padding mask (each B x S) of the examples at `idx`: targets are -100 outside trained
+        segments and on padding; rows are right-padded."""
         rows = [self.rows[i] for i in idx]
         L = max(len(ids) for ids, _ in rows) - 1
-        x = torch.full((len(rows), L), self.pad, dtype=torch.long)
+        x = torch.full((len(rows), L), self.pad or 0, dtype=torch.long)
         y = torch.full((len(rows), L), -100, dtype=torch.long)
         mask = torch.zeros((len(rows), L), dtype=torch.bool)
         for r, (ids, train) in enumerate(rows):

@@ -5,6 +5,7 @@ site-packages excluded), a text file, a folder of text files, a `.jsonl` with a 
 field, or a `.parquet` with a text column. A single text file is cut into blocks of
 200 lines so that it, too, can be split by document.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,8 @@ LINES_PER_BLOCK = 200
 
 @dataclass(frozen=True)
 class Document:
+    """One document of a source: a stable name (the split and cache key depend on it) and its text."""
+
     name: str  # stable identifier: the split and the cache key depend on it
     text: str
 
@@ -28,8 +31,7 @@ class Document:
 def stdlib_files() -> list[Path]:
     """Sorted `.py` files of the standard library (pinned by relative path)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py")
-             if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    files = [p for p in root.rglob("*.py") if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -42,8 +44,10 @@ def _read_text(path: Path) -> str | None:
 
 def _blocks(name: str, text: str) -> list[Document]:
     lines = text.splitlines(keepends=True)
-    return [Document(f"{name}#{i // LINES_PER_BLOCK}", "".join(lines[i:i + LINES_PER_BLOCK]))
-            for i in range(0, len(lines), LINES_PER_BLOCK)]
+    return [
+        Document(f"{name}#{i // LINES_PER_BLOCK}", "".join(lines[i : i + LINES_PER_BLOCK]))
+        for i in range(0, len(lines), LINES_PER_BLOCK)
+    ]
 
 
 def _jsonl(path: Path, field: str) -> list[Document]:
@@ -72,6 +76,7 @@ def _parquet(path: Path, field: str) -> list[Document]:
     except ImportError:
         raise ConfigError(f"{path}: reading .parquet needs pyarrow (pip install 'moelab[data]')") from None
     import pyarrow as pa
+
     try:
         table = pq.read_table(path, columns=None)
     except (pa.ArrowException, OSError) as e:
@@ -80,8 +85,9 @@ def _parquet(path: Path, field: str) -> list[Document]:
         raise ConfigError(f"{path}: no column '{field}' (columns: {table.column_names})")
     col = table.column(field)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        raise ConfigError(f"{path}: column '{field}' holds {col.type}, expected strings (data.text_field names "
-                          "the text column)")
+        raise ConfigError(
+            f"{path}: column '{field}' holds {col.type}, expected strings (data.text_field names the text column)"
+        )
     return [Document(f"{path.name}:{i}", t) for i, t in enumerate(col.to_pylist()) if t]
 
 
@@ -90,16 +96,20 @@ def load_documents(source: str, text_field: str = "text") -> list[Document]:
     source when it is missing, empty or malformed."""
     if source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        docs = [Document(p.relative_to(root).as_posix(), t) for p in stdlib_files()
-                if (t := _read_text(p))]
+        docs = [Document(p.relative_to(root).as_posix(), t) for p in stdlib_files() if (t := _read_text(p))]
     else:
         path = Path(source)
         if not path.exists():
-            raise ConfigError(f"data source '{source}' does not exist (expected 'stdlib', a text file, "
-                              "a folder, a .jsonl or a .parquet)")
+            raise ConfigError(
+                f"data source '{source}' does not exist (expected 'stdlib', a text file, "
+                "a folder, a .jsonl or a .parquet)"
+            )
         if path.is_dir():
-            docs = [Document(p.relative_to(path).as_posix(), t)
-                    for p in sorted(path.rglob("*")) if p.is_file() and (t := _read_text(p))]
+            docs = [
+                Document(p.relative_to(path).as_posix(), t)
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and (t := _read_text(p))
+            ]
         elif path.suffix == ".jsonl":
             docs = _jsonl(path, text_field)
         elif path.suffix == ".parquet":
@@ -123,8 +133,9 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     """Whole documents go to validation by a hash of their name: the same document lands
     on the same side on every machine, whatever other files exist."""
     if len(docs) < 2:
-        raise ConfigError(f"data source has {len(docs)} document(s); at least 2 are needed "
-                          "to hold one out for validation")
+        raise ConfigError(
+            f"data source has {len(docs)} document(s); at least 2 are needed to hold one out for validation"
+        )
     val = [d for d in docs if _unit_hash(d.name) < val_fraction]
     train = [d for d in docs if _unit_hash(d.name) >= val_fraction]
     if not val:

@@ -3,10 +3,11 @@
 Byte-level means every string round-trips and every token covers a whole number of
 UTF-8 bytes, which is what bits-per-byte needs.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,6 +19,9 @@ PAD = "<|pad|>"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, max_bytes: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer of `vocab_size` tokens (with <|endoftext|> and <|pad|>) on at most `max_bytes`
+    of `texts`."""
+
     def capped():
         seen = 0
         for t in texts:
@@ -29,13 +33,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_bytes: int) -> To
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(capped(), trainer)
     return tok
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json; ConfigError naming the file when it is missing or not a tokenizer."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"tokenizer file '{path}' does not exist")
@@ -46,6 +55,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def eos_id(tok: Tokenizer) -> int:
+    """The id of the end-of-text token; ConfigError when the tokenizer has none."""
     i = tok.token_to_id(EOS)
     if i is None:
         raise ConfigError(f"tokenizer has no end-of-text token '{EOS}'")

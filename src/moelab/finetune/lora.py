@@ -1,11 +1,12 @@
 """LoRA that reaches the experts: low-rank adapters as weight parametrizations.
 
-W' = W + (alpha / r) * B @ A, with A (r, in) ~ N(0, 1/r) ... and B = 0 so the model is
+W' = W + (alpha / r) * B @ A, with A (r, in) of variance 1/in (std 1/sqrt(in)) and B = 0 so the model is
 unchanged at init. For the experts' 3-D weights (E, out, in) every expert gets its own
 A (E, r, in) and B (E, out, r): a fused expert tensor is adapted per expert, never
 skipped. Targets: attn (q, k, v, o), experts (routed w_gate, w_up, w_down), router,
 ffn (dense FFNs and shared experts). A target that matches no parameter is an error.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,9 @@ TARGETS = ("attn", "experts", "router", "ffn")
 
 
 class LoRADelta(nn.Module):
+    """A low-rank update B @ A (scaled by alpha / rank) of a weight of any leading shape: A (..., r, in) ~ N(0, 1/in)
+    (variance 1/in), B (..., out, r) = 0, so training starts from the base weight."""
+
     def __init__(self, shape: torch.Size, rank: int, alpha: float):
         super().__init__()
         *lead, out_f, in_f = shape
@@ -28,6 +32,7 @@ class LoRADelta(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(*lead, out_f, rank))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight `w` plus the scaled low-rank update, in `w`'s dtype."""
         return w + self.scale * (self.lora_B @ self.lora_A).to(w.dtype)
 
 
@@ -39,8 +44,13 @@ def _matches(name: str, target: str) -> bool:
     if target == "router":
         return name.endswith(".router.weight")
     if target == "ffn":
-        return ".ffn." in name and ".experts." not in name and ".router." not in name and "gate.weight" not in name \
+        return (
+            ".ffn." in name
+            and ".experts." not in name
+            and ".router." not in name
+            and "gate.weight" not in name
             and name.rsplit(".", 1)[-1] in ("w_gate", "w_up", "w_down")
+        )
     return False
 
 
@@ -57,8 +67,10 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float) ->
     for t in targets:
         found = [n for n, _ in model.named_parameters() if _matches(n, t)]
         if not found:
-            raise ConfigError(f"lora.targets: '{t}' matches no parameter of this model, so it would train "
-                              "nothing" + (" (the model has no experts)" if t in ("experts", "router") else ""))
+            raise ConfigError(
+                f"lora.targets: '{t}' matches no parameter of this model, so it would train "
+                "nothing" + (" (the model has no experts)" if t in ("experts", "router") else "")
+            )
         plan += found
     for name in plan:
         mod_name, attr = name.rsplit(".", 1)
@@ -72,7 +84,7 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its weight and remove the parametrization."""
     for mod in list(model.modules()):
         if parametrize.is_parametrized(mod):
-            for attr in list(mod.parametrizations.keys()):
+            for attr in list(mod.parametrizations.keys()):  # type: ignore[union-attr,operator]  # a ModuleDict once parametrized
                 parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
     for p in model.parameters():
         p.requires_grad_(True)

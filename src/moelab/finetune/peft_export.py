@@ -7,6 +7,7 @@ laid out expert-minor in B. moelab's separate gate and up adapters become one ra
 adapter on gate_up_proj (A stacked, B block-diagonal), with alpha doubled so the scale
 alpha/r stays the same: the delta is identical, not approximated.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,6 +48,7 @@ def export_peft(cfg, state: dict, tokenizer_file: Path | None, out: Path) -> tup
     from transformers import AutoModelForCausalLM
 
     from ..model import Transformer
+
     targets = cfg.lora.target_list()
     if "ffn" in targets:
         raise ConfigError("peft export: lora target 'ffn' is not exported yet (attn, experts, router are)")
@@ -66,9 +68,17 @@ def export_peft(cfg, state: dict, tokenizer_file: Path | None, out: Path) -> tup
         alpha_pattern["gate_up_proj"] = 2 * alpha
     if "router" in targets:
         params += ["mlp.gate.weight"]
-    peft_cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules or None, target_parameters=params or None,
-                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_dropout=0.0)
+    peft_cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=modules or None,
+        target_parameters=params or None,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        lora_dropout=0.0,
+    )
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         pm = get_peft_model(hf, peft_cfg)
@@ -97,16 +107,23 @@ def export_peft(cfg, state: dict, tokenizer_file: Path | None, out: Path) -> tup
             A = torch.cat([g.lora_A, u.lora_A], dim=1)  # (E, 2r, D)
             B = torch.zeros(E, 2 * F, 2 * r)
             B[:, :F, :r], B[:, F:, r:] = g.lora_B, u.lora_B
-            put(f"model.layers.{i}.mlp.experts.gate_up_proj", A.reshape(E * 2 * r, -1),
-                B.permute(1, 2, 0).reshape(2 * F, 2 * r * E))
-            put(f"model.layers.{i}.mlp.experts.down_proj", dn.lora_A.reshape(E * r, -1),
-                dn.lora_B.permute(1, 2, 0).reshape(dn.lora_B.shape[1], r * E))
+            put(
+                f"model.layers.{i}.mlp.experts.gate_up_proj",
+                A.reshape(E * 2 * r, -1),
+                B.permute(1, 2, 0).reshape(2 * F, 2 * r * E),
+            )
+            put(
+                f"model.layers.{i}.mlp.experts.down_proj",
+                dn.lora_A.reshape(E * r, -1),
+                dn.lora_B.permute(1, 2, 0).reshape(dn.lora_B.shape[1], r * E),
+            )
         if layer.is_moe and "router" in targets:
             d = deltas[f"{pre}ffn.router.weight"]
             put(f"model.layers.{i}.mlp.gate.weight", d.lora_A, d.lora_B)
     adapter_dir = Path(out) / "adapter"
     import warnings
+
     with warnings.catch_warnings():  # peft warns that pattern keys match no *module*; they match parameters
         warnings.simplefilter("ignore", RuntimeWarning)
-        pm.save_pretrained(adapter_dir)
+        pm.save_pretrained(str(adapter_dir))
     return base_dir, adapter_dir

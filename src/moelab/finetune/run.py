@@ -1,8 +1,10 @@
 """`moelab finetune`: start from a checkpoint, train on SFT examples with a recipe."""
+
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +31,37 @@ def finetune_data(cfg: RunConfig, data_src: str, tok, run_dir: Path | None = Non
     n = cfg.finetune.train_examples
     if n is not None:
         if n > len(train_ex):
-            raise ConfigError(f"finetune.train_examples: {n} exceeds the {len(train_ex)} training examples "
-                              f"of '{data_src}'")
+            raise ConfigError(
+                f"finetune.train_examples: {n} exceeds the {len(train_ex)} training examples of '{data_src}'"
+            )
         keep = np.random.default_rng(cfg.train.seed).permutation(len(train_ex))[:n]
         train_ex = [train_ex[i] for i in sorted(keep)]
-    data = Data(tok, SFTExamples(train_ex, tok, cfg.data.seq_len, fmt.eos_token),
-                SFTExamples(val_ex, tok, cfg.data.seq_len, fmt.eos_token), token_byte_lengths(tok))
-    for name, part in (("training", data.train), ("held-out", data.val)):
+    train = SFTExamples(train_ex, tok, cfg.data.seq_len, fmt.eos_token)
+    val = SFTExamples(val_ex, tok, cfg.data.seq_len, fmt.eos_token)
+    data = Data(tok, train, val, token_byte_lengths(tok))
+    for name, part in (("training", train), ("held-out", val)):
         if part.dropped and verbose:
-            print(f"warning: {part.dropped} {name} examples have no completion token within "
-                  f"data.seq_len={cfg.data.seq_len} and were skipped", file=sys.stderr)
+            print(
+                f"warning: {part.dropped} {name} examples have no completion token within "
+                f"data.seq_len={cfg.data.seq_len} and were skipped",
+                file=sys.stderr,
+            )
     return data
 
 
-def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: int | None = None,
-             overrides: list[str] = (), overwrite: bool = False, quiet: bool = False):
+def finetune(
+    run: str,
+    data_src: str,
+    out: str | Path,
+    recipe: str,
+    *,
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
+    overwrite: bool = False,
+    quiet: bool = False,
+):
+    """Fine-tune the run or checkpoint `run` on SFT `data_src` into `out` with `recipe` (and overrides); writes
+    finetune.json beside the run and returns the TrainResult."""
     base = load_run(run, device="cpu")
     tok_file = base.checkpoint.parent.parent / "tokenizer.json"
     if not tok_file.is_file():
@@ -74,17 +92,33 @@ def finetune(run: str, data_src: str, out: str | Path, recipe: str, *, steps: in
         apply_recipe(model, recipe, cfg.lora)
         report.update(trainable_report(model))
         moe = cfg.model.moe
-        aux = (f"aux loss ON (lb_coef={moe.lb_coef}, z_coef={moe.z_coef})" if moe and ft.aux_loss
-               else "aux loss OFF" if moe else "dense model (no aux loss)")
-        lines = [f"fine-tuning recipe '{recipe}': {report['trainable']:,} of {report['total']:,} parameters "
-                 f"trainable; {aux}; expert dropout {ft.expert_dropout}"]
+        aux = (
+            f"aux loss ON (lb_coef={moe.lb_coef}, z_coef={moe.z_coef})"
+            if moe and ft.aux_loss
+            else "aux loss OFF"
+            if moe
+            else "dense model (no aux loss)"
+        )
+        lines = [
+            f"fine-tuning recipe '{recipe}': {report['trainable']:,} of {report['total']:,} parameters "
+            f"trainable; {aux}; expert dropout {ft.expert_dropout}"
+        ]
         lines += [f"  {g:<15} {v['trainable']:>12,} / {v['total']:,}" for g, v in report["groups"].items()]
         print("\n".join(lines), file=sys.stderr)
 
-    res = train(cfg, out, overwrite=overwrite, init=str(base.checkpoint), quiet=quiet, data=data,
-                prepare_model=prepare)
+    res = train(cfg, out, overwrite=overwrite, init=str(base.checkpoint), quiet=quiet, data=data, prepare_model=prepare)
     copy_tokenizer_extras(base_dir, out)  # the chat template and special tokens travel with the weights
-    (out / "finetune.json").write_text(json.dumps({"recipe": recipe, "base": str(base.checkpoint),
-                                                   "data": data_src, "train_examples": len(data.train),
-                                                   "heldout_examples": len(data.val), **report}, indent=1))
+    (out / "finetune.json").write_text(
+        json.dumps(
+            {
+                "recipe": recipe,
+                "base": str(base.checkpoint),
+                "data": data_src,
+                "train_examples": len(data.train),
+                "heldout_examples": len(data.val),
+                **report,
+            },
+            indent=1,
+        )
+    )
     return res

@@ -2,6 +2,7 @@
 
 Legend: B batch, S sequence, D model dim, H query heads, G kv heads, Dh head dim.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,12 +11,15 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x) * gain over the last dimension, computed in fp32 and returned in x's dtype."""
         # Normalise in fp32 (as Llama does), return in the input dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -32,11 +36,13 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Parameter(torch.empty(d_model, hidden))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
+        """w_gate and w_up ~ N(0, std); w_down ~ N(0, out_std)."""
         nn.init.normal_(self.w_gate, std=std)
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: w_down(silu(w_gate x) * w_up x); (..., D) -> (..., D)."""
         return F.linear(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up), self.w_down)
 
 
@@ -50,6 +56,7 @@ def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[
 
 
 def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of the head dimension by the position angles (RoPE, rotate-half layout); shape kept."""
     x1, x2 = x_BHSDh.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
@@ -58,8 +65,15 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tens
 class Attention(nn.Module):
     """Causal grouped-query attention via scaled_dot_product_attention."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = False,
-                 qk_norm: str = "none", norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        qkv_bias: bool = False,
+        qk_norm: str = "none",
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
@@ -69,21 +83,26 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         # q/k RMSNorm before rotary embeddings: per head (Qwen3) or over all heads (OLMoE).
         self.qk_norm = qk_norm
-        qd, kd = {"head": (self.head_dim, self.head_dim),
-                  "full": (n_heads * self.head_dim, n_kv_heads * self.head_dim)}.get(qk_norm, (0, 0))
+        qd, kd = {
+            "head": (self.head_dim, self.head_dim),
+            "full": (n_heads * self.head_dim, n_kv_heads * self.head_dim),
+        }.get(qk_norm, (0, 0))
         self.q_norm = RMSNorm(qd, norm_eps) if qd else None
         self.k_norm = RMSNorm(kd, norm_eps) if kd else None
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Causal grouped-query self-attention: (B, S, D) -> (B, S, D); `mask` (B, S) marks real tokens (padding is
+        right-side, so causality already hides it)."""
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
-        if self.qk_norm == "full":
+        if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.n_heads, self.head_dim)
         k = k.view(B, S, self.n_kv_heads, self.head_dim)
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|G, S, Dh)
         q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])

@@ -1,13 +1,15 @@
 """Llama-style decoder whose FFNs are dense SwiGLU or MoE by layer pattern.
 
-Initialisation (documented because MoE stability depends on it):
+Initialisation (documented because MoE stability depends on it; N(0, s) names the
+standard deviation s):
 - embeddings and all projections ~ N(0, init_std);
 - output projections of each residual branch (attention `wo`, FFN/expert `w_down`)
   ~ N(0, init_std / sqrt(2 * n_layers)), GPT-2's depth scaling;
-- router weights ~ N(0, 0.1 / d_model) (Switch's reduced scale 0.1 on a fan-in
-  init), so initial routing is close to uniform and logits start near zero;
+- router weights ~ N(0, sqrt(0.1 / d_model)) (Switch's reduced scale 0.1 on a fan-in
+  variance), so initial routing is close to uniform and logits start near zero;
 - RMSNorm weights = 1, biases = 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,26 +27,32 @@ from .blocks import Attention, RMSNorm, SwiGLU, rope_cache
 
 @dataclass
 class ModelOutput:
+    """What the model returns: logits (B, S, V); with targets also loss (LM + mean aux), lm_loss and aux_loss;
+    moe_stats, one MoEStats per MoE layer."""
+
     logits: torch.Tensor
-    loss: torch.Tensor | None = None      # lm_loss + mean over MoE layers of their aux loss
+    loss: torch.Tensor | None = None  # lm_loss + mean over MoE layers of their aux loss
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in order
 
 
 class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + ffn(norm(x)), the FFN dense SwiGLU or MoE."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.ffn = MoE(cfg.moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
+        self.ffn: MoE | SwiGLU = MoE(cfg.moe) if cfg.moe is not None and self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, cos, sin, mask=None):
+        """(B, S, D) -> ((B, S, D), MoEStats or None); `mask` (B, S) marks real tokens."""
         x = x + self.attn(self.attn_norm(x), cos, sin)
         h = self.ffn_norm(x)
-        if self.is_moe:
+        if isinstance(self.ffn, MoE):
             y, stats = self.ffn(h, mask)
             return x + y, stats
         return x + self.ffn(h), None
@@ -59,7 +67,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # typed as the list of blocks it holds: nn.ModuleList indexes as plain Modules
+        self.layers: list[Block] = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))  # type: ignore[assignment]
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
@@ -70,6 +79,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Initialise every weight as the module docstring lists."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.embed.weight, std=std)
@@ -86,13 +96,18 @@ class Transformer(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
+        """The output projection (V, D): lm_head.weight, or the embedding when tied."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def moe_layers(self) -> list[MoE]:
-        return [layer.ffn for layer in self.layers if layer.is_moe]
+        """The MoE layers, in layer order."""
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """tokens (B, S) int64 -> ModelOutput. With `targets` (B, S; -100 = no loss) the losses are filled in; `mask`
+        (B, S) marks real tokens so padding is neither routed nor counted."""
         B, S = tokens.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -108,10 +123,12 @@ class Transformer(nn.Module):
         logits = F.linear(self.norm(x), self.output_weight)
         out = ModelOutput(logits=logits, moe_stats=stats)
         if targets is not None:
-            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                          ignore_index=-100)
-            out.aux_loss = (torch.stack([s.aux_loss for s in stats]).mean() if stats
-                            else logits.new_zeros((), dtype=torch.float32))
+            out.lm_loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            )
+            out.aux_loss = (
+                torch.stack([s.aux_loss for s in stats]).mean() if stats else logits.new_zeros((), dtype=torch.float32)
+            )
             out.loss = out.lm_loss + out.aux_loss
         return out
 
@@ -119,8 +136,9 @@ class Transformer(nn.Module):
     def update_router_biases(self, tokens_per_expert: list[torch.Tensor]) -> None:
         """Aux-loss-free balancing step: one load vector per MoE layer, summed over the
         optimizer step's micro-batches. Call after `optimizer.step()`."""
-        for moe, load in zip(self.moe_layers(), tokens_per_expert):
+        for moe, load in zip(self.moe_layers(), tokens_per_expert, strict=True):
             moe.router.update_bias(load)
 
     def num_params(self) -> dict[str, int]:
+        """Parameter counts (total, active, non_embedding, ...) from the config; see ModelConfig.param_counts."""
         return self.cfg.param_counts()

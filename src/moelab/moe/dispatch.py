@@ -5,6 +5,7 @@ Legend: T tokens, K experts per token, E experts, N = kept assignments (<= T*K).
 Assignments are flattened in token-major order (t*K + k). A stable sort by expert keeps
 each expert's rows in token order, so the grouped matmul sees contiguous groups.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,10 +16,13 @@ import torch
 
 @dataclass
 class Dispatch:
-    token_idx_N: torch.Tensor   # source token of each kept assignment, grouped by expert
-    slot_idx_N: torch.Tensor    # flat assignment index (t*K + k) of each kept row
-    counts_E: torch.Tensor      # kept rows per expert (int64, on the input's device)
-    routed_E: torch.Tensor      # assignments the router made per expert, before dropping
+    """Where each kept token-expert assignment goes: source token and flat slot per row (rows grouped by expert), kept
+    rows and router assignments per expert, and how many were dropped."""
+
+    token_idx_N: torch.Tensor  # source token of each kept assignment, grouped by expert
+    slot_idx_N: torch.Tensor  # flat assignment index (t*K + k) of each kept row
+    counts_E: torch.Tensor  # kept rows per expert (int64, on the input's device)
+    routed_E: torch.Tensor  # assignments the router made per expert, before dropping
     n_dropped: int
 
 
@@ -28,8 +32,9 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: 
 
 
 @torch.no_grad()
-def dispatch(expert_idx_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts: int,
-             capacity_factor: float | None) -> Dispatch:
+def dispatch(
+    expert_idx_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts: int, capacity_factor: float | None
+) -> Dispatch:
     """Group assignments by expert; past capacity, drop the lowest-weight ones.
 
     Dropped assignments simply vanish from the grouped rows: they contribute zero to the

@@ -13,6 +13,7 @@ Two backends compute the same thing under plain autograd:
   zero-fill a gradient the size of all experts once per expert.
 "auto" picks grouped_mm where it is known to work.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -48,15 +49,16 @@ def gmm(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.
 
 
 def loop_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    outs = [F.linear(x_nI, w_OI) for x_nI, w_OI in zip(x_NI.split(sizes), w_EOI.unbind(0))]
+    """Reference grouped matmul: rows x_NI split by `sizes` into per-expert groups, each times its w_EOI[e]^T; (N, I) ->
+    (N, O)."""
+    outs = [F.linear(x_nI, w_OI) for x_nI, w_OI in zip(x_NI.split(sizes), w_EOI.unbind(0), strict=True)]
     return torch.cat(outs, dim=0)
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D tensors: w_gate, w_up (E, F, D); w_down (E, D, F)."""
 
-    def __init__(self, n_experts: int, d_model: int, d_expert: int, backend: Backend = "auto",
-                 dropout: float = 0.0):
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, backend: Backend = "auto", dropout: float = 0.0):
         super().__init__()
         self.backend: Backend = backend
         self.dropout = dropout
@@ -65,12 +67,14 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
+        """w_gate and w_up ~ N(0, std); w_down ~ N(0, out_std), per expert."""
         nn.init.normal_(self.w_gate, std=std)
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=out_std)
 
-    def forward(self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, w_N: torch.Tensor,
-                counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, w_N: torch.Tensor, counts_E: torch.Tensor
+    ) -> torch.Tensor:
         """Weighted sum of expert outputs per token. Rows n are grouped by expert
         (`counts_E[e]` each, in expert order); token_idx_N says which token each row
         reads and receives, w_N its routing weight. Returns (T, D)."""

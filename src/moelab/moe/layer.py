@@ -3,6 +3,7 @@
 Legend: T tokens (valid ones), D model dim, E experts, K experts per token,
 N kept assignments grouped by expert.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class SharedExperts(SwiGLU):
         self.gate = nn.Linear(d_model, 1, bias=False) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared SwiGLU of x (..., D), scaled by sigmoid(gate(x)) per token when gated."""
         y = super().forward(x)
         if self.gate is not None:
             y = torch.sigmoid(self.gate(x)) * y
@@ -63,11 +65,13 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = Router(cfg)
         self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.d_expert, backend, cfg.expert_dropout)
-        self.shared = (SharedExperts(cfg.d_model, cfg.d_shared_total, cfg.shared_gate)
-                       if cfg.n_shared_experts > 0 else None)
+        self.shared = (
+            SharedExperts(cfg.d_model, cfg.d_shared_total, cfg.shared_gate) if cfg.n_shared_experts > 0 else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Router by its own init; experts and shared experts with N(0, std) inputs and N(0, out_std) outputs."""
         out_std = std if out_std is None else out_std
         self.router.reset_parameters()
         self.experts.reset_parameters(std, out_std)
@@ -78,9 +82,13 @@ class MoE(nn.Module):
 
     @property
     def capacity_factor(self) -> float | None:
+        """The capacity factor in force: capacity_factor in training, eval_capacity_factor in eval mode (None =
+        dropless)."""
         return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x (..., D) -> (y of the same shape, MoEStats). `mask` (...) marks real tokens: padding is not routed and not
+        counted in the losses or statistics."""
         cfg = self.cfg
         shape = x.shape
         x_TD = x.reshape(-1, cfg.d_model)

@@ -3,6 +3,7 @@
 Legend: T tokens (valid ones only; padding is removed before these are called),
 E experts, K experts chosen per token.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Written to be obviously correct rather than fast: per-expert Python loops, expli
 capacity bookkeeping, weights indexed directly. It reads the parameters of a `MoE`
 module, so outputs *and* gradients can be compared with the fast path.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 
 
 def reference_moe(moe, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE layer's output computed by a plain per-token, per-expert loop with the layer's own routing; the reference
+    the tests compare against. x (..., D) -> same shape."""
     cfg = moe.cfg
     x_TD = x.reshape(-1, cfg.d_model)
     keep_rows = torch.arange(x_TD.shape[0]) if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
@@ -35,7 +38,7 @@ def reference_moe(moe, x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
         pairs = [(t, k) for t in range(T) for k in range(cfg.top_k) if idx[t, k] == e]
         # Keep the highest-weight assignments; ties go to the earlier token.
         pairs.sort(key=lambda tk: -float(w[tk[0], tk[1]].detach()))
-        pairs = pairs[: cap if cap != math.inf else len(pairs)]
+        pairs = pairs[: int(cap) if cap != math.inf else len(pairs)]
         for t, k in pairs:
             h = F.silu(ex.w_gate[e] @ xs[t]) * (ex.w_up[e] @ xs[t])
             out[t] = out[t] + w[t, k] * (ex.w_down[e] @ h)

@@ -5,6 +5,7 @@ Legend: T tokens, D model dim, E experts, K experts chosen per token.
 The router always runs in fp32, whatever the autocast dtype: softmax over bf16 logits
 flips top-k choices between nearly tied experts and lets logits drift (ST-MoE, sec. 3).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,11 @@ from ..config import MoEConfig
 
 @dataclass
 class Routing:
-    logits_TE: torch.Tensor   # fp32 router logits
-    probs_TE: torch.Tensor    # fp32 per-token distribution over experts (for losses, entropy)
+    """A router's decision for T tokens: fp32 logits and probabilities (T, E), combine weights (T, K) and chosen experts
+    (T, K)."""
+
+    logits_TE: torch.Tensor  # fp32 router logits
+    probs_TE: torch.Tensor  # fp32 per-token distribution over experts (for losses, entropy)
     weights_TK: torch.Tensor  # fp32 combine weights of the chosen experts
     expert_idx_TK: torch.Tensor  # int64 chosen experts
 
@@ -39,11 +43,14 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """weight ~ N(0, cfg.init_std_router); the balancing bias, if any, to zero."""
         nn.init.normal_(self.weight, std=self.cfg.init_std_router)
         if self.bias is not None:
             self.bias.zero_()
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
+        """Route x_TD (T, D): fp32 logits, softmax or sigmoid scores, top-k choice (shifted by the balancing bias, if
+        any), combine weights (renormalised if configured). Jitter multiplies the input in training only."""
         cfg = self.cfg
         with torch.autocast(x_TD.device.type, enabled=False):
             x32_TD = x_TD.float()

@@ -3,5 +3,16 @@ from .checkpoint import latest_checkpoint, load_model_weights, resolve_checkpoin
 from .health import NonFiniteLoss
 from .trainer import RunExists, TrainResult, evaluate, train
 
-__all__ = ["train", "evaluate", "TrainResult", "RunExists", "OutputExists", "NonFiniteLoss", "NonFiniteError",
-           "CheckpointError", "latest_checkpoint", "resolve_checkpoint", "load_model_weights"]
+__all__ = [
+    "train",
+    "evaluate",
+    "TrainResult",
+    "RunExists",
+    "OutputExists",
+    "NonFiniteLoss",
+    "NonFiniteError",
+    "CheckpointError",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "load_model_weights",
+]

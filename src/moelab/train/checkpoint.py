@@ -13,6 +13,7 @@ weights or optimizer moments are not finite is never written. Reading checks siz
 (cheap, for listing) and, for the checkpoint actually used, the checksums, so a damaged
 file is found whether it was cut short or corrupted inside.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError, NonFiniteError
+
 STATE_FILE = "trainer_state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
-
-from ..errors import CheckpointError, NonFiniteError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,14 +63,20 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, require_finite: bool = F
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimizer's state as flat tensors (keyed state.<param index>.<name>) and its param-group settings (JSON-
+    ready)."""
     sd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v))
-               for i, st in sd["state"].items() for k, v in st.items()}
+    tensors = {
+        f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v))
+        for i, st in sd["state"].items()
+        for k, v in st.items()
+    }
     groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, groups
 
 
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Restore an optimizer from the tensors and param groups written by `optimizer_tensors`."""
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         _, i, name = key.split(".", 2)
@@ -81,6 +88,7 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
+    """The torch CPU generator state and each CUDA device's, as tensors."""
     out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -89,14 +97,24 @@ def rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the generator states saved by `rng_tensors`."""
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
-                    trainer_state: dict, keep: int | None = None) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer | None,
+    trainer_state: dict,
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically into CKPT_ROOT/step-NNNNNN (model, optimizer, RNG, trainer state with sizes
+    and SHA-256), keeping the newest `keep`; returns its path. Raises NonFiniteError, writing nothing, when weights
+    or optimizer moments are not finite."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".tmp-step-{step:06d}-{os.getpid()}"
@@ -111,8 +129,12 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, opt: tor
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _save(rng_tensors(), tmp / "rng.safetensors")
-    state = dict(trainer_state, step=step, param_groups=groups,
-                 files={f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES})
+    state = dict(
+        trainer_state,
+        step=step,
+        param_groups=groups,
+        files={f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES},
+    )
     with open(tmp / STATE_FILE, "w") as f:
         json.dump(state, f, indent=1)
         f.flush()
@@ -147,8 +169,9 @@ def check_checkpoint(path: Path, verify: bool = True) -> dict:
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
         if f.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"checkpoint {path}: {name} is truncated "
-                                  f"({f.stat().st_size} of {info['bytes']} bytes)")
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is truncated ({f.stat().st_size} of {info['bytes']} bytes)"
+            )
         if verify and "sha256" in info and _sha256(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupted (its SHA-256 differs from the manifest)")
     return state
@@ -181,6 +204,7 @@ def latest_checkpoint(ckpt_root: Path, warn: bool = True) -> Path | None:
 
 
 def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file of a checkpoint; CheckpointError naming it when unreadable."""
     try:
         return load_file(str(Path(path) / name))
     except (SafetensorError, OSError, ValueError) as e:
@@ -194,15 +218,17 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
         raise CheckpointError(f"'{p}' does not exist (expected a run folder or a checkpoint folder)")
     if (p / STATE_FILE).exists() or (p / "model.safetensors").exists():
         if (p / "config.json").is_file() and not (p / STATE_FILE).exists():
-            raise CheckpointError(f"'{p}' is a Hugging Face model folder: run `moelab import {p} --out RUN` "
-                                  "first, then use RUN")
+            raise CheckpointError(
+                f"'{p}' is a Hugging Face model folder: run `moelab import {p} --out RUN` first, then use RUN"
+            )
         check_checkpoint(p)
         return p
     latest = latest_checkpoint(p / "checkpoints")
     if latest is None:
         if (p / "config.json").is_file():
-            raise CheckpointError(f"'{p}' is a Hugging Face model folder: run `moelab import {p} --out RUN` "
-                                  "first, then use RUN")
+            raise CheckpointError(
+                f"'{p}' is a Hugging Face model folder: run `moelab import {p} --out RUN` first, then use RUN"
+            )
         raise CheckpointError(f"'{p}' holds no complete checkpoint (looked in {p / 'checkpoints'})")
     steps = sorted(Path(p / "checkpoints").glob("step-*"))
     if steps and steps[-1] != latest:
@@ -218,10 +244,14 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     missing = [k for k in state if k not in tensors]
     unexpected = [k for k in tensors if k not in state]
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {ckpt} does not fit this model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    shapes = [f"{k} {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in state.items()
-              if tuple(tensors[k].shape) != tuple(v.shape)]
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    shapes = [
+        f"{k} {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in state.items()
+        if tuple(tensors[k].shape) != tuple(v.shape)
+    ]
     if shapes:
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model (shapes differ): {'; '.join(shapes[:4])}")
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -5,6 +5,7 @@ expert over the logging window), `max_violation`, `dropped_fraction`, `router_en
 `lb_loss`, `z_loss` (window means) and `dead_experts` (experts that got no token in the
 window).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,16 @@ class MoEWindow:
         self.reset()
 
     def reset(self) -> None:
+        """Start a new logging window."""
         self.loads: list[torch.Tensor] = []
         self.sums: list[dict[str, float]] = []
         self.n = 0
 
     def add(self, stats: list[MoEStats]) -> None:
+        """Add one forward pass's per-layer MoE statistics to the window."""
         if not self.loads:
             self.loads = [torch.zeros_like(s.tokens_per_expert, dtype=torch.float64) for s in stats]
-            self.sums = [dict.fromkeys(("lb_loss", "z_loss", "dropped_fraction", "router_entropy"), 0.0)
-                         for _ in stats]
+            self.sums = [dict.fromkeys(("lb_loss", "z_loss", "dropped_fraction", "router_entropy"), 0.0) for _ in stats]
         for i, s in enumerate(stats):
             self.loads[i] += s.tokens_per_expert.detach().double()
             acc = self.sums[i]
@@ -42,17 +44,21 @@ class MoEWindow:
         self.n += 1
 
     def summary(self) -> list[dict]:
+        """Per MoE layer, over the window: load fractions per expert, max-violation, dead experts, and the mean lb/z
+        loss, dropped fraction and router entropy."""
         out = []
-        for load, acc in zip(self.loads, self.sums):
+        for load, acc in zip(self.loads, self.sums, strict=True):
             total = float(load.sum())
             frac = (load / total) if total > 0 else load
             mean = float(load.mean())
-            out.append({
-                "load": [round(float(f), 5) for f in frac],
-                "max_violation": float(load.max()) / mean - 1.0 if mean > 0 else 0.0,
-                "dead_experts": int((load == 0).sum()),
-                **{k: v / max(self.n, 1) for k, v in acc.items()},
-            })
+            out.append(
+                {
+                    "load": [round(float(f), 5) for f in frac],
+                    "max_violation": float(load.max()) / mean - 1.0 if mean > 0 else 0.0,
+                    "dead_experts": int((load == 0).sum()),
+                    **{k: v / max(self.n, 1) for k, v in acc.items()},
+                }
+            )
         return out
 
 
@@ -64,6 +70,9 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsWriter:
+    """Appends metric records to RUN/metrics.jsonl (one JSON object per line, flushed) and mirrors scalars to
+    TensorBoard when available."""
+
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.f = self.path.open("a")
@@ -71,11 +80,13 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except ImportError:  # tensorboard is optional at run time
                 self.tb = None
 
     def write(self, record: dict) -> None:
+        """Append one record and mirror its scalars (and per-layer MoE scalars) to TensorBoard."""
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
         if self.tb is not None:
@@ -89,6 +100,7 @@ class MetricsWriter:
                         self.tb.add_scalar(f"moe/layer{i}/{k}", v, step)
 
     def close(self) -> None:
+        """Close the log file and the TensorBoard writer."""
         self.f.close()
         if self.tb is not None:
             self.tb.close()

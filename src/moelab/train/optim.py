@@ -1,4 +1,5 @@
 """AdamW with parameter groups, and learning-rate schedules."""
+
 from __future__ import annotations
 
 import math
@@ -21,20 +22,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    """AdamW over `param_groups(model)` with the config's lr, betas, eps and weight decay."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """LR for optimizer step `step` (0-based): linear warmup, then cosine to
     min_lr_ratio * lr, or WSD (stable, then linear decay over the last decay_fraction),
     or constant."""
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    peak = cfg.peak_lr
+    floor = peak * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":

@@ -7,6 +7,7 @@ touches the run folder only once everything it needs has loaded), `_step` (one
 optimizer step, guarded against non-finite values before the update) and the loop in
 `train` (evaluation, logging, checkpoints).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,9 @@ __all__ = ["train", "evaluate", "TrainResult", "RunExists", "pick_device", "load
 
 @dataclass
 class TrainResult:
+    """What `train` returns: run folder, last step, last validation loss, mean tokens/s of this invocation, parameter
+    counts, last expert loads, whether it stopped before the horizon, skipped steps."""
+
     run_dir: Path
     step: int
     final_val_loss: float | None
@@ -50,9 +54,15 @@ class TrainResult:
 
 
 def autocast_ctx(cfg: RunConfig, device: torch.device):
+    """bf16 autocast on the device when train.precision is bf16, else a no-op context."""
     if cfg.train.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def _unpack(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, padding mask or None): packed text has no padding, SFT rows do."""
+    return batch[0], batch[1], batch[2] if len(batch) > 2 else None
 
 
 @torch.no_grad()
@@ -64,9 +74,9 @@ def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, devi
     n = min(len(data_val), batch_size * n_batches)
     for start in range(0, n, batch_size):
         idx = list(range(start, min(start + batch_size, n)))
-        x, y, *mask = data_val.batch(idx)
+        x, y, mask = _unpack(data_val.batch(idx))
         with ctx:
-            out = model(x.to(device), y.to(device), mask[0].to(device) if mask else None)
+            out = model(x.to(device), y.to(device), mask.to(device) if mask is not None else None)
         n_targets = int((y != -100).sum())
         total += float(out.lm_loss) * n_targets
         count += n_targets
@@ -93,20 +103,26 @@ def _init_tokenizer(init_ckpt: Path) -> Path:
     """The tokenizer of the run a model is initialised from: its embeddings index those ids."""
     tok = init_ckpt.parent.parent / "tokenizer.json"
     if not tok.is_file():
-        raise ConfigError(f"--init {init_ckpt}: its run folder has no tokenizer.json, so the token ids of its "
-                          "embeddings are unknown; name the tokenizer to use with data.tokenizer=PATH")
+        raise ConfigError(
+            f"--init {init_ckpt}: its run folder has no tokenizer.json, so the token ids of its "
+            "embeddings are unknown; name the tokenizer to use with data.tokenizer=PATH"
+        )
     return tok
 
 
-def _setup(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init: str | None, data: Data | None,
-           prepare_model) -> _Run:
+def _setup(
+    cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init: str | None, data: Data | None, prepare_model
+) -> _Run:
     ckpt_root = run_dir / "checkpoints"
     if cfg.optim.lr == "auto":
         from ..analysis.lr_scaling import resolve_auto_lr
+
         cfg.optim.lr = resolve_auto_lr(cfg)
         rule = f"the fit in {cfg.optim.lr_fit}" if cfg.optim.lr_fit else "MM1's rule over non-embedding parameters"
-        print(f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={cfg.model.param_counts()['non_embedding']:,})",
-              file=sys.stderr)
+        print(
+            f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={cfg.model.param_counts()['non_embedding']:,})",
+            file=sys.stderr,
+        )
     start_ckpt = None
     if resume:
         start_ckpt = ck.latest_checkpoint(ckpt_root)
@@ -130,9 +146,14 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init: s
         if tok_path is None and init_ckpt is not None:
             tok_path = _init_tokenizer(init_ckpt)
         data = prepare_data(
-            cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size, val_fraction=cfg.data.val_fraction,
-            text_field=cfg.data.text_field, tokenizer_path=tok_path,
-            tokenizer_train_bytes=cfg.data.tokenizer_train_bytes)
+            cfg.data.source,
+            cfg.data.seq_len,
+            cfg.model.vocab_size,
+            val_fraction=cfg.data.val_fraction,
+            text_field=cfg.data.text_field,
+            tokenizer_path=tok_path,
+            tokenizer_train_bytes=cfg.data.tokenizer_train_bytes,
+        )
 
     model = Transformer(cfg.model).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -180,17 +201,17 @@ def _step(run: _Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> _St
     loss_sum = lm_sum = 0.0
     tokens = 0
     for _ in range(tc.grad_accum):
-        x, y, *mask = run.data.train.batch(sampler.next())
+        x, y, mask = _unpack(run.data.train.batch(sampler.next()))
         # padding (SFT rows) is not work done: count only real tokens
-        tokens += int(mask[0].sum()) if mask else x.numel()
+        tokens += int(mask.sum()) if mask is not None else x.numel()
         with ctx:
-            out = model(x.to(run.device), y.to(run.device), mask[0].to(run.device) if mask else None)
+            out = model(x.to(run.device), y.to(run.device), mask.to(run.device) if mask is not None else None)
         (out.loss / tc.grad_accum).backward()
         loss_sum += out.loss.item() / tc.grad_accum
         lm_sum += out.lm_loss.item() / tc.grad_accum
         window.add(out.moe_stats)
         step_loads = [s.tokens_per_expert for s in out.moe_stats]
-        loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+        loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads, strict=True)]
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
@@ -205,17 +226,34 @@ def _step(run: _Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> _St
 def _nonfinite_message(res: _StepResult, step: int, ckpt_root: Path, skipped: int | None = None) -> str:
     what = f"loss is {res.loss}" if not math.isfinite(res.loss) else f"gradient norm is {res.grad_norm}"
     last = ck.latest_checkpoint(ckpt_root, warn=False)
-    where = (f"the last good checkpoint is {last} (weights unchanged since; continue with --resume)" if last
-             else "no checkpoint has been written yet")
-    lead = (f"{what} at step {step}: stopping before the update" if skipped is None else
-            f"{what} at step {step}, {skipped} steps in a row (train.max_skipped_steps): stopping")
-    return (f"{lead}; {where}. Lower optim.lr, raise optim.warmup_steps, keep optim.grad_clip on, or enable "
-            "the router z-loss (model.moe.z_coef); train.on_nonfinite=skip skips such steps instead")
+    where = (
+        f"the last good checkpoint is {last} (weights unchanged since; continue with --resume)"
+        if last
+        else "no checkpoint has been written yet"
+    )
+    lead = (
+        f"{what} at step {step}: stopping before the update"
+        if skipped is None
+        else f"{what} at step {step}, {skipped} steps in a row (train.max_skipped_steps): stopping"
+    )
+    return (
+        f"{lead}; {where}. Lower optim.lr, raise optim.warmup_steps, keep optim.grad_clip on, or enable "
+        "the router z-loss (model.moe.z_coef); train.on_nonfinite=skip skips such steps instead"
+    )
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          stop_after: int | None = None, init: str | None = None, quiet: bool = False,
-          data: Data | None = None, prepare_model=None) -> TrainResult:
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    init: str | None = None,
+    quiet: bool = False,
+    data: Data | None = None,
+    prepare_model=None,
+) -> TrainResult:
     """Train `cfg` into `run_dir` and return a TrainResult.
 
     `resume` continues the run's latest good checkpoint (the command's config must equal
@@ -233,8 +271,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     cfg, tc, state = run.cfg, run.cfg.train, run.state
     step = int(state.get("step", 0))
     sampler = Sampler(len(run.data.train), tc.batch_size, tc.seed, SamplerState(**state.get("sampler", {})))
-    health = HealthMonitor(tc.spike_factor, tc.spike_window, tc.collapse_max_violation, tc.collapse_window,
-                           state.get("health"))
+    health = HealthMonitor(
+        tc.spike_factor, tc.spike_window, tc.collapse_max_violation, tc.collapse_window, state.get("health")
+    )
     tokens_seen = int(state.get("tokens", 0))
     elapsed = float(state.get("elapsed_s", 0.0))  # training wall-clock, summed over resumes
     skipped_total = int(state.get("skipped_steps", 0))
@@ -264,10 +303,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             if not res.finite:
                 skipped_in_row += 1
                 if tc.on_nonfinite == "stop" or skipped_in_row >= tc.max_skipped_steps:
-                    raise NonFiniteError(_nonfinite_message(
-                        res, step + 1, run.ckpt_root, None if tc.on_nonfinite == "stop" else skipped_in_row))
+                    raise NonFiniteError(
+                        _nonfinite_message(
+                            res, step + 1, run.ckpt_root, None if tc.on_nonfinite == "stop" else skipped_in_row
+                        )
+                    )
                 skipped_total += 1
-                warn(f"step {step + 1} skipped: loss {res.loss}, gradient norm {res.grad_norm} (train.on_nonfinite=skip)")
+                warn(
+                    f"step {step + 1} skipped: loss {res.loss}, gradient norm {res.grad_norm} (train.on_nonfinite=skip)"
+                )
             else:
                 skipped_in_row = 0
                 spike = health.check_loss(step + 1, res.loss)
@@ -288,13 +332,20 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 last_summary = window.summary()
                 window.reset()
                 record = {
-                    "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "loss": res.loss,
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "elapsed_s": elapsed,
+                    "loss": res.loss,
                     "lm_loss": res.lm_loss,
                     "lb_loss": _mean([m["lb_loss"] for m in last_summary]),
                     "z_loss": _mean([m["z_loss"] for m in last_summary]),
-                    "lr": lr, "grad_norm": res.grad_norm, "tokens_per_s": tps,
-                    "peak_mem_bytes": peak_memory_bytes(run.device), "loss_spikes": health.spikes,
-                    "skipped_steps": skipped_total, "moe_layers": last_summary,
+                    "lr": lr,
+                    "grad_norm": res.grad_norm,
+                    "tokens_per_s": tps,
+                    "peak_mem_bytes": peak_memory_bytes(run.device),
+                    "loss_spikes": health.spikes,
+                    "skipped_steps": skipped_total,
+                    "moe_layers": last_summary,
                 }
                 if evaluated:
                     record["val_loss"] = val_loss
@@ -305,16 +356,30 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 metrics.write(_json_safe(record))
                 progress.log(step, res.loss, val_loss, tps)
             if step % tc.ckpt_every == 0 or step == end:
-                trainer_state = {"sampler": vars(sampler.state), "health": health.state(), "tokens": tokens_seen,
-                                 "val_loss": val_loss, "total_steps": tc.steps, "elapsed_s": elapsed,
-                                 "skipped_steps": skipped_total}
+                trainer_state = {
+                    "sampler": vars(sampler.state),
+                    "health": health.state(),
+                    "tokens": tokens_seen,
+                    "val_loss": val_loss,
+                    "total_steps": tc.steps,
+                    "elapsed_s": elapsed,
+                    "skipped_steps": skipped_total,
+                }
                 ck.save_checkpoint(run.ckpt_root, step, run.model, run.opt, trainer_state, keep=tc.keep_checkpoints)
     finally:
         progress.close()
         metrics.close()
     mean_tps = (tokens_seen - start_tokens) / max(elapsed - start_elapsed, 1e-9)
-    return TrainResult(run.run_dir, step, val_loss, mean_tps, cfg.model.param_counts(),
-                       [m["load"] for m in last_summary], stopped_early=step < tc.steps, skipped_steps=skipped_total)
+    return TrainResult(
+        run.run_dir,
+        step,
+        val_loss,
+        mean_tps,
+        cfg.model.param_counts(),
+        [m["load"] for m in last_summary],
+        stopped_early=step < tc.steps,
+        skipped_steps=skipped_total,
+    )
 
 
 def _json_safe(record: dict) -> dict:
