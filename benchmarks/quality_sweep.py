@@ -19,12 +19,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 LEAN = ["model.moe.z_coef=0", "model.moe.lb_coef=0.001"]
+FINE = ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=4"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("tiny-dense", []),
     "moe-8x2": ("tiny-moe", []),
     "moe-8x2-lean": ("tiny-moe", LEAN),
     "moe-16x4-lean": ("tiny-moe", LEAN + ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=4"]),
     "moe-32x8-lean": ("tiny-moe", LEAN + ["model.moe.n_experts=32", "model.moe.d_expert=64", "model.moe.top_k=8"]),
+    "moe-16x4": ("tiny-moe", FINE),
+    "moe-16x4-z0": ("tiny-moe", FINE + ["model.moe.z_coef=0"]),
+    "moe-16x4-z0-out02": ("tiny-moe", FINE + ["model.moe.z_coef=0", "model.moe.expert_out_std=0.02"]),
+    "moe-16x4-lean-norenorm": ("tiny-moe", FINE + LEAN + ["model.moe.renormalize=false"]),
     "moe-16x3+1-lean": ("tiny-moe", LEAN + ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=3",
                                             "model.moe.n_shared_experts=1"]),
 }

@@ -218,6 +218,53 @@ def cmd_lr_fit(sweep_dir: str, target_params: float | None = None, count: str = 
     return res
 
 
+def cmd_tokenize(
+    src: str,
+    out: str,
+    tokenizer: str | None = None,
+    vocab_size: int = 4096,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    tokenizer_train_bytes: int = 10_000_000,
+    overwrite: bool = False,
+    quiet: bool = False,
+    chunk_bytes: int = 64 << 20,
+):
+    """Tokenize a source once into memory-mapped token shards (train with --data DATASET)."""
+    from .data import tokenize_source, training_texts
+    from .data.dataset import resumable_tokenizer
+    from .data.tokenizer import load_tokenizer, train_tokenizer
+
+    _require(0 < val_fraction < 1, "--val-fraction", "a number in (0, 1)", val_fraction)
+    _require(vocab_size >= 260, "--vocab-size", "at least 260 (256 bytes and the special tokens)", vocab_size)
+    _require(tokenizer_train_bytes > 0, "--tokenizer-train-bytes", "a positive number", tokenizer_train_bytes)
+    _require(chunk_bytes > 0, "--chunk-bytes", "a positive number", chunk_bytes)
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        tok = load_tokenizer(path / "tokenizer.json" if path.is_dir() else path)
+    else:
+        tok = resumable_tokenizer(src, Path(out), text_field, val_fraction) or train_tokenizer(
+            training_texts(src, text_field, val_fraction), vocab_size, tokenizer_train_bytes
+        )
+    path = tokenize_source(
+        src,
+        out,
+        tok,
+        text_field=text_field,
+        val_fraction=val_fraction,
+        overwrite=overwrite,
+        quiet=quiet,
+        chunk_bytes=chunk_bytes,
+    )
+    m = json.loads((path / "manifest.json").read_text())
+    print(
+        f"{path}: train {m['splits']['train']['tokens']:,} tokens in {m['splits']['train']['docs']:,} documents, "
+        f"validation {m['splits']['val']['tokens']:,} in {m['splits']['val']['docs']:,} ({m['dtype']}); "
+        f"train with --data {path}"
+    )
+    return path
+
+
 def cmd_import(hf_dir: str, out: str, overwrite: bool = False):
     """Import a local Hugging Face folder (safetensors) as a moelab checkpoint folder."""
     from .convert.io import import_hf
@@ -473,6 +520,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", help="markdown file whose report section is replaced (e.g. docs/finetuning.md)")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("tokenize", help=cmd_tokenize.__doc__)
+    p.add_argument(
+        "src",
+        help="stdlib, a text file, a folder, a .jsonl, a .parquet, a .gz/.zst of those, or a "
+        "datasets folder (save_to_disk)",
+    )
+    p.add_argument("--out", required=True, help="dataset folder")
+    p.add_argument("--tokenizer", help="a run folder or a tokenizer.json (default: train one on the training split)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="when training a tokenizer")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (by name hash)")
+    p.add_argument("--text-field", default="text", help=".jsonl field / .parquet or datasets column")
+    p.add_argument("--tokenizer-train-bytes", type=int, default=10_000_000)
+    p.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=64 << 20,
+        help="source text per shard pair: the unit a killed run resumes from",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a folder holding another dataset")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("import", help=cmd_import.__doc__)
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True)
@@ -582,6 +650,19 @@ def main(argv: list[str] | None = None) -> int:
                 args.doc,
                 shlex.join(["moelab", *(sys.argv[1:] if argv is None else argv)]),
                 args.quiet,
+            )
+        elif args.command == "tokenize":
+            cmd_tokenize(
+                args.src,
+                args.out,
+                args.tokenizer,
+                args.vocab_size,
+                args.val_fraction,
+                args.text_field,
+                args.tokenizer_train_bytes,
+                args.overwrite,
+                args.quiet,
+                args.chunk_bytes,
             )
         elif args.command == "import":
             cmd_import(args.hf_dir, args.out, args.overwrite)

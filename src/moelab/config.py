@@ -47,6 +47,9 @@ class MoEConfig:
     bias_update_rate: float = 0.0
     expert_dropout: float = 0.0  # dropout on the experts' hidden units in training (ST-MoE fine-tuning)
     router_init_std: float | None = None  # None = sqrt(0.1 / d_model), Switch's reduced scale
+    # std of the experts' (and shared experts') output projections; None = the model's
+    # depth-scaled init_std / sqrt(2 n_layers), a number = that std (Mixtral/OLMoE: 0.02)
+    expert_out_std: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +89,11 @@ class MoEConfig:
             not self.shared_gate or self.n_shared_experts > 0,
             p + "shared_gate",
             "a shared-expert gate needs n_shared_experts > 0",
+        )
+        _check(
+            self.expert_out_std is None or (isinstance(self.expert_out_std, (int, float)) and self.expert_out_std > 0),
+            p + "expert_out_std",
+            f"expected a positive standard deviation or null, got {self.expert_out_std!r}",
         )
         _check(
             0.0 <= self.expert_dropout < 1.0,

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from .data import load_documents, split_documents
-from .data.loader import PackedSequences, tokenize_documents
+from .data import dataset_for
+from .data.loader import PackedSequences
 from .data.tokenizer import load_tokenizer, token_byte_lengths
 from .errors import NonFiniteError
 from .model import Transformer
@@ -66,13 +66,15 @@ def evaluate_source(
     """loss (nats/token), perplexity, bits_per_byte and tokens on `source`.
 
     split="val" evaluates the documents the training split rule holds out; "all" every
-    document. Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted tokens.
+    document (the training split's, then the validation split's). `source` may also be a
+    dataset folder made with the run's tokenizer. Bits per byte = total nats / ln 2 /
+    UTF-8 bytes of the predicted tokens.
     """
-    docs = load_documents(source, run.cfg.data.text_field)
-    if split == "val":
-        docs = split_documents(docs, run.cfg.data.val_fraction)[1]
     tok = run.need_tokenizer()
-    seqs = PackedSequences(tokenize_documents(docs, tok), run.cfg.data.seq_len, source)
+    ds = dataset_for(source, tok, text_field=run.cfg.data.text_field, val_fraction=run.cfg.data.val_fraction)
+    seqs = PackedSequences(
+        ds.stream("val") if split == "val" else ds.stream("train", "val"), run.cfg.data.seq_len, source
+    )
     nbytes = token_byte_lengths(tok)
     device = next(run.model.parameters()).device
     n = min(len(seqs), max(1, max_tokens // run.cfg.data.seq_len))

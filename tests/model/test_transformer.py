@@ -141,3 +141,18 @@ def test_bias_update_through_model():
     out = model(torch.randint(0, 97, (2, 16)))
     model.update_router_biases([s.tokens_per_expert for s in out.moe_stats])
     assert any(m.router.bias.abs().sum() > 0 for m in model.moe_layers())
+
+
+def test_expert_output_init_scale():
+    """Default: experts' w_down ~ N(0, 0.02 / sqrt(2 * n_layers)) like every residual output
+    (0.02 / sqrt(8) = 0.00707 here); moe.expert_out_std sets it (Mixtral/OLMoE use 0.02)."""
+    torch.manual_seed(0)
+    big = dict(vocab_size=97, d_model=64, n_layers=4, n_heads=4, d_ff=64, max_seq_len=32)
+    default = Transformer(ModelConfig(**big, moe=MoEConfig(d_model=64, d_expert=128, n_experts=8, top_k=2)))
+    plain = Transformer(ModelConfig(**big, moe=MoEConfig(d_model=64, d_expert=128, n_experts=8, top_k=2,
+                                                         expert_out_std=0.02)))
+    assert abs(default.layers[0].ffn.experts.w_down.std().item() - 0.00707) < 0.0002
+    assert abs(default.layers[0].ffn.experts.w_up.std().item() - 0.02) < 0.0005
+    assert abs(plain.layers[0].ffn.experts.w_down.std().item() - 0.02) < 0.0005
+    with pytest.raises(ConfigError, match="moe.expert_out_std"):
+        MoEConfig(d_model=64, d_expert=128, n_experts=8, top_k=2, expert_out_std=-1.0)

@@ -6,18 +6,18 @@ Legend: B sequences per batch, S sequence length.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from ..config import ConfigError
-from .sources import Document
-from .tokenizer import eos_id
+
+if TYPE_CHECKING:
+    from .dataset import TokenStream
 
 
 def cache_dir() -> Path:
@@ -25,35 +25,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOELAB_CACHE", Path.home() / ".cache" / "moelab"))
 
 
-def tokenize_documents(docs: list[Document], tok: Tokenizer) -> np.memmap:
-    """All documents as one token stream, each followed by end-of-text. Cached as a
-    `.npy` memmap keyed by a hash of the tokenizer and every document's name and text."""
-    h = hashlib.sha256(tok.to_str().encode())
-    for d in docs:
-        h.update(d.name.encode())
-        h.update(b"\0")
-        h.update(d.text.encode())
-        h.update(b"\0")
-    path = cache_dir() / "tokens" / f"{h.hexdigest()[:32]}.npy"
-    if not path.exists():
-        eos = eos_id(tok)
-        dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
-        parts = []
-        for i in range(0, len(docs), 512):
-            for enc in tok.encode_batch([d.text for d in docs[i : i + 512]], add_special_tokens=False):
-                parts.append(np.asarray(enc.ids + [eos], dtype=dtype))
-        arr = np.concatenate(parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)  # concurrent runs may race; either file is complete
-    return np.load(path, mmap_mode="r")
+def rank_slice(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Rank `rank`'s contiguous share of a global batch of indices: the world's slices are
+    disjoint and, in rank order, make the whole batch (so the global batch and its order
+    do not depend on the world size). ConfigError when the batch does not divide."""
+    if len(idx) % world:
+        raise ConfigError(
+            f"train.batch_size: {len(idx)} sequences do not split evenly over {world} data-parallel ranks"
+        )
+    per = len(idx) // world
+    return idx[rank * per : (rank + 1) * per]
 
 
 class PackedSequences:
     """Non-overlapping windows of S+1 tokens: inputs are the first S, targets the last S."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, what: str = "data"):
+    def __init__(self, tokens: np.ndarray | TokenStream, seq_len: int, what: str = "data"):
         self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len
         if self.n < 1:

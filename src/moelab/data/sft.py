@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 
 from ..config import ConfigError
 from .chat import ChatFormat, Segments
-from .sources import _unit_hash, stdlib_files
+from .sources import stdlib_files, unit_hash
 from .tokenizer import EOS, PAD
 
 
@@ -116,8 +116,8 @@ def load_sft(
         if not path.is_file() or path.suffix != ".jsonl":
             raise ConfigError(f"fine-tuning data '{source}': expected 'stdlib-docstrings' or an existing .jsonl")
         examples = read_sft_jsonl(path, fmt)
-    train = [e for e in examples if _unit_hash(e.group) >= val_fraction]
-    val = [e for e in examples if _unit_hash(e.group) < val_fraction]
+    train = [e for e in examples if unit_hash(e.group) >= val_fraction]
+    val = [e for e in examples if unit_hash(e.group) < val_fraction]
     if not val or not train:
         cut = max(1, len(examples) // 20)
         train, val = examples[:-cut], examples[-cut:]

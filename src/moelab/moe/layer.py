@@ -73,6 +73,8 @@ class MoE(nn.Module):
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         """Router by its own init; experts and shared experts with N(0, std) inputs and N(0, out_std) outputs."""
         out_std = std if out_std is None else out_std
+        if self.cfg.expert_out_std is not None:
+            out_std = self.cfg.expert_out_std
         self.router.reset_parameters()
         self.experts.reset_parameters(std, out_std)
         if self.shared is not None:
