@@ -112,6 +112,10 @@ def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
         "peak_mem_bytes": max(r.get("peak_mem_bytes", 0) for r in rc.records),
         "peak_mem_kind": "process peak RSS (CPU)" if rc.cfg.train.device in ("cpu", "auto") else "device",
         "tensor_bytes": {k: plan.bytes[k] for k in ("params", "grads", "optimizer")},
+        "planned_bytes": {k: plan.bytes[k] for k in ("params", "grads", "optimizer", "activations")},
+        # measured: the training state and step (allocator peak on CUDA; resident growth
+        # from model build on CPU), not the whole process, whose peak data preparation sets
+        "train_mem_bytes": max((r["train_mem_bytes"] for r in rc.records if "train_mem_bytes" in r), default=None),
         "params_total": pc["total"],
         "params_active": pc["active"],
         "tokens": rc.tokens[-1],
@@ -138,10 +142,16 @@ def describe(ref: dict, other: dict, sp: dict) -> str:
             f"({other['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f})."
         )
     tb_ref, tb = sum(ref["tensor_bytes"].values()), sum(other["tensor_bytes"].values())
+    mem = (
+        f"; training measured {other['train_mem_bytes'] / 2**20:,.0f} MiB vs {ref['train_mem_bytes'] / 2**20:,.0f} MiB "
+        f"({other['train_mem_bytes'] / max(ref['train_mem_bytes'], 1):.2f}x: state and activations, "
+        "data preparation excluded)"
+        if other.get("train_mem_bytes") and ref.get("train_mem_bytes")
+        else ""
+    )
     parts.append(
         f"Weights, gradients and AdamW state take {tb / tb_ref:.2f}x the bytes "
-        f"({tb / 2**20:,.0f} MiB vs {tb_ref / 2**20:,.0f} MiB); peak process memory "
-        f"{other['peak_mem_bytes'] / max(ref['peak_mem_bytes'], 1):.2f}x."
+        f"({tb / 2**20:,.0f} MiB vs {tb_ref / 2**20:,.0f} MiB){mem}."
     )
     if sp["val_loss_at_equal_flops"] is not None:
         d = sp["val_loss_at_equal_flops"] - ref["final_val_loss"]
@@ -165,6 +175,12 @@ def describe(ref: dict, other: dict, sp: dict) -> str:
             f"It did not reach {a}'s final loss ({ref['final_val_loss']:.3f}) within the budget "
             f"(its final: {other['final_val_loss']:.3f})."
         )
+    paid = other["final_val_loss"] < ref["final_val_loss"]
+    parts.append(
+        f"So at this budget {b} has {'' if paid else 'not yet '}paid for its extra memory: {tb / tb_ref:.2f}x the "
+        f"training-state bytes for a final validation loss {abs(other['final_val_loss'] - ref['final_val_loss']):.3f} "
+        f"nats/token {'lower' if paid else 'higher'} than {a}'s."
+    )
     if other["final_max_violation"]:
         mv = max(other["final_max_violation"])
         parts.append(

@@ -86,9 +86,45 @@ def _moe_plots(out: Path, c) -> list[Path]:
     return [heat, health]
 
 
+def _memory_plot(out: Path, runs: list[dict]) -> Path:
+    """Stacked bars of the planner's bytes (parameters, gradients, AdamW, activations) per
+    run, with the measured training memory marked beside each."""
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 3.6))
+    keys = ("params", "grads", "optimizer", "activations")
+    x = range(len(runs))
+    bottom = [0.0] * len(runs)
+    for k in keys:
+        vals = [r["planned_bytes"][k] / 2**20 for r in runs]
+        ax.bar(x, vals, 0.5, bottom=bottom, label=f"predicted: {k}")
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    measured = [r.get("train_mem_bytes") for r in runs]
+    if any(m is not None for m in measured):
+        ax.scatter(
+            [i + 0.35 for i in x],
+            [(m or 0) / 2**20 for m in measured],
+            marker="D",
+            color="black",
+            zorder=3,
+            label="measured (training state + step)",
+        )
+    ax.set_xticks(list(x), [r["name"] for r in runs])
+    ax.set_ylabel("MiB")
+    ax.set_title("Training memory: predicted by `moelab memory`, and measured", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "memory.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _img(p: Path) -> str:
     data = base64.b64encode(p.read_bytes()).decode()
     return f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def _mib(v: int | None) -> float | None:
+    return None if v is None else v / 2**20
 
 
 def _fmt(v, spec=",.0f"):
@@ -102,8 +138,10 @@ def write_report(out: Path, curves, summary: dict) -> Path:
     rows = "".join(
         f"<tr><td>{html.escape(r['name'])}</td><td>{r['final_val_loss']:.4f}</td><td>{_fmt(r['tokens_per_s'])}</td>"
         f"<td>{r['params_total']:,}</td><td>{r['params_active']:,}</td>"
-        f"<td>{sum(r['tensor_bytes'].values()) / 2**20:,.1f}</td><td>{r['peak_mem_bytes'] / 2**20:,.0f} "
-        f"<small>({html.escape(r['peak_mem_kind'])})</small></td><td>{r['loss_spikes']}</td></tr>"
+        f"<td>{sum(r['tensor_bytes'].values()) / 2**20:,.1f}</td>"
+        f"<td>{_fmt(_mib(r.get('train_mem_bytes')), ',.1f')}</td>"
+        f"<td>{r['peak_mem_bytes'] / 2**20:,.0f} <small>({html.escape(r['peak_mem_kind'])})</small></td>"
+        f"<td>{r['loss_spikes']}</td></tr>"
         for r in summary["runs"]
     )
     sp_rows = "".join(
@@ -125,8 +163,9 @@ td:first-child{{text-align:left}}</style></head><body>
 <h1>Dense vs MoE: what the experts cost and what they bought</h1>
 <h2>Summary</h2>{text}
 <h2>Runs</h2><table><tr><th>run</th><th>final val loss</th><th>tokens/s</th><th>params total</th>
-<th>params active</th><th>weights+grads+AdamW (MiB, exact)</th><th>peak memory (MiB)</th>
-<th>loss spikes</th></tr>{rows}</table>
+<th>params active</th><th>weights+grads+AdamW (MiB, exact)</th><th>training memory (MiB, measured)</th>
+<th>process peak (MiB)</th><th>loss spikes</th></tr>{rows}</table>
+<h2>Memory</h2>{_img(_memory_plot(out, summary["runs"]))}
 <h2>Speed-up against {html.escape(summary["reference"])}</h2>
 <p>How many times fewer tokens, FLOPs and seconds each run needed to reach the reference's final validation
 loss, interpolated on the stored curves (— = not reached within the budget).</p>

@@ -9,6 +9,7 @@ window).
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 
@@ -67,6 +68,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux /proc), else its peak (ru_maxrss)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class TrainingMemory:
+    """Memory taken by the training state and step, not by data preparation: created just
+    before the model is built; `sample()` after optimizer steps returns the most seen so far.
+
+    CUDA: the allocator's peak since creation (max_memory_allocated). CPU: growth of
+    resident memory over its value at creation. moelab's CPU allocator tuning keeps freed
+    blocks resident, so a sample after a step includes that step's activation peak.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            self.base = resident_bytes()
+        self.peak = 0
+
+    def sample(self) -> int:
+        """Bytes above the base at the highest point seen so far."""
+        now = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else resident_bytes()
+        self.peak = max(self.peak, now - self.base)
+        return self.peak
 
 
 class MetricsWriter:

@@ -29,7 +29,7 @@ from ..runtime import pick_device, tune_cpu_allocator
 from . import checkpoint as ck
 from .checkpoint import load_model_weights
 from .health import HealthMonitor
-from .metrics import MetricsWriter, MoEWindow, peak_memory_bytes, truncate_after
+from .metrics import MetricsWriter, MoEWindow, TrainingMemory, peak_memory_bytes, truncate_after
 from .optim import build_optimizer, lr_at
 from .progress import Progress
 
@@ -92,6 +92,7 @@ class _Run:
     data: Data
     model: Transformer
     opt: torch.optim.Optimizer
+    memory: TrainingMemory
     state: dict = field(default_factory=dict)  # trainer state of the checkpoint resumed from
 
     @property
@@ -155,6 +156,7 @@ def _setup(
             tokenizer_train_bytes=cfg.data.tokenizer_train_bytes,
         )
 
+    memory = TrainingMemory(device)  # before the model: what follows is the training state and step
     model = Transformer(cfg.model).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if init_ckpt is not None:
@@ -162,7 +164,7 @@ def _setup(
     if prepare_model is not None:
         prepare_model(model)
     opt = build_optimizer(model, cfg.optim)
-    run = _Run(cfg, run_dir, device, data, model, opt)
+    run = _Run(cfg, run_dir, device, data, model, opt, memory)
     if start_ckpt is not None:
         run.state = ck.check_checkpoint(start_ckpt)
         load_model_weights(model, start_ckpt)
@@ -343,6 +345,7 @@ def train(
                     "grad_norm": res.grad_norm,
                     "tokens_per_s": tps,
                     "peak_mem_bytes": peak_memory_bytes(run.device),
+                    "train_mem_bytes": run.memory.sample(),
                     "loss_spikes": health.spikes,
                     "skipped_steps": skipped_total,
                     "moe_layers": last_summary,
