@@ -265,6 +265,70 @@ def cmd_tokenize(
     return path
 
 
+def cmd_quantize(ckpt: str, out: str, bits: int, group_size: int = 64, what: str = "experts", overwrite: bool = False):
+    """Weight-only group-wise quantization of expert (or all) weights to 8/4/3/2 bits."""
+    from .compress.quantize import quantize_checkpoint
+
+    path, before, after = quantize_checkpoint(ckpt, out, bits, group_size, what, overwrite)
+    print(
+        f"quantized {ckpt} -> {path}: {'expert' if what == 'experts' else 'all matmul'} weights to {bits} bits "
+        f"(groups of {group_size}); resident weights "
+        f"{before / 2**20:,.2f} MiB -> {after / 2**20:,.2f} MiB ({after / before:.2f}x)"
+    )
+    return path
+
+
+def cmd_reduce_experts(
+    ckpt: str, out: str, n_experts: int, calib: str, method: str, max_tokens: int = 32768, overwrite: bool = False
+):
+    """Prune (method 'prune') or merge ('frequency', 'output-cluster') each MoE layer's experts."""
+    from .compress.experts import reduce_checkpoint
+
+    _require(max_tokens > 0, "--max-tokens", "a positive number", max_tokens)
+    path, model = reduce_checkpoint(ckpt, out, n_experts, calib, method, max_tokens, overwrite)
+    assert model.cfg.moe is not None
+    pc = model.cfg.param_counts()
+    print(
+        f"{method} {ckpt} -> {path}: {model.cfg.moe.n_experts} experts per MoE layer, top-{model.cfg.moe.top_k}, "
+        f"{pc['total']:,} parameters ({pc['active']:,} active)"
+    )
+    return path
+
+
+def cmd_distill(
+    teacher: str,
+    student: str,
+    data: str,
+    out: str,
+    steps: int | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+):
+    """Distil a teacher run into a student recipe or checkpoint on its soft targets."""
+    from .compress.distill import distill
+
+    res = distill(
+        teacher,
+        student,
+        data,
+        out,
+        steps=steps,
+        temperature=temperature,
+        alpha=alpha,
+        overrides=overrides,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    vl = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
+    print(f"distilled into {res.run_dir}: step {res.step}, val loss {vl}", file=sys.stderr)
+    return res
+
+
 def cmd_import(hf_dir: str, out: str, overwrite: bool = False):
     """Import a local Hugging Face folder (safetensors) as a moelab checkpoint folder."""
     from .convert.io import import_hf
@@ -541,6 +605,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a folder holding another dataset")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("quantize", help=cmd_quantize.__doc__)
+    p.add_argument("ckpt", help="run folder or checkpoint")
+    p.add_argument("--bits", type=int, required=True, help="8, 4, 3 or 2")
+    p.add_argument("--group-size", type=int, default=64, help="inputs sharing one scale and zero point")
+    p.add_argument("--what", choices=["experts", "all"], default="experts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("prune-experts", help="keep the E2 experts per MoE layer that add most (REAP score)")
+    p.add_argument("ckpt", help="run folder or checkpoint")
+    p.add_argument("--keep", type=int, required=True, help="experts to keep per MoE layer")
+    p.add_argument("--calib", required=True, help="calibration text source")
+    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("merge-experts", help="merge each MoE layer's experts into E2 (usage-weighted averages)")
+    p.add_argument("ckpt", help="run folder or checkpoint")
+    p.add_argument("--experts", type=int, required=True, help="experts per MoE layer after merging")
+    p.add_argument("--calib", required=True, help="calibration text source")
+    p.add_argument("--method", choices=["frequency", "output-cluster"], default="frequency")
+    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("distill", help=cmd_distill.__doc__)
+    p.add_argument("teacher", help="teacher run or checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the student's config")
+    p.add_argument("--student", required=True, help="student recipe/YAML, or a run/checkpoint to start from")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the LM loss (1 - alpha: the KL)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("import", help=cmd_import.__doc__)
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True)
@@ -590,10 +693,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come after options too; argparse alone would reject them.
     args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "finetune")]
+    bad = [
+        a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "finetune", "distill")
+    ]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if args.command in ("train", "finetune"):
+    if args.command in ("train", "finetune", "distill"):
         args.overrides = list(getattr(args, "overrides", None) or []) + extra
     try:
         if args.command == "train":
@@ -663,6 +768,28 @@ def main(argv: list[str] | None = None) -> int:
                 args.overwrite,
                 args.quiet,
                 args.chunk_bytes,
+            )
+        elif args.command == "quantize":
+            cmd_quantize(args.ckpt, args.out, args.bits, args.group_size, args.what, args.overwrite)
+        elif args.command == "prune-experts":
+            cmd_reduce_experts(args.ckpt, args.out, args.keep, args.calib, "prune", args.max_tokens, args.overwrite)
+        elif args.command == "merge-experts":
+            cmd_reduce_experts(
+                args.ckpt, args.out, args.experts, args.calib, args.method, args.max_tokens, args.overwrite
+            )
+        elif args.command == "distill":
+            cmd_distill(
+                args.teacher,
+                args.student,
+                args.data,
+                args.out,
+                args.steps,
+                args.temperature,
+                args.alpha,
+                args.overrides,
+                args.resume,
+                args.overwrite,
+                args.quiet,
             )
         elif args.command == "import":
             cmd_import(args.hf_dir, args.out, args.overwrite)

@@ -47,6 +47,10 @@ def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
         raise CheckpointError(f"{cfg_file} is missing: a checkpoint is read with its run folder's config.yaml")
     cfg = read_config(cfg_file)
     model = Transformer(cfg.model)
+    if cfg.quant.bits:  # packed weights: rebuild the same parametrizations, then load them
+        from .compress.quantize import quantize_model
+
+        quantize_model(model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
     if cfg.finetune.recipe == "lora":  # adapters are saved unmerged: rebuild, load, then fold in
         from .finetune.lora import apply_lora, merge_lora
 

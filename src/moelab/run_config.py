@@ -143,6 +143,15 @@ class FinetuneConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Weight-only quantization a checkpoint was written with (`moelab quantize`); bits 0 = none."""
+
+    bits: int = 0
+    group_size: int = 64
+    what: Literal["experts", "all"] = "experts"
+
+
+@dataclass
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
@@ -164,6 +173,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def validate(self) -> None:
         """Validate every section; ConfigError names the first bad field by its dotted key."""
