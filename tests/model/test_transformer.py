@@ -156,3 +156,21 @@ def test_expert_output_init_scale():
     assert abs(plain.layers[0].ffn.experts.w_down.std().item() - 0.02) < 0.0005
     with pytest.raises(ConfigError, match="moe.expert_out_std"):
         MoEConfig(d_model=64, d_expert=128, n_experts=8, top_k=2, expert_out_std=-1.0)
+
+
+def test_tiny_moe_default_aux_loss_by_hand():
+    """tiny-moe's balance settings (lb_coef 0.001, no z-loss). With a zero router every
+    probability is 1/8 and top-2 picks experts 0 and 1 for every token: f = (1/2, 1/2, 0..),
+    P = 1/8 each, so the Switch loss is 8 * (1/2 * 1/8 + 1/2 * 1/8) = 1 and the aux loss
+    0.001 * 1 = 0.001 in every layer (the old 0.01 / 0.001 would give 0.01 + 0.001 ln(8)^2)."""
+    from moelab.run_config import load_config
+
+    cfg = load_config("tiny-moe").model
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.router.weight.zero_()
+    out = model(torch.randint(0, cfg.vocab_size, (2, 16)), torch.randint(0, cfg.vocab_size, (2, 16)))
+    for s in out.moe_stats:
+        torch.testing.assert_close(s.aux_loss, torch.tensor(0.001))
+    torch.testing.assert_close(out.loss - out.lm_loss, torch.tensor(0.001))

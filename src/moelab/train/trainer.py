@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data import Data, Sampler, SamplerState, prepare_data
@@ -67,13 +68,16 @@ def _unpack(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, device, ctx) -> float:
-    """Mean next-token loss (nats) over a fixed prefix of the validation sequences."""
+    """Mean next-token loss (nats) over a fixed subset of batch_size x n_batches validation
+    sequences spread evenly over the whole split: a prefix would be the first few held-out
+    documents only, and rank runs by how they do on those."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     n = min(len(data_val), batch_size * n_batches)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
+    chosen = np.unique(np.linspace(0, len(data_val) - 1, n).round().astype(np.int64))
+    for start in range(0, len(chosen), batch_size):
+        idx = chosen[start : start + batch_size].tolist()
         x, y, mask = _unpack(data_val.batch(idx))
         with ctx:
             out = model(x.to(device), y.to(device), mask.to(device) if mask is not None else None)
