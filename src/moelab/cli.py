@@ -3,11 +3,13 @@ arguments onto it, and expected failures print one clear line instead of a trace
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, MoelabError
 
@@ -441,7 +443,7 @@ def cmd_finetune_report(
     overrides: list[str],
     ft_overrides: list[str],
     doc: str | None,
-    command: str = "",
+    command_line: str = "",
     quiet: bool = False,
 ):
     """Pretrain dense and MoE bases, fine-tune each with every recipe, report train vs held-out loss."""
@@ -461,371 +463,62 @@ def cmd_finetune_report(
         batch_size,
         ft_overrides,
         Path(doc) if doc else None,
-        command,
+        command_line,
         quiet,
     )
     print(markdown(res, f"{out}/heldout_loss.png"))
     return res
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of every `moelab` subcommand."""
-    ap = argparse.ArgumentParser(prog="moelab", description="Train, measure and convert MoE language models.")
-    from . import __version__
+def cmd_demo(out: str = "runs/demo", steps: int | None = None):
+    """Train tiny-dense and tiny-moe on stdlib and compare them."""
+    from .demo import run_demo
 
-    ap.add_argument("--version", action="version", version=f"moelab {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+    return run_demo(Path(out), steps)
 
-    p = sub.add_parser("train", help=cmd_train.__doc__)
-    p.add_argument("recipe", help="named recipe (tiny-dense, tiny-moe, small-dense, small-moe) or a YAML file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--data", help="stdlib, a text file, a folder, a .jsonl or a .parquet")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--steps", type=int, help="total run length (the LR schedule's horizon)")
-    p.add_argument("--stop-after", type=int, help="end this invocation after K steps, with a checkpoint")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="delete --out and start over")
-    p.add_argument("--init", help="initialise weights from a run or checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("eval", help=cmd_eval.__doc__)
-    p.add_argument("run", help="run folder or checkpoint folder")
-    p.add_argument("--data", required=True)
-    p.add_argument(
-        "--split",
-        choices=["val", "all"],
-        default="val",
-        help="val: the documents the split rule holds out (default); all: every document",
-    )
-    p.add_argument("--max-tokens", type=int, default=1_000_000)
-    p.add_argument("--json", action="store_true", dest="as_json")
-
-    p = sub.add_parser("generate", help=cmd_generate.__doc__)
-    p.add_argument("run")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-
-    p = sub.add_parser("compare", help=cmd_compare.__doc__)
-    p.add_argument("items", nargs="+", metavar="RECIPE_OR_RUN")
-    p.add_argument("--data", help="training data for recipes (default: the recipe's, stdlib)")
-    p.add_argument("--out", required=True)
-    b = p.add_mutually_exclusive_group()
-    b.add_argument("--steps", type=int)
-    b.add_argument("--tokens", type=int, help="token budget per run (steps derived per recipe)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="key=value",
-        dest="overrides",
-        help="override applied to every recipe (repeatable)",
-    )
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("lr-sweep", help=cmd_lr_sweep.__doc__)
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--sizes", required=True, help="comma-separated d_model values, e.g. 64,128,256")
-    p.add_argument("--lrs", required=True, help="comma-separated peak LRs, e.g. 1e-3,3e-3,1e-2")
-    p.add_argument("--data")
-    p.add_argument("--out", required=True)
-    b = p.add_mutually_exclusive_group()
-    b.add_argument("--steps", type=int)
-    b.add_argument("--tokens-per-param", type=float, help="steps = T * non-embedding params / tokens per step")
-    p.add_argument("--set", action="append", default=[], metavar="key=value", dest="overrides")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("lr-fit", help=cmd_lr_fit.__doc__)
-    p.add_argument("sweep_dir")
-    p.add_argument("--target-params", type=float)
-    p.add_argument("--count", choices=["non-embedding", "active", "total"], default="non-embedding")
-
-    p = sub.add_parser("finetune", help=cmd_finetune.__doc__)
-    p.add_argument("run", help="run folder or checkpoint to start from")
-    p.add_argument("--data", required=True, help="stdlib-docstrings, or a .jsonl with messages or prompt/completion")
-    p.add_argument("--out", required=True)
-    p.add_argument(
-        "--recipe", required=True, choices=["full", "freeze-experts", "freeze-router", "experts-only", "lora"]
-    )
-    p.add_argument("--steps", type=int)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("finetune-report", help=cmd_finetune_report.__doc__)
-    p.add_argument("--out", required=True)
-    p.add_argument("--bases", default="small-dense,small-moe", help="comma-separated recipes to pretrain")
-    p.add_argument("--data", default="stdlib-docstrings", help="fine-tuning data")
-    p.add_argument("--pretrain-data", default="stdlib")
-    p.add_argument("--pretrain-steps", type=int, help="default: each recipe's train.steps")
-    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per variant")
-    p.add_argument("--train-examples", type=int, default=400, help="seeded sample of training examples")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lora-lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="key=value",
-        dest="overrides",
-        help="override for pretraining (repeatable)",
-    )
-    p.add_argument(
-        "--ft-set",
-        action="append",
-        default=[],
-        metavar="key=value",
-        dest="ft_overrides",
-        help="override for every fine-tune (repeatable)",
-    )
-    p.add_argument("--doc", help="markdown file whose report section is replaced (e.g. docs/finetuning.md)")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("tokenize", help=cmd_tokenize.__doc__)
-    p.add_argument(
-        "src",
-        help="stdlib, a text file, a folder, a .jsonl, a .parquet, a .gz/.zst of those, or a "
-        "datasets folder (save_to_disk)",
-    )
-    p.add_argument("--out", required=True, help="dataset folder")
-    p.add_argument("--tokenizer", help="a run folder or a tokenizer.json (default: train one on the training split)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="when training a tokenizer")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (by name hash)")
-    p.add_argument("--text-field", default="text", help=".jsonl field / .parquet or datasets column")
-    p.add_argument("--tokenizer-train-bytes", type=int, default=10_000_000)
-    p.add_argument(
-        "--chunk-bytes",
-        type=int,
-        default=64 << 20,
-        help="source text per shard pair: the unit a killed run resumes from",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a folder holding another dataset")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("quantize", help=cmd_quantize.__doc__)
-    p.add_argument("ckpt", help="run folder or checkpoint")
-    p.add_argument("--bits", type=int, required=True, help="8, 4, 3 or 2")
-    p.add_argument("--group-size", type=int, default=64, help="inputs sharing one scale and zero point")
-    p.add_argument("--what", choices=["experts", "all"], default="experts")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-
-    p = sub.add_parser("prune-experts", help="keep the E2 experts per MoE layer that add most (REAP score)")
-    p.add_argument("ckpt", help="run folder or checkpoint")
-    p.add_argument("--keep", type=int, required=True, help="experts to keep per MoE layer")
-    p.add_argument("--calib", required=True, help="calibration text source")
-    p.add_argument("--max-tokens", type=int, default=32768)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-
-    p = sub.add_parser("merge-experts", help="merge each MoE layer's experts into E2 (usage-weighted averages)")
-    p.add_argument("ckpt", help="run folder or checkpoint")
-    p.add_argument("--experts", type=int, required=True, help="experts per MoE layer after merging")
-    p.add_argument("--calib", required=True, help="calibration text source")
-    p.add_argument("--method", choices=["frequency", "output-cluster"], default="frequency")
-    p.add_argument("--max-tokens", type=int, default=32768)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-
-    p = sub.add_parser("distill", help=cmd_distill.__doc__)
-    p.add_argument("teacher", help="teacher run or checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the student's config")
-    p.add_argument("--student", required=True, help="student recipe/YAML, or a run/checkpoint to start from")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the LM loss (1 - alpha: the KL)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("import", help=cmd_import.__doc__)
-    p.add_argument("hf_dir")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-
-    p = sub.add_parser("export", help=cmd_export.__doc__)
-    p.add_argument("run")
-    p.add_argument("--out", required=True)
-    p.add_argument("--arch", help="force a target (llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, olmoe)")
-    p.add_argument("--peft", action="store_true", help="LoRA runs: write OUT/base and a peft adapter in OUT/adapter")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-
-    p = sub.add_parser("upcycle", help=cmd_upcycle.__doc__)
-    p.add_argument("src", help="HF folder or moelab run/checkpoint of a dense model")
-    p.add_argument("--experts", type=int, required=True)
-    p.add_argument("--top-k", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--router-init", choices=["zeros", "normal", "hidden"], default="zeros")
-    p.add_argument("--noise", type=float, default=0.0, help="multiplicative noise std on expert copies")
-    p.add_argument("--granularity", type=int, default=1, help="split each FFN into G fine-grained experts")
-    p.add_argument("--pattern", choices=["all", "alternate"], default="all")
-    p.add_argument("--first-dense", type=int, default=0)
-    p.add_argument("--prompts", help="text file, one prompt per expert (for --router-init hidden)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-
-    p = sub.add_parser("memory", help=cmd_memory.__doc__)
-    p.add_argument("recipe", help="recipe or YAML (presets: mixtral-8x7b, olmoe-1b-7b, llama-7b)")
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--expert-parallel", type=int, default=1)
-    p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--measure", action="store_true", help="also run real steps here and measure")
-    p.add_argument("--json", action="store_true", dest="as_json")
-
-    p = sub.add_parser("demo", help="train tiny-dense and tiny-moe on stdlib and compare them")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None)
-    return ap
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "compare": cmd_compare,
+    "lr-sweep": cmd_lr_sweep,
+    "lr-fit": cmd_lr_fit,
+    "finetune": cmd_finetune,
+    "finetune-report": cmd_finetune_report,
+    "tokenize": cmd_tokenize,
+    "quantize": cmd_quantize,
+    "prune-experts": cmd_reduce_experts,
+    "merge-experts": cmd_reduce_experts,
+    "distill": cmd_distill,
+    "import": cmd_import,
+    "export": cmd_export,
+    "upcycle": cmd_upcycle,
+    "memory": cmd_memory,
+    "demo": cmd_demo,
+}
+TAKES_OVERRIDES = ("train", "finetune", "distill")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `moelab` with `argv` (default: sys.argv). Returns the exit code: 0, or 2 after printing a MoelabError as one
-    line."""
+    """Run `moelab` with `argv` (default: sys.argv). Returns the exit code: 0, or 2 after
+    printing a MoelabError as one line."""
+    from .cli_parser import build_parser
+
     parser = build_parser()
     # key=value overrides may come after options too; argparse alone would reject them.
     args, extra = parser.parse_known_args(argv)
-    bad = [
-        a for a in extra if a.startswith("-") or "=" not in a or args.command not in ("train", "finetune", "distill")
-    ]
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or args.command not in TAKES_OVERRIDES]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if args.command in ("train", "finetune", "distill"):
+    if args.command in TAKES_OVERRIDES:
         args.overrides = list(getattr(args, "overrides", None) or []) + extra
+    if args.command == "finetune-report":  # recorded in the report, to rerun it
+        args.command_line = shlex.join(["moelab", *(sys.argv[1:] if argv is None else argv)])
+    fn = COMMANDS[args.command]
+    kwargs = {name: getattr(args, name) for name in inspect.signature(fn).parameters if hasattr(args, name)}
     try:
-        if args.command == "train":
-            cmd_train(
-                args.recipe,
-                args.data,
-                args.out,
-                args.steps,
-                args.stop_after,
-                args.resume,
-                args.overwrite,
-                args.init,
-                args.overrides,
-                args.quiet,
-            )
-        elif args.command == "eval":
-            cmd_eval(args.run, args.data, args.as_json, args.split, args.max_tokens)
-        elif args.command == "generate":
-            cmd_generate(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-        elif args.command == "compare":
-            cmd_compare(args.items, args.data, args.out, args.steps, args.tokens, args.overrides, args.quiet)
-        elif args.command == "lr-sweep":
-            cmd_lr_sweep(
-                args.recipe,
-                args.sizes,
-                args.lrs,
-                args.data,
-                args.out,
-                args.steps,
-                args.tokens_per_param,
-                args.overrides,
-                args.quiet,
-            )
-        elif args.command == "lr-fit":
-            cmd_lr_fit(args.sweep_dir, args.target_params, args.count)
-        elif args.command == "finetune":
-            cmd_finetune(
-                args.run, args.data, args.out, args.recipe, args.steps, args.overrides, args.overwrite, args.quiet
-            )
-        elif args.command == "finetune-report":
-            cmd_finetune_report(
-                args.out,
-                args.bases,
-                args.data,
-                args.pretrain_data,
-                args.pretrain_steps,
-                args.steps,
-                args.train_examples,
-                args.lr,
-                args.lora_lr,
-                args.batch_size,
-                args.overrides,
-                args.ft_overrides,
-                args.doc,
-                shlex.join(["moelab", *(sys.argv[1:] if argv is None else argv)]),
-                args.quiet,
-            )
-        elif args.command == "tokenize":
-            cmd_tokenize(
-                args.src,
-                args.out,
-                args.tokenizer,
-                args.vocab_size,
-                args.val_fraction,
-                args.text_field,
-                args.tokenizer_train_bytes,
-                args.overwrite,
-                args.quiet,
-                args.chunk_bytes,
-            )
-        elif args.command == "quantize":
-            cmd_quantize(args.ckpt, args.out, args.bits, args.group_size, args.what, args.overwrite)
-        elif args.command == "prune-experts":
-            cmd_reduce_experts(args.ckpt, args.out, args.keep, args.calib, "prune", args.max_tokens, args.overwrite)
-        elif args.command == "merge-experts":
-            cmd_reduce_experts(
-                args.ckpt, args.out, args.experts, args.calib, args.method, args.max_tokens, args.overwrite
-            )
-        elif args.command == "distill":
-            cmd_distill(
-                args.teacher,
-                args.student,
-                args.data,
-                args.out,
-                args.steps,
-                args.temperature,
-                args.alpha,
-                args.overrides,
-                args.resume,
-                args.overwrite,
-                args.quiet,
-            )
-        elif args.command == "import":
-            cmd_import(args.hf_dir, args.out, args.overwrite)
-        elif args.command == "export":
-            cmd_export(args.run, args.out, args.arch, args.peft, args.overwrite)
-        elif args.command == "upcycle":
-            cmd_upcycle(
-                args.src,
-                args.experts,
-                args.top_k,
-                args.out,
-                args.router_init,
-                args.noise,
-                args.granularity,
-                args.pattern,
-                args.first_dense,
-                args.prompts,
-                args.overwrite,
-            )
-        elif args.command == "memory":
-            cmd_memory(
-                args.recipe,
-                args.devices,
-                args.expert_parallel,
-                args.zero,
-                args.dtype,
-                args.micro_batch,
-                args.seq_len,
-                args.activation_checkpointing,
-                args.measure,
-                args.as_json,
-            )
-        elif args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(Path(args.out), args.steps)
+        fn(**kwargs)
     except MoelabError as e:
         print(f"moelab {args.command}: error: {e}", file=sys.stderr)
         return 2
