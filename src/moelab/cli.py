@@ -123,8 +123,15 @@ def cmd_memory(
         activation_checkpointing=activation_checkpointing,
         measure=measure,
     )
+    quantized = None
+    if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
+        from .compress.quantize import planned_bytes
+
+        quantized = planned_bytes(cfg.model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
     if as_json:
         out = [dict(p.to_json(), **({"measured": measured[p.name]} if p.name in measured else {})) for p in plans]
+        if quantized is not None:
+            out[0]["quantized_weight_bytes"] = quantized
         print(json.dumps(out))
     else:
         print(
@@ -132,6 +139,12 @@ def cmd_memory(
             f"{expert_parallel}, ZeRO {zero}, {dtype}{', activation checkpointing' if activation_checkpointing else ''}"
         )
         print(format_plans(plans, measured))
+        if quantized is not None:
+            print(
+                f"weights as quantized ({cfg.quant.what} at {cfg.quant.bits} bits, groups of {cfg.quant.group_size}): "
+                f"{quantized['total'] / 2**20:,.2f} MiB resident ({quantized['quantized'] / 2**20:,.2f} MiB of them "
+                "packed codes, scales and zero points)"
+            )
     return plans, measured
 
 

@@ -54,6 +54,11 @@ def test_quantized_checkpoint_round_trip_eval_generate(tmp_path, teacher, capsys
     text = run_cli("generate", str(tmp_path / "q8"), "--prompt", "line 3", "--max-new-tokens", "4",
                    "--temperature", "0")[1]
     assert text.startswith("line 3")
+    # moelab memory reports what the quantized weights take resident: the bytes actually stored
+    from moelab.compress.quantize import resident_bytes
+
+    mem = json.loads(run_cli("memory", str(tmp_path / "q8" / "config.yaml"), "--json")[1])[0]
+    assert mem["quantized_weight_bytes"]["total"] == resident_bytes(r.model)
     run_cli("quantize", str(run), "--bits", "3", "--group-size", "16", "--out", str(tmp_path / "q3"))
     assert load_run(tmp_path / "q3").model.layers[0].ffn.experts.parametrizations.w_up.original0.numel() == (
         8 * 32 * 32 * 3 // 8)

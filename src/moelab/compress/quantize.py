@@ -143,8 +143,8 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def planned_bytes(cfg, bits: int, group_size: int, what: str) -> dict[str, int]:
-    """Resident weight bytes of a model config quantized so (fp32 elsewhere), counted on a
-    meta-device model: {"quantized", "other", "total"}."""
+    """Resident bytes of a model config quantized so (fp32 parameters elsewhere, buffers
+    as they are), counted on a meta-device model: {"quantized", "other", "total"}."""
     from ..model import Transformer
 
     with torch.device("meta"):
@@ -153,7 +153,8 @@ def planned_bytes(cfg, bits: int, group_size: int, what: str) -> dict[str, int]:
     q = sum(getattr(m, a).numel() for m, a, _ in chosen)
     total = sum(p.numel() for p in model.parameters())
     qbytes = sum(-(-getattr(m, a).numel() * bits // 8) + getattr(m, a).numel() // group_size * 4 for m, a, _ in chosen)
-    return {"quantized": qbytes, "other": (total - q) * 4, "total": qbytes + (total - q) * 4}
+    other = (total - q) * 4 + sum(b.numel() * b.element_size() for b in model.buffers())  # e.g. RoPE tables
+    return {"quantized": qbytes, "other": other, "total": qbytes + other}
 
 
 def quantize_checkpoint(
