@@ -273,6 +273,7 @@ def train(
     """
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after: expected a positive number of steps, got {stop_after}")
+    MetricsWriter.preload()
     run = _setup(cfg, Path(run_dir), resume, overwrite, init, data, prepare_model)
     cfg, tc, state = run.cfg, run.cfg.train, run.state
     step = int(state.get("step", 0))
