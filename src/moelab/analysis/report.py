@@ -109,7 +109,7 @@ def _memory_plot(out: Path, runs: list[dict]) -> Path:
         )
     ax.set_xticks(list(x), [r["name"] for r in runs])
     ax.set_ylabel("MiB")
-    ax.set_title("Training memory: predicted by `moelab memory`, and measured", fontsize=10)
+    ax.set_title("Training memory: planned (bars) and measured", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "memory.png"
