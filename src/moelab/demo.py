@@ -11,10 +11,15 @@ def _spread(load: list[float]) -> str:
     return f"{min(load):.3f}..{max(load):.3f}" if load else "-"
 
 
+# Long enough for the MoE to pass its dense twin on stdlib (docs/quality.md), short enough
+# for both runs to finish in about six minutes on 2 cores.
+DEMO_STEPS = 1000
+
+
 def run_demo(out: Path, steps: int | None = None) -> dict:
     """Train tiny-dense and tiny-moe on stdlib into OUT, print them side by side and write the compare report; returns
     the compare summary."""
-    summary = compare(["tiny-dense", "tiny-moe"], "stdlib", out, steps=steps)
+    summary = compare(["tiny-dense", "tiny-moe"], "stdlib", out, steps=steps or DEMO_STEPS)
     runs = summary["runs"]
     rows = [("", *(r["name"] for r in runs))]
     rows.append(("val loss (nats/token)", *(f"{r['final_val_loss']:.4f}" for r in runs)))

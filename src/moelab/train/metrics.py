@@ -81,11 +81,15 @@ def resident_bytes() -> int:
 
 class TrainingMemory:
     """Memory taken by the training state and step, not by data preparation: created just
-    before the model is built; `sample()` after optimizer steps returns the most seen so far.
+    before the model is built; `sample()` is called after every optimizer step.
 
-    CUDA: the allocator's peak since creation (max_memory_allocated). CPU: growth of
-    resident memory over its value at creation. moelab's CPU allocator tuning keeps freed
-    blocks resident, so a sample after a step includes that step's activation peak.
+    CUDA: the allocator's peak since creation (max_memory_allocated), exact. CPU: growth of
+    resident memory over its value at creation, taken after the first optimizer step,
+    which allocates everything a step needs (weights, gradients, AdamW state, one step's
+    activation peak - moelab's allocator tuning keeps freed blocks resident, so the peak
+    is still counted). Later growth of resident memory is heap fragmentation and
+    evaluation or checkpoint buffers; it varies by tens of MiB from run to run and would
+    hide the model's own difference, so it is not counted.
     """
 
     def __init__(self, device: torch.device):
@@ -98,9 +102,11 @@ class TrainingMemory:
         self.peak = 0
 
     def sample(self) -> int:
-        """Bytes above the base at the highest point seen so far."""
-        now = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else resident_bytes()
-        self.peak = max(self.peak, now - self.base)
+        """The training memory in bytes (see the class docstring)."""
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self.base)
+        elif not self.peak:
+            self.peak = max(1, resident_bytes() - self.base)
         return self.peak
 
 

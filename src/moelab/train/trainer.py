@@ -307,6 +307,7 @@ def train(
             t_step = time.perf_counter()
             lr = lr_at(step, tc.steps, cfg.optim)
             res = _step(run, sampler, window, ctx, lr)
+            run.memory.sample()
             if not res.finite:
                 skipped_in_row += 1
                 if tc.on_nonfinite == "stop" or skipped_in_row >= tc.max_skipped_steps:
@@ -350,7 +351,7 @@ def train(
                     "grad_norm": res.grad_norm,
                     "tokens_per_s": tps,
                     "peak_mem_bytes": peak_memory_bytes(run.device),
-                    "train_mem_bytes": run.memory.sample(),
+                    "train_mem_bytes": run.memory.peak,
                     "loss_spikes": health.spikes,
                     "skipped_steps": skipped_total,
                     "moe_layers": last_summary,
