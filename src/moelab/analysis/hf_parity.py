@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from ..data import Sampler, prepare_data
+from ..data import Sampler
 from ..run_config import RunConfig
 from ..train import train
 from ..train.optim import lr_at
+from ..train.trainer import run_data
 
 
 def _hf_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -94,14 +95,7 @@ def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = Non
         hf.train()
         o = cfg.optim
         opt = torch.optim.AdamW(_hf_param_groups(hf, o.weight_decay), lr=o.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        data = prepare_data(
-            cfg.data.source,
-            cfg.data.seq_len,
-            cfg.model.vocab_size,
-            val_fraction=cfg.data.val_fraction,
-            text_field=cfg.data.text_field,
-            tokenizer_path=work / "moelab" / "tokenizer.json",
-        )
+        data = run_data(cfg, work / "moelab" / "tokenizer.json")
         sampler = Sampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
         theirs, theirs_lm = [], []
         clip = o.grad_clip if o.grad_clip > 0 else math.inf

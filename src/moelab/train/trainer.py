@@ -104,6 +104,20 @@ class _Run:
         return self.run_dir / "checkpoints"
 
 
+def run_data(cfg: RunConfig, tokenizer_path: str | Path | None = None) -> Data:
+    """The training and validation data a run config names (source, sequence length, split,
+    text field), with `tokenizer_path`'s tokenizer or one trained as the config says."""
+    return prepare_data(
+        cfg.data.source,
+        cfg.data.seq_len,
+        cfg.model.vocab_size,
+        val_fraction=cfg.data.val_fraction,
+        text_field=cfg.data.text_field,
+        tokenizer_path=tokenizer_path,
+        tokenizer_train_bytes=cfg.data.tokenizer_train_bytes,
+    )
+
+
 def _init_tokenizer(init_ckpt: Path) -> Path:
     """The tokenizer of the run a model is initialised from: its embeddings index those ids."""
     tok = init_ckpt.parent.parent / "tokenizer.json"
@@ -150,15 +164,7 @@ def _setup(
         tok_path = tok_file if resume else cfg.data.tokenizer
         if tok_path is None and init_ckpt is not None:
             tok_path = _init_tokenizer(init_ckpt)
-        data = prepare_data(
-            cfg.data.source,
-            cfg.data.seq_len,
-            cfg.model.vocab_size,
-            val_fraction=cfg.data.val_fraction,
-            text_field=cfg.data.text_field,
-            tokenizer_path=tok_path,
-            tokenizer_train_bytes=cfg.data.tokenizer_train_bytes,
-        )
+        data = run_data(cfg, tok_path)
 
     memory = TrainingMemory(device)  # before the model: what follows is the training state and step
     model = Transformer(cfg.model).to(device)
