@@ -24,7 +24,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("tiny-dense", []),
     "moe-8x2": ("tiny-moe", []),
     "moe-8x2-lean": ("tiny-moe", LEAN),
-    "moe-16x4-lean": ("tiny-moe", LEAN + ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=4"]),
+    "moe-16x4-lean": ("tiny-moe", LEAN + FINE),
     "moe-32x8-lean": ("tiny-moe", LEAN + ["model.moe.n_experts=32", "model.moe.d_expert=64", "model.moe.top_k=8"]),
     "moe-16x4": ("tiny-moe", FINE),
     "moe-16x4-z0": ("tiny-moe", FINE + ["model.moe.z_coef=0"]),

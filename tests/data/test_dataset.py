@@ -180,3 +180,25 @@ def test_train_on_a_dataset_equals_train_on_its_source(tmp_path, text_file):
     run_cli("tokenize", str(text_file), "--out", str(tmp_path / "ds2"), "--vocab-size", "300", "--quiet")
     with pytest.raises(ConfigError, match="another tokenizer"):
         prepare_data(str(tmp_path / "ds2"), 32, 512, tokenizer_path=tmp_path / "a" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("n_lines", [1200, 3000])
+def test_stream_equals_the_in_memory_pipeline(tmp_path, n_lines):
+    """The pipeline before datasets, written out here: split the documents in memory, train
+    the tokenizer on the training texts, encode each document followed by end-of-text.
+    prepare_data (through a cached dataset) must give the same tokenizer and streams;
+    1,200 lines make 6 blocks (the split's fallback holds out the last), 3,000 make 15."""
+    src = tmp_path / "corpus.txt"
+    src.write_text("".join(f"row {i}: alpha {i % 13} beta {i % 7} gamma {i * 7 % 11}\n" for i in range(n_lines)))
+    train_docs, val_docs = split_documents(load_documents(str(src)), 0.05)
+    tok = train_tokenizer((d.text for d in train_docs), 400, 300_000)
+    eos = tok.token_to_id("<|endoftext|>")
+
+    def stream(docs):
+        return np.concatenate([np.array(tok.encode(d.text, add_special_tokens=False).ids + [eos]) for d in docs])
+
+    d = prepare_data(str(src), 16, 400, tokenizer_train_bytes=300_000)
+    assert d.tokenizer.to_str() == tok.to_str()
+    for part, docs in ((d.train, train_docs), (d.val, val_docs)):
+        want = stream(docs)
+        assert len(part.tokens) == len(want) and np.array_equal(part.tokens[0: len(want)], want)

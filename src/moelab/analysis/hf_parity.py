@@ -19,6 +19,7 @@ the definitions).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
@@ -68,6 +69,7 @@ def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = Non
     from ..convert.io import export_hf
     from ..model import Transformer
 
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.train.ckpt_every = steps, 1, steps, steps
     cfg.train.device, cfg.train.precision = "cpu", "fp32"
     if cfg.model.moe is not None and cfg.model.moe.jitter:

@@ -176,7 +176,7 @@ def quantize_checkpoint(
     before = resident_bytes(r.model)
     quantize_model(r.model, bits, group_size, what)
     cfg = copy.deepcopy(r.cfg)
-    cfg.quant.bits, cfg.quant.group_size, cfg.quant.what = bits, group_size, what  # type: ignore[assignment]
+    cfg.quant.bits, cfg.quant.group_size, cfg.quant.what = bits, group_size, what  # type: ignore[assignment]  # `what` was checked by targets()
     cfg.finetune.recipe = "none"  # LoRA adapters were merged on load
     cfg.name = f"{r.cfg.name}-int{bits}"
     run_dir = r.checkpoint.parent.parent

@@ -102,6 +102,6 @@ def shard_experts(model: nn.Module, group, rank: int, size: int) -> int:
     n = 0
     for mod in model.modules():
         if isinstance(mod, MoE) and isinstance(mod.experts, GroupedExperts):
-            mod.experts = ExpertParallelExperts(mod.experts, group, rank, size)  # type: ignore[assignment]
+            mod.experts = ExpertParallelExperts(mod.experts, group, rank, size)  # type: ignore[assignment]  # same call signature as GroupedExperts
             n += 1
     return n
