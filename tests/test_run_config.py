@@ -35,7 +35,7 @@ def test_override_turns_dense_recipe_into_moe():
     ("train.stepz=3", r"train\.stepz: unknown key"),
     ("model.n_layers=four", r"model\.n_layers: expected an integer, got 'four'"),
     ("model.moe.top_k=9", r"model\.moe\.top_k: top_k=9 exceeds n_experts=8"),
-    ("train.precision=fp8", r"train\.precision: expected one of \['fp32', 'bf16'\]"),
+    ("train.precision=fp8", r"train\.precision: expected one of \['auto', 'fp32', 'bf16'\]"),
     ("model.tie_embeddings=2", r"model\.tie_embeddings: expected true or false"),
     ("optim.lr.x=1", r"optim\.lr: is a value, not a section"),
 ])

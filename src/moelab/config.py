@@ -50,6 +50,10 @@ class MoEConfig:
     # std of the experts' (and shared experts') output projections; None = the model's
     # depth-scaled init_std / sqrt(2 n_layers), a number = that std (Mixtral/OLMoE: 0.02)
     expert_out_std: float | None = None
+    # Where the load-balancing loss counts expert frequencies: "micro" = this micro-batch
+    # on this rank; "global" = summed over data-parallel ranks and over the step's
+    # micro-batches so far (Qwen, "Demons in the detail", 2025).
+    balance_scope: Literal["micro", "global"] = "micro"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +103,11 @@ class MoEConfig:
             0.0 <= self.expert_dropout < 1.0,
             p + "expert_dropout",
             f"expected 0 <= expert_dropout < 1, got {self.expert_dropout!r}",
+        )
+        _check(
+            self.balance_scope in ("micro", "global"),
+            p + "balance_scope",
+            f"expected 'micro' or 'global', got {self.balance_scope!r}",
         )
         _check(0.0 <= self.jitter < 1.0, p + "jitter", f"expected 0 <= jitter < 1, got {self.jitter!r}")
         for name in ("lb_coef", "z_coef", "bias_update_rate"):

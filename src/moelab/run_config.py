@@ -84,7 +84,10 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; CPUs without bf16 units: slow
+    # bf16 = autocast; auto = bf16 on CUDA devices with native bf16 (where grouped_mm
+    # runs), fp32 elsewhere (CPUs without bf16 units are slow at it)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile each transformer block (docs/distributed.md: where it helps)
     activation_checkpointing: bool = False
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
@@ -122,6 +125,25 @@ class TrainConfig:
             _pos_int(self.threads, p + "threads")
         if self.device != "auto" and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"{p}device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass
+class ParallelConfig:
+    """Layout of a multi-process run (torchrun): the expert-parallel degree, carved out of
+    data parallelism, and the data-parallel degree as sharded x replicated; 0 = fill the
+    world (replicated, unless data_shard says otherwise). One process ignores it."""
+
+    expert: int = 1
+    data_shard: int = 0
+    data_replicate: int = 0
+
+    def validate(self, p: str = "parallel.") -> None:
+        """Raise ConfigError naming the first field that is not a usable degree."""
+        _pos_int(self.expert, p + "expert")
+        for name in ("data_shard", "data_replicate"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{p}{name}: expected an integer >= 0 (0 = fill the world), got {v!r}")
 
 
 @dataclass
@@ -174,6 +196,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         """Validate every section; ConfigError names the first bad field by its dotted key."""
@@ -182,6 +205,7 @@ class RunConfig:
         self.data.validate()
         self.optim.validate()
         self.train.validate()
+        self.parallel.validate()
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
@@ -389,6 +413,11 @@ RESUMABLE = (
     "train.collapse_window",
     "train.on_nonfinite",
     "train.max_skipped_steps",
+    "train.precision",
+    "train.compile",
+    "parallel.expert",  # checkpoints reshard: a run may resume on another layout
+    "parallel.data_shard",
+    "parallel.data_replicate",
 )
 
 
@@ -432,6 +461,7 @@ __all__ = [
     "DataConfig",
     "OptimConfig",
     "TrainConfig",
+    "ParallelConfig",
     "ModelConfig",
     "MoEConfig",
     "ConfigError",

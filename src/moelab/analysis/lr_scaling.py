@@ -19,15 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, ModelConfig, MoEConfig
-from ..run_config import RunConfig
+from ..train.lr_rule import MM1_A, MM1_B, mm1_lr, predict_lr, resolve_auto_lr
 
-MM1_A, MM1_B = -0.4214, -0.5535
+__all__ = ["MM1_A", "MM1_B", "mm1_lr", "predict_lr", "resolve_auto_lr", "scale_model", "fit_sweep", "fit_power_law"]
 COUNTS = ("non_embedding", "active", "total")
-
-
-def mm1_lr(n_params: float) -> float:
-    """MM1's optimal peak LR for N non-embedding parameters."""
-    return math.exp(MM1_A * math.log(n_params) + MM1_B)
 
 
 def scale_model(base: ModelConfig, d_model: int) -> ModelConfig:
@@ -124,11 +119,6 @@ def fit_power_law(n: list[float], lr: list[float], bootstrap: int = 1000, seed: 
     }
 
 
-def predict_lr(fit: dict, n_params: float) -> float:
-    """exp(a * log(n_params) + b): the learning rate a fit predicts for a model of `n_params`."""
-    return math.exp(fit["a"] * math.log(n_params) + fit["b"])
-
-
 def read_sweep(sweep_dir: Path) -> list[dict]:
     """The rows of DIR/sweep.jsonl (one per finished run); ConfigError when the file is missing."""
     path = Path(sweep_dir) / "sweep.jsonl"
@@ -210,17 +200,3 @@ def plot_fit(sweep_dir: Path, rows: list[dict], fit_out: dict) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# ------------------------------------------------------------------ optim.lr=auto
-def resolve_auto_lr(cfg: RunConfig) -> float:
-    """`optim.lr=auto`: the fitted rule in `optim.lr_fit` (a fit.json) or MM1's rule,
-    evaluated at the model's parameter count (non-embedding unless the fit says else)."""
-    counts = cfg.model.param_counts()
-    if cfg.optim.lr_fit:
-        path = Path(cfg.optim.lr_fit)
-        if not path.is_file():
-            raise ConfigError(f"optim.lr_fit: {path} does not exist (expected a fit.json from `moelab lr-fit`)")
-        fit = json.loads(path.read_text())
-        return predict_lr(fit["fit"], counts[fit["count"]])
-    return mm1_lr(counts["non_embedding"])

@@ -1,4 +1,4 @@
-"""Decoder building blocks: RMSNorm, rotary embeddings, attention, SwiGLU.
+"""Decoder building blocks: RMSNorm, rotary embeddings, attention (SwiGLU lives in `moelab.ffn`).
 
 Legend: B batch, S sequence, D model dim, H query heads, G kv heads, Dh head dim.
 """
@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..ffn import SwiGLU
+
+__all__ = ["RMSNorm", "SwiGLU", "Attention", "rope_cache", "apply_rope"]
 
 
 class RMSNorm(nn.Module):
@@ -24,26 +28,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); w_gate, w_up: (H, D), w_down: (D, H)."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.w_gate = nn.Parameter(torch.empty(hidden, d_model))
-        self.w_up = nn.Parameter(torch.empty(hidden, d_model))
-        self.w_down = nn.Parameter(torch.empty(d_model, hidden))
-
-    def reset_parameters(self, std: float, out_std: float) -> None:
-        """w_gate and w_up ~ N(0, std); w_down ~ N(0, out_std)."""
-        nn.init.normal_(self.w_gate, std=std)
-        nn.init.normal_(self.w_up, std=std)
-        nn.init.normal_(self.w_down, std=out_std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU: w_down(silu(w_gate x) * w_up x); (..., D) -> (..., D)."""
-        return F.linear(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up), self.w_down)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import MoEConfig
-from ..model.blocks import SwiGLU
+from ..ffn import SwiGLU
 from .dispatch import dispatch
 from .experts import Backend, GroupedExperts
 from .losses import load_balancing_loss, max_violation, router_entropy, router_z_loss
@@ -58,7 +59,13 @@ class MoE(nn.Module):
     `y, stats = moe(x, mask)`: x (..., D) -> y (..., D). `mask` (x.shape[:-1], bool,
     True = real token) keeps padded tokens out of routing, losses and statistics; their
     output is zero.
+
+    With `cfg.balance_scope == "global"` the load-balancing loss counts expert
+    frequencies over `balance_group` (the data-parallel ranks; None = this process) and
+    over the optimizer step's micro-batches so far, which `start_micro_batch` delimits.
     """
+
+    balance_group: dist.ProcessGroup | None = None  # set by moelab.parallel
 
     def __init__(self, cfg: MoEConfig, backend: Backend = "auto"):
         super().__init__()
@@ -68,7 +75,31 @@ class MoE(nn.Module):
         self.shared = (
             SharedExperts(cfg.d_model, cfg.d_shared_total, cfg.shared_gate) if cfg.n_shared_experts > 0 else None
         )
+        self._micro: int | None = None  # micro-batch id within the step; None = not tracked
+        self._counts: tuple[int, torch.Tensor | None] = (-1, None)  # (micro id, cumulative counts)
         self.reset_parameters()
+
+    def start_micro_batch(self, index: int) -> None:
+        """Mark the start of micro-batch `index` of an optimizer step (0 starts a new step)."""
+        self._micro = index
+        if index == 0:
+            self._counts = (-1, None)
+
+    def _balance_counts(self, expert_idx_TK: torch.Tensor) -> torch.Tensor | None:
+        """The counts behind the lb loss's f: None (this micro-batch's own) unless global."""
+        if self.cfg.balance_scope != "global" or not self.training:
+            return None
+        seen, now = self._counts
+        if self._micro is not None and seen == self._micro and now is not None:
+            return now  # activation checkpointing recomputes this forward: same counts, no collective
+        local = torch.bincount(expert_idx_TK.reshape(-1), minlength=self.cfg.n_experts)
+        if self.balance_group is not None:
+            dist.all_reduce(local, group=self.balance_group)
+        if self._micro is None:
+            return local
+        base = now if now is not None else torch.zeros_like(local)
+        self._counts = (self._micro, base + local)
+        return base + local
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         """Router by its own init; experts and shared experts with N(0, std) inputs and N(0, out_std) outputs."""
@@ -112,7 +143,12 @@ class MoE(nn.Module):
             y_full = torch.zeros((shape.numel() // cfg.d_model, cfg.d_model), dtype=y_TD.dtype, device=x.device)
             y_TD = y_full.index_copy(0, valid_idx, y_TD)
 
-        lb = load_balancing_loss(probs_TE=r.probs_TE, expert_idx_TK=r.expert_idx_TK, n_experts=cfg.n_experts)
+        lb = load_balancing_loss(
+            probs_TE=r.probs_TE,
+            expert_idx_TK=r.expert_idx_TK,
+            n_experts=cfg.n_experts,
+            counts_E=self._balance_counts(r.expert_idx_TK),
+        )
         z = router_z_loss(logits_TE=r.logits_TE)
         n_assign = max(T * cfg.top_k, 1)
         stats = MoEStats(

@@ -9,21 +9,27 @@ from __future__ import annotations
 import torch
 
 
-def load_balancing_loss(*, probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+def load_balancing_loss(
+    *, probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, n_experts: int, counts_E: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer load-balancing loss, E * sum_e f_e * P_e.
 
-    f_e is the fraction of the T*K routing assignments that chose expert e (sums to 1)
-    and P_e the mean router probability of expert e. A perfectly uniform router gives
-    1.0 for any K. Hugging Face's `load_balancing_loss_func` counts f_e per token instead
-    of per assignment, so its value is K times this one.
+    f_e is the fraction of the routing assignments that chose expert e (sums to 1) and
+    P_e the mean router probability of expert e over these T tokens. By default f counts
+    these tokens' T*K assignments; `counts_E` replaces those counts (global balancing:
+    counts summed over data-parallel ranks and micro-batches). A perfectly uniform router
+    gives 1.0 for any K. Hugging Face's `load_balancing_loss_func` counts f_e per token
+    instead of per assignment, so its value is K times this one.
 
     Gradient flows through P only; f is a count.
     """
     T, K = expert_idx_TK.shape
     if T == 0:
         return probs_TE.sum() * 0.0
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=n_experts).to(probs_TE.dtype)
-    f_E = counts_E / (T * K)
+    if counts_E is None:
+        counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=n_experts)
+    counts_E = counts_E.to(probs_TE.dtype)
+    f_E = counts_E / counts_E.sum().clamp_min(1)
     P_E = probs_TE.mean(dim=0)
     return n_experts * torch.dot(f_E, P_E)
 

@@ -76,9 +76,13 @@ class Router(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3): push under-loaded experts up.
 
         Call after each optimizer step with the loads summed over that step's
-        micro-batches; bias += rate * sign(mean_load - load).
+        micro-batches (and, with data parallelism, over ranks, so every replica of the
+        router moves the same way); bias += rate * sign(mean_load - load), then recentred
+        to zero mean: top-k choice ignores a common shift, and without recentring the
+        biases drift together without bound (the sign terms need not sum to zero).
         """
         if self.bias is None:
             return
         load = tokens_per_expert_E.to(self.bias.device, torch.float32)
         self.bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.bias -= self.bias.mean()

@@ -7,6 +7,12 @@ RUN/checkpoints/step-NNNNNN/
   trainer_state.json      step, data position, health history, param-group settings,
                           and the files above with their sizes and SHA-256 (written last)
 
+A multi-process run writes `dcp/` (torch.distributed.checkpoint: every rank its part,
+keys `model.<name>` and `optim.<name>.<state>`, see moelab.parallel.state) instead of
+the model and optimizer files, and `"format": "dcp"` in trainer_state.json. Either form
+loads under any layout: `model_tensors` gives a DCP checkpoint's weights whole, without
+a process group, so eval, export, generate, finetune and upcycle read both.
+
 A checkpoint is written into a temporary folder and renamed into place, so a crash
 mid-write leaves the previous checkpoint as the latest complete one. A checkpoint whose
 weights or optimizer moments are not finite is never written. Reading checks sizes
@@ -30,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError, NonFiniteError
 
 STATE_FILE = "trainer_state.json"
-FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")  # a single-process checkpoint
 
 
 def _fsync_dir(path: Path) -> None:
@@ -129,11 +135,18 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _save(rng_tensors(), tmp / "rng.safetensors")
+    return commit_checkpoint(tmp, final, dict(trainer_state, param_groups=groups), keep)
+
+
+def commit_checkpoint(tmp: Path, final: Path, trainer_state: dict, keep: int | None) -> Path:
+    """Finish a checkpoint written into `tmp`: trainer_state.json with the size and
+    SHA-256 of every file in it (written last, fsynced), then the rename to `final`
+    that makes it visible, then pruning to the newest `keep`."""
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
     state = dict(
         trainer_state,
-        step=step,
-        param_groups=groups,
-        files={f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES},
+        step=int(final.name.split("-")[-1]),
+        files={str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files},
     )
     with open(tmp / STATE_FILE, "w") as f:
         json.dump(state, f, indent=1)
@@ -143,9 +156,9 @@ def save_checkpoint(
     if final.exists():  # re-saving the same step (e.g. stop-after at a checkpoint step)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    _fsync_dir(final.parent)
     if keep:
-        for old in complete_checkpoints(ckpt_root)[:-keep]:
+        for old in complete_checkpoints(final.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -203,6 +216,40 @@ def latest_checkpoint(ckpt_root: Path, warn: bool = True) -> Path | None:
     return None
 
 
+def is_distributed(ckpt: Path) -> bool:
+    """Whether a checkpoint was written by a multi-process run (DCP form)."""
+    return (Path(ckpt) / "dcp" / ".metadata").is_file()
+
+
+def model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights and persistent buffers, whole, by single-process name, from
+    either form (a DCP checkpoint is consolidated in memory, no pickle, no process group)."""
+    if is_distributed(ckpt):
+        from ..parallel.state import read_full
+
+        try:
+            return read_full(Path(ckpt) / "dcp", "model.")
+        except Exception as e:  # DCP raises its own wrappers (CheckpointException) for unreadable shards
+            raise CheckpointError(f"checkpoint {ckpt}: cannot read dcp/ ({type(e).__name__}: {e})") from None
+    return load_tensors(ckpt, "model.safetensors")
+
+
+def optimizer_state(ckpt: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint's optimizer tensors keyed state.<index>.<name> as `load_optimizer`
+    takes them; `names` are the parameters' names in the optimizer's order."""
+    if not is_distributed(ckpt):
+        return load_tensors(ckpt, "optimizer.safetensors")
+    from ..parallel.state import read_full
+
+    by_name = read_full(Path(ckpt) / "dcp", "optim.")
+    out = {}
+    for i, n in enumerate(names):
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            if f"{n}.{k}" in by_name:
+                out[f"state.{i}.{k}"] = by_name[f"{n}.{k}"]
+    return out
+
+
 def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     """The tensors of one safetensors file of a checkpoint; CheckpointError naming it when unreadable."""
     try:
@@ -239,7 +286,7 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load a checkpoint's model.safetensors into `model`: every key present, every shape
     equal and every value finite, else CheckpointError naming the keys."""
-    tensors = load_tensors(ckpt, "model.safetensors")
+    tensors = model_tensors(ckpt)
     state = model.state_dict()
     missing = [k for k in state if k not in tensors]
     unexpected = [k for k in tensors if k not in state]

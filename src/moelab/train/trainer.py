@@ -22,14 +22,17 @@ import numpy as np
 import torch
 
 from ..data import Data, Sampler, SamplerState, prepare_data
+from ..data.loader import rank_slice
 from ..errors import CheckpointError, ConfigError, NonFiniteError, OutputExists
 from ..model import Transformer
 from ..outputs import check_output
+from ..parallel.mesh import Parallel, close_parallel, init_parallel
 from ..run_config import RunConfig, read_config, resume_config, save_config
 from ..runtime import pick_device, tune_cpu_allocator
 from . import checkpoint as ck
 from .checkpoint import load_model_weights
 from .health import HealthMonitor
+from .lr_rule import resolve_auto_lr
 from .metrics import MetricsWriter, MoEWindow, TrainingMemory, peak_memory_bytes, truncate_after
 from .optim import build_optimizer, lr_at
 from .progress import Progress
@@ -54,9 +57,19 @@ class TrainResult:
     skipped_steps: int = 0
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision as run: auto = bf16 on a CUDA device that multiplies bf16 natively
+    (compute capability 8.0+, where the experts' grouped_mm runs), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "bf16"
+    return "fp32"
+
+
 def autocast_ctx(cfg: RunConfig, device: torch.device):
-    """bf16 autocast on the device when train.precision is bf16, else a no-op context."""
-    if cfg.train.precision == "bf16":
+    """bf16 autocast on the device when train.precision is (or auto resolves to) bf16, else a no-op context."""
+    if resolve_precision(cfg.train.precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -67,23 +80,34 @@ def _unpack(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, device, ctx) -> float:
+def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, device, ctx, par=None) -> float:
     """Mean next-token loss (nats) over a fixed subset of batch_size x n_batches validation
     sequences spread evenly over the whole split: a prefix would be the first few held-out
-    documents only, and rank runs by how they do on those."""
+    documents only, and rank runs by how they do on those. With `par` (a multi-process
+    run) the ranks split each batch and add up their sums: every rank runs the same
+    number of forwards (expert parallelism exchanges tokens in each), one with no share
+    runs a dummy row that is not counted."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     n = min(len(data_val), batch_size * n_batches)
     chosen = np.unique(np.linspace(0, len(data_val) - 1, n).round().astype(np.int64))
     for start in range(0, len(chosen), batch_size):
-        idx = chosen[start : start + batch_size].tolist()
-        x, y, mask = _unpack(data_val.batch(idx))
+        idx = chosen[start : start + batch_size]
+        if par is not None:
+            idx = np.array_split(idx, par.world)[par.rank]
+        weight = 1.0 if len(idx) else 0.0
+        x, y, mask = _unpack(data_val.batch((idx if len(idx) else chosen[:1]).tolist()))
         with ctx:
             out = model(x.to(device), y.to(device), mask.to(device) if mask is not None else None)
-        n_targets = int((y != -100).sum())
+        n_targets = int((y != -100).sum()) * weight
         total += float(out.lm_loss) * n_targets
-        count += n_targets
+        count += int(n_targets)
+    if par is not None:
+        from ..parallel.parallelize import all_reduce_floats
+
+        total, count_f = all_reduce_floats([total, float(count)], par, op="sum")
+        count = int(count_f)
     model.train(was)
     return total / max(count, 1)
 
@@ -98,6 +122,11 @@ class _Run:
     opt: torch.optim.Optimizer
     memory: TrainingMemory
     state: dict = field(default_factory=dict)  # trainer state of the checkpoint resumed from
+    par: Parallel | None = None  # the layout of a multi-process run
+
+    @property
+    def is_main(self) -> bool:
+        return self.par is None or self.par.is_main
 
     @property
     def ckpt_root(self) -> Path:
@@ -133,18 +162,19 @@ def _setup(
     cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init: str | None, data: Data | None, prepare_model
 ) -> _Run:
     ckpt_root = run_dir / "checkpoints"
+    par = init_parallel(cfg)  # under torchrun; the layout is checked before any collective
+    main = par is None or par.is_main
     if cfg.optim.lr == "auto":
-        from ..analysis.lr_scaling import resolve_auto_lr
-
         cfg.optim.lr = resolve_auto_lr(cfg)
         rule = f"the fit in {cfg.optim.lr_fit}" if cfg.optim.lr_fit else "MM1's rule over non-embedding parameters"
-        print(
-            f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={cfg.model.param_counts()['non_embedding']:,})",
-            file=sys.stderr,
-        )
+        if main:
+            print(
+                f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={cfg.model.param_counts()['non_embedding']:,})",
+                file=sys.stderr,
+            )
     start_ckpt = None
     if resume:
-        start_ckpt = ck.latest_checkpoint(ckpt_root)
+        start_ckpt = ck.latest_checkpoint(ckpt_root, warn=main)
         if start_ckpt is None:
             raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
         cfg = resume_config(read_config(run_dir / "config.yaml"), cfg, run_dir)
@@ -152,19 +182,23 @@ def _setup(
         check_output(run_dir, overwrite=overwrite, hint="pass --resume to continue it or --overwrite to start over")
     init_ckpt = ck.resolve_checkpoint(init) if init is not None and not resume else None
 
-    device = pick_device(cfg.train.device)
+    device = par.device if par is not None else pick_device(cfg.train.device)
     if device.type == "cpu":
         tune_cpu_allocator()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same on every rank: each builds the same full model
 
     tok_file = run_dir / "tokenizer.json"
     if data is None:
         tok_path = tok_file if resume else cfg.data.tokenizer
         if tok_path is None and init_ckpt is not None:
             tok_path = _init_tokenizer(init_ckpt)
+        if par is not None and not main:
+            par.barrier()  # rank 0 prepares (and caches) the dataset and tokenizer first
         data = run_data(cfg, tok_path)
+        if par is not None and main:
+            par.barrier()
 
     memory = TrainingMemory(device)  # before the model: what follows is the training state and step
     model = Transformer(cfg.model).to(device)
@@ -173,22 +207,45 @@ def _setup(
         load_model_weights(model, init_ckpt)
     if prepare_model is not None:
         prepare_model(model)
+    if par is not None:
+        from ..parallel.parallelize import parallelize
+
+        parallelize(model, par, compile_blocks=cfg.train.compile)
+    elif cfg.train.compile:
+        for block in model.layers:
+            block.compile()
     opt = build_optimizer(model, cfg.optim)
-    run = _Run(cfg, run_dir, device, data, model, opt, memory)
+    run = _Run(cfg, run_dir, device, data, model, opt, memory, par=par)
     if start_ckpt is not None:
         run.state = ck.check_checkpoint(start_ckpt)
-        load_model_weights(model, start_ckpt)
-        ck.load_optimizer(opt, ck.load_tensors(start_ckpt, "optimizer.safetensors"), run.state["param_groups"])
+        if par is not None:
+            from ..parallel.checkpoint import load_distributed
+
+            load_distributed(start_ckpt, model, opt, par)
+        else:
+            from ..parallel.state import optimizer_names
+
+            load_model_weights(model, start_ckpt)
+            ck.load_optimizer(
+                opt, ck.optimizer_state(start_ckpt, optimizer_names(model, opt)), run.state["param_groups"]
+            )
         ck.restore_rng(ck.load_tensors(start_ckpt, "rng.safetensors"))
-        truncate_after(run_dir / "metrics.jsonl", run.state["step"])
+        if main:
+            truncate_after(run_dir / "metrics.jsonl", run.state["step"])
     else:  # everything loaded: only now replace (with --overwrite) or create the run folder
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        data.tokenizer.save(str(tok_file))
-        save_config(cfg, run_dir / "config.yaml")
-    for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+        if par is not None:
+            par.barrier()  # every rank has checked the folder before rank 0 replaces it
+        if main:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            data.tokenizer.save(str(tok_file))
+            save_config(cfg, run_dir / "config.yaml")
+    if main:
+        for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+    if par is not None:
+        par.barrier()
     return run
 
 
@@ -205,17 +262,25 @@ class _StepResult:
 def _step(run: _Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> _StepResult:
     """Forward/backward over grad_accum micro-batches, then the update - unless the loss
     or the gradient norm is not finite, in which case the gradients are dropped and the
-    weights stay as they were (the caller stops or skips)."""
-    tc, model, opt = run.cfg.train, run.model, run.opt
+    weights stay as they were (the caller stops or skips). In a multi-process run each
+    rank takes its slice of the same global batch, and the loss, gradient norm, token
+    count and expert loads returned are global (equal on every rank)."""
+    tc, model, opt, par = run.cfg.train, run.model, run.opt, run.par
     for g in opt.param_groups:
         g["lr"] = lr
+    moe_layers = model.moe_layers()
     loads = None
     loss_sum = lm_sum = 0.0
     tokens = 0
-    for _ in range(tc.grad_accum):
-        x, y, mask = _unpack(run.data.train.batch(sampler.next()))
+    for micro in range(tc.grad_accum):
+        idx = sampler.next()
+        if par is not None:
+            idx = rank_slice(idx, par.rank, par.world)
+        x, y, mask = _unpack(run.data.train.batch(idx))
         # padding (SFT rows) is not work done: count only real tokens
         tokens += int(mask.sum()) if mask is not None else x.numel()
+        for moe in moe_layers:
+            moe.start_micro_batch(micro)
         with ctx:
             out = model(x.to(run.device), y.to(run.device), mask.to(run.device) if mask is not None else None)
         (out.loss / tc.grad_accum).backward()
@@ -225,7 +290,16 @@ def _step(run: _Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> _St
         step_loads = [s.tokens_per_expert for s in out.moe_stats]
         loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads, strict=True)]
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    if par is None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    else:
+        from ..parallel.parallelize import all_reduce_floats, all_reduce_loads, finish_gradients
+
+        grad_norm = finish_gradients(model, par, clip)
+        loss_sum, lm_sum, tokens_f = all_reduce_floats([loss_sum, lm_sum, float(tokens)], par, op="sum")
+        loss_sum, lm_sum, tokens = loss_sum / par.world, lm_sum / par.world, int(tokens_f)
+        # every replica of a router must move its bias the same way: global counts
+        loads = all_reduce_loads(loads, par) if loads else loads
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
     if finite:
         opt.step()
@@ -281,7 +355,14 @@ def train(
         raise ConfigError(f"--stop-after: expected a positive number of steps, got {stop_after}")
     MetricsWriter.preload()
     run = _setup(cfg, Path(run_dir), resume, overwrite, init, data, prepare_model)
-    cfg, tc, state = run.cfg, run.cfg.train, run.state
+    try:
+        return _loop(run, stop_after, quiet)
+    finally:
+        close_parallel(run.par)
+
+
+def _loop(run: _Run, stop_after: int | None, quiet: bool) -> TrainResult:
+    cfg, tc, state, par = run.cfg, run.cfg.train, run.state, run.par
     step = int(state.get("step", 0))
     sampler = Sampler(len(run.data.train), tc.batch_size, tc.seed, SamplerState(**state.get("sampler", {})))
     health = HealthMonitor(
@@ -291,7 +372,7 @@ def train(
     elapsed = float(state.get("elapsed_s", 0.0))  # training wall-clock, summed over resumes
     skipped_total = int(state.get("skipped_steps", 0))
     end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
-    metrics = MetricsWriter(run.run_dir)
+    metrics = MetricsWriter(run.run_dir) if run.is_main else None  # written once, by rank 0
     window = MoEWindow()
     ctx = autocast_ctx(cfg, run.device)
     val_loss = state.get("val_loss")
@@ -303,11 +384,12 @@ def train(
     skipped_in_row = 0
 
     def warn(msg: str) -> None:
-        progress.write(f"warning: {msg}")
+        if run.is_main:  # the same on every rank: the values behind it are global
+            progress.write(f"warning: {msg}")
         pending.append(msg)
 
     run.model.train()
-    progress = Progress(end, step, cfg.name, quiet)
+    progress = Progress(end, step, cfg.name, quiet or not run.is_main)
     try:
         while step < end:
             t_step = time.perf_counter()
@@ -339,10 +421,16 @@ def train(
 
             evaluated = step % tc.eval_every == 0 or step == tc.steps
             if evaluated:
-                val_loss = evaluate(run.model, run.data.val, tc.batch_size, tc.eval_batches, run.device, ctx)
+                val_loss = evaluate(run.model, run.data.val, tc.batch_size, tc.eval_batches, run.device, ctx, par)
             if step % tc.log_every == 0 or step == end or evaluated:
                 tps = tok_window / max(elapsed - t_window, 1e-9)
                 t_window, tok_window = elapsed, 0
+                train_mem = run.memory.peak
+                if par is not None:  # statistics of the whole data-parallel batch
+                    from ..parallel.parallelize import all_reduce_floats, reduce_window
+
+                    reduce_window(window, par)
+                    train_mem = int(all_reduce_floats([float(train_mem)], par, op="max")[0])
                 last_summary = window.summary()
                 window.reset()
                 record = {
@@ -357,7 +445,7 @@ def train(
                     "grad_norm": res.grad_norm,
                     "tokens_per_s": tps,
                     "peak_mem_bytes": peak_memory_bytes(run.device),
-                    "train_mem_bytes": run.memory.peak,
+                    "train_mem_bytes": train_mem,
                     "loss_spikes": health.spikes,
                     "skipped_steps": skipped_total,
                     "moe_layers": last_summary,
@@ -368,7 +456,8 @@ def train(
                     warn(w)
                 if pending:
                     record["warnings"], pending = pending, []
-                metrics.write(_json_safe(record))
+                if metrics is not None:
+                    metrics.write(_json_safe(record))
                 progress.log(step, res.loss, val_loss, tps)
             if step % tc.ckpt_every == 0 or step == end:
                 trainer_state = {
@@ -380,10 +469,18 @@ def train(
                     "elapsed_s": elapsed,
                     "skipped_steps": skipped_total,
                 }
-                ck.save_checkpoint(run.ckpt_root, step, run.model, run.opt, trainer_state, keep=tc.keep_checkpoints)
+                if par is None:
+                    ck.save_checkpoint(run.ckpt_root, step, run.model, run.opt, trainer_state, keep=tc.keep_checkpoints)
+                else:
+                    from ..parallel.checkpoint import save_distributed
+
+                    save_distributed(
+                        run.ckpt_root, step, run.model, run.opt, trainer_state, par, keep=tc.keep_checkpoints
+                    )
     finally:
         progress.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     mean_tps = (tokens_seen - start_tokens) / max(elapsed - start_elapsed, 1e-9)
     return TrainResult(
         run.run_dir,

@@ -1,0 +1,91 @@
+"""Distributed checkpoints: the same folder, atomicity and manifest as one process's,
+with the weights and optimizer state in a DCP folder that every rank writes its part of.
+
+Order: rank 0 makes the hidden temporary folder; all ranks check their shares are finite
+(agreeing by all-reduce, so all refuse together) and write `dcp/`; rank 0 adds the RNG
+state and the manifest and renames the folder into place. A save killed at any point
+leaves only the temporary folder, which no reader lists and the next run deletes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from ..errors import CheckpointError, NonFiniteError
+from ..train import checkpoint as ck
+from .mesh import Parallel
+from .state import fill_state, load_state, optimizer_names, save_state, training_state
+
+
+def save_distributed(
+    ckpt_root: Path,
+    step: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    trainer_state: dict,
+    par: Parallel,
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint `step` from every rank (a collective); returns its path. Raises
+    NonFiniteError on every rank, writing nothing, if any rank's share is not finite."""
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".tmp-step-{step:06d}"
+    if par.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    state = training_state(model, opt, par)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(_finite(v))]
+    flag = torch.tensor([float(len(bad))], device=par.device)
+    dist.all_reduce(flag)
+    if flag.item() > 0:
+        par.barrier()
+        if par.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise NonFiniteError(
+            f"refusing to write checkpoint step {step}: non-finite values in {bad[:5] or 'another rank'}"
+        )
+    par.barrier()  # the folder exists before anyone writes into it
+    save_state(state, tmp / "dcp")
+    par.barrier()
+    if par.is_main:
+        ck._save(ck.rng_tensors(), tmp / "rng.safetensors")
+        groups = opt.state_dict()["param_groups"]
+        layout = vars(par.layout)
+        ck.commit_checkpoint(tmp, final, dict(trainer_state, format="dcp", param_groups=groups, layout=layout), keep)
+    par.barrier()
+    return final
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return torch.isfinite(local).all()
+
+
+def load_distributed(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, par: Parallel) -> None:
+    """Load a checkpoint of either form into this rank's shares of the weights and
+    optimizer state (a collective): DCP reads the chunks it needs, a single-process
+    checkpoint is read whole and each rank keeps its chunk."""
+    state = training_state(model, opt, par)
+    if ck.is_distributed(ckpt):
+        try:
+            load_state(state, ckpt / "dcp")
+        except Exception as e:  # DCP wraps per-rank failures in its own exception types
+            raise CheckpointError(f"checkpoint {ckpt} does not fit this model ({type(e).__name__}: {e})") from None
+        return
+    full = {"model." + k: v for k, v in ck.load_tensors(ckpt, "model.safetensors").items()}
+    names = optimizer_names(model, opt)
+    for key, v in ck.load_tensors(ckpt, "optimizer.safetensors").items():
+        _, i, what = key.split(".", 2)
+        full[f"optim.{names[int(i)]}.{what}"] = v
+    missing = [k for k in state if k not in full]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model: missing {missing[:5]}")
+    fill_state(state, full)

@@ -1,0 +1,183 @@
+"""Process layout of a multi-process run: which rank holds which experts and which shard
+of the dense weights, as `DeviceMesh`es built from `parallel.*` and the torchrun world.
+
+Every rank is a data-parallel rank (it reads its own slice of the global batch). The
+expert-parallel dimension is carved out of data parallelism (torchtitan's "dp2ep",
+OLMo-core's expert mesh): ranks r with the same r // E form one expert-parallel group of
+E consecutive ranks (the all-to-all stays on neighbouring devices), and hold all
+n_experts between them; ranks with the same r % E hold the same experts and form the
+expert-data-parallel group (W / E ranks), over which those experts are sharded (FSDP2).
+The dense weights use the data mesh (replicate x shard); replicate x shard = W.
+
+`plan_layout` checks a layout against the world size without any collective, so a bad
+layout is one clear error on every rank, never a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..errors import ConfigError
+from ..run_config import RunConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of one run: world = replicate x shard (dense) = expert x expert_data (experts)."""
+
+    world: int
+    rank: int
+    expert: int
+    shard: int
+    replicate: int
+
+    @property
+    def expert_data(self) -> int:
+        """Ranks holding the same experts (the expert-data-parallel degree)."""
+        return self.world // self.expert
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's position in its expert-parallel group: it holds expert slice ep_rank."""
+        return self.rank % self.expert
+
+
+def torchrun_world() -> tuple[int, int, int] | None:
+    """(rank, local rank, world size) when launched by torchrun (or any launcher setting the
+    same environment), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    env = {k: os.environ.get(k, "0") for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    try:
+        return int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError(f"RANK/LOCAL_RANK/WORLD_SIZE: expected integers, got {env}") from None
+
+
+def plan_layout(cfg: RunConfig, world: int, rank: int) -> Layout:
+    """The layout `parallel.*` asks for in a world of `world` processes; ConfigError naming
+    the field when a degree does not fit (checked locally: no collective is called)."""
+    p, moe = cfg.parallel, cfg.model.moe
+    p.validate()
+    E = p.expert
+    shard, rep = p.data_shard, p.data_replicate
+    if shard == 0 and rep == 0:
+        shard, rep = 1, world
+    elif shard == 0:
+        if world % rep:
+            raise ConfigError(f"parallel.data_replicate={rep} does not divide the world size {world}")
+        shard = world // rep
+    elif rep == 0:
+        if world % shard:
+            raise ConfigError(f"parallel.data_shard={shard} does not divide the world size {world}")
+        rep = world // shard
+    if shard * rep != world:
+        raise ConfigError(
+            f"parallel.data_shard x parallel.data_replicate = {shard} x {rep} = {shard * rep}, "
+            f"but the world size is {world} (they must multiply to the number of processes)"
+        )
+    if E > 1:
+        if moe is None:
+            raise ConfigError(f"parallel.expert={E}: the model has no MoE layers (model.moe is null)")
+        if moe.n_experts % E:
+            raise ConfigError(f"parallel.expert={E} does not divide model.moe.n_experts={moe.n_experts}")
+        if world % E:
+            raise ConfigError(
+                f"parallel.expert={E} does not divide the data-parallel degree (world size {world}); "
+                f"launch a multiple of {E} processes"
+            )
+    dp_batch = cfg.train.batch_size
+    if dp_batch % world:
+        raise ConfigError(
+            f"train.batch_size={dp_batch} (the global batch) does not split evenly over {world} data-parallel ranks"
+        )
+    return Layout(world=world, rank=rank, expert=E, shard=shard, replicate=rep)
+
+
+@dataclass
+class Parallel:
+    """A live layout: the data mesh for dense weights, the expert mesh (ep, edp) and groups."""
+
+    layout: Layout
+    device: torch.device
+    dense_mesh: DeviceMesh  # 1-D (shard) or 2-D (replicate, shard): fully_shard's mesh
+    expert_mesh: DeviceMesh  # 2-D ("ep", "edp"): experts split over ep, each slice sharded over edp
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank."""
+        return self.layout.rank
+
+    @property
+    def world(self) -> int:
+        """The number of processes."""
+        return self.layout.world
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes metrics, config and manifests."""
+        return self.layout.rank == 0
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        """The expert-parallel group: the ranks whose experts together make all n_experts."""
+        return self.expert_mesh.get_group("ep")
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        dist.barrier()
+
+
+def build_meshes(layout: Layout, device: torch.device) -> Parallel:
+    """The meshes of `layout` (every rank must call this, in the same order)."""
+    W, E = layout.world, layout.expert
+    ranks = torch.arange(W)
+    if layout.replicate == 1:
+        dense = DeviceMesh(device.type, ranks, mesh_dim_names=("dp_shard",))
+    else:
+        dense = DeviceMesh(
+            device.type, ranks.view(layout.replicate, layout.shard), mesh_dim_names=("dp_replicate", "dp_shard")
+        )
+    # row i of the (ep, edp) mesh: the ranks holding expert slice i; column j: one EP group
+    experts = DeviceMesh(device.type, ranks.view(W // E, E).t().contiguous(), mesh_dim_names=("ep", "edp"))
+    return Parallel(layout, device, dense, experts)
+
+
+def init_parallel(cfg: RunConfig) -> Parallel | None:
+    """Join the torchrun world and build its meshes; None in a plain single process.
+    The layout is checked before the process group is created."""
+    env = torchrun_world()
+    if env is None:
+        if cfg.parallel.expert > 1 or cfg.parallel.data_shard > 1 or cfg.parallel.data_replicate > 1:
+            raise ConfigError(
+                f"parallel.expert={cfg.parallel.expert}, data_shard={cfg.parallel.data_shard}, "
+                f"data_replicate={cfg.parallel.data_replicate} need several processes: launch with "
+                "`torchrun --nproc_per_node N -m moelab train ...`"
+            )
+        return None
+    rank, local_rank, world = env
+    layout = plan_layout(cfg, world, rank)
+    if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif cfg.train.device in ("auto", "cpu"):
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        raise ConfigError(f"train.device={cfg.train.device}: a torchrun launch uses auto, cuda or cpu")
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get("MOELAB_DIST_TIMEOUT_S", "600")))
+        dist.init_process_group(backend, timeout=timeout)
+    return build_meshes(layout, device)
+
+
+def close_parallel(par: Parallel | None) -> None:
+    """Leave the process group (end of a distributed command)."""
+    if par is not None and dist.is_initialized():
+        dist.destroy_process_group()

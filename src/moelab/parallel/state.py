@@ -1,0 +1,110 @@
+"""Training state as one flat dict of global tensors, for `torch.distributed.checkpoint`.
+
+Keys are layout-free: `model.<name>` for weights and buffers, `optim.<name>.<state>` for
+AdamW's moments and step, with the names one process uses (an expert-parallel slice
+`...experts.local.w_gate` is `...experts.w_gate`). Values are each rank's share:
+FSDP2's sharded DTensors as they are, expert slices wrapped as DTensors of the full
+(n_experts, ...) tensor on the (ep, edp) mesh. DCP writes each rank's part with the
+global shapes, so a checkpoint loads under any other layout, or in one process without
+a process group, by reading the chunks each target needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from .mesh import Parallel
+from .parallelize import EXPERT_PREFIX
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the single-process model."""
+    return name.replace(EXPERT_PREFIX, ".experts.")
+
+
+def _global(name: str, t: torch.Tensor, par: Parallel | None) -> torch.Tensor:
+    if par is None or par.layout.expert == 1 or EXPERT_PREFIX not in name or t.dim() == 0:
+        return t
+    local = t.to_local() if isinstance(t, DTensor) else t
+    shape = torch.Size((t.shape[0] * par.layout.expert, *t.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, par.expert_mesh, [Shard(0), Shard(0)], shape=shape, stride=stride)
+
+
+def _ensure_adamw_state(opt: torch.optim.Optimizer) -> None:
+    # AdamW creates its state lazily at the first step; a checkpoint loads into it in place.
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Canonical parameter names in the optimizer's order (its state_dict's indices)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [canonical_name(names[id(p)]) for g in opt.param_groups for p in g["params"]]
+
+
+def training_state(model: nn.Module, opt: torch.optim.Optimizer | None, par: Parallel | None) -> dict:
+    """The flat dict of this rank's shares of every weight, buffer and optimizer tensor."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        out["model." + canonical_name(k)] = _global(k, v, par)
+    if opt is not None:
+        _ensure_adamw_state(opt)
+        names = {id(p): n for n, p in model.named_parameters()}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                n = names[id(p)]
+                for k, v in opt.state[p].items():
+                    out[f"optim.{canonical_name(n)}.{k}"] = _global(n, v, par)
+    return out
+
+
+def save_state(state: dict, path: Path) -> None:
+    """Every rank writes its part of `state` into the DCP folder `path` (a collective)."""
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_state(state: dict, path: Path) -> None:
+    """Fill `state` (from `training_state`) in place from the DCP folder `path`, whatever
+    layout wrote it (a collective)."""
+    dcp.load(state, checkpoint_id=str(path))
+
+
+@torch.no_grad()
+def fill_state(state: dict, full: dict[str, torch.Tensor]) -> None:
+    """Fill `state` in place from full tensors (a single-process checkpoint): each rank
+    copies the chunk its DTensor holds. Raises KeyError naming a missing key."""
+    for k, target in state.items():
+        src = full[k]
+        if isinstance(target, DTensor):
+            piece = distribute_tensor(
+                src.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+            ).to_local()
+            target.to_local().copy_(piece)
+        else:
+            target.copy_(src)
+
+
+def read_full(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` in a DCP folder, whole, read in this process alone
+    (no process group): how one process reads a checkpoint written by many."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    out = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    dcp.load(out, checkpoint_id=str(path), no_dist=True)
+    return {k[len(prefix) :]: v for k, v in out.items()}
