@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -47,6 +48,8 @@ def cmd_train(
         cfg.train.steps = steps
     cfg.validate()
     res = train(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, init=init, quiet=quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
+        return res
     vl = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
     state = "stopped early (resume with --resume)" if res.stopped_early else "finished"
     print(
