@@ -369,10 +369,10 @@ def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False, 
         if r.cfg.finetune.recipe != "lora":
             raise ConfigError("--peft: this run was not fine-tuned with --recipe lora")
         from .finetune.peft_export import export_peft
-        from .train.checkpoint import load_tensors
+        from .train.checkpoint import model_tensors
 
         with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
-            export_peft(r.cfg, load_tensors(r.checkpoint, "model.safetensors"), run_dir / "tokenizer.json", tmp)
+            export_peft(r.cfg, model_tensors(r.checkpoint), run_dir / "tokenizer.json", tmp)
         base, adapter = Path(out) / "base", Path(out) / "adapter"
         print(
             f"exported base model -> {base}\nexported peft adapter -> {adapter}\n"

@@ -1,0 +1,65 @@
+"""`torchrun --nproc_per_node 2 -m moelab train ...` end to end (gloo), the commands that
+read its run folder, and layouts that cannot work: one clear line from every rank, no
+hang (each launch has a timeout)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from conftest import TINY_MOE, run_cli
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def torchrun(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOELAB_DIST_TIMEOUT_S="120")
+    return subprocess.run([*TORCHRUN, "-m", "moelab", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_torchrun_trains_and_the_run_folder_is_usable(tmp_path, text_file):
+    run = tmp_path / "run"
+    r = torchrun("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--steps", "4", "--quiet",
+                 *TINY_MOE, "train.log_every=1", "train.ckpt_every=2", "parallel.expert=2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one line per step: rank 0 alone writes
+    assert r.stderr.count("finished at step 4") == 1
+    assert (run / "checkpoints" / "step-000004" / "dcp" / ".metadata").is_file()
+
+    # eval, generate and export read the distributed checkpoint (consolidated in memory)
+    _, out, _ = run_cli("eval", str(run), "--data", str(text_file), "--json")
+    assert 0 < json.loads(out)["loss"] < 10
+    _, out, _ = run_cli("generate", str(run), "--prompt", "the quick", "--max-new-tokens", "5")
+    assert out.strip()
+    run_cli("export", str(run), "--out", str(tmp_path / "hf"))
+    from moelab.inference import load_run
+
+    ours = load_run(run, device="cpu").model
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, ours(x).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout,message", [
+    (["parallel.expert=3"], "parallel.expert=3 does not divide model.moe.n_experts=4"),
+    (["parallel.data_shard=2", "parallel.data_replicate=2"], "parallel.data_shard x parallel.data_replicate = 2 x 2"),
+])
+def test_bad_layout_is_one_line_on_every_rank(tmp_path, text_file, layout, message):
+    r = torchrun("train", "tiny-moe", "--data", str(text_file), "--out", str(tmp_path / "run"), "--steps", "2",
+                 *TINY_MOE, *layout, timeout=120)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("moelab train: error:")]
+    assert len(lines) == 2 and all(message in line for line in lines), r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_parallel_layout_without_torchrun_says_how_to_launch(tmp_path, text_file):
+    rc, _, err = run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(tmp_path / "run"),
+                         *TINY_MOE, "parallel.expert=2", check=False)
+    assert rc == 2 and "torchrun --nproc_per_node" in err
