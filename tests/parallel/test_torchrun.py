@@ -63,3 +63,53 @@ def test_parallel_layout_without_torchrun_says_how_to_launch(tmp_path, text_file
     rc, _, err = run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(tmp_path / "run"),
                          *TINY_MOE, "parallel.expert=2", check=False)
     assert rc == 2 and "torchrun --nproc_per_node" in err
+
+
+def kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line holds `marker` (torchrun and its workers:
+    the workers run in sessions of their own)."""
+    import signal
+    from pathlib import Path
+
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def test_save_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path, text_file):
+    """SIGKILL the whole torchrun job while a checkpoint's temporary folder exists: the
+    newest complete checkpoint still verifies and loads, and one process resumes from it."""
+    import time
+
+    from moelab.train.checkpoint import check_checkpoint, latest_checkpoint, model_tensors
+
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOELAB_DIST_TIMEOUT_S="120")
+    cmd = [*TORCHRUN, "-m", "moelab", "train", "tiny-moe", "--data", str(text_file), "--out", str(run),
+           "--steps", "400", "--quiet", *TINY_MOE, "train.ckpt_every=1", "train.keep_checkpoints=3",
+           "parallel.expert=2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts, deadline, killed_mid_save = run / "checkpoints", time.time() + 180, False
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(ckpts.glob("step-*")) and any(ckpts.glob(".tmp-step-*")):
+                kill_all(str(run))
+                killed_mid_save = any(ckpts.glob(".tmp-step-*"))
+                break
+            time.sleep(0.001)
+    finally:
+        kill_all(str(run))
+        proc.wait(timeout=30)
+        time.sleep(0.5)  # let the kernel reap the workers before the folder is read
+    assert killed_mid_save, "the job was not caught inside a save"
+    last = latest_checkpoint(ckpts)
+    assert last is not None
+    check_checkpoint(last)  # every file present, every checksum right
+    assert all(torch.isfinite(t).all() for t in model_tensors(last).values())
+    step = json.loads((last / "trainer_state.json").read_text())["step"]
+    run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--resume", "--steps", str(step + 1),
+            "--quiet", *TINY_MOE, "train.ckpt_every=1", "train.keep_checkpoints=3")
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 1
