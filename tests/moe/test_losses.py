@@ -95,3 +95,48 @@ def test_bias_buffer_only_with_balancing():
     assert "router.bias" not in dict(MoE(MoEConfig(d_model=8, d_expert=8)).named_buffers())
     m = MoE(MoEConfig(d_model=8, d_expert=8, bias_update_rate=0.01))
     assert dict(m.named_buffers())["router.bias"].shape == (8,)
+
+
+def _by_hand_lb(moe, x, counts):
+    """E * f . P from the router's own outputs, f from `counts` (worked out here, not by the layer)."""
+    r = moe.router(x)
+    f = counts.float() / counts.sum()
+    return moe.cfg.n_experts * torch.dot(f, r.probs_TE.mean(0))
+
+
+def test_global_balance_counts_the_step_so_far():
+    """balance_scope=global: micro-batch j's f counts the assignments of micro-batches
+    0..j of the step; an evaluation pass neither uses nor changes those counts."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=2, balance_scope="global"))
+    x0, x1 = torch.randn(40, 16), torch.randn(24, 16)
+    counts = [torch.bincount(moe.router(x).expert_idx_TK.reshape(-1), minlength=4) for x in (x0, x1)]
+    moe.start_micro_batch(0)
+    _, s0 = moe(x0)
+    torch.testing.assert_close(s0.lb_loss, _by_hand_lb(moe, x0, counts[0]))
+    moe.eval()
+    _, s_eval = moe(x1)  # evaluation: its own tokens only, nothing accumulated
+    torch.testing.assert_close(s_eval.lb_loss, _by_hand_lb(moe, x1, counts[1]))
+    moe.train()
+    moe.start_micro_batch(1)
+    _, s1 = moe(x1)
+    torch.testing.assert_close(s1.lb_loss, _by_hand_lb(moe, x1, counts[0] + counts[1]))
+    moe.start_micro_batch(0)  # a new step starts from zero
+    _, s2 = moe(x1)
+    torch.testing.assert_close(s2.lb_loss, _by_hand_lb(moe, x1, counts[1]))
+
+
+def test_bias_update_is_recentred_and_keeps_choices():
+    """bias += rate * sign(mean - load), then minus its mean: zero-mean, and the top-k
+    choice is the same as with the uncentred bias."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, d_expert=8, n_experts=4, top_k=2, bias_update_rate=0.1))
+    load = torch.tensor([10.0, 1.0, 1.0, 0.0])  # mean 3: signs -1, +1, +1, +1 (sum 2, not 0)
+    moe.router.update_bias(load)
+    expected = torch.tensor([-0.1, 0.1, 0.1, 0.1]) - 0.05
+    torch.testing.assert_close(moe.router.bias, expected)
+    x = torch.randn(32, 8)
+    chosen = moe.router(x).expert_idx_TK
+    with torch.no_grad():
+        moe.router.bias += 0.05  # the uncentred bias
+    assert torch.equal(moe.router(x).expert_idx_TK, chosen)

@@ -143,3 +143,30 @@ def test_compare_with_a_token_budget(tmp_path, text_file):
     for name in ("tiny-dense", "tiny-moe"):
         last = records(tmp_path / "cmp" / "runs" / name)[-1]
         assert last["step"] == 5 and last["tokens"] == budget
+
+
+def test_router_bias_is_not_touched_by_evaluation(tmp_path, text_file):
+    """The aux-loss-free bias moves after optimizer steps only: evaluating every step
+    leaves the biases (and losses) of a run exactly as evaluating never."""
+    extra = ["model.moe.bias_update_rate=0.01", "model.moe.balance_scope=global"]
+    train(cfg_for("tiny-moe", text_file, 4, [*extra, "train.eval_every=1"]), tmp_path / "a", quiet=True)
+    train(cfg_for("tiny-moe", text_file, 4, [*extra, "train.eval_every=100"]), tmp_path / "b", quiet=True)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    biases = [k for k in a if k.endswith("router.bias")]
+    assert biases and all(float(a[k].abs().sum()) > 0 for k in biases)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_global_balance_survives_activation_checkpointing(tmp_path, text_file):
+    """Recomputing a block in backward must not count its tokens twice in the global
+    balance counts (nor call a collective twice): same run with and without it."""
+    extra = ["model.moe.balance_scope=global", "train.grad_accum=2", "model.moe.lb_coef=0.1"]
+    train(cfg_for("tiny-moe", text_file, 2, extra), tmp_path / "a", quiet=True)
+    train(cfg_for("tiny-moe", text_file, 2, [*extra, "train.activation_checkpointing=true"]), tmp_path / "b",
+          quiet=True)
+    la = [r["loss"] for r in records(tmp_path / "a")]
+    assert la == pytest.approx([r["loss"] for r in records(tmp_path / "b")], abs=1e-6)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
