@@ -90,3 +90,24 @@ def test_memory_cli_json_and_measure():
         assert m["params"] == p["bytes"]["params"] and m["optimizer"] == p["bytes"]["optimizer"]
         assert abs(p["bytes"]["activations"] / m["activations"] - 1) < 0.25
     assert plans[0]["bytes"]["params"] > 2 * plans[1]["bytes"]["params"]  # 8 experts vs one dense FFN
+
+
+@pytest.mark.parametrize("layout", [["--expert-parallel", "2", "--zero", "3"], ["--zero", "0"]])
+def test_plan_per_rank_equals_a_real_two_process_run(layout):
+    """`--devices 2 --measure` launches 2 gloo processes that shard the model as a
+    distributed run does (FSDP2; experts split over the expert-parallel group) and read
+    rank 0's tensors: params, grads and optimizer equal the plan, activations within 20%."""
+    import json
+
+    from conftest import run_cli
+    _, out, _ = run_cli("memory", "tiny-moe", "--json", "--measure", "--devices", "2", *layout,
+                        "--micro-batch", "2", "--seq-len", "32")
+    for p in json.loads(out):
+        m = p["measured"]
+        for key in ("params", "grads", "optimizer"):
+            assert m[key] == p["bytes"][key], (p["name"], key)
+        assert abs(p["bytes"]["activations"] / m["activations"] - 1) < 0.20, p["name"]
+    moe, twin = json.loads(out)
+    one = plan_memory(load_config("tiny-moe").model, micro_batch=2, seq_len=32)
+    if "3" in layout:  # sharded: half of one device's weights (every tensor here splits evenly)
+        assert moe["bytes"]["params"] * 2 == one.bytes["params"]

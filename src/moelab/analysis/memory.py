@@ -27,6 +27,7 @@ capacity_factor * k * T rows instead of k * T.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,17 +39,25 @@ GiB = 1024**3
 
 
 def _param_inventory(cfg: ModelConfig) -> dict:
-    """Counts of expert / non-expert parameters and parameter tensors (exact)."""
+    """Counts of expert / non-expert parameters and parameter tensors (exact), and each
+    tensor's shape by kind (for the shard a device holds)."""
     from ..model import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    inv = {"expert": 0, "other": 0, "expert_tensors": 0, "other_tensors": 0}
+    inv: dict = {"expert": 0, "other": 0, "expert_tensors": 0, "other_tensors": 0, "shapes": []}
     for name, p in model.named_parameters():
         kind = "expert" if ".experts." in name else "other"
         inv[kind] += p.numel()
         inv[kind + "_tensors"] += 1
+        inv["shapes"].append((kind, tuple(p.shape)))
     return inv
+
+
+def _rank0_numel(shape: tuple[int, ...], ways: int) -> int:
+    """Elements of the first (largest) of `ways` dim-0 chunks, as FSDP2 and DTensor cut them."""
+    rest = math.prod(shape[1:])
+    return -(-shape[0] // ways) * rest if shape else 1
 
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
@@ -144,7 +153,16 @@ def plan_memory(
     other_t, expert_t = inv["other_tensors"], inv["expert_tensors"]
 
     def shard(n_other: float, n_expert: float, stage: int) -> float:
-        return n_other / (devices if zero >= stage else 1) + n_expert / (dp_expert if zero >= stage else 1)
+        if zero < stage:
+            return n_other + n_expert
+        # rank 0's share: each tensor is cut in dim-0 chunks, the first one the largest
+        n = 0
+        for kind, shape in inv["shapes"]:
+            if kind == "expert":
+                n += _rank0_numel((shape[0] // ep, *shape[1:]), dp_expert)
+            else:
+                n += _rank0_numel(shape, devices)
+        return n
 
     b = {
         "params": round(pb * shard(other, expert, 3)),
@@ -203,12 +221,18 @@ def moe_notes(cfg: ModelConfig, T: int, ab: int, pb: int, gb: int, ob: int, ep: 
 
 # ------------------------------------------------------------------ measurement
 def measure_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[int, Any]:
-    """Bytes of distinct storages autograd saves during one forward (parameters
-    excluded), plus the returned logits. Returns (bytes, model output)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Bytes of distinct storages autograd saves during one forward, plus the returned
+    logits; weights are not activations: a saved parameter or view of one is skipped
+    (under FSDP2 the weights saved are all-gathered copies, whose freed storage the
+    allocator may hand to a later activation, so addresses alone cannot tell them
+    apart). Returns (bytes, model output)."""
+    # an FSDP2 parameter is a DTensor: its own storage is the local shard
+    params = {getattr(p, "to_local", lambda p=p: p)().untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return t
         st = t.untyped_storage()
         if st.data_ptr() not in params:
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
@@ -288,15 +312,22 @@ def plan_and_measure(
         raise ConfigError(str(e)) from None
     measured = {}
     if measure:
-        if devices != 1 or dtype != "fp32" or activation_checkpointing:
-            raise ConfigError("--measure runs on this machine: use --devices 1, --dtype fp32, no checkpointing")
+        if dtype != "fp32" or activation_checkpointing:
+            raise ConfigError("--measure runs on this machine's CPU: use --dtype fp32, no activation checkpointing")
+        if devices > 1 and zero not in (0, 3):
+            raise ConfigError(f"--measure with --devices {devices}: FSDP2 runs ZeRO 0 (replicated) or 3, not {zero}")
         for (n, m), p in zip(models, plans, strict=True):
-            if p.bytes["total"] > 8 * 1024**3:
+            if p.bytes["total"] * devices > 8 * 1024**3:
                 raise ConfigError(
-                    f"--measure: {n} needs about {p.bytes['total'] / 1024**3:.0f} GiB; "
-                    "measure a smaller recipe or batch"
+                    f"--measure: {n} needs about {p.bytes['total'] * devices / 1024**3:.0f} GiB over "
+                    f"{devices} process(es); measure a smaller recipe or batch"
                 )
-            measured[n] = measure_memory(m, micro_batch, seq_len)
+            if devices == 1:
+                measured[n] = measure_memory(m, micro_batch, seq_len)
+            else:
+                from ..parallel.measure import measure_parallel
+
+                measured[n] = measure_parallel(m, micro_batch, seq_len, devices, expert_parallel if m.moe else 1, zero)
     return plans, measured
 
 

@@ -1,0 +1,77 @@
+"""Run a function in N local processes joined the way torchrun joins them (RANK,
+WORLD_SIZE, MASTER_ADDR/PORT in the environment; gloo on CPU), for measurements and
+tests that need a real multi-process world without a launcher. Returns each rank's
+result; fails - never hangs - when a rank raises or outlives `timeout`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        results.put((rank, True, fn(rank, *args)))
+    except BaseException:  # reported by the parent, with the traceback
+        results.put((rank, False, traceback.format_exc()))
+        sys.exit(1)
+
+
+def run_local(world: int, fn, *args, timeout: float = 600.0) -> list[Any]:
+    """fn(rank, *args) in `world` spawned processes; the list of their return values
+    (picklable) in rank order. RuntimeError with every failing rank's traceback, or
+    naming the ranks still running after `timeout` seconds (they are killed)."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, tuple[bool, Any]] = {}
+    try:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(got) < world and time.monotonic() < deadline:
+            try:
+                rank, ok, value = results.get(timeout=0.5)
+                got[rank] = (ok, value)
+            except queue.Empty:
+                if any(not p.is_alive() and p.exitcode != 0 for p in procs) and results.empty():
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(got) == world else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    failed = {r: v for r, (ok, v) in got.items() if not ok}
+    silent = [r for r in range(world) if r not in got]
+    if failed or silent:
+        lines = [f"rank {r}: {v}" for r, v in sorted(failed.items())]
+        if silent:
+            lines.append(f"ranks {silent} returned nothing (killed after {timeout} s, or died)")
+        raise RuntimeError("\n".join(lines))
+    return [got[r][1] for r in range(world)]

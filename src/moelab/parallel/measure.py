@@ -1,0 +1,66 @@
+"""Memory of a real multi-process training step, per rank, read off its tensors: what
+`moelab memory --devices N --expert-parallel E --zero 0|3 --measure` compares with the
+plan. ZeRO-3 is FSDP2 over all ranks (experts over their expert-data-parallel ranks);
+ZeRO-0 replicates the dense weights (FSDP2 over a replicate mesh)."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from ..config import ModelConfig
+from .local import run_local
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.numel() * t.element_size()
+
+
+def _measure_rank(rank: int, cfg: ModelConfig, micro_batch: int, seq_len: int, ep: int, zero: int, steps: int):
+    from ..analysis.memory import measure_activation_bytes
+    from ..model import Transformer
+    from ..train.optim import param_groups
+    from .mesh import Layout, build_meshes
+    from .parallelize import finish_gradients, parallelize
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        world = dist.get_world_size()
+        shard, replicate = (world, 1) if zero == 3 else (1, world)
+        par = build_meshes(Layout(world, rank, ep, shard, replicate), torch.device("cpu"))
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        parallelize(model, par)
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+        g = torch.Generator().manual_seed(rank)
+        tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=g)
+        act = grads = 0
+        for _ in range(steps):
+            act, out = measure_activation_bytes(model, tokens)
+            out.loss.backward()
+            finish_gradients(model, par, 1.0)
+            grads = sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return {
+            "params": sum(_local_bytes(p) for p in model.parameters()),
+            "grads": grads,
+            "optimizer": sum(_local_bytes(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t)),
+            "activations": act,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_parallel(
+    cfg: ModelConfig, micro_batch: int, seq_len: int, devices: int, expert_parallel: int, zero: int, steps: int = 2
+) -> dict[str, int]:
+    """Rank 0's measured bytes (params, grads, optimizer, activations, peak RSS) in a real
+    `devices`-process gloo run on this machine."""
+    return run_local(devices, _measure_rank, cfg, micro_batch, seq_len, expert_parallel, zero, steps)[0]
