@@ -62,7 +62,8 @@ def cmd_train(
 
 def cmd_eval(run: str, data: str, as_json: bool = False, split: str = "val", max_tokens: int = 1_000_000):
     """Loss, perplexity and bits per byte of a run or checkpoint on a source."""
-    from .inference import evaluate_source, load_run
+    from .inference import evaluate_source
+    from .runs import load_run
 
     _require(split in ("val", "all"), "--split", "val or all", split)
     _require(max_tokens > 0, "--max-tokens", "a positive number", max_tokens)
@@ -81,7 +82,8 @@ def cmd_generate(
     run: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 50, seed: int = 0
 ):
     """Continue a prompt with a trained model."""
-    from .inference import generate, load_run
+    from .inference import generate
+    from .runs import load_run
 
     _require(max_new_tokens > 0, "--max-new-tokens", "a positive number", max_new_tokens)
     _require(top_k >= 0, "--top-k", "0 (no limit) or a positive number", top_k)
@@ -359,8 +361,8 @@ def cmd_import(hf_dir: str, out: str, overwrite: bool = False):
 def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False, overwrite: bool = False):
     """Export a run or checkpoint as a Hugging Face folder that transformers loads."""
     from .convert.io import export_hf
-    from .inference import load_run
     from .outputs import check_output, staged_output
+    from .runs import load_run
 
     check_output(out, overwrite=overwrite, protect=[run])
     r = load_run(run, device="cpu")

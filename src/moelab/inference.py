@@ -1,66 +1,19 @@
-"""Loading trained runs, evaluating them on a source, and generating text."""
+"""Evaluating a loaded run on a source, and generating text (loading lives in `moelab.runs`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from .data import dataset_for
 from .data.loader import PackedSequences
-from .data.tokenizer import load_tokenizer, token_byte_lengths
+from .data.tokenizer import token_byte_lengths
 from .errors import NonFiniteError
-from .model import Transformer
-from .run_config import RunConfig, read_config
-from .runtime import pick_device
-from .train.checkpoint import CheckpointError, load_model_weights, resolve_checkpoint
+from .runs import LoadedRun, load_run
 
-
-@dataclass
-class LoadedRun:
-    """A loaded run: its config, model (on the chosen device, in eval mode), tokenizer (None for imports without one)
-    and the checkpoint used."""
-
-    cfg: RunConfig
-    model: Transformer
-    tokenizer: Tokenizer | None  # None for imports that came without tokenizer.json
-    checkpoint: Path
-
-    def need_tokenizer(self) -> Tokenizer:
-        """The tokenizer; CheckpointError when the run folder has none."""
-        if self.tokenizer is None:
-            raise CheckpointError(f"{self.checkpoint.parent.parent}/tokenizer.json is missing: this needs text")
-        return self.tokenizer
-
-
-def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
-    """Load a run folder (its latest good checkpoint) or a checkpoint folder with its run's config and tokenizer; LoRA
-    runs are merged. Raises CheckpointError naming what is missing or damaged."""
-    ckpt = resolve_checkpoint(run_or_ckpt)
-    run_dir = ckpt.parent.parent
-    cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file} is missing: a checkpoint is read with its run folder's config.yaml")
-    cfg = read_config(cfg_file)
-    model = Transformer(cfg.model)
-    if cfg.quant.bits:  # packed weights: rebuild the same parametrizations, then load them
-        from .compress.quantize import quantize_model
-
-        quantize_model(model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
-    if cfg.finetune.recipe == "lora":  # adapters are saved unmerged: rebuild, load, then fold in
-        from .finetune.lora import apply_lora, merge_lora
-
-        apply_lora(model, cfg.lora.target_list(), cfg.lora.rank, cfg.lora.alpha)
-        load_model_weights(model, ckpt)
-        merge_lora(model)
-    else:
-        load_model_weights(model, ckpt)
-    model.to(pick_device(device)).eval()
-    return LoadedRun(cfg, model, load_tokenizer(tok_file) if tok_file.is_file() else None, ckpt)
+__all__ = ["LoadedRun", "load_run", "evaluate_source", "generate"]  # load_run: its former home
 
 
 @torch.no_grad()

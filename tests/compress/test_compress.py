@@ -11,7 +11,7 @@ from moelab.cli import main
 from moelab.compress.distill import attach_teacher, distill_kl
 from moelab.compress.experts import reduce_experts
 from moelab.compress.quantize import dequantize_tensor, quantize_tensor
-from moelab.inference import load_run
+from moelab.runs import load_run
 
 MOE8 = [*TINY_MOE, "model.moe.n_experts=8", "model.moe.d_expert=32"]
 

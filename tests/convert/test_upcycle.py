@@ -7,7 +7,7 @@ import torch
 from conftest import TINY, run_cli
 from moelab import ConfigError, ModelConfig, Transformer
 from moelab.convert.upcycle import upcycle
-from moelab.inference import load_run
+from moelab.runs import load_run
 
 
 def dense_model():

@@ -9,7 +9,7 @@ from conftest import TINY_MOE, run_cli
 from moelab import ConfigError
 from moelab.data.sft import SFTExamples, load_sft, read_sft_jsonl
 from moelab.finetune import apply_recipe
-from moelab.inference import load_run
+from moelab.runs import load_run
 from moelab.train import latest_checkpoint
 
 

@@ -37,7 +37,7 @@ def test_torchrun_trains_and_the_run_folder_is_usable(tmp_path, text_file):
     _, out, _ = run_cli("generate", str(run), "--prompt", "the quick", "--max-new-tokens", "5")
     assert out.strip()
     run_cli("export", str(run), "--out", str(tmp_path / "hf"))
-    from moelab.inference import load_run
+    from moelab.runs import load_run
 
     ours = load_run(run, device="cpu").model
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

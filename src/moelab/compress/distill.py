@@ -73,8 +73,8 @@ def distill(
     the teacher run's soft targets into run folder `out`; returns the TrainResult."""
     from ..data.dataset import tokenizer_hash
     from ..data.tokenizer import load_tokenizer
-    from ..inference import load_run
     from ..run_config import apply_overrides, config_from_dict, load_config, read_config
+    from ..runs import load_run
     from ..train import resolve_checkpoint, train
 
     if temperature <= 0:

@@ -166,8 +166,8 @@ def quantize_checkpoint(
 
     from ..convert.io import write_model_folder
     from ..data.chat import copy_tokenizer_extras
-    from ..inference import load_run
     from ..outputs import check_output, staged_output
+    from ..runs import load_run
 
     check_output(out, overwrite=overwrite, protect=[src])
     r = load_run(src, device="cpu")

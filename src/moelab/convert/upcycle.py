@@ -150,9 +150,9 @@ def upcycle_to_folder(
     from pathlib import Path
 
     from ..data.tokenizer import load_tokenizer
-    from ..inference import load_run
     from ..outputs import check_output, staged_output
     from ..run_config import RunConfig
+    from ..runs import load_run
     from .io import read_hf, write_model_folder
 
     check_output(out, overwrite=overwrite, protect=[src])

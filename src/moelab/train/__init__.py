@@ -1,5 +1,6 @@
 from ..errors import CheckpointError, NonFiniteError, OutputExists
-from .checkpoint import latest_checkpoint, load_model_weights, resolve_checkpoint
+from ..runs import load_model_weights
+from .checkpoint import latest_checkpoint, resolve_checkpoint
 from .health import NonFiniteLoss
 from .trainer import RunExists, TrainResult, evaluate, train
 

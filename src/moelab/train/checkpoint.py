@@ -281,27 +281,3 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
     if steps and steps[-1] != latest:
         print(f"using {latest} (newer checkpoints are damaged)", file=sys.stderr)
     return latest
-
-
-def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load a checkpoint's model.safetensors into `model`: every key present, every shape
-    equal and every value finite, else CheckpointError naming the keys."""
-    tensors = model_tensors(ckpt)
-    state = model.state_dict()
-    missing = [k for k in state if k not in tensors]
-    unexpected = [k for k in tensors if k not in state]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {ckpt} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    shapes = [
-        f"{k} {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in state.items()
-        if tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    if shapes:
-        raise CheckpointError(f"checkpoint {ckpt} does not fit this model (shapes differ): {'; '.join(shapes[:4])}")
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"checkpoint {ckpt} holds non-finite values (NaN/inf) in {bad[:5]}")
-    model.load_state_dict(tensors)

@@ -1,0 +1,189 @@
+"""Setting a run up: config (lr=auto, resume checks), the process layout, data, model,
+optimizer and the state of the checkpoint resumed from. The run folder is touched only
+once everything it needs has loaded; in a multi-process run rank 0 prepares data first
+and alone writes the folder, after every rank has checked it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import Data, prepare_data
+from ..errors import CheckpointError, ConfigError
+from ..model import Transformer
+from ..outputs import check_output
+from ..parallel.mesh import Parallel, init_parallel
+from ..run_config import RunConfig, read_config, resume_config, save_config
+from ..runs import load_model_weights, pick_device
+from ..runtime import tune_cpu_allocator
+from . import checkpoint as ck
+from .lr_rule import resolve_auto_lr
+from .metrics import TrainingMemory, truncate_after
+from .optim import build_optimizer
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision as run: auto = bf16 on a CUDA device that multiplies bf16 natively
+    (compute capability 8.0+, where the experts' grouped_mm runs), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "bf16"
+    return "fp32"
+
+
+def autocast_ctx(cfg: RunConfig, device: torch.device):
+    """bf16 autocast on the device when train.precision is (or auto resolves to) bf16, else a no-op context."""
+    if resolve_precision(cfg.train.precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class Run:
+    """Everything the loop needs: config, folder, device, data, model, optimizer, memory
+    meter, the resumed checkpoint's trainer state and the process layout (None = one)."""
+
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    data: Data
+    model: Transformer
+    opt: torch.optim.Optimizer
+    memory: TrainingMemory
+    state: dict = field(default_factory=dict)  # trainer state of the checkpoint resumed from
+    par: Parallel | None = None  # the layout of a multi-process run
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (one process, or rank 0)."""
+        return self.par is None or self.par.is_main
+
+    @property
+    def ckpt_root(self) -> Path:
+        """RUN/checkpoints."""
+        return self.run_dir / "checkpoints"
+
+
+def run_data(cfg: RunConfig, tokenizer_path: str | Path | None = None) -> Data:
+    """The training and validation data a run config names (source, sequence length, split,
+    text field), with `tokenizer_path`'s tokenizer or one trained as the config says."""
+    return prepare_data(
+        cfg.data.source,
+        cfg.data.seq_len,
+        cfg.model.vocab_size,
+        val_fraction=cfg.data.val_fraction,
+        text_field=cfg.data.text_field,
+        tokenizer_path=tokenizer_path,
+        tokenizer_train_bytes=cfg.data.tokenizer_train_bytes,
+    )
+
+
+def _init_tokenizer(init_ckpt: Path) -> Path:
+    """The tokenizer of the run a model is initialised from: its embeddings index those ids."""
+    tok = init_ckpt.parent.parent / "tokenizer.json"
+    if not tok.is_file():
+        raise ConfigError(
+            f"--init {init_ckpt}: its run folder has no tokenizer.json, so the token ids of its "
+            "embeddings are unknown; name the tokenizer to use with data.tokenizer=PATH"
+        )
+    return tok
+
+
+def setup(
+    cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init: str | None, data: Data | None, prepare_model
+) -> Run:
+    """Prepare a run (see the module docstring); raises ConfigError, CheckpointError or
+    OutputExists before the run folder is touched."""
+    ckpt_root = run_dir / "checkpoints"
+    par = init_parallel(cfg)  # under torchrun; the layout is checked before any collective
+    main = par is None or par.is_main
+    if cfg.optim.lr == "auto":
+        cfg.optim.lr = resolve_auto_lr(cfg)
+        rule = f"the fit in {cfg.optim.lr_fit}" if cfg.optim.lr_fit else "MM1's rule over non-embedding parameters"
+        if main:
+            print(
+                f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={cfg.model.param_counts()['non_embedding']:,})",
+                file=sys.stderr,
+            )
+    start_ckpt = None
+    if resume:
+        start_ckpt = ck.latest_checkpoint(ckpt_root, warn=main)
+        if start_ckpt is None:
+            raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
+        cfg = resume_config(read_config(run_dir / "config.yaml"), cfg, run_dir)
+    else:
+        check_output(run_dir, overwrite=overwrite, hint="pass --resume to continue it or --overwrite to start over")
+    init_ckpt = ck.resolve_checkpoint(init) if init is not None and not resume else None
+
+    device = par.device if par is not None else pick_device(cfg.train.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)  # the same on every rank: each builds the same full model
+
+    tok_file = run_dir / "tokenizer.json"
+    if data is None:
+        tok_path = tok_file if resume else cfg.data.tokenizer
+        if tok_path is None and init_ckpt is not None:
+            tok_path = _init_tokenizer(init_ckpt)
+        if par is not None and not main:
+            par.barrier()  # rank 0 prepares (and caches) the dataset and tokenizer first
+        data = run_data(cfg, tok_path)
+        if par is not None and main:
+            par.barrier()
+
+    memory = TrainingMemory(device)  # before the model: what follows is the training state and step
+    model = Transformer(cfg.model).to(device)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    if init_ckpt is not None:
+        load_model_weights(model, init_ckpt)
+    if prepare_model is not None:
+        prepare_model(model)
+    if par is not None:
+        from ..parallel.parallelize import parallelize
+
+        parallelize(model, par, compile_blocks=cfg.train.compile)
+    elif cfg.train.compile:
+        for block in model.layers:
+            block.compile()
+    opt = build_optimizer(model, cfg.optim)
+    run = Run(cfg, run_dir, device, data, model, opt, memory, par=par)
+    if start_ckpt is not None:
+        run.state = ck.check_checkpoint(start_ckpt)
+        if par is not None:
+            from ..parallel.checkpoint import load_distributed
+
+            load_distributed(start_ckpt, model, opt, par)
+        else:
+            from ..parallel.state import optimizer_names
+
+            load_model_weights(model, start_ckpt)
+            ck.load_optimizer(
+                opt, ck.optimizer_state(start_ckpt, optimizer_names(model, opt)), run.state["param_groups"]
+            )
+        ck.restore_rng(ck.load_tensors(start_ckpt, "rng.safetensors"))
+        if main:
+            truncate_after(run_dir / "metrics.jsonl", run.state["step"])
+    else:  # everything loaded: only now replace (with --overwrite) or create the run folder
+        if par is not None:
+            par.barrier()  # every rank has checked the folder before rank 0 replaces it
+        if main:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            data.tokenizer.save(str(tok_file))
+            save_config(cfg, run_dir / "config.yaml")
+    if main:
+        for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+    if par is not None:
+        par.barrier()
+    return run

@@ -1,0 +1,101 @@
+"""One optimizer step: forward/backward over the micro-batches, the gradients finished
+(clipped; in a multi-process run scaled and reduced), and the update - skipped when the
+loss or gradient norm is not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import Sampler
+from ..data.loader import rank_slice
+from ..runs import unpack_batch
+from . import checkpoint as ck
+from .metrics import MoEWindow
+from .setup import Run
+
+
+@dataclass
+class StepResult:
+    """What one step did: global loss and LM loss, gradient norm, tokens, expert loads, whether it was applied."""
+
+    loss: float
+    lm_loss: float
+    grad_norm: float
+    tokens: int
+    loads: list[torch.Tensor] | None
+    finite: bool
+
+
+def run_step(run: Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> StepResult:
+    """Forward/backward over grad_accum micro-batches, then the update - unless the loss
+    or the gradient norm is not finite, in which case the gradients are dropped and the
+    weights stay as they were (the caller stops or skips). In a multi-process run each
+    rank takes its slice of the same global batch, and the loss, gradient norm, token
+    count and expert loads returned are global (equal on every rank)."""
+    tc, model, opt, par = run.cfg.train, run.model, run.opt, run.par
+    for g in opt.param_groups:
+        g["lr"] = lr
+    moe_layers = model.moe_layers()
+    loads = None
+    loss_sum = lm_sum = 0.0
+    tokens = 0
+    for micro in range(tc.grad_accum):
+        idx = sampler.next()
+        if par is not None:
+            idx = rank_slice(idx, par.rank, par.world)
+        x, y, mask = unpack_batch(run.data.train.batch(idx))
+        # padding (SFT rows) is not work done: count only real tokens
+        tokens += int(mask.sum()) if mask is not None else x.numel()
+        for moe in moe_layers:
+            moe.start_micro_batch(micro)
+        with ctx:
+            out = model(x.to(run.device), y.to(run.device), mask.to(run.device) if mask is not None else None)
+        (out.loss / tc.grad_accum).backward()
+        loss_sum += out.loss.item() / tc.grad_accum
+        lm_sum += out.lm_loss.item() / tc.grad_accum
+        window.add(out.moe_stats)
+        step_loads = [s.tokens_per_expert for s in out.moe_stats]
+        loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads, strict=True)]
+    clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
+    if par is None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    else:
+        from ..parallel.parallelize import all_reduce_floats, all_reduce_loads, finish_gradients
+
+        grad_norm = finish_gradients(model, par, clip)
+        loss_sum, lm_sum, tokens_f = all_reduce_floats([loss_sum, lm_sum, float(tokens)], par, op="sum")
+        loss_sum, lm_sum, tokens = loss_sum / par.world, lm_sum / par.world, int(tokens_f)
+        # every replica of a router must move its bias the same way: global counts
+        loads = all_reduce_loads(loads, par) if loads else loads
+    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+    if finite:
+        opt.step()
+        if loads:
+            model.update_router_biases(loads)
+    opt.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, lm_sum, grad_norm, tokens, loads, finite)
+
+
+def nonfinite_message(res: StepResult, step: int, ckpt_root: Path, skipped: int | None = None) -> str:
+    """The NonFiniteError text: what was not finite, where the last good checkpoint is, what to change."""
+    what = f"loss is {res.loss}" if not math.isfinite(res.loss) else f"gradient norm is {res.grad_norm}"
+    last = ck.latest_checkpoint(ckpt_root, warn=False)
+    where = (
+        f"the last good checkpoint is {last} (weights unchanged since; continue with --resume)"
+        if last
+        else "no checkpoint has been written yet"
+    )
+    lead = (
+        f"{what} at step {step}: stopping before the update"
+        if skipped is None
+        else f"{what} at step {step}, {skipped} steps in a row (train.max_skipped_steps): stopping"
+    )
+    return (
+        f"{lead}; {where}. Lower optim.lr, raise optim.warmup_steps, keep optim.grad_clip on, or enable "
+        "the router z-loss (model.moe.z_coef); train.on_nonfinite=skip skips such steps instead"
+    )
