@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,16 @@ def test_save_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path, text_file)
     run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--resume", "--steps", str(step + 1),
             "--quiet", *TINY_MOE, "train.ckpt_every=1", "train.keep_checkpoints=3")
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 1
+
+
+def test_gpu_check_dry_run(tmp_path, text_file):
+    """benchmarks/gpu_check.sh runs end to end here on CPU (--dry-run), so the one
+    command meant for a lent GPU machine is known to work before that machine exists."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), DATA=str(text_file), PYTHON=sys.executable)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+    r = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    ep = (tmp_path / "out" / "ep.txt").read_text()
+    assert "max |y_ep - y_one| 0," in ep and "DCP checkpoint written" in ep
+    assert "tokens/s" in (tmp_path / "out" / "train.txt").read_text()

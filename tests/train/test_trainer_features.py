@@ -170,3 +170,13 @@ def test_global_balance_survives_activation_checkpointing(tmp_path, text_file):
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_compile_matches_eager(tmp_path, text_file):
+    """train.compile=true (dense blocks whole, the attention of MoE blocks) trains the
+    same run as eager mode, to fp32 reordering noise."""
+    extra = ["model.moe_pattern=alternate"]
+    train(cfg_for("tiny-moe", text_file, 3, extra), tmp_path / "eager", quiet=True)
+    train(cfg_for("tiny-moe", text_file, 3, [*extra, "train.compile=true"]), tmp_path / "compiled", quiet=True)
+    eager = [r["loss"] for r in records(tmp_path / "eager")]
+    assert [r["loss"] for r in records(tmp_path / "compiled")] == pytest.approx(eager, abs=1e-4)

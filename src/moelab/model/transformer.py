@@ -58,6 +58,16 @@ class Block(nn.Module):
         return x + self.ffn(h), None
 
 
+def compile_block(block: Block) -> None:
+    """`train.compile`: torch.compile what compiles. A dense block whole; in an MoE block
+    the attention only: routing has data-dependent shapes (a graph break per layer) and
+    grouped_mm has no fp32 fake-tensor kernel, so the MoE layer stays eager."""
+    if isinstance(block.ffn, MoE):
+        block.attn.compile()
+    else:
+        block.compile()
+
+
 class Transformer(nn.Module):
     """`out = model(tokens, targets, mask)`: tokens (B, S) int64. targets (B, S) use -100
     for positions without loss. mask (B, S) bool marks real tokens (False = padding) so

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..model.transformer import compile_block
 from ..moe import MoE
 from .expert_parallel import ExpertParallelExperts, shard_experts
 from .mesh import Parallel
@@ -44,7 +45,7 @@ def parallelize(model: nn.Module, par: Parallel, compile_blocks: bool = False) -
         if isinstance(block.ffn, MoE) and isinstance(block.ffn.experts, ExpertParallelExperts):
             fully_shard(block.ffn.experts.local, mesh=edp)
         if compile_blocks:
-            block.compile()
+            compile_block(block)
         fully_shard(block, mesh=par.dense_mesh)
     fully_shard(model, mesh=par.dense_mesh)
 

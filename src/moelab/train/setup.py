@@ -17,6 +17,7 @@ import torch
 from ..data import Data, prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
+from ..model.transformer import compile_block
 from ..outputs import check_output
 from ..parallel.mesh import Parallel, init_parallel
 from ..run_config import RunConfig, read_config, resume_config, save_config
@@ -153,7 +154,7 @@ def setup(
         parallelize(model, par, compile_blocks=cfg.train.compile)
     elif cfg.train.compile:
         for block in model.layers:
-            block.compile()
+            compile_block(block)
     opt = build_optimizer(model, cfg.optim)
     run = Run(cfg, run_dir, device, data, model, opt, memory, par=par)
     if start_ckpt is not None:
