@@ -93,3 +93,32 @@ def test_checkpoint_reshards_between_world_sizes(tmp_path, text_file, first, sec
     leg(second, {"resume": True})
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "ref"), abs=1e-5)
     assert_same_weights(tmp_path / "ref", tmp_path / "run")
+
+
+def run_dense(rank, out, corpus):
+    from conftest import TINY
+
+    cfg = load_config("tiny-dense", [*TINY, "train.log_every=1"])
+    cfg.data.source, cfg.train.steps = str(corpus), 2
+    train(cfg, out, quiet=True)
+
+
+def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
+    """A dense run written by 2 FSDP2 processes is upcycled (exactly the dense model at
+    step 0) and fine-tuned in one process, straight from its DCP checkpoint."""
+    from conftest import run_cli
+    from moelab.runs import load_run
+
+    spawn(2, run_dense, tmp_path / "dense", text_file)
+    assert (latest_checkpoint(tmp_path / "dense" / "checkpoints") / "dcp" / ".metadata").is_file()
+    run_cli("upcycle", str(tmp_path / "dense"), "--experts", "4", "--top-k", "2", "--out", str(tmp_path / "up"))
+    dense, up = load_run(tmp_path / "dense"), load_run(tmp_path / "up")
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(up.model(tokens).logits, dense.model(tokens).logits, atol=1e-5, rtol=1e-5)
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"double {i}:", "completion": f" {2 * i}"}) + "\n"
+                           for i in range(40)))
+    run_cli("finetune", str(tmp_path / "dense"), "--data", str(sft), "--out", str(tmp_path / "ft"), "--recipe",
+            "full", "--steps", "2", "--quiet")
+    assert len(losses(tmp_path / "ft")) >= 1

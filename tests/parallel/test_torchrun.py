@@ -70,7 +70,6 @@ def kill_all(marker: str) -> None:
     """SIGKILL every process whose command line holds `marker` (torchrun and its workers:
     the workers run in sessions of their own)."""
     import signal
-    from pathlib import Path
 
     for proc in Path("/proc").glob("[0-9]*"):
         try:
