@@ -46,6 +46,9 @@ def assert_same_weights(a_dir, b_dir):
 LAYOUTS = {
     "fsdp2 shard=2": (["parallel.data_shard=2"], []),
     "ep=2, replicated": (["parallel.expert=2"], []),
+    "ep=2, shared expert, sigmoid router": (
+        ["parallel.expert=2"], ["model.moe.n_shared_experts=1", "model.moe.shared_gate=true", "model.moe.router=sigmoid"]
+    ),
     "ep=2, shard=2, grad accum 2, bias balancing": (
         ["parallel.expert=2", "parallel.data_shard=2"],
         ["train.grad_accum=2", "model.moe.bias_update_rate=0.01"],

@@ -108,6 +108,7 @@ class Parallel:
     device: torch.device
     dense_mesh: DeviceMesh  # 1-D (shard) or 2-D (replicate, shard): fully_shard's mesh
     expert_mesh: DeviceMesh  # 2-D ("ep", "edp"): experts split over ep, each slice sharded over edp
+    owns_group: bool = False  # moelab created the process group (and destroys it at the end)
 
     @property
     def rank(self) -> int:
@@ -171,13 +172,17 @@ def init_parallel(cfg: RunConfig) -> Parallel | None:
         device, backend = torch.device("cpu"), "gloo"
     else:
         raise ConfigError(f"train.device={cfg.train.device}: a torchrun launch uses auto, cuda or cpu")
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         timeout = datetime.timedelta(seconds=float(os.environ.get("MOELAB_DIST_TIMEOUT_S", "600")))
         dist.init_process_group(backend, timeout=timeout)
-    return build_meshes(layout, device)
+    par = build_meshes(layout, device)
+    par.owns_group = owns
+    return par
 
 
 def close_parallel(par: Parallel | None) -> None:
-    """Leave the process group (end of a distributed command)."""
-    if par is not None and dist.is_initialized():
+    """Leave the process group at the end of a distributed command, if moelab joined it
+    (a caller that created the group keeps it)."""
+    if par is not None and par.owns_group and dist.is_initialized():
         dist.destroy_process_group()
