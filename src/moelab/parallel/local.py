@@ -6,17 +6,9 @@ result; fails - never hangs - when a rank raises or outlives `timeout`."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import traceback
 from typing import Any
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
@@ -27,6 +19,8 @@ def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
         LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        # the parent hosts the store, as torchrun's agent does: every rank is a client
+        TORCHELASTIC_USE_AGENT_STORE="True",
     )
     try:
         results.put((rank, True, fn(rank, *args)))
@@ -43,9 +37,14 @@ def run_local(world: int, fn, *args, timeout: float = 600.0) -> list[Any]:
 
     import torch.multiprocessing as mp
 
+    from torch.distributed import TCPStore
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    # A port chosen free and then released can be taken by another job before rank 0
+    # binds it; a store bound here on port 0 holds its port from the start.
+    store = TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
     for p in procs:
         p.start()
@@ -67,6 +66,7 @@ def run_local(world: int, fn, *args, timeout: float = 600.0) -> list[Any]:
             if p.is_alive():
                 p.kill()
                 p.join()
+    del store
     failed = {r: v for r, (ok, v) in got.items() if not ok}
     silent = [r for r in range(world) if r not in got]
     if failed or silent:
