@@ -36,7 +36,6 @@ def run_local(world: int, fn, *args, timeout: float = 600.0) -> list[Any]:
     import queue
 
     import torch.multiprocessing as mp
-
     from torch.distributed import TCPStore
 
     ctx = mp.get_context("spawn")
