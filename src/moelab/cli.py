@@ -285,6 +285,15 @@ def cmd_tokenize(
     return path
 
 
+def cmd_consolidate(run: str, out: str, overwrite: bool = False):
+    """Write a multi-process run's checkpoint as a single-process run folder (safetensors files)."""
+    from .convert.consolidate import consolidate
+
+    path = consolidate(run, out, overwrite)
+    print(f"consolidated {run} -> {path} (resume with: moelab train ... --out {out} --resume)")
+    return path
+
+
 def cmd_quantize(ckpt: str, out: str, bits: int, group_size: int = 64, what: str = "experts", overwrite: bool = False):
     """Weight-only group-wise quantization of expert (or all) weights to 8/4/3/2 bits."""
     from .compress.quantize import quantize_checkpoint
@@ -506,6 +515,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "finetune-report": cmd_finetune_report,
     "tokenize": cmd_tokenize,
     "quantize": cmd_quantize,
+    "consolidate": cmd_consolidate,
     "prune-experts": cmd_reduce_experts,
     "merge-experts": cmd_reduce_experts,
     "distill": cmd_distill,

@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser(
+        "consolidate", help="Write a multi-process run's checkpoint as a single-process run folder (safetensors)."
+    )
+    p.add_argument("run", help="run folder or checkpoint written by torchrun")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser(
         "quantize", help="Weight-only group-wise quantization of expert (or all) weights to 8/4/3/2 bits."
     )
     p.add_argument("ckpt", help="run folder or checkpoint")

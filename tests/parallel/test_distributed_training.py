@@ -125,3 +125,28 @@ def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
     run_cli("finetune", str(tmp_path / "dense"), "--data", str(sft), "--out", str(tmp_path / "ft"), "--recipe",
             "full", "--steps", "2", "--quiet")
     assert len(losses(tmp_path / "ft")) >= 1
+
+
+def test_consolidated_run_resumes_like_the_distributed_one(tmp_path, text_file):
+    """`moelab consolidate` writes a 2-process checkpoint as safetensors files: the same
+    weights, and resuming from it in one process continues with the losses of resuming
+    from the DCP folder itself."""
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    overrides = ["parallel.expert=2", "model.moe.bias_update_rate=0.01", "train.ckpt_every=2"]
+    spawn(2, run, tmp_path / "dist", text_file, overrides, 3, {"stop_after": 2})
+    run_cli("consolidate", str(tmp_path / "dist"), "--out", str(tmp_path / "single"))
+    ckpt = latest_checkpoint(tmp_path / "single" / "checkpoints")
+    assert ckpt.name == "step-000002" and not (ckpt / "dcp").exists()
+    dcp_weights = model_tensors(latest_checkpoint(tmp_path / "dist" / "checkpoints"))
+    files = load_file(str(ckpt / "model.safetensors"))
+    assert files.keys() == dcp_weights.keys() and all(torch.equal(files[k], dcp_weights[k]) for k in files)
+    run(0, tmp_path / "single", text_file, ["model.moe.bias_update_rate=0.01", "train.ckpt_every=2"], 3,
+        {"resume": True})
+    run(0, tmp_path / "dist", text_file, ["model.moe.bias_update_rate=0.01", "train.ckpt_every=2"], 3,
+        {"resume": True})
+    assert losses(tmp_path / "single") == losses(tmp_path / "dist")
+    rc, _, err = run_cli("consolidate", str(tmp_path / "single"), "--out", str(tmp_path / "again"), check=False)
+    assert rc == 2 and "already a single-process checkpoint" in err
