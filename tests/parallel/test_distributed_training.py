@@ -31,8 +31,12 @@ def run(rank, out, corpus, overrides, steps, kwargs):
     train(cfg, out, quiet=True, **kwargs)
 
 
+def records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records(run_dir)]
 
 
 def assert_same_weights(a_dir, b_dir):
@@ -65,6 +69,12 @@ def test_two_processes_train_like_one(tmp_path, text_file, name):
     assert len(two) == 4  # written once, by rank 0
     assert two == pytest.approx(one, abs=1e-5)
     assert_same_weights(tmp_path / "one", tmp_path / "two")
+    # the logged router statistics are the global batch's, not rank 0's half
+    for a, b in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
+        for la, lb in zip(a["moe_layers"], b["moe_layers"], strict=True):
+            assert lb["load"] == pytest.approx(la["load"], abs=1e-4)
+            assert lb["lb_loss"] == pytest.approx(la["lb_loss"], abs=1e-5)
+            assert lb["dead_experts"] == la["dead_experts"]
     assert (latest_checkpoint(tmp_path / "two" / "checkpoints") / "dcp" / ".metadata").is_file()
 
 
