@@ -19,7 +19,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from ..model.transformer import compile_block
 from ..outputs import check_output
-from ..parallel.mesh import Parallel, init_parallel
+from ..parallel.mesh import Parallel
 from ..run_config import RunConfig, read_config, resume_config, save_config
 from ..runs import load_model_weights, pick_device
 from ..runtime import tune_cpu_allocator
@@ -98,12 +98,18 @@ def _init_tokenizer(init_ckpt: Path) -> Path:
 
 
 def setup(
-    cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, init: str | None, data: Data | None, prepare_model
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    init: str | None,
+    data: Data | None,
+    prepare_model,
+    par: Parallel | None = None,
 ) -> Run:
-    """Prepare a run (see the module docstring); raises ConfigError, CheckpointError or
-    OutputExists before the run folder is touched."""
+    """Prepare a run (see the module docstring) in the layout `par` (None: one process);
+    raises ConfigError, CheckpointError or OutputExists before the run folder is touched."""
     ckpt_root = run_dir / "checkpoints"
-    par = init_parallel(cfg)  # under torchrun; the layout is checked before any collective
     main = par is None or par.is_main
     if cfg.optim.lr == "auto":
         cfg.optim.lr = resolve_auto_lr(cfg)

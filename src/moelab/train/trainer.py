@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..data import Data, Sampler, SamplerState
 from ..errors import ConfigError, NonFiniteError, OutputExists
-from ..parallel.mesh import close_parallel
+from ..parallel.mesh import close_parallel, init_parallel
 from ..run_config import RunConfig
 from ..runs import evaluate, load_model_weights, pick_device
 from . import checkpoint as ck
@@ -84,11 +84,12 @@ def train(
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after: expected a positive number of steps, got {stop_after}")
     MetricsWriter.preload()
-    run = setup(cfg, Path(run_dir), resume, overwrite, init, data, prepare_model)
+    par = init_parallel(cfg)  # under torchrun; the layout is checked before any collective
     try:
+        run = setup(cfg, Path(run_dir), resume, overwrite, init, data, prepare_model, par)
         return _loop(run, stop_after, quiet)
     finally:
-        close_parallel(run.par)
+        close_parallel(par)
 
 
 def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
