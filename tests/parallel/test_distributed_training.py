@@ -160,3 +160,20 @@ def test_consolidated_run_resumes_like_the_distributed_one(tmp_path, text_file):
     assert losses(tmp_path / "single") == losses(tmp_path / "dist")
     rc, _, err = run_cli("consolidate", str(tmp_path / "single"), "--out", str(tmp_path / "again"), check=False)
     assert rc == 2 and "already a single-process checkpoint" in err
+
+
+def test_four_processes_hsdp_with_expert_sharding_and_resharding_down_to_one(tmp_path, text_file):
+    """4 ranks: dense weights sharded 2 ways and replicated 2 ways (HSDP), experts split
+    over 2 expert-parallel ranks and each slice sharded over 2 more: equal to one process.
+    Then a run stopped at 4 ranks continues on 2 (EP only), then on 1, unchanged."""
+    common = ["train.batch_size=8", "model.moe.bias_update_rate=0.01", "train.ckpt_every=2", "train.grad_accum=2"]
+    layout = ["parallel.expert=2", "parallel.data_shard=2", "parallel.data_replicate=2"]
+    run(0, tmp_path / "one", text_file, common, 4, {})
+    spawn(4, run, tmp_path / "four", text_file, [*common, *layout], 4, {})
+    assert losses(tmp_path / "four") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert_same_weights(tmp_path / "one", tmp_path / "four")
+    spawn(4, run, tmp_path / "re", text_file, [*common, *layout], 4, {"stop_after": 2})
+    spawn(2, run, tmp_path / "re", text_file, [*common, "parallel.expert=2"], 4, {"stop_after": 1, "resume": True})
+    run(0, tmp_path / "re", text_file, common, 4, {"resume": True})
+    assert losses(tmp_path / "re") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert_same_weights(tmp_path / "one", tmp_path / "re")
