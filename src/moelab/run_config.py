@@ -392,8 +392,13 @@ def read_config(path: Path) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    """Write `cfg` as YAML to `path` (read back by read_config)."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write `cfg` as YAML to `path` (read back by read_config). The process layout
+    (`parallel`) is left out: it belongs to a launch, not to the run - checkpoints
+    reshard, and a config derived from this one (resume, finetune, upcycle) must not
+    demand torchrun. Each distributed checkpoint records its layout instead."""
+    d = cfg.to_dict()
+    d.pop("parallel", None)
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
 
 
 # Settings a resumed run may change: the horizon, and how it logs, evaluates, checkpoints

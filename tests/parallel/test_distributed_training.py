@@ -111,19 +111,21 @@ def test_checkpoint_reshards_between_world_sizes(tmp_path, text_file, first, sec
 def run_dense(rank, out, corpus):
     from conftest import TINY
 
-    cfg = load_config("tiny-dense", [*TINY, "train.log_every=1"])
+    cfg = load_config("tiny-dense", [*TINY, "train.log_every=1", "parallel.data_shard=2"])
     cfg.data.source, cfg.train.steps = str(corpus), 2
     train(cfg, out, quiet=True)
 
 
 def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
     """A dense run written by 2 FSDP2 processes is upcycled (exactly the dense model at
-    step 0) and fine-tuned in one process, straight from its DCP checkpoint."""
+    step 0) and fine-tuned in one process, straight from its DCP checkpoint; its saved
+    config carries no process layout, so what derives from it needs no torchrun."""
     from conftest import run_cli
     from moelab.runs import load_run
 
     spawn(2, run_dense, tmp_path / "dense", text_file)
     assert (latest_checkpoint(tmp_path / "dense" / "checkpoints") / "dcp" / ".metadata").is_file()
+    assert "parallel" not in (tmp_path / "dense" / "config.yaml").read_text()
     run_cli("upcycle", str(tmp_path / "dense"), "--experts", "4", "--top-k", "2", "--out", str(tmp_path / "up"))
     dense, up = load_run(tmp_path / "dense"), load_run(tmp_path / "up")
     tokens = torch.randint(0, 512, (2, 16))
@@ -135,6 +137,8 @@ def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
     run_cli("finetune", str(tmp_path / "dense"), "--data", str(sft), "--out", str(tmp_path / "ft"), "--recipe",
             "full", "--steps", "2", "--quiet")
     assert len(losses(tmp_path / "ft")) >= 1
+    run_cli("train", str(tmp_path / "up" / "config.yaml"), "--init", str(tmp_path / "up"), "--data", str(text_file),
+            "--out", str(tmp_path / "cont"), "--steps", "1", "--quiet")
 
 
 def test_consolidated_run_resumes_like_the_distributed_one(tmp_path, text_file):
