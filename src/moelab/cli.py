@@ -548,7 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fn(**kwargs)
     except MoelabError as e:
-        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        print(f"moelab {args.command}: error: {e}", file=sys.stderr, flush=True)
+        from .parallel.mesh import wait_for_peers_to_fail
+
+        wait_for_peers_to_fail()  # under torchrun: let every rank say it before any is stopped
         return 2
     return 0
 

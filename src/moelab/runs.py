@@ -107,8 +107,8 @@ def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, devi
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load a checkpoint's model.safetensors into `model`: every key present, every shape
-    equal and every value finite, else CheckpointError naming the keys."""
+    """Load a checkpoint's weights (either form) into `model`: every key present, every
+    shape equal and every value finite, else CheckpointError naming the keys."""
     from .train.checkpoint import model_tensors
 
     tensors = model_tensors(ckpt)

@@ -7,7 +7,7 @@ from moelab.parallel.local import run_local
 def _quiet(rank, fn, args):
     import torch
 
-    os.environ.update(OMP_NUM_THREADS="1", MOELAB_DIST_TIMEOUT_S="120")
+    os.environ["MOELAB_DIST_TIMEOUT_S"] = "120"  # read when the process group is created
     torch.set_num_threads(1)
     return fn(rank, *args)
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError, NonFiniteError
 from ..train import checkpoint as ck
 from .mesh import Parallel
-from .state import fill_state, load_state, optimizer_names, save_state, training_state
+from .state import by_name, fill_state, optimizer_names, training_state
 
 
 def save_distributed(
@@ -53,7 +54,7 @@ def save_distributed(
             f"refusing to write checkpoint step {step}: non-finite values in {bad[:5] or 'another rank'}"
         )
     par.barrier()  # the folder exists before anyone writes into it
-    save_state(state, tmp / "dcp")
+    dcp.save(state, checkpoint_id=str(tmp / "dcp"))
     par.barrier()
     if par.is_main:
         ck._save(ck.rng_tensors(), tmp / "rng.safetensors")
@@ -76,15 +77,13 @@ def load_distributed(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, p
     state = training_state(model, opt, par)
     if ck.is_distributed(ckpt):
         try:
-            load_state(state, ckpt / "dcp")
+            dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
         except Exception as e:  # DCP wraps per-rank failures in its own exception types
             raise CheckpointError(f"checkpoint {ckpt} does not fit this model ({type(e).__name__}: {e})") from None
         return
     full = {"model." + k: v for k, v in ck.load_tensors(ckpt, "model.safetensors").items()}
-    names = optimizer_names(model, opt)
-    for key, v in ck.load_tensors(ckpt, "optimizer.safetensors").items():
-        _, i, what = key.split(".", 2)
-        full[f"optim.{names[int(i)]}.{what}"] = v
+    optim = by_name(ck.load_tensors(ckpt, "optimizer.safetensors"), optimizer_names(model, opt))
+    full.update({"optim." + k: v for k, v in optim.items()})
     missing = [k for k in state if k not in full]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model: missing {missing[:5]}")

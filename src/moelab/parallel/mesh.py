@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,22 +26,18 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..errors import ConfigError
 from ..run_config import RunConfig
+from ..runtime import pick_device
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Degrees of one run: world = replicate x shard (dense) = expert x expert_data (experts)."""
+    """Degrees of one run: world = replicate x shard (dense weights) = expert x world / expert (experts)."""
 
     world: int
     rank: int
     expert: int
     shard: int
     replicate: int
-
-    @property
-    def expert_data(self) -> int:
-        """Ranks holding the same experts (the expert-data-parallel degree)."""
-        return self.world // self.expert
 
     @property
     def ep_rank(self) -> int:
@@ -164,14 +161,15 @@ def init_parallel(cfg: RunConfig) -> Parallel | None:
         return None
     rank, local_rank, world = env
     layout = plan_layout(cfg, world, rank)
-    if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available():
+    if cfg.train.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(
+            f"train.device={cfg.train.device}: under torchrun each process takes cuda:LOCAL_RANK; use auto, cuda or cpu"
+        )
+    device = pick_device(cfg.train.device)  # the same checks (and messages) as one process
+    if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
-    elif cfg.train.device in ("auto", "cpu"):
-        device, backend = torch.device("cpu"), "gloo"
-    else:
-        raise ConfigError(f"train.device={cfg.train.device}: a torchrun launch uses auto, cuda or cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     owns = not dist.is_initialized()
     if owns:
         timeout = datetime.timedelta(seconds=float(os.environ.get("MOELAB_DIST_TIMEOUT_S", "600")))
@@ -186,3 +184,28 @@ def close_parallel(par: Parallel | None) -> None:
     (a caller that created the group keeps it)."""
     if par is not None and par.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wait_for_peers_to_fail(timeout_s: float = 15.0) -> None:
+    """Before a torchrun rank exits on an error found before the process group exists (a
+    layout that does not fit, a bad argument: every rank finds it), wait until every
+    rank has reported it, or `timeout_s`: torchrun stops the other ranks as soon as one
+    exits, which would otherwise cut their own report short. Uses torchrun's agent
+    store; does nothing outside torchrun or once the process group exists."""
+    env = torchrun_world()
+    if env is None or env[2] < 2 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        key = f"moelab/failed-before-start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while int(store.add(key, 0)) < env[2] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, KeyError, ValueError):  # no agent store to reach: exit as before
+        pass

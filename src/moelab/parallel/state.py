@@ -53,6 +53,26 @@ def optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     return [canonical_name(names[id(p)]) for g in opt.param_groups for p in g["params"]]
 
 
+def by_index(optim_by_name: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """`<name>.<state>` keys (the DCP form) as `state.<index>.<state>` (the safetensors
+    form, `names` in the optimizer's order); `by_name` is the inverse."""
+    index = {n: i for i, n in enumerate(names)}
+    out = {}
+    for key, v in optim_by_name.items():
+        name, what = key.rsplit(".", 1)
+        out[f"state.{index[name]}.{what}"] = v
+    return out
+
+
+def by_name(optim_by_index: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """`state.<index>.<state>` keys as `<name>.<state>`: the inverse of `by_index`."""
+    out = {}
+    for key, v in optim_by_index.items():
+        _, i, what = key.split(".", 2)
+        out[f"{names[int(i)]}.{what}"] = v
+    return out
+
+
 def training_state(model: nn.Module, opt: torch.optim.Optimizer | None, par: Parallel | None) -> dict:
     """The flat dict of this rank's shares of every weight, buffer and optimizer tensor."""
     out: dict[str, torch.Tensor] = {}
@@ -61,23 +81,10 @@ def training_state(model: nn.Module, opt: torch.optim.Optimizer | None, par: Par
     if opt is not None:
         _ensure_adamw_state(opt)
         names = {id(p): n for n, p in model.named_parameters()}
-        for g in opt.param_groups:
-            for p in g["params"]:
-                n = names[id(p)]
-                for k, v in opt.state[p].items():
-                    out[f"optim.{canonical_name(n)}.{k}"] = _global(n, v, par)
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            for k, v in opt.state[p].items():
+                out[f"optim.{canonical_name(names[id(p)])}.{k}"] = _global(names[id(p)], v, par)
     return out
-
-
-def save_state(state: dict, path: Path) -> None:
-    """Every rank writes its part of `state` into the DCP folder `path` (a collective)."""
-    dcp.save(state, checkpoint_id=str(path))
-
-
-def load_state(state: dict, path: Path) -> None:
-    """Fill `state` (from `training_state`) in place from the DCP folder `path`, whatever
-    layout wrote it (a collective)."""
-    dcp.load(state, checkpoint_id=str(path))
 
 
 @torch.no_grad()

@@ -239,15 +239,9 @@ def optimizer_state(ckpt: Path, names: list[str]) -> dict[str, torch.Tensor]:
     takes them; `names` are the parameters' names in the optimizer's order."""
     if not is_distributed(ckpt):
         return load_tensors(ckpt, "optimizer.safetensors")
-    from ..parallel.state import read_full
+    from ..parallel.state import by_index, read_full
 
-    by_name = read_full(Path(ckpt) / "dcp", "optim.")
-    out = {}
-    for i, n in enumerate(names):
-        for k in ("step", "exp_avg", "exp_avg_sq"):
-            if f"{n}.{k}" in by_name:
-                out[f"state.{i}.{k}"] = by_name[f"{n}.{k}"]
-    return out
+    return by_index(read_full(Path(ckpt) / "dcp", "optim."), names)
 
 
 def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 
 from ..data import Sampler
 from ..data.loader import rank_slice
+from ..parallel.parallelize import all_reduce_floats, all_reduce_loads, finish_gradients
 from ..runs import unpack_batch
 from . import checkpoint as ck
 from .metrics import MoEWindow
@@ -65,8 +66,6 @@ def run_step(run: Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> S
     if par is None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     else:
-        from ..parallel.parallelize import all_reduce_floats, all_reduce_loads, finish_gradients
-
         grad_norm = finish_gradients(model, par, clip)
         loss_sum, lm_sum, tokens_f = all_reduce_floats([loss_sum, lm_sum, float(tokens)], par, op="sum")
         loss_sum, lm_sum, tokens = loss_sum / par.world, lm_sum / par.world, int(tokens_f)

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..data import Data, Sampler, SamplerState
 from ..errors import ConfigError, NonFiniteError, OutputExists
 from ..parallel.mesh import close_parallel, init_parallel
+from ..parallel.parallelize import all_reduce_floats, reduce_window
 from ..run_config import RunConfig
 from ..runs import evaluate, load_model_weights, pick_device
 from . import checkpoint as ck
@@ -158,8 +159,6 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
                 t_window, tok_window = elapsed, 0
                 train_mem = run.memory.peak
                 if par is not None:  # statistics of the whole data-parallel batch
-                    from ..parallel.parallelize import all_reduce_floats, reduce_window
-
                     reduce_window(window, par)
                     train_mem = int(all_reduce_floats([float(train_mem)], par, op="max")[0])
                 last_summary = window.summary()
