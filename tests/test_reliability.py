@@ -276,3 +276,105 @@ def test_bad_input_is_one_clear_line(tmp_path, run4, corpus, capsys):
                     str(run4), *TINY_MOE, "model.d_ff=96", "model.moe.d_expert=24")
     assert "shapes differ" in msg and "w_gate (4, 16, 32) vs model (4, 24, 32)" in msg
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------ every command, the same guarantees
+def test_distill_resume_refuses_other_settings(tmp_path, run4, corpus, capsys):
+    out = tmp_path / "student"
+    args = ["distill", str(run4), "--student", "tiny-dense", "--data", str(corpus), "--out", str(out), "--quiet",
+            *TINY]
+    assert main([*args, "--steps", "2"]) == 0
+    assert json.loads((out / "distill.json").read_text())["temperature"] == 2.0
+    msg = cli_error(capsys, *args, "--steps", "3", "--resume", "--temperature", "3", "--alpha", "0.2")
+    assert "temperature: run has 2.0, command has 3.0" in msg and "alpha: run has 0.5, command has 0.2" in msg
+    assert latest_checkpoint(out / "checkpoints").name == "step-000002"
+    assert main([*args, "--steps", "3", "--resume"]) == 0  # the same settings continue
+    assert latest_checkpoint(out / "checkpoints").name == "step-000003"
+
+
+def test_tokenize_leaves_nothing_when_it_fails_and_says_what_a_folder_holds(tmp_path, run4, corpus, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ds = tmp_path / "ds"
+    assert "contains no text" in cli_error(capsys, "tokenize", str(empty), "--out", str(ds), "--vocab-size", "300")
+    assert not ds.exists()
+    assert main(["tokenize", str(corpus), "--out", str(ds), "--vocab-size", "300", "--quiet"]) == 0
+    assert (ds / "manifest.json").is_file()
+    msg = cli_error(capsys, "tokenize", str(corpus), "--out", str(run4), "--vocab-size", "300")
+    assert "holds files that are not a dataset" in msg
+
+
+def test_values_out_of_range_are_one_line_and_leave_no_folder(tmp_path, run4, corpus, capsys):
+    out = tmp_path / "r"
+    for override, expected in [("model.moe.capacity_factor=inf", "model.moe.capacity_factor: expected a finite"),
+                               ("optim.lr=nan", "optim.lr: expected a finite number"),
+                               ("optim.beta1=1.5", "optim.beta1: expected 0 <= beta1 < 1"),
+                               ("train.seed=-1", "train.seed: expected an integer in 0..2**32-1")]:
+        assert expected in cli_error(capsys, "train", "tiny-moe", "--data", str(corpus), "--out", str(out),
+                                     *TINY_MOE, override)
+        assert not out.exists()
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f" c{i}"}) + "\n" for i in range(20)))
+    assert "--steps: expected a positive" in cli_error(capsys, "finetune", str(run4), "--data", str(sft), "--out",
+                                                       str(out), "--recipe", "full", "--steps", "0")
+    assert "--tokens: expected a positive" in cli_error(capsys, "compare", "tiny-dense", "tiny-moe", "--out",
+                                                        str(out), "--tokens", "0")
+    assert "--seq-len: expected at most model.max_seq_len=" in cli_error(capsys, "memory", "tiny-moe", "--seq-len",
+                                                                         "100000")
+    assert "--temperature: expected a positive" in cli_error(capsys, "distill", str(run4), "--student", "tiny-dense",
+                                                             "--data", str(corpus), "--out", str(out),
+                                                             "--temperature", "nan")
+    assert "--lrs: expected a comma-separated list of positive" in cli_error(
+        capsys, "lr-sweep", "--recipe", "tiny-moe", "--sizes", "32", "--lrs", "0,-1", "--out", str(out))
+    # a compare whose training fails leaves no report folder behind
+    assert "training tiny-dense failed" in cli_error(capsys, "compare", "tiny-dense", "--data",
+                                                     str(tmp_path / "missing.txt"), "--out", str(out), "--steps", "1")
+    assert not out.exists() and not list(tmp_path.glob(".r.*"))
+
+
+def test_export_of_a_quantized_run_writes_its_dequantized_weights(tmp_path, run4, capsys):
+    import transformers
+
+    from moelab.runs import load_run
+
+    q = tmp_path / "q"
+    assert main(["quantize", str(run4), "--bits", "4", "--group-size", "16", "--out", str(q)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(q), "--out", str(tmp_path / "hf")]) == 0
+    assert "exporting them dequantized" in capsys.readouterr().err
+    ours = load_run(q, device="cpu").model  # computes with the 4-bit weights
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x).logits, atol=1e-4, rtol=1e-4)
+        plain = load_run(run4, device="cpu").model(x).logits
+    assert (theirs(x).logits - plain).abs().max() > 1e-3  # the 4-bit values, not the original weights
+
+
+def test_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", "memory", "tiny-moe", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before a byte is written, as `| head -c 0` would be
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err, err
+
+
+def test_eval_and_generate_take_a_thread_count_and_auto_leaves_busy_cores_alone(run4, corpus, capsys, monkeypatch):
+    from moelab import runtime
+
+    try:
+        assert main(["generate", str(run4), "--prompt", "the", "--max-new-tokens", "2", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["eval", str(run4), "--data", str(corpus), "--max-tokens", "64", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert "--threads: expected a positive" in cli_error(capsys, "eval", str(run4), "--data", str(corpus),
+                                                             "--threads", "0")
+        monkeypatch.setattr(runtime, "DEFAULT_THREADS", 4)
+        for idle, expected in [(1.2, 1), (2.6, 3), (3.7, 4), (9.0, 4), (0.1, 1), (None, 4)]:
+            monkeypatch.setattr(runtime, "idle_cores", lambda window_s=0.2, v=idle: v)
+            assert runtime.set_cpu_threads(None) == expected == torch.get_num_threads(), idle
+    finally:
+        torch.set_num_threads(1)

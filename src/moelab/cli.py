@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import shlex
 import sys
@@ -47,7 +48,9 @@ def cmd_train(
     if steps is not None:
         cfg.train.steps = steps
     cfg.validate()
-    res = train(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, init=init, quiet=quiet)
+    res = train(
+        cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, init=init, quiet=quiet, protect=[recipe]
+    )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return res
     vl = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
@@ -60,14 +63,32 @@ def cmd_train(
     return res
 
 
-def cmd_eval(run: str, data: str, as_json: bool = False, split: str = "val", max_tokens: int = 1_000_000):
+def _threads(threads: int | None, run) -> None:
+    """--threads, else the run's train.threads, else auto (the cores idle now)."""
+    from .runtime import set_cpu_threads
+
+    if next(run.model.parameters()).device.type == "cpu":
+        set_cpu_threads(threads if threads is not None else run.cfg.train.threads, "--threads")
+
+
+def cmd_eval(
+    run: str,
+    data: str,
+    as_json: bool = False,
+    split: str = "val",
+    max_tokens: int = 1_000_000,
+    threads: int | None = None,
+):
     """Loss, perplexity and bits per byte of a run or checkpoint on a source."""
     from .inference import evaluate_source
     from .runs import load_run
 
     _require(split in ("val", "all"), "--split", "val or all", split)
     _require(max_tokens > 0, "--max-tokens", "a positive number", max_tokens)
-    r = evaluate_source(load_run(run), data, split=split, max_tokens=max_tokens)
+    _require(threads is None or threads > 0, "--threads", "a positive number", threads)
+    loaded = load_run(run)
+    _threads(threads, loaded)
+    r = evaluate_source(loaded, data, split=split, max_tokens=max_tokens)
     if as_json:
         print(json.dumps(r))
     else:
@@ -79,7 +100,13 @@ def cmd_eval(run: str, data: str, as_json: bool = False, split: str = "val", max
 
 
 def cmd_generate(
-    run: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 50, seed: int = 0
+    run: str,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    threads: int | None = None,
 ):
     """Continue a prompt with a trained model."""
     from .inference import generate
@@ -87,8 +114,13 @@ def cmd_generate(
 
     _require(max_new_tokens > 0, "--max-new-tokens", "a positive number", max_new_tokens)
     _require(top_k >= 0, "--top-k", "0 (no limit) or a positive number", top_k)
-    _require(temperature >= 0, "--temperature", "0 (greedy) or a positive number", temperature)
-    text = generate(load_run(run), prompt, max_new_tokens, temperature, top_k, seed)
+    _require(
+        math.isfinite(temperature) and temperature >= 0, "--temperature", "0 (greedy) or a positive number", temperature
+    )
+    _require(threads is None or threads > 0, "--threads", "a positive number", threads)
+    loaded = load_run(run)
+    _threads(threads, loaded)
+    text = generate(loaded, prompt, max_new_tokens, temperature, top_k, seed)
     print(text)
     return text
 
@@ -117,6 +149,9 @@ def cmd_memory(
     _require(zero in (0, 1, 2, 3), "--zero", "0, 1, 2 or 3", zero)
     cfg = load_config(recipe)
     seq_len = seq_len or cfg.data.seq_len
+    _require(
+        seq_len <= cfg.model.max_seq_len, "--seq-len", f"at most model.max_seq_len={cfg.model.max_seq_len}", seq_len
+    )
     plans, measured = plan_and_measure(
         cfg,
         micro_batch=micro_batch,
@@ -161,11 +196,14 @@ def cmd_compare(
     tokens: int | None = None,
     overrides: list[str] | None = None,
     quiet: bool = False,
+    overwrite: bool = False,
 ):
     """Train recipes (or read finished runs) on the same data and budget; write report.html and summary.json."""
     from .analysis.compare import compare
 
-    summary = compare(items, data, Path(out), steps=steps, tokens=tokens, overrides=overrides, quiet=quiet)
+    summary = compare(
+        items, data, Path(out), steps=steps, tokens=tokens, overrides=overrides, quiet=quiet, overwrite=overwrite
+    )
     print(f"report: {Path(out) / 'report.html'}\nsummary: {Path(out) / 'summary.json'}")
     for line in summary["summary"]:
         print("- " + line)
@@ -174,9 +212,12 @@ def cmd_compare(
 
 def _list(text: str, kind, flag: str) -> list:
     try:
-        return [kind(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{flag}: expected a comma-separated list of numbers, got {text!r}") from None
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"{flag}: expected a comma-separated list of positive numbers, got {text!r}")
+    return values
 
 
 def cmd_lr_sweep(
@@ -192,6 +233,14 @@ def cmd_lr_sweep(
 ):
     """Grid-search the peak LR at several model sizes (resumable)."""
     from .analysis.lr_sweep import lr_sweep
+
+    _require(steps is None or steps > 0, "--steps", "a positive number of steps", steps)
+    _require(
+        tokens_per_param is None or (math.isfinite(tokens_per_param) and tokens_per_param > 0),
+        "--tokens-per-param",
+        "a positive number",
+        tokens_per_param,
+    )
 
     rows = lr_sweep(
         recipe,
@@ -254,11 +303,13 @@ def cmd_tokenize(
     from .data import tokenize_source, training_texts
     from .data.dataset import resumable_tokenizer
     from .data.tokenizer import load_tokenizer, train_tokenizer
+    from .outputs import guard_output
 
     _require(0 < val_fraction < 1, "--val-fraction", "a number in (0, 1)", val_fraction)
     _require(vocab_size >= 260, "--vocab-size", "at least 260 (256 bytes and the special tokens)", vocab_size)
     _require(tokenizer_train_bytes > 0, "--tokenizer-train-bytes", "a positive number", tokenizer_train_bytes)
     _require(chunk_bytes > 0, "--chunk-bytes", "a positive number", chunk_bytes)
+    guard_output(out, protect=[src, tokenizer])  # before a tokenizer is trained: fail in seconds
     if tokenizer is not None:
         path = Path(tokenizer)
         tok = load_tokenizer(path / "tokenizer.json" if path.is_dir() else path)
@@ -340,6 +391,8 @@ def cmd_distill(
     """Distil a teacher run into a student recipe or checkpoint on its soft targets."""
     from .compress.distill import distill
 
+    _require(steps is None or steps > 0, "--steps", "a positive number of steps", steps)
+
     res = distill(
         teacher,
         student,
@@ -376,6 +429,17 @@ def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False, 
     check_output(out, overwrite=overwrite, protect=[run])
     r = load_run(run, device="cpu")
     run_dir = r.checkpoint.parent.parent
+    if r.cfg.quant.bits:
+        if peft:
+            raise ConfigError("--peft: this run is quantized; export the LoRA run it was made from")
+        from .compress.quantize import dequantize_model
+
+        dequantize_model(r.model)
+        print(
+            f"note: {run} holds {r.cfg.quant.bits}-bit weights ({r.cfg.quant.what}); exporting them dequantized "
+            "to fp32 (the values the quantized model computes with)",
+            file=sys.stderr,
+        )
     if peft:
         if r.cfg.finetune.recipe != "lora":
             raise ConfigError("--peft: this run was not fine-tuned with --recipe lora")
@@ -452,6 +516,8 @@ def cmd_finetune(
 ):
     """Fine-tune a run or checkpoint on chat / prompt-completion data with a recipe."""
     from .finetune.run import finetune
+
+    _require(steps is None or steps > 0, "--steps", "a positive number of steps", steps)
 
     return finetune(run, data, out, recipe, steps=steps, overrides=overrides or [], overwrite=overwrite, quiet=quiet)
 
@@ -547,13 +613,27 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {name: getattr(args, name) for name in inspect.signature(fn).parameters if hasattr(args, name)}
     try:
         fn(**kwargs)
-    except MoelabError as e:
-        print(f"moelab {args.command}: error: {e}", file=sys.stderr, flush=True)
-        from .parallel.mesh import wait_for_peers_to_fail
-
-        wait_for_peers_to_fail()  # under torchrun: let every rank say it before any is stopped
-        return 2
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:  # `moelab memory --json | head -c 300`: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
+    except (MoelabError, OSError) as e:
+        return _fail(args.command, e, getattr(args, "out", None))
     return 0
+
+
+def _fail(command: str, e: MoelabError | OSError, out: str | None = None) -> int:
+    """An expected failure: one line on stderr, exit code 2. Under torchrun the line also goes
+    to the launcher's error file, so its summary names it as the root cause."""
+    from .outputs import describe_os_error
+    from .parallel.mesh import record_for_launcher, wait_for_peers_to_fail
+
+    text = describe_os_error(e, out) if isinstance(e, OSError) and not isinstance(e, MoelabError) else str(e)
+    line = f"moelab {command}: error: {text}"
+    print(line, file=sys.stderr, flush=True)
+    record_for_launcher(line)
+    wait_for_peers_to_fail()  # under torchrun: let every rank say it before any is stopped
+    return 2
 
 
 if __name__ == "__main__":

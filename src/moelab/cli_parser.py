@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+THREADS_HELP = "torch CPU threads (default: the run's train.threads, else the cores this process may use)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every `moelab` subcommand."""
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-tokens", type=int, default=1_000_000)
     p.add_argument("--json", action="store_true", dest="as_json")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
 
     p = sub.add_parser("generate", help="Continue a prompt with a trained model.")
     p.add_argument("run")
@@ -46,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
 
     p = sub.add_parser(
         "compare",
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="overrides",
         help="override applied to every recipe (repeatable)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new report is done")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("lr-sweep", help="Grid-search the peak LR at several model sizes (resumable).")

@@ -20,6 +20,17 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def check_finite(obj, prefix: str) -> None:
+    """Every float field of a config dataclass is a finite number: NaN or inf (as in
+    `capacity_factor=inf`) is refused here, naming the key, rather than deep in a step."""
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{prefix}{f.name}: expected a finite number, got {v!r}")
+
+
 @dataclass
 class MoEConfig:
     """One MoE layer: E routed SwiGLU experts of hidden size F, k chosen per token.
@@ -61,6 +72,7 @@ class MoEConfig:
     def validate(self, prefix: str = "moe") -> None:
         """Raise ConfigError naming the first field (as PREFIX.field) that is out of range or inconsistent."""
         p = prefix + "."
+        check_finite(self, p)
         for name in ("d_model", "d_expert", "n_experts", "top_k"):
             v = getattr(self, name)
             _check(
@@ -113,6 +125,11 @@ class MoEConfig:
         for name in ("lb_coef", "z_coef", "bias_update_rate"):
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and v >= 0, p + name, f"expected a number >= 0, got {v!r}")
+        _check(
+            self.router_init_std is None or self.router_init_std > 0,
+            p + "router_init_std",
+            f"expected a positive standard deviation or null, got {self.router_init_std!r}",
+        )
 
     @property
     def d_shared_total(self) -> int:
@@ -176,6 +193,10 @@ class ModelConfig:
         """Raise ConfigError naming the first field (as PREFIX.field) that is out of range or inconsistent; validates
         the MoE config too."""
         p = prefix + "."
+        check_finite(self, p)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and v > 0, p + name, f"expected a positive number, got {v!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             v = getattr(self, name)
             _check(

@@ -19,7 +19,7 @@ DEMO_STEPS = 1000
 def run_demo(out: Path, steps: int | None = None) -> dict:
     """Train tiny-dense and tiny-moe on stdlib into OUT, print them side by side and write the compare report; returns
     the compare summary."""
-    summary = compare(["tiny-dense", "tiny-moe"], "stdlib", out, steps=steps or DEMO_STEPS)
+    summary = compare(["tiny-dense", "tiny-moe"], "stdlib", out, steps=steps or DEMO_STEPS, overwrite=True)
     runs = summary["runs"]
     rows = [("", *(r["name"] for r in runs))]
     rows.append(("val loss (nats/token)", *(f"{r['final_val_loss']:.4f}" for r in runs)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -67,8 +68,18 @@ class OptimConfig:
 
     def validate(self, p: str = "optim.") -> None:
         """Raise ConfigError naming the first out-of-range field (as optim.FIELD)."""
-        if self.lr != "auto" and self.lr <= 0:
+        if self.lr != "auto" and not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"{p}lr: expected a positive number, got {self.lr!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{p}{name}: expected 0 <= {name} < 1, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{p}{name}: expected a number >= 0, got {getattr(self, name)!r}")
+        if not self.eps > 0:
+            raise ConfigError(f"{p}eps: expected a positive number, got {self.eps!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{p}min_lr_ratio: expected 0..1, got {self.min_lr_ratio!r}")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"{p}decay_fraction: expected 0..1, got {self.decay_fraction!r}")
         if self.warmup_steps < 0:
@@ -90,7 +101,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (docs/distributed.md: where it helps)
     activation_checkpointing: bool = False
     device: str = "auto"
-    threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    # torch intra-op threads on CPU; None = auto: one per core, fewer when other processes keep cores busy
+    threads: int | None = None
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -123,6 +135,12 @@ class TrainConfig:
             _pos_int(getattr(self, name), p + name)
         if self.threads is not None:
             _pos_int(self.threads, p + "threads")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32):
+            raise ConfigError(f"{p}seed: expected an integer in 0..2**32-1 (numpy's seed range), got {self.seed!r}")
+        if not self.spike_factor > 0:
+            raise ConfigError(f"{p}spike_factor: expected a positive number, got {self.spike_factor!r}")
+        if not self.collapse_max_violation >= 0:
+            raise ConfigError(f"{p}collapse_max_violation: expected a number >= 0, got {self.collapse_max_violation!r}")
         if self.device != "auto" and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"{p}device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -230,6 +248,8 @@ def _coerce(tp, v: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if v is None and type(None) in args:
             return None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: expected a finite number, got {v!r}")
         for a in args:
             if dataclasses.is_dataclass(a) and isinstance(v, dict):
                 return _coerce(a, v, key)  # keep the inner error, which names the exact key
@@ -258,6 +278,8 @@ def _coerce(tp, v: Any, key: str) -> Any:
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {v!r}")
+        if not math.isfinite(v):  # nan/inf parse as numbers, and fail far from here
+            raise ConfigError(f"{key}: expected a finite number, got {v!r}")
         return float(v)
     if tp is str:
         if not isinstance(v, str):
@@ -435,24 +457,50 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def settings_diff(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for every leaf of two nested dicts that differs, keys sorted."""
+    fa, fb = _flat(a), _flat(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if k not in ignore and fa.get(k) != fb.get(k)]
+
+
 def config_diff(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """(dotted key, value in a, value in b) for every field that differs, keys sorted."""
-    fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
-    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if k not in ignore and fa.get(k) != fb.get(k)]
+    return settings_diff(a.to_dict(), b.to_dict(), ignore)
+
+
+def refuse_changed_settings(
+    saved: dict,
+    command: dict,
+    where: Path,
+    *,
+    may_change: str,
+    ignore: tuple[str, ...] = (),
+    flag: str = "--resume",
+    noun: str = "run",
+) -> None:
+    """The one resume guard: a command continues saved work only with the settings it was
+    started with; ConfigError naming each differing key otherwise (`ignore`: keys that may change)."""
+    diff = settings_diff(saved, command, ignore)
+    if diff:
+        shown = "; ".join(f"{k}: {noun} has {va!r}, command has {vb!r}" for k, va, vb in diff[:8])
+        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+        raise ConfigError(
+            f"{flag}: the command differs from the settings saved in {where}: {shown}{more}. "
+            f"Continue with the same settings ({may_change}), or start anew in another folder"
+        )
 
 
 def resume_config(saved: RunConfig, command: RunConfig, run_dir: Path) -> RunConfig:
     """The config a resumed run continues with: the saved one, with the RESUMABLE fields
     taken from the command. Any other difference is refused, naming each key."""
-    diff = config_diff(saved, command, ignore=RESUMABLE)
-    if diff:
-        shown = "; ".join(f"{k}: run has {va!r}, command has {vb!r}" for k, va, vb in diff[:8])
-        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
-        raise ConfigError(
-            f"--resume: the command differs from the config saved in {run_dir}: {shown}{more}. "
-            "Resume with the same recipe, --data and overrides (only the --steps horizon and "
-            "train.log_every/eval_every/ckpt_every-style settings may change), or start a new run"
-        )
+    refuse_changed_settings(
+        saved.to_dict(),
+        command.to_dict(),
+        run_dir / "config.yaml",
+        ignore=RESUMABLE,
+        may_change="same recipe, --data and overrides; only the --steps horizon and "
+        "train.log_every/eval_every/ckpt_every-style settings may change",
+    )
     out = copy.deepcopy(saved)
     for key in RESUMABLE:
         section, name = key.split(".")
@@ -477,6 +525,8 @@ __all__ = [
     "save_config",
     "list_recipes",
     "config_diff",
+    "settings_diff",
+    "refuse_changed_settings",
     "resume_config",
     "RESUMABLE",
 ]

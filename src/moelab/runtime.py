@@ -5,12 +5,16 @@ change its host process behind its back, so the trainer and benchmarks call thes
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+import time
 
 import torch
 
 from .errors import ConfigError
 
+# torch's own choice (one thread per core this process may use), before anyone changes it
+DEFAULT_THREADS = torch.get_num_threads()
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _tuned = False
@@ -62,3 +66,43 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"train.device={name}: MPS is not available here; use train.device=cpu or auto")
     return dev
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies summed over all CPUs, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def idle_cores(window_s: float = 0.2) -> float | None:
+    """How many of this machine's cores sat idle over the last `window_s` seconds; None
+    where /proc/stat is not there to say."""
+    a = _cpu_times()
+    time.sleep(window_s)
+    b = _cpu_times()
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)
+
+
+def set_cpu_threads(threads: int | None, key: str = "train.threads") -> int:
+    """Set torch's intra-op threads for this process and return the number in force.
+
+    `threads` None = auto: torch's default (one per core it may use), lowered to the cores
+    that are idle right now. Spinning OpenMP threads on a core another process is using
+    slow both down several times (docs/benchmarks.md, "A busy neighbour": 2 threads beside
+    a busy process trained at less than half the tokens/s of 1 thread).
+    """
+    if threads is not None:
+        if not (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0):
+            raise ConfigError(f"{key}: expected a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+        return threads
+    idle = idle_cores()
+    auto = DEFAULT_THREADS if idle is None else max(1, min(DEFAULT_THREADS, int(idle + 0.5)))
+    torch.set_num_threads(auto)
+    return auto

@@ -73,6 +73,9 @@ def test_tiny_sweep_killed_resumed_and_fitted(tmp_path, text_file):
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert sorted((r["d_model"], r["lr"]) for r in rows) == sorted((d, lr) for d in (32, 64) for lr in (1e-3, 1e-2, 1e-1))
     assert first_run.stat().st_mtime == stamp  # finished runs were not redone
+    # continued with another run length, the sweep's rows would not compare: refused by key
+    rc, _, err = run_cli("lr-sweep", *[a if a != "6" else "7" for a in args], check=False)
+    assert rc == 2 and "steps: sweep has 6, command has 7" in err, err[-2000:]
     _, stdout, _ = run_cli("lr-fit", str(out), "--target-params", "1e8")
     assert "fit: log lr*" in stdout and "target N=100,000,000" in stdout
     fit = json.loads((out / "fit.json").read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..outputs import staged_output
 from ..run_config import RunConfig, load_config, read_config
 
 
@@ -198,12 +199,33 @@ def compare(
     tokens: int | None = None,
     overrides: list[str] | None = None,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Train each recipe (or read each finished run folder) and write the report."""
+    """Train each recipe (or read each finished run folder) and write the report into OUT,
+    which appears only when everything succeeded (staged); an existing OUT is replaced
+    only with `overwrite`, and never when it holds one of the runs or the data."""
+    out = Path(out)
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps: expected a positive number of steps, got {steps}")
+    if tokens is not None and tokens < 1:
+        raise ConfigError(f"--tokens: expected a positive token budget, got {tokens}")
+    with staged_output(out, overwrite=overwrite, protect=[*items, data]) as tmp:
+        return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet)
+
+
+def _compare_into(
+    tmp: Path,
+    out: Path,
+    items: list[str],
+    data: str | None,
+    steps: int | None,
+    tokens: int | None,
+    overrides: list[str] | None,
+    quiet: bool,
+) -> dict:
+    """compare's work, written into the staging folder `tmp` that becomes `out`."""
     from .report import write_report
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     curves, dirs = [], []
     for item in items:
         p = Path(item)
@@ -216,7 +238,7 @@ def compare(
             steps_i = max(1, tokens // (cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len))
         else:
             steps_i = steps or cfg.train.steps
-        run_dir = out / "runs" / cfg.name
+        run_dir = tmp / "runs" / cfg.name
         # One process per run: peak memory (RSS on CPU) and speed are then each run's own.
         cmd = [
             sys.executable,
@@ -236,7 +258,7 @@ def compare(
         if subprocess.run(cmd).returncode != 0:
             raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
         curves.append(read_run(run_dir))
-        dirs.append(run_dir)
+        dirs.append(out / "runs" / cfg.name)  # where it will be once the output is in place
     names = [c.name for c in curves]
     if len(set(names)) != len(names):
         raise ConfigError(f"compare: run names must differ, got {names}")
@@ -246,6 +268,6 @@ def compare(
     speed = {c.name: speedups(curves[ref_i], c) for i, c in enumerate(curves) if i != ref_i}
     text = [describe(ref, r, speed[r["name"]]) for r in runs if r["name"] in speed]
     summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    write_report(out, curves, summary)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_report(tmp, curves, summary)
     return summary

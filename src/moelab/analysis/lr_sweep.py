@@ -11,10 +11,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import ConfigError, NonFiniteError
-from ..run_config import load_config
+from ..errors import ConfigError, NonFiniteError, OutputExists
+from ..outputs import guard_output, removed_on_failure, write_json
+from ..run_config import load_config, refuse_changed_settings
 from ..train import latest_checkpoint, train
 from .lr_scaling import read_sweep, scale_model
+
+SETTINGS_FILE = "sweep.json"  # what the sweep was started with, compared when it is continued
 
 
 def run_name(d_model: int, lr: float) -> str:
@@ -36,11 +39,44 @@ def lr_sweep(
     """Train `recipe` at every size and peak LR of the grid into OUT/runs, appending one row per finished run to
     OUT/sweep.jsonl; finished runs are skipped and interrupted ones resumed. A diverged run is recorded with loss
     None. Returns all rows."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = guard_output(out, protect=[recipe, data])
     base = load_config(recipe, overrides)
     if data:
         base.data.source = data
+    settings = {
+        "recipe": recipe,
+        "data": base.data.source,
+        "steps": steps,
+        "tokens_per_param": tokens_per_param,
+        "overrides": sorted(overrides or []),
+    }
+    if (out / SETTINGS_FILE).is_file():  # a sweep continued: the grid may grow, the runs must stay comparable
+        refuse_changed_settings(
+            json.loads((out / SETTINGS_FILE).read_text()),
+            settings,
+            out / SETTINGS_FILE,
+            flag="lr-sweep",
+            noun="sweep",
+            may_change="the same recipe, --data, --steps or --tokens-per-param and --set; --sizes and --lrs may grow",
+        )
+    elif out.is_dir() and any(out.iterdir()) and not (out / "sweep.jsonl").is_file():
+        raise OutputExists(f"--out {out} already exists and is not an lr-sweep folder: choose a new folder")
+    with removed_on_failure(out, scaffolding=[SETTINGS_FILE]):
+        write_json(out / SETTINGS_FILE, settings)
+        return _sweep(out, recipe, base, sizes, lrs, steps, tokens_per_param, overrides, quiet)
+
+
+def _sweep(
+    out: Path,
+    recipe: str,
+    base,
+    sizes: list[int],
+    lrs: list[float],
+    steps: int | None,
+    tokens_per_param: float | None,
+    overrides: list[str] | None,
+    quiet: bool,
+) -> list[dict]:
     done = {(r["d_model"], r["lr"]) for r in read_sweep(out)} if (out / "sweep.jsonl").exists() else set()
     grid = [(d, lr) for d in sizes for lr in lrs]
     bar = tqdm(grid, desc="lr-sweep", unit="run", disable=quiet)

@@ -12,6 +12,8 @@ and resume, metrics and checkpoints are the trainer's.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..model import ModelOutput, Transformer
 from ..run_config import RunConfig
+
+DISTILL_FILE = "distill.json"  # the teacher and loss settings, compared on --resume
 
 
 def distill_kl(
@@ -73,11 +77,11 @@ def distill(
     the teacher run's soft targets into run folder `out`; returns the TrainResult."""
     from ..data.dataset import tokenizer_hash
     from ..data.tokenizer import load_tokenizer
-    from ..run_config import apply_overrides, config_from_dict, load_config, read_config
+    from ..run_config import apply_overrides, config_from_dict, load_config, read_config, refuse_changed_settings
     from ..runs import load_run
     from ..train import resolve_checkpoint, train
 
-    if temperature <= 0:
+    if not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"--temperature: expected a positive number, got {temperature}")
     if not 0 <= alpha <= 1:
         raise ConfigError(f"--alpha: expected a number in [0, 1] (the LM loss's weight), got {alpha}")
@@ -111,6 +115,15 @@ def distill(
     if steps is not None:
         cfg.train.steps = steps
     cfg.validate()
+    settings = {"teacher": str(t.checkpoint), "temperature": temperature, "alpha": alpha}
+    if resume and (Path(out) / DISTILL_FILE).is_file():
+        refuse_changed_settings(
+            json.loads((Path(out) / DISTILL_FILE).read_text()),
+            settings,
+            Path(out) / DISTILL_FILE,
+            noun="run",
+            may_change="the same teacher checkpoint, --temperature and --alpha; only --steps may change",
+        )
     print(
         f"distilling {t.checkpoint} into {cfg.name}: loss = {alpha} x LM + {1 - alpha} x {temperature}^2 x KL(T="
         f"{temperature})",
@@ -124,4 +137,6 @@ def distill(
         init=init,
         quiet=quiet,
         prepare_model=lambda m: attach_teacher(m, t.model, temperature, alpha),
+        protect=[teacher_src, t.checkpoint.parent.parent, student],
+        records={DISTILL_FILE: settings},
     )

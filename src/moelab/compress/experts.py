@@ -170,7 +170,7 @@ def reduce_checkpoint(
     from ..outputs import check_output, staged_output
     from ..runs import load_run
 
-    check_output(out, overwrite=overwrite, protect=[src])
+    check_output(out, overwrite=overwrite, protect=[src, calib])
     r = load_run(src, device="cpu")
     if r.cfg.quant.bits:
         raise ConfigError(f"{src} is quantized; prune or merge the original run, then quantize")
@@ -184,7 +184,7 @@ def reduce_checkpoint(
     cfg.model = new.cfg
     cfg.name = f"{r.cfg.name}-{method}{n_experts}"
     run_dir = r.checkpoint.parent.parent
-    with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[run_dir, calib]) as tmp:
         write_model_folder(tmp, cfg, new, run_dir / "tokenizer.json", {f"{method}_from": str(r.checkpoint)})
         copy_tokenizer_extras(run_dir, tmp)
     return Path(out), new

@@ -137,6 +137,21 @@ def quantize_model(model: nn.Module, bits: int, group_size: int, what: str = "ex
     return len(chosen)
 
 
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every quantized weight of `model` by its fp32 dequantized value, in place
+    (what an exporter writes: formats that load plain weights); returns how many were."""
+    chosen = [
+        (mod, attr)
+        for mod in model.modules()
+        if parametrize.is_parametrized(mod)
+        for attr, plist in mod.parametrizations.items()  # type: ignore[union-attr, operator]  # a ModuleDict here
+        if any(isinstance(p, Dequantize) for p in plist)
+    ]
+    for mod, attr in chosen:
+        parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+    return len(chosen)
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer as stored (packed codes count as stored)."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -180,7 +195,7 @@ def quantize_checkpoint(
     cfg.finetune.recipe = "none"  # LoRA adapters were merged on load
     cfg.name = f"{r.cfg.name}-int{bits}"
     run_dir = r.checkpoint.parent.parent
-    with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[src, run_dir]) as tmp:
         write_model_folder(tmp, cfg, r.model, run_dir / "tokenizer.json", {"quantized_from": str(r.checkpoint)})
         copy_tokenizer_extras(run_dir, tmp)
     return Path(out), before, resident_bytes(r.model)

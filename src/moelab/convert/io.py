@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..config import ConfigError
 from ..data.chat import copy_tokenizer_extras, load_chat_format
 from ..model import Transformer
-from ..outputs import check_output, staged_output
+from ..outputs import check_output, staged_output, write_safetensors
 from ..run_config import RunConfig, save_config
 from ..train.checkpoint import save_checkpoint
 from .hf import ARCHS, choose_arch, config_from_hf, config_to_hf, key_pairs
@@ -163,5 +162,5 @@ def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None =
         for i in range(cfg.n_layers):
             for p, dim in (("q", cfg.n_heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
                 tensors[f"model.layers.{i}.self_attn.{p}_proj.bias"] = torch.zeros(dim * cfg.head_dim)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out

@@ -155,7 +155,7 @@ def upcycle_to_folder(
     from ..runs import load_run
     from .io import read_hf, write_model_folder
 
-    check_output(out, overwrite=overwrite, protect=[src])
+    check_output(out, overwrite=overwrite, protect=[src, prompts_file])
     src_path = Path(src)
     if (src_path / "config.json").is_file():
         dense, _ = read_hf(src_path)
@@ -174,7 +174,7 @@ def upcycle_to_folder(
         lines = [ln for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
         prompts = [torch.tensor(tok.encode(ln).ids[: dense.cfg.max_seq_len] or [0]) for ln in lines]
     moe = upcycle(dense, experts, top_k, prompts=prompts, **kw)
-    with staged_output(out, overwrite=overwrite, protect=[src]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[src, prompts_file]) as tmp:
         write_model_folder(tmp, carry_over(run_cfg, moe.cfg), moe, tok_file, {"upcycled_from": str(src)})
     return Path(out), moe
 

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..config import ConfigError
+from ..outputs import save_tokenizer
 from .dataset import TokenDataset, is_dataset, tokenize_source, tokenizer_hash
 from .loader import PackedSequences, Sampler, SamplerState, cache_dir
 from .sources import Document, is_validation, iter_documents, load_documents, split_documents
@@ -122,7 +123,7 @@ def prepare_data(
             file=sys.stderr,
         )
     if save_tokenizer_to is not None:
-        tok.save(str(save_tokenizer_to))
+        save_tokenizer(tok, save_tokenizer_to)
     train = PackedSequences(ds.split("train"), seq_len, f"{source} (training split)")
     val = PackedSequences(ds.split("val"), seq_len, f"{source} (validation split)")
     return Data(tok, train, val, token_byte_lengths(tok))

@@ -34,6 +34,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import ConfigError, OutputExists
+from ..outputs import restore, save_tokenizer, set_aside
 from .sources import Document, SourceReport, is_validation, iter_documents, source_fingerprint
 from .tokenizer import eos_id, load_tokenizer
 
@@ -62,10 +63,14 @@ def _atomic_json(path: Path, obj: dict) -> None:
 
 def _write_array(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(arr.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a write error carries no file name of its own
+        e.filename = e.filename or str(path)
+        raise
     os.replace(tmp, path)
 
 
@@ -103,7 +108,8 @@ def _write_chunk(out: Path, c: int, tok: Tokenizer, docs: list[Document], val_fr
 
 def _check_out(out: Path, key: dict, overwrite: bool) -> dict | None:
     """The progress of an unfinished run of the same dataset to resume, or None to start.
-    A finished dataset of the same key is signalled by returning {'done': True}."""
+    A finished dataset of the same key is signalled by returning {'done': True}, another
+    one (or other files) to replace, with `overwrite`, by {'replace': True}."""
     if (out / "manifest.json").is_file():
         if json.loads((out / "manifest.json").read_text()).get("key") == key:
             return {"done": True}
@@ -113,12 +119,15 @@ def _check_out(out: Path, key: dict, overwrite: bool) -> dict | None:
             return progress
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise OutputExists(
-                f"--out {out} already holds another dataset (another source, changed source files, or another "
-                "tokenizer): choose a new folder, "
-                "or pass --overwrite to replace it"
+            what = (
+                "another dataset (another source, changed source files, or another tokenizer)"
+                if (out / "manifest.json").is_file() or (out / "progress.json").is_file()
+                else "files that are not a dataset"
             )
-        shutil.rmtree(out)
+            raise OutputExists(
+                f"--out {out} already holds {what}: choose a new folder, or pass --overwrite to replace it"
+            )
+        return {"replace": True}
     return None
 
 
@@ -163,14 +172,42 @@ def tokenize_source(
         "text_field": text_field,
         "val_fraction": val_fraction,
     }
-    progress = _check_out(out, key, overwrite)
-    if progress and progress.get("done"):
+    found = _check_out(out, key, overwrite)
+    if found and found.get("done"):
         return out
-    progress = progress or {"key": key, "chunks": []}
+    # --overwrite keeps the old folder aside until the new dataset is complete
+    aside = set_aside(out) if found and found.get("replace") else None
+    progress = found if found and "chunks" in found else {"key": key, "chunks": []}
+    existed, was_empty = out.exists(), not out.exists() or not any(out.iterdir())
+    try:
+        _tokenize_into(out, source, tok, progress, text_field, val_fraction, chunk_bytes, quiet)
+    except BaseException:
+        if aside is not None:
+            restore(out, aside)
+        elif was_empty and not progress["chunks"]:  # nothing to resume: leave no half-made dataset behind
+            shutil.rmtree(out, ignore_errors=True)
+            if existed:
+                out.mkdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return out
+
+
+def _tokenize_into(
+    out: Path,
+    source: str,
+    tok: Tokenizer,
+    progress: dict,
+    text_field: str,
+    val_fraction: float,
+    chunk_bytes: int,
+    quiet: bool,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp"):
         stale.unlink()
-    tok.save(str(out / "tokenizer.json"))
+    save_tokenizer(tok, out / "tokenizer.json")
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
     report = SourceReport()
     stream = iter_documents(source, text_field, report)
@@ -215,7 +252,6 @@ def tokenize_source(
             f"({time.perf_counter() - t0:.1f} s this run)",
             file=sys.stderr,
         )
-    return out
 
 
 def _with_end(stream: Iterator[Document]) -> Iterator[Document | None]:

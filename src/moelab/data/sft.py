@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from tokenizers import Tokenizer
 
 from ..config import ConfigError
 from .chat import ChatFormat, Segments
-from .sources import stdlib_files, unit_hash
+from .sources import jsonl_lines, stdlib_files, unit_hash
 from .tokenizer import EOS, PAD
 
 
@@ -49,15 +48,9 @@ def read_sft_jsonl(path: Path, fmt: ChatFormat = MOELAB_FORMAT) -> list[Example]
     """Examples of a .jsonl whose lines hold `messages` (chat) or `prompt`/`completion`; ConfigError naming file and
     line for a malformed one."""
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for n, obj in jsonl_lines(path, f):
             where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
             if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
                 segs = fmt.chat(obj["messages"], where)
             elif (
@@ -113,6 +106,10 @@ def load_sft(
         examples = list(stdlib_docstring_examples())
     else:
         path = Path(source)
+        if not path.exists():
+            raise ConfigError(
+                f"fine-tuning data '{source}' does not exist (expected 'stdlib-docstrings' or a .jsonl file)"
+            )
         if not path.is_file() or path.suffix != ".jsonl":
             raise ConfigError(f"fine-tuning data '{source}': expected 'stdlib-docstrings' or an existing .jsonl")
         examples = read_sft_jsonl(path, fmt)

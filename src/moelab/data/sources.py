@@ -19,10 +19,11 @@ import hashlib
 import io
 import json
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ..errors import ConfigError
 
@@ -30,6 +31,7 @@ EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
 LINES_PER_BLOCK = 200
 CHUNK_CHARS = 1 << 20
 HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+UNFINISHED_MARKER = "progress.json"  # what `moelab tokenize` keeps in a dataset folder until it is complete
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ def _blocks(name: str, f: IO[str]) -> Iterator[Document]:
             return
 
 
-def _jsonl(path: Path, f: IO[bytes], name: str, field_name: str) -> Iterator[Document]:
+def jsonl_lines(path: Path, f: IO[bytes]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a .jsonl byte stream;
+    ConfigError naming file and line for one that is not UTF-8 or not JSON."""
     for n, raw in enumerate(f, 1):
         try:
             line = raw.decode("utf-8")
@@ -125,9 +129,13 @@ def _jsonl(path: Path, f: IO[bytes], name: str, field_name: str) -> Iterator[Doc
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def _jsonl(path: Path, f: IO[bytes], name: str, field_name: str) -> Iterator[Document]:
+    for n, obj in jsonl_lines(path, f):
         if not isinstance(obj, dict) or not isinstance(obj.get(field_name), str):
             raise ConfigError(f"{path}:{n}: expected an object with a string field '{field_name}'")
         yield Document(f"{name}:{n}", obj[field_name])
@@ -175,7 +183,29 @@ def _hf_dataset(path: Path, field_name: str) -> Iterator[Document]:
                     yield Document(f"{prefix}:{i * 1000 + j}", t)
 
 
-def _file(path: Path, field_name: str, report: SourceReport) -> Iterator[Document]:
+def _file(path: Path, field_name: str) -> Iterator[Document]:
+    try:
+        yield from _read_file(path, field_name)
+    except _damaged_errors() as e:
+        raise ConfigError(
+            f"data source '{path}' is damaged: {type(e).__name__}: {e or 'unexpected end of data'} "
+            "(a truncated or corrupt compressed file?); fetch or decompress it again"
+        ) from None
+
+
+def _damaged_errors() -> tuple[type[BaseException], ...]:
+    """What the decompressors raise on a truncated or corrupt file."""
+    errs: tuple[type[BaseException], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
+    try:
+        import zstandard
+
+        errs += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errs
+
+
+def _read_file(path: Path, field_name: str) -> Iterator[Document]:
     inner = Path(path.stem) if _compression(path) else path  # data.jsonl.gz reads as data.jsonl
     if inner.suffix == ".jsonl":
         with _open_bytes(path) as fb:
@@ -204,21 +234,41 @@ def iter_documents(source: str, text_field: str = "text", report: SourceReport |
             elif text.strip():
                 yield Document(p.relative_to(root).as_posix(), text)
         return
-    path = Path(source)
-    if not path.exists():
-        raise ConfigError(
-            f"data source '{source}' does not exist (expected 'stdlib', a text file, a folder, a .jsonl, a .parquet, "
-            "a .gz/.zst of those, or a datasets folder)"
-        )
+    path = check_source(source)
     if path.is_dir() and any((path / m).is_file() for m in HF_DATASET_MARKERS):
         docs: Iterator[Document] = _hf_dataset(path, text_field)
     elif path.is_dir():
         docs = _folder(path, report)
     else:
-        docs = _file(path, text_field, report)
+        docs = _file(path, text_field)
     for d in docs:
         if d.text.strip():
             yield d
+
+
+def check_source(source: str) -> Path:
+    """The path of a source that is not `stdlib`; ConfigError when it does not exist, or
+    is a dataset folder whose `moelab tokenize` did not finish (its shards are no text)."""
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(
+            f"data source '{source}' does not exist (expected 'stdlib', a text file, a folder, a .jsonl, a .parquet, "
+            "a .gz/.zst of those, a tokenized dataset, or a datasets folder)"
+        )
+    if path.is_dir() and _unfinished_dataset(path / UNFINISHED_MARKER):
+        raise ConfigError(
+            f"data source '{source}' is an incomplete tokenized dataset (its `moelab tokenize` was interrupted): "
+            "run the same `moelab tokenize` command again to finish it"
+        )
+    return path
+
+
+def _unfinished_dataset(progress: Path) -> bool:
+    try:
+        key = json.loads(progress.read_text()).get("key", {})
+    except (OSError, ValueError, AttributeError):
+        return False  # not ours: a folder of text may hold a file of that name
+    return isinstance(key, dict) and str(key.get("format", "")).startswith("moelab-tokens/")
 
 
 def _folder(path: Path, report: SourceReport) -> Iterator[Document]:
@@ -248,7 +298,7 @@ def source_fingerprint(source: str) -> str:
     if source == "stdlib":
         files = stdlib_files()
     else:
-        path = Path(source)
+        path = check_source(source)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for p in files:
         st = p.stat()

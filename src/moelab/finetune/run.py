@@ -71,7 +71,7 @@ def finetune(
     d = apply_overrides(d, list(overrides))
     d["name"] = f"{d.get('name', 'run')}-{recipe}"
     cfg = config_from_dict(d)
-    if steps:
+    if steps is not None:
         cfg.train.steps = steps
     ft = cfg.finetune
     if cfg.model.moe is not None:

@@ -16,6 +16,7 @@ layout is one clear error on every rank, never a hang.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -208,4 +209,20 @@ def wait_for_peers_to_fail(timeout_s: float = 15.0) -> None:
         while int(store.add(key, 0)) < env[2] and time.monotonic() < deadline:
             time.sleep(0.05)
     except (RuntimeError, KeyError, ValueError):  # no agent store to reach: exit as before
+        pass
+
+
+def record_for_launcher(line: str) -> None:
+    """Write an expected failure's one line into torchrun's error file
+    (TORCHELASTIC_ERROR_FILE, the convention of torch.distributed.elastic's `record`), so
+    that the launcher's failure summary shows it as the root cause instead of "To enable
+    traceback see ...". The line stands where a traceback would: it is the whole story."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:  # the report on stderr stands on its own
         pass

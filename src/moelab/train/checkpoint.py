@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError, NonFiniteError
+from ..outputs import write_safetensors
 
 STATE_FILE = "trainer_state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")  # a single-process checkpoint
@@ -63,9 +64,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, require_finite: bool = F
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise NonFiniteError(f"refusing to write {path.name}: non-finite values in {bad[:5]}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    write_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -131,11 +130,11 @@ def save_checkpoint(
         _save(model.state_dict(), tmp / "model.safetensors", require_finite=True)
         opt_tensors, groups = optimizer_tensors(opt) if opt is not None else ({}, [])
         _save(opt_tensors, tmp / "optimizer.safetensors", require_finite=True)
-    except NonFiniteError:
+        _save(rng_tensors(), tmp / "rng.safetensors")
+        return commit_checkpoint(tmp, final, dict(trainer_state, param_groups=groups), keep)
+    except BaseException:  # a full disk mid-write: the earlier checkpoints stay the newest
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _save(rng_tensors(), tmp / "rng.safetensors")
-    return commit_checkpoint(tmp, final, dict(trainer_state, param_groups=groups), keep)
 
 
 def commit_checkpoint(tmp: Path, final: Path, trainer_state: dict, keep: int | None) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,11 @@ from ..data import Data, prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from ..model.transformer import compile_block
-from ..outputs import check_output
+from ..outputs import check_output, guard_output, restore, save_tokenizer, set_aside, write_json
 from ..parallel.mesh import Parallel
 from ..run_config import RunConfig, read_config, resume_config, save_config
 from ..runs import load_model_weights, pick_device
-from ..runtime import tune_cpu_allocator
+from ..runtime import set_cpu_threads, tune_cpu_allocator
 from . import checkpoint as ck
 from .lr_rule import resolve_auto_lr
 from .metrics import TrainingMemory, truncate_after
@@ -60,6 +61,10 @@ class Run:
     memory: TrainingMemory
     state: dict = field(default_factory=dict)  # trainer state of the checkpoint resumed from
     par: Parallel | None = None  # the layout of a multi-process run
+    # A new run's folder is undone if the run fails before its first checkpoint: the
+    # folder it replaced (--overwrite, kept aside until then) comes back.
+    new_folder: bool = False
+    replaced: Path | None = None
 
     @property
     def is_main(self) -> bool:
@@ -106,11 +111,19 @@ def setup(
     data: Data | None,
     prepare_model,
     par: Parallel | None = None,
+    protect: Sequence[str | Path | None] = (),
+    records: dict[str, dict] | None = None,
 ) -> Run:
     """Prepare a run (see the module docstring) in the layout `par` (None: one process);
-    raises ConfigError, CheckpointError or OutputExists before the run folder is touched."""
+    raises ConfigError, CheckpointError or OutputExists before the run folder is touched.
+    The run folder is never one of `protect`, the `--init` run or the data source, nor inside one;
+    `records` are JSON files (name -> object) written beside config.yaml in a new run folder."""
     ckpt_root = run_dir / "checkpoints"
     main = par is None or par.is_main
+    init_ckpt = ck.resolve_checkpoint(init) if init is not None and not resume else None
+    inputs = [*protect, cfg.data.source, cfg.data.tokenizer]
+    if init_ckpt is not None:
+        inputs += [init, init_ckpt.parent.parent]
     if cfg.optim.lr == "auto":
         cfg.optim.lr = resolve_auto_lr(cfg)
         rule = f"the fit in {cfg.optim.lr_fit}" if cfg.optim.lr_fit else "MM1's rule over non-embedding parameters"
@@ -125,15 +138,19 @@ def setup(
         if start_ckpt is None:
             raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
         cfg = resume_config(read_config(run_dir / "config.yaml"), cfg, run_dir)
+        guard_output(run_dir, in_place=True)  # resuming adds to the run: its own config.yaml may be the recipe
     else:
-        check_output(run_dir, overwrite=overwrite, hint="pass --resume to continue it or --overwrite to start over")
-    init_ckpt = ck.resolve_checkpoint(init) if init is not None and not resume else None
+        check_output(
+            run_dir,
+            overwrite=overwrite,
+            protect=inputs,
+            hint="pass --resume to continue it or --overwrite to start over",
+        )
 
     device = par.device if par is not None else pick_device(cfg.train.device)
     if device.type == "cpu":
         tune_cpu_allocator()
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        set_cpu_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)  # the same on every rank: each builds the same full model
 
     tok_file = run_dir / "tokenizer.json"
@@ -183,11 +200,17 @@ def setup(
         if par is not None:
             par.barrier()  # every rank has checked the folder before rank 0 replaces it
         if main:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            data.tokenizer.save(str(tok_file))
-            save_config(cfg, run_dir / "config.yaml")
+            run.new_folder = True
+            run.replaced = set_aside(run_dir)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_tokenizer(data.tokenizer, tok_file)
+                save_config(cfg, run_dir / "config.yaml")
+                for name, record in (records or {}).items():
+                    write_json(run_dir / name, record)
+            except BaseException:
+                restore(run_dir, run.replaced)
+                raise
     if main:
         for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
             shutil.rmtree(stale, ignore_errors=True)

@@ -11,12 +11,15 @@ checkpoints).
 from __future__ import annotations
 
 import math
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import Data, Sampler, SamplerState
 from ..errors import ConfigError, NonFiniteError, OutputExists
+from ..outputs import restore
 from ..parallel.mesh import close_parallel, init_parallel
 from ..parallel.parallelize import all_reduce_floats, reduce_window
 from ..run_config import RunConfig
@@ -70,6 +73,8 @@ def train(
     quiet: bool = False,
     data: Data | None = None,
     prepare_model=None,
+    protect: Sequence[str | Path | None] = (),
+    records: dict[str, dict] | None = None,
 ) -> TrainResult:
     """Train `cfg` into `run_dir` and return a TrainResult.
 
@@ -79,7 +84,8 @@ def train(
     checkpoint; `init` loads weights (and, unless data.tokenizer names one, the tokenizer)
     of another run. `data` replaces the config's text source (fine-tuning passes its own
     examples); `prepare_model(model)` runs after weights are loaded and before the
-    optimizer is built (freezing, adapters). Raises ConfigError, CheckpointError,
+    optimizer is built (freezing, adapters). `protect` names further inputs the run folder
+    must stay clear of; `records` are JSON files written beside config.yaml. Raises ConfigError, CheckpointError,
     OutputExists, or NonFiniteError when a step's loss or gradient is not finite.
     """
     if stop_after is not None and stop_after < 1:
@@ -87,10 +93,34 @@ def train(
     MetricsWriter.preload()
     par = init_parallel(cfg)  # under torchrun; the layout is checked before any collective
     try:
-        run = setup(cfg, Path(run_dir), resume, overwrite, init, data, prepare_model, par)
-        return _loop(run, stop_after, quiet)
+        run = setup(cfg, Path(run_dir), resume, overwrite, init, data, prepare_model, par, protect, records)
+        try:
+            return _loop(run, stop_after, quiet)
+        except BaseException as e:
+            _undo_new_folder(run, e)
+            raise
     finally:
         close_parallel(par)
+
+
+def _undo_new_folder(run: Run, e: BaseException) -> None:
+    """A new run that failed before its first checkpoint cannot be resumed: remove its
+    folder and bring back the one it replaced. A diverged run that replaced nothing keeps
+    its folder: its metrics are the diagnosis."""
+    if not (run.is_main and run.new_folder):
+        return
+    if isinstance(e, NonFiniteError) and run.replaced is None:
+        return
+    restore(run.run_dir, run.replaced)
+    run.new_folder, run.replaced = False, None
+
+
+def _first_checkpoint_written(run: Run) -> None:
+    """The new run can be resumed now: the folder it replaced goes."""
+    if run.is_main and run.new_folder:
+        if run.replaced is not None:
+            shutil.rmtree(run.replaced, ignore_errors=True)
+        run.new_folder, run.replaced = False, None
 
 
 def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
@@ -207,6 +237,7 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
                     save_distributed(
                         run.ckpt_root, step, run.model, run.opt, trainer_state, par, keep=tc.keep_checkpoints
                     )
+                _first_checkpoint_written(run)
     finally:
         progress.close()
         if metrics is not None:
