@@ -26,6 +26,7 @@ from moelab.train import train
 HERE = Path(__file__).parent
 PATH_CASES = ["self", "inside", "file", "symlink"]
 DISK_CASES = ["readonly_new", "readonly_earlier", "full_new", "full_earlier"]
+TINY_SETS = [a for o in TINY for a in ("--set", o)]
 WRITERS = ["train", "finetune", "distill", "upcycle", "import", "export", "quantize", "prune-experts",
            "merge-experts", "consolidate", "tokenize", "compare", "lr-sweep"]
 
@@ -188,6 +189,7 @@ READERS = {
     "prune-experts": lambda i, d, o: ["prune-experts", str(i["run"]), "--keep", "2", "--calib", d, "--out", o],
     "merge-experts": lambda i, d, o: ["merge-experts", str(i["run"]), "--experts", "2", "--calib", d, "--out", o],
     "tokenize": lambda i, d, o: ["tokenize", d, "--out", o, "--vocab-size", "300"],
+    "compare": lambda i, d, o: ["compare", "tiny-dense", "--data", d, "--out", o, "--steps", "1", *TINY_SETS],
     "lr-sweep": lambda i, d, o: ["lr-sweep", "--recipe", "tiny-moe", "--sizes", "32", "--lrs", "0.01", "--data", d,
                                  "--out", o, "--steps", "1"],
 }
@@ -196,15 +198,19 @@ EXPECTED = {"missing": "does not exist", "truncated_gz": "is damaged", "corrupt_
 
 
 @pytest.mark.parametrize("command", sorted(READERS))
-def test_bad_data_is_one_line_naming_it(inputs, bad_sources, tmp_path, capsys, command):
+def test_bad_data_is_one_line_naming_it(inputs, bad_sources, tmp_path, capfd, command):
     for kind in EXPECTED:
         src = bad_sources[kind]
         out = tmp_path / f"out-{kind}"
-        capsys.readouterr()
+        capfd.readouterr()
         assert main(READERS[command](inputs, str(src), str(out))) == 2, kind
-        line = capsys.readouterr().err.strip().splitlines()[-1]
+        err = capfd.readouterr().err  # with the output of a training process compare starts
+        line = err.strip().splitlines()[-1]
         assert line.startswith(f"moelab {command}: error: ") and src.name in line, (kind, line)
-        if command != "finetune" or kind in ("missing", "binary_jsonl"):  # finetune takes .jsonl files only
+        if command == "compare" and kind in ("truncated_gz", "corrupt_zst", "binary_jsonl"):
+            # found by the training process, which printed its own line above compare's
+            assert "training tiny-dense failed" in line and EXPECTED[kind] in err, (kind, err)
+        elif command != "finetune" or kind in ("missing", "binary_jsonl"):  # finetune takes .jsonl files only
             assert EXPECTED[kind] in line, (kind, line)
         assert not out.exists(), kind
     assert tree_hash(bad_sources["interrupted_dataset"]) == bad_sources["interrupted_hash"]  # left to resume

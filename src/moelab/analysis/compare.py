@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..data.sources import check_source
 from ..outputs import staged_output
 from ..run_config import RunConfig, load_config, read_config
 
@@ -209,6 +210,8 @@ def compare(
         raise ConfigError(f"--steps: expected a positive number of steps, got {steps}")
     if tokens is not None and tokens < 1:
         raise ConfigError(f"--tokens: expected a positive token budget, got {tokens}")
+    if data is not None and data != "stdlib":
+        check_source(data)  # before any training process starts
     with staged_output(out, overwrite=overwrite, protect=[*items, data]) as tmp:
         return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet)
 
