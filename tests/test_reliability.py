@@ -81,16 +81,24 @@ def test_nan_before_any_checkpoint_says_so(tmp_path, corpus):
 
 def test_skip_mode_skips_the_update_and_records_it(tmp_path, corpus):
     run = tmp_path / "run"
-    res = train(tiny_cfg(corpus, 6, ["train.on_nonfinite=skip"]), run, quiet=True,
-                prepare_model=poison_grads_at({3}))
+    res = train(tiny_cfg(corpus, 6, ["train.on_nonfinite=skip", "train.ckpt_every=1", "train.keep_checkpoints=10"]),
+                run, quiet=True, prepare_model=poison_grads_at({3}))
     assert res.step == 6 and res.skipped_steps == 1
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert recs[2]["skipped_steps"] == 1 and "step 3 skipped" in recs[2]["warnings"][0]
     assert recs[2]["grad_norm"] == "nan" and recs[1]["skipped_steps"] == 0
-    # the skipped step left the weights as they were: the same run with step 3's update
-    # dropped equals one whose step-3 batch contributed nothing - so all weights stay finite
-    weights = load_file(str(latest_checkpoint(run / "checkpoints") / "model.safetensors"))
-    assert all(torch.isfinite(v).all() for v in weights.values())
+
+    def state(step, name):
+        return load_file(str(run / "checkpoints" / f"step-{step:06d}" / name))
+
+    # the reference is the run itself one step earlier: the skipped step changed no weight
+    # and no optimizer moment or step count, bit for bit; the steps around it did update
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        s2, s3, s4 = state(2, name), state(3, name), state(4, name)
+        assert s2.keys() == s3.keys() == s4.keys()
+        assert all(torch.equal(s2[k], s3[k]) for k in s2), name
+        assert any(not torch.equal(s3[k], s4[k]) for k in s3), name
+    assert all(torch.isfinite(v).all() for v in state(6, "model.safetensors").values())
 
 
 def test_skip_mode_stops_after_too_many_in_a_row(tmp_path, corpus):
@@ -255,9 +263,11 @@ def test_bad_input_is_one_clear_line(tmp_path, run4, corpus, capsys):
                                                                       str(ints), "--out", out)
     assert "train.device: expected auto, cpu, cuda" in cli_error(capsys, "train", "tiny-moe", "--out", out,
                                                                  "train.device=gpu0")
-    if not torch.cuda.is_available():
-        assert "CUDA is not available" in cli_error(capsys, "train", "tiny-moe", "--data", str(corpus),
-                                                    "--out", out, "train.device=cuda", *TINY_MOE)
+    # a device this machine lacks: CUDA here, on a CUDA machine one index past its last device
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    expected = "CUDA is not available" if not torch.cuda.is_available() else "CUDA device(s) here"
+    assert expected in cli_error(capsys, "train", "tiny-moe", "--data", str(corpus), "--out", out,
+                                 f"train.device={missing}", *TINY_MOE)
     assert "train.threads: expected a positive integer" in cli_error(capsys, "train", "tiny-moe", "--out", out,
                                                                      "train.threads=-1")
     assert "--stop-after: expected a positive" in cli_error(capsys, "train", "tiny-moe", "--out", out,

@@ -116,12 +116,21 @@ def test_causal_and_activation_checkpointing_equivalent():
     t2 = tokens.clone()
     t2[:, -1] = (t2[:, -1] + 1) % 97
     torch.testing.assert_close(model(t2).logits[:, :-1], out.logits[:, :-1])
+    calls, saved = [], []
+    model.layers[0].register_forward_pre_hook(lambda mod, inp: calls.append(1))  # recompute stops before a post-hook
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        out = model(tokens, tokens)  # the reference again, counting what it saves for backward
+    n_plain, saved[:] = len(saved), []
     model.activation_checkpointing = True
-    out_ck = model(tokens, tokens)
+    calls.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        out_ck = model(tokens, tokens)
     torch.testing.assert_close(out_ck.loss, out.loss)
     g1 = torch.autograd.grad(out.loss, list(model.parameters()))
     g2 = torch.autograd.grad(out_ck.loss, list(model.parameters()))
-    for a, b in zip(g1, g2):
+    # the flag took effect: the blocks' activations were not kept, and block 0 ran again in backward
+    assert len(saved) < n_plain / 2 and len(calls) == 2
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 

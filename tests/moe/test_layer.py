@@ -148,10 +148,23 @@ def test_jitter_only_in_training():
 
 
 def test_router_entropy_and_max_violation_reported():
+    """Both statistics worked out here from the router's logits (x W^T), not from the
+    layer's own counts: a skewed router, then a uniform one."""
     moe = make_moe()
+    torch.manual_seed(3)
+    x = torch.randn(40, 16) + 0.5
     with torch.no_grad():
-        moe.router.weight.zero_()  # uniform probabilities
-    _, stats = moe(torch.randn(40, 16))
+        moe.router.weight.copy_(torch.randn_like(moe.router.weight) * 0.5)
+        moe.router.weight[0] += 0.5  # expert 0 favoured by the tokens' common direction: far from uniform
+    _, stats = moe(x)
+    logits = x @ moe.router.weight.T
+    p = torch.softmax(logits, dim=-1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    load = torch.bincount(logits.topk(moe.cfg.top_k, dim=-1).indices.reshape(-1), minlength=moe.cfg.n_experts).float()
+    assert load.max() / load.mean() - 1 > 0.2 and entropy < math.log(4) - 0.2  # the case is not the uniform one
+    assert stats.router_entropy.item() == pytest.approx(entropy.item(), abs=1e-5)
+    assert stats.max_violation.item() == pytest.approx((load.max() / load.mean() - 1).item(), abs=1e-6)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities: log E
+    _, stats = moe(x)
     assert stats.router_entropy.item() == pytest.approx(math.log(4), abs=1e-6)
-    load = stats.tokens_per_expert.float()
-    assert stats.max_violation.item() == pytest.approx((load.max() / load.mean() - 1).item())

@@ -140,3 +140,28 @@ def test_bias_update_is_recentred_and_keeps_choices():
     with torch.no_grad():
         moe.router.bias += 0.05  # the uncentred bias
     assert torch.equal(moe.router(x).expert_idx_TK, chosen)
+
+
+def test_global_balance_reduces_counts_through_the_installed_reducer():
+    """The layer knows no process group: what the other data-parallel ranks routed comes
+    through `count_reducer` (installed by moelab.parallel), once per micro-batch, and is
+    added to the step's counts."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=2, balance_scope="global"))
+    other_rank = torch.tensor([30, 0, 2, 0])  # what another rank routed in the same micro-batch
+    seen = []
+
+    def reducer(c):
+        seen.append(c.clone())
+        return c + other_rank
+
+    moe.count_reducer = reducer
+    x0, x1 = torch.randn(40, 16), torch.randn(24, 16)
+    counts = [torch.bincount(moe.router(x).expert_idx_TK.reshape(-1), minlength=4) for x in (x0, x1)]
+    moe.start_micro_batch(0)
+    _, s0 = moe(x0)
+    torch.testing.assert_close(s0.lb_loss, _by_hand_lb(moe, x0, counts[0] + other_rank))
+    moe.start_micro_batch(1)
+    _, s1 = moe(x1)
+    torch.testing.assert_close(s1.lb_loss, _by_hand_lb(moe, x1, counts[0] + counts[1] + 2 * other_rank))
+    assert len(seen) == 2 and torch.equal(seen[1], counts[1])  # this rank's own counts, once a micro-batch

@@ -81,13 +81,18 @@ def test_two_processes_train_like_one(tmp_path, text_file, name):
 def test_global_balance_is_global_and_micro_is_per_rank(tmp_path, text_file):
     """With balance_scope=micro each rank balances its own tokens, so 2 ranks differ from
     one process (the parity above depends on `global` being global); with global they do not."""
-    common = ["train.grad_accum=2"]
-    micro = [*common, "model.moe.balance_scope=micro"]
-    run(0, tmp_path / "one", text_file, micro, 2, {})
-    spawn(2, run, tmp_path / "two", text_file, [*micro, "parallel.expert=2"], 2, {})
-    lb = [[json.loads(x)["lb_loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-          for d in ("one", "two")]
-    assert abs(lb[0][0] - lb[1][0]) > 1e-6, lb
+    def lb_losses(d):
+        return [r["lb_loss"] for r in records(tmp_path / d)]
+
+    for scope in ("micro", "global"):
+        overrides = ["train.grad_accum=2", f"model.moe.balance_scope={scope}"]
+        run(0, tmp_path / f"one-{scope}", text_file, overrides, 2, {})
+        spawn(2, run, tmp_path / f"two-{scope}", text_file, [*overrides, "parallel.expert=2"], 2, {})
+    one, two = lb_losses("one-micro"), lb_losses("two-micro")
+    assert len(one) == len(two) == 2 and abs(one[0] - two[0]) > 1e-6, (one, two)  # per rank: differs
+    one, two = lb_losses("one-global"), lb_losses("two-global")
+    assert len(one) == 2 and two == pytest.approx(one, abs=1e-6)  # global: the one-process value
+    assert abs(one[0] - lb_losses("one-micro")[0]) > 1e-6  # ... and global is not micro in disguise
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
@@ -121,7 +126,11 @@ def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
     step 0) and fine-tuned in one process, straight from its DCP checkpoint; its saved
     config carries no process layout, so what derives from it needs no torchrun."""
     from conftest import run_cli
+    from moelab.cli import main
+    from moelab.data import Sampler
+    from moelab.run_config import read_config
     from moelab.runs import load_run
+    from moelab.train.setup import run_data
 
     spawn(2, run_dense, tmp_path / "dense", text_file)
     assert (latest_checkpoint(tmp_path / "dense" / "checkpoints") / "dcp" / ".metadata").is_file()
@@ -134,11 +143,22 @@ def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": f"double {i}:", "completion": f" {2 * i}"}) + "\n"
                            for i in range(40)))
-    run_cli("finetune", str(tmp_path / "dense"), "--data", str(sft), "--out", str(tmp_path / "ft"), "--recipe",
-            "full", "--steps", "2", "--quiet")
-    assert len(losses(tmp_path / "ft")) >= 1
-    run_cli("train", str(tmp_path / "up" / "config.yaml"), "--init", str(tmp_path / "up"), "--data", str(text_file),
-            "--out", str(tmp_path / "cont"), "--steps", "1", "--quiet")
+    # fine-tuning the DCP run equals fine-tuning its consolidated single-process copy, loss for loss
+    assert main(["consolidate", str(tmp_path / "dense"), "--out", str(tmp_path / "dense1")]) == 0
+    for base, out in (("dense", "ft"), ("dense1", "ft1")):
+        assert main(["finetune", str(tmp_path / base), "--data", str(sft), "--out", str(tmp_path / out), "--recipe",
+                     "full", "--steps", "2", "--quiet", "train.log_every=1"]) == 0
+    assert len(losses(tmp_path / "ft")) == 2 and losses(tmp_path / "ft") == losses(tmp_path / "ft1")
+    # training on from the upcycled model starts from the dense model's function: its first
+    # LM loss is the dense model's loss on the same first batch, worked out here
+    assert main(["train", str(tmp_path / "up" / "config.yaml"), "--init", str(tmp_path / "up"), "--data",
+                 str(text_file), "--out", str(tmp_path / "cont"), "--steps", "1", "--quiet"]) == 0
+    cfg = read_config(tmp_path / "cont" / "config.yaml")
+    data = run_data(cfg, tmp_path / "cont" / "tokenizer.json")
+    x, y = data.train.batch(Sampler(len(data.train), cfg.train.batch_size, cfg.train.seed).next())[:2]
+    with torch.no_grad():
+        expected = float(dense.model(x, y).lm_loss)
+    assert records(tmp_path / "cont")[0]["lm_loss"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_consolidated_run_resumes_like_the_distributed_one(tmp_path, text_file):

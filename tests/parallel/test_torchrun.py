@@ -12,6 +12,8 @@ import torch
 import transformers
 
 from conftest import TINY_MOE, run_cli
+from moelab.cli import main
+from moelab.runs import load_run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -24,8 +26,9 @@ def torchrun(*args, timeout=300):
 
 def test_torchrun_trains_and_the_run_folder_is_usable(tmp_path, text_file):
     run = tmp_path / "run"
+    parity = ["model.moe.jitter=0", "optim.eps=1e-6"]  # as tests/parallel/test_distributed_training.py says why
     r = torchrun("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--steps", "4", "--quiet",
-                 *TINY_MOE, "train.log_every=1", "train.ckpt_every=2", "parallel.expert=2")
+                 *TINY_MOE, *parity, "train.log_every=1", "train.ckpt_every=2", "parallel.expert=2")
     assert r.returncode == 0, r.stderr[-4000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # one line per step: rank 0 alone writes
@@ -34,12 +37,17 @@ def test_torchrun_trains_and_the_run_folder_is_usable(tmp_path, text_file):
 
     # eval, generate and export read the distributed checkpoint (consolidated in memory)
     _, out, err = run_cli("eval", str(run), "--data", str(text_file), "--json")
-    assert 0 < json.loads(out)["loss"] < 10
+    # the same 4 steps in one process: the torchrun run's held-out loss is that run's
+    assert main(["train", "tiny-moe", "--data", str(text_file), "--out", str(tmp_path / "one"), "--steps", "4",
+                 "--quiet", *TINY_MOE, *parity, "train.log_every=1", "train.ckpt_every=2"]) == 0
+    from moelab.inference import evaluate_source
+
+    one = evaluate_source(load_run(tmp_path / "one", device="cpu"), str(text_file))["loss"]
+    assert json.loads(out)["loss"] == pytest.approx(one, abs=1e-4)
     assert "torch.distributed is disabled" not in err  # one process reading a DCP checkpoint is the intended path
     _, out, _ = run_cli("generate", str(run), "--prompt", "the quick", "--max-new-tokens", "5")
     assert out.strip()
     run_cli("export", str(run), "--out", str(tmp_path / "hf"))
-    from moelab.runs import load_run
 
     ours = load_run(run, device="cpu").model
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

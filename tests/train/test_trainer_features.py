@@ -48,10 +48,23 @@ def test_constant_schedule_holds_the_peak_after_warmup(tmp_path, text_file):
     assert [r["lr"] for r in records(tmp_path / "run")] == [0.001, 0.002, 0.002, 0.002, 0.002, 0.002]
 
 
+def count_training_calls(calls: list):
+    """prepare_model hook: append to `calls` each time block 0 runs in training mode (its
+    forward, and again its recompute in backward under activation checkpointing)."""
+    def prepare(model):
+        # a pre-hook: checkpointing's recompute stops early, before a forward hook would fire
+        model.layers[0].register_forward_pre_hook(lambda mod, inp: calls.append(1) if mod.training else None)
+    return prepare
+
+
 def test_activation_checkpointing_through_the_trainer_changes_nothing(tmp_path, text_file):
-    train(cfg_for("tiny-moe", text_file, 3), tmp_path / "plain", quiet=True)
-    train(cfg_for("tiny-moe", text_file, 3, ["train.activation_checkpointing=true"]), tmp_path / "ckpt", quiet=True)
-    for ra, rb in zip(records(tmp_path / "plain"), records(tmp_path / "ckpt")):
+    plain_calls, ck_calls = [], []
+    train(cfg_for("tiny-moe", text_file, 3), tmp_path / "plain", quiet=True,
+          prepare_model=count_training_calls(plain_calls))
+    train(cfg_for("tiny-moe", text_file, 3, ["train.activation_checkpointing=true"]), tmp_path / "ckpt", quiet=True,
+          prepare_model=count_training_calls(ck_calls))
+    assert len(plain_calls) == 3 and len(ck_calls) == 6  # the flag took effect: each block recomputed once
+    for ra, rb in zip(records(tmp_path / "plain"), records(tmp_path / "ckpt"), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
 
 
@@ -162,12 +175,16 @@ def test_global_balance_survives_activation_checkpointing(tmp_path, text_file):
     """Recomputing a block in backward must not count its tokens twice in the global
     balance counts (nor call a collective twice): same run with and without it."""
     extra = ["model.moe.balance_scope=global", "train.grad_accum=2", "model.moe.lb_coef=0.1"]
-    train(cfg_for("tiny-moe", text_file, 2, extra), tmp_path / "a", quiet=True)
+    calls_a, calls_b = [], []
+    train(cfg_for("tiny-moe", text_file, 2, extra), tmp_path / "a", quiet=True,
+          prepare_model=count_training_calls(calls_a))
     train(cfg_for("tiny-moe", text_file, 2, [*extra, "train.activation_checkpointing=true"]), tmp_path / "b",
-          quiet=True)
+          quiet=True, prepare_model=count_training_calls(calls_b))
+    assert len(calls_a) == 4 and len(calls_b) == 8  # 2 steps x 2 micro-batches, recomputed once under checkpointing
     la = [r["loss"] for r in records(tmp_path / "a")]
     assert la == pytest.approx([r["loss"] for r in records(tmp_path / "b")], abs=1e-6)
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
@@ -175,8 +192,14 @@ def test_global_balance_survives_activation_checkpointing(tmp_path, text_file):
 def test_compile_matches_eager(tmp_path, text_file):
     """train.compile=true (dense blocks whole, the attention of MoE blocks) trains the
     same run as eager mode, to fp32 reordering noise."""
+    from torch._dynamo.utils import counters
+
     extra = ["model.moe_pattern=alternate"]
+    counters.clear()
     train(cfg_for("tiny-moe", text_file, 3, extra), tmp_path / "eager", quiet=True)
+    assert counters["stats"]["unique_graphs"] == 0
     train(cfg_for("tiny-moe", text_file, 3, [*extra, "train.compile=true"]), tmp_path / "compiled", quiet=True)
+    assert counters["stats"]["unique_graphs"] >= 2  # the flag took effect: the dense block and an attention compiled
     eager = [r["loss"] for r in records(tmp_path / "eager")]
+    assert len(eager) == 3
     assert [r["loss"] for r in records(tmp_path / "compiled")] == pytest.approx(eager, abs=1e-4)

@@ -2,8 +2,10 @@
 
 moelab's own trainer trains a recipe for a few steps; the same initial weights, exported
 with `moelab export`, are trained in `transformers` (LlamaForCausalLM or
-MixtralForCausalLM) by a plain loop written here from the published recipe: the same
-batches in the same order, AdamW with the same parameter groups (no weight decay on
+MixtralForCausalLM) by a plain loop written here from the published recipe, with its own
+sequence windows, batch order and learning-rate schedule (so that a bug in moelab's
+loader, sampler or `lr_at` shows instead of cancelling out): the same batches in the
+same order, AdamW with the same parameter groups (no weight decay on
 embeddings and 1-D gains), the same warmup/cosine schedule, global-norm clipping, and the
 same auxiliary losses computed from the Hugging Face model's own router logits (its
 `load_balancing_loss_func` per layer, divided by top-k because it counts assignments per
@@ -20,17 +22,18 @@ the definitions).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..data import Sampler
 from ..run_config import RunConfig
 from ..train import train
-from ..train.optim import lr_at
 from ..train.trainer import run_data
 
 
@@ -58,6 +61,31 @@ def _hf_loss(hf, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> tuple[torc
         z = torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
         aux.append(moe.lb_coef * lb + moe.z_coef * z)
     return lm + torch.stack(aux).mean(), lm
+
+
+def _reference_lr_factor(step: int, total: int, cfg: RunConfig) -> float:
+    """The schedule as `OptimConfig` documents it, written here apart from moelab's
+    `lr_at`: linear warmup reaching the peak at step `warmup_steps` (1-based), then a
+    half cosine from the peak down to min_lr_ratio x peak at the last step."""
+    o = cfg.optim
+    if o.schedule != "cosine":
+        raise ValueError(f"parity is defined for the cosine schedule, not {o.schedule!r}")
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    done = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * (1 + math.cos(math.pi * done)) / 2
+
+
+def _reference_batches(tokens: np.ndarray, S: int, B: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) batches of the training tokens, written here apart from moelab's
+    loader and sampler from their stated rule: sequence i is tokens[i*S : i*S + S + 1];
+    epoch e visits every sequence once, in the order of numpy's default_rng([seed, e])
+    permutation; a batch may run on into the next epoch."""
+    n = (len(tokens) - 1) // S
+    order = itertools.chain.from_iterable(np.random.default_rng([seed, e]).permutation(n) for e in itertools.count())
+    while True:
+        rows = torch.from_numpy(np.stack([tokens[i * S : i * S + S + 1] for i in itertools.islice(order, B)]))
+        yield rows[:, :-1], rows[:, 1:]
 
 
 def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = None) -> dict:
@@ -97,22 +125,23 @@ def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = Non
         hf.train()
         o = cfg.optim
         opt = torch.optim.AdamW(_hf_param_groups(hf, o.weight_decay), lr=o.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        data = run_data(cfg, work / "moelab" / "tokenizer.json")
-        sampler = Sampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _reference_lr_factor(step, steps, cfg))
+        # the training split's tokens (the input both sides share); windows and order made here
+        tokens = np.asarray(run_data(cfg, work / "moelab" / "tokenizer.json").train.tokens[:], dtype=np.int64)
+        batches = _reference_batches(tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
         theirs, theirs_lm = [], []
         clip = o.grad_clip if o.grad_clip > 0 else math.inf
-        for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, o)
+        for _ in range(steps):
             loss_sum = lm_sum = 0.0
             for _ in range(cfg.train.grad_accum):
-                x, y = data.train.batch(sampler.next())
+                x, y = next(batches)
                 loss, lm = _hf_loss(hf, x, y, cfg)
                 (loss / cfg.train.grad_accum).backward()
                 loss_sum += loss.item() / cfg.train.grad_accum
                 lm_sum += lm.item() / cfg.train.grad_accum
             torch.nn.utils.clip_grad_norm_(hf.parameters(), clip)
             opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
             theirs.append(loss_sum)
             theirs_lm.append(lm_sum)

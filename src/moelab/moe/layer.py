@@ -6,10 +6,10 @@ N kept assignments grouped by expert.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import MoEConfig
@@ -61,11 +61,14 @@ class MoE(nn.Module):
     output is zero.
 
     With `cfg.balance_scope == "global"` the load-balancing loss counts expert
-    frequencies over `balance_group` (the data-parallel ranks; None = this process) and
-    over the optimizer step's micro-batches so far, which `start_micro_batch` delimits.
+    frequencies over the optimizer step's micro-batches so far, which `start_micro_batch`
+    delimits, and over whatever `count_reducer` adds up: None = this process; under data
+    parallelism `moelab.parallel` installs a sum over the data-parallel ranks. The layer
+    itself stays single-device.
     """
 
-    balance_group: dist.ProcessGroup | None = None  # set by moelab.parallel
+    # (E,) counts of this micro-batch -> the same counts summed over the data-parallel ranks
+    count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, cfg: MoEConfig, backend: Backend = "auto"):
         super().__init__()
@@ -93,8 +96,8 @@ class MoE(nn.Module):
         if self._micro is not None and seen == self._micro and now is not None:
             return now  # activation checkpointing recomputes this forward: same counts, no collective
         local = torch.bincount(expert_idx_TK.reshape(-1), minlength=self.cfg.n_experts)
-        if self.balance_group is not None:
-            dist.all_reduce(local, group=self.balance_group)
+        if self.count_reducer is not None:
+            local = self.count_reducer(local)
         if self._micro is None:
             return local
         base = now if now is not None else torch.zeros_like(local)

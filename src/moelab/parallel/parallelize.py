@@ -30,6 +30,13 @@ from .mesh import Parallel
 EXPERT_PREFIX = ".experts.local."  # parameter names of an expert-parallel slice
 
 
+def sum_over_ranks(counts: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The MoE layer's count reducer under data parallelism: `counts` summed over `group`
+    (None = every rank), in place, and returned."""
+    dist.all_reduce(counts, group=group)
+    return counts
+
+
 def parallelize(model: nn.Module, par: Parallel, compile_blocks: bool = False) -> None:
     """Shard `model` (a Transformer holding all weights, identical on every rank) in place:
     experts over the expert-parallel group, each slice fully_shard-ed over its
@@ -39,7 +46,7 @@ def parallelize(model: nn.Module, par: Parallel, compile_blocks: bool = False) -
         shard_experts(model, par.ep_group, par.layout.ep_rank, E)
     for moe in model.modules():
         if isinstance(moe, MoE):
-            moe.balance_group = dist.group.WORLD  # every rank is a data-parallel rank
+            moe.count_reducer = sum_over_ranks  # every rank is a data-parallel rank
     edp = par.expert_mesh["edp"]
     for block in model.layers:  # type: ignore[union-attr]  # a Transformer's blocks
         if isinstance(block.ffn, MoE) and isinstance(block.ffn.experts, ExpertParallelExperts):
