@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import dataset_for
+from ..data.tokenizer import load_tokenizer
 from ..run_config import RunConfig
 from ..train import train
-from ..train.trainer import run_data
 
 
 def _hf_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -127,7 +128,9 @@ def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = Non
         opt = torch.optim.AdamW(_hf_param_groups(hf, o.weight_decay), lr=o.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _reference_lr_factor(step, steps, cfg))
         # the training split's tokens (the input both sides share); windows and order made here
-        tokens = np.asarray(run_data(cfg, work / "moelab" / "tokenizer.json").train.tokens[:], dtype=np.int64)
+        tok = load_tokenizer(work / "moelab" / "tokenizer.json")
+        ds = dataset_for(cfg.data.source, tok, text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction)
+        tokens = np.asarray(ds.split("train")[:], dtype=np.int64)
         batches = _reference_batches(tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
         theirs, theirs_lm = [], []
         clip = o.grad_clip if o.grad_clip > 0 else math.inf
