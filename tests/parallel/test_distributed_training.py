@@ -128,6 +128,7 @@ def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
     from conftest import run_cli
     from moelab.cli import main
     from moelab.data import Sampler
+    from moelab.finetune.run import finetune_data
     from moelab.run_config import read_config
     from moelab.runs import load_run
     from moelab.train.setup import run_data
@@ -143,12 +144,17 @@ def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": f"double {i}:", "completion": f" {2 * i}"}) + "\n"
                            for i in range(40)))
-    # fine-tuning the DCP run equals fine-tuning its consolidated single-process copy, loss for loss
-    assert main(["consolidate", str(tmp_path / "dense"), "--out", str(tmp_path / "dense1")]) == 0
-    for base, out in (("dense", "ft"), ("dense1", "ft1")):
-        assert main(["finetune", str(tmp_path / base), "--data", str(sft), "--out", str(tmp_path / out), "--recipe",
-                     "full", "--steps", "2", "--quiet", "train.log_every=1"]) == 0
-    assert len(losses(tmp_path / "ft")) == 2 and losses(tmp_path / "ft") == losses(tmp_path / "ft1")
+    # fine-tuning starts from the DCP run's weights: its first LM loss is the dense model's
+    # on the same first batch of examples, worked out here
+    assert main(["finetune", str(tmp_path / "dense"), "--data", str(sft), "--out", str(tmp_path / "ft"), "--recipe",
+                 "full", "--steps", "2", "--quiet", "train.log_every=1"]) == 0
+    ft_cfg = read_config(tmp_path / "ft" / "config.yaml")
+    ft_data = finetune_data(ft_cfg, str(sft), dense.tokenizer, tmp_path / "dense", verbose=False)
+    x, y, mask = ft_data.train.batch(Sampler(len(ft_data.train), ft_cfg.train.batch_size, ft_cfg.train.seed).next())
+    with torch.no_grad():
+        expected = float(dense.model(x, y, mask).lm_loss)
+    assert len(records(tmp_path / "ft")) == 2
+    assert records(tmp_path / "ft")[0]["lm_loss"] == pytest.approx(expected, abs=1e-5)
     # training on from the upcycled model starts from the dense model's function: its first
     # LM loss is the dense model's loss on the same first batch, worked out here
     assert main(["train", str(tmp_path / "up" / "config.yaml"), "--init", str(tmp_path / "up"), "--data",
