@@ -336,9 +336,11 @@ def test_values_out_of_range_are_one_line_and_leave_no_folder(tmp_path, run4, co
                                                              "--temperature", "nan")
     assert "--lrs: expected a comma-separated list of positive" in cli_error(
         capsys, "lr-sweep", "--recipe", "tiny-moe", "--sizes", "32", "--lrs", "0,-1", "--out", str(out))
-    # a compare whose training fails leaves no report folder behind
-    assert "training tiny-dense failed" in cli_error(capsys, "compare", "tiny-dense", "--data",
-                                                     str(tmp_path / "missing.txt"), "--out", str(out), "--steps", "1")
+    # a compare whose training fails (here: a device this machine lacks) leaves no report folder behind
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    assert "training tiny-dense failed" in cli_error(capsys, "compare", "tiny-dense", "--data", str(corpus),
+                                                     "--out", str(out), "--steps", "1", "--set",
+                                                     f"train.device={missing}")
     assert not out.exists() and not list(tmp_path.glob(".r.*"))
 
 

