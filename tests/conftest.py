@@ -38,3 +38,16 @@ def run_cli(*args: str, check: bool = True):
     if check and r.returncode != 0:
         raise AssertionError(f"moelab {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return r.returncode, r.stdout, r.stderr
+
+
+def run_main(capsys, *args: str, check: bool = True):
+    """`moelab ...` in this process (no interpreter and torch start-up): (rc, stdout, stderr).
+    For commands whose test needs no process of its own (peak memory, kill -9 do)."""
+    from moelab.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    if check and rc != 0:
+        raise AssertionError(f"moelab {' '.join(map(str, args))} failed ({rc}):\n{err[-3000:]}")
+    return rc, out, err

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, TINY_MOE, run_cli
+from conftest import TINY, TINY_MOE, run_cli, run_main
 from moelab import ConfigError, ModelConfig, MoEConfig, Transformer
 from moelab.cli import main
 from moelab.compress.distill import attach_teacher, distill_kl
@@ -43,23 +43,23 @@ def test_quantization_error_is_within_half_a_step(bits):
 
 def test_quantized_checkpoint_round_trip_eval_generate(tmp_path, teacher, capsys):
     run, corpus = teacher
-    base = json.loads(run_cli("eval", str(run), "--data", str(corpus), "--json")[1])
-    run_cli("quantize", str(run), "--bits", "8", "--group-size", "16", "--out", str(tmp_path / "q8"))
-    q8 = json.loads(run_cli("eval", str(tmp_path / "q8"), "--data", str(corpus), "--json")[1])
+    base = json.loads(run_main(capsys, "eval", str(run), "--data", str(corpus), "--json")[1])
+    run_main(capsys, "quantize", str(run), "--bits", "8", "--group-size", "16", "--out", str(tmp_path / "q8"))
+    q8 = json.loads(run_main(capsys, "eval", str(tmp_path / "q8"), "--data", str(corpus), "--json")[1])
     assert abs(q8["loss"] / base["loss"] - 1) < 0.01 and q8["loss"] != base["loss"]
     # saved packed, loaded back bit for bit
     r = load_run(tmp_path / "q8")
     w = r.model.layers[0].ffn.experts.parametrizations.w_up.original0
     assert w.dtype == torch.uint8 and r.cfg.quant.bits == 8
-    text = run_cli("generate", str(tmp_path / "q8"), "--prompt", "line 3", "--max-new-tokens", "4",
+    text = run_main(capsys, "generate", str(tmp_path / "q8"), "--prompt", "line 3", "--max-new-tokens", "4",
                    "--temperature", "0")[1]
     assert text.startswith("line 3")
     # moelab memory reports what the quantized weights take resident: the bytes actually stored
     from moelab.compress.quantize import resident_bytes
 
-    mem = json.loads(run_cli("memory", str(tmp_path / "q8" / "config.yaml"), "--json")[1])[0]
+    mem = json.loads(run_main(capsys, "memory", str(tmp_path / "q8" / "config.yaml"), "--json")[1])[0]
     assert mem["quantized_weight_bytes"]["total"] == resident_bytes(r.model)
-    run_cli("quantize", str(run), "--bits", "3", "--group-size", "16", "--out", str(tmp_path / "q3"))
+    run_main(capsys, "quantize", str(run), "--bits", "3", "--group-size", "16", "--out", str(tmp_path / "q3"))
     assert load_run(tmp_path / "q3").model.layers[0].ffn.experts.parametrizations.w_up.original0.numel() == (
         8 * 32 * 32 * 3 // 8)
     capsys.readouterr()
@@ -89,10 +89,10 @@ def test_merging_identical_experts_is_lossless():
 
 
 @pytest.mark.parametrize("cmd", ["prune-experts", "merge-experts"])
-def test_prune_or_merge_8_to_4_trains_on(tmp_path, teacher, cmd):
+def test_prune_or_merge_8_to_4_trains_on(tmp_path, teacher, cmd, capsys):
     run, corpus = teacher
     flag = "--keep" if cmd == "prune-experts" else "--experts"
-    run_cli(cmd, str(run), flag, "4", "--calib", str(corpus), "--out", str(tmp_path / "small"))
+    run_main(capsys, cmd, str(run), flag, "4", "--calib", str(corpus), "--out", str(tmp_path / "small"))
     import math
 
     from moelab.inference import evaluate_source
@@ -101,11 +101,11 @@ def test_prune_or_merge_8_to_4_trains_on(tmp_path, teacher, cmd):
     r = load_run(tmp_path / "small")
     assert r.cfg.model.moe.n_experts == 4 and r.model.layers[1].ffn.router.weight.shape[0] == 4
     # it keeps what the model learned: nearer the teacher's loss than a model that knows nothing (ln V)
-    ev = json.loads(run_cli("eval", str(tmp_path / "small"), "--data", str(corpus), "--json")[1])
+    ev = json.loads(run_main(capsys, "eval", str(tmp_path / "small"), "--data", str(corpus), "--json")[1])
     taught, knows_nothing = evaluate_source(load_run(run), str(corpus))["loss"], math.log(r.cfg.model.vocab_size)
     midway = (taught + knows_nothing) / 2
     assert taught <= ev["loss"] < midway, (taught, ev["loss"], knows_nothing)
-    run_cli("train", str(tmp_path / "small" / "config.yaml"), "--init", str(tmp_path / "small"), "--data", str(corpus),
+    run_main(capsys, "train", str(tmp_path / "small" / "config.yaml"), "--init", str(tmp_path / "small"), "--data", str(corpus),
             "--out", str(tmp_path / "cont"), "--steps", "4", "--quiet", "train.log_every=1")
     recs = [json.loads(x) for x in (tmp_path / "cont" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2, 3, 4] and all(len(x["moe_layers"][0]["load"]) == 4 for x in recs)
@@ -116,7 +116,7 @@ def test_prune_or_merge_8_to_4_trains_on(tmp_path, teacher, cmd):
     assert not torch.equal(before["layers.1.ffn.experts.w_up"], after["layers.1.ffn.experts.w_up"])  # ... and went on
 
 
-def test_distillation_loss_kl_and_refusal(tmp_path, teacher):
+def test_distillation_loss_kl_and_refusal(tmp_path, teacher, capsys):
     run, corpus = teacher
     # at T = 1 and alpha = 0 the training loss is the KL, computed here by hand
     t = load_run(run)
@@ -137,15 +137,15 @@ def test_distillation_loss_kl_and_refusal(tmp_path, teacher):
 
     # a short run lowers the student's KL to the teacher
     dense = [*TINY, "train.log_every=1"]
-    run_cli("distill", str(run), "--student", "tiny-dense", "--data", str(corpus), "--out", str(tmp_path / "d"),
+    run_main(capsys, "distill", str(run), "--student", "tiny-dense", "--data", str(corpus), "--out", str(tmp_path / "d"),
             "--steps", "12", "--temperature", "1", "--alpha", "0", "--quiet", *dense)
     recs = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["loss"] < 0.7 * recs[0]["loss"], [r["loss"] for r in recs]
     assert load_run(tmp_path / "d").cfg.model.moe is None
     # a student reading other token ids is refused
-    run_cli("train", "tiny-dense", "--data", str(corpus), "--out", str(tmp_path / "other"), "--steps", "2", "--quiet",
+    run_main(capsys, "train", "tiny-dense", "--data", str(corpus), "--out", str(tmp_path / "other"), "--steps", "2", "--quiet",
             *TINY, "data.tokenizer_train_bytes=20000")
-    rc, _, err = run_cli("distill", str(run), "--student", str(tmp_path / "other"), "--data", str(corpus), "--out",
+    rc, _, err = run_main(capsys, "distill", str(run), "--student", str(tmp_path / "other"), "--data", str(corpus), "--out",
                          str(tmp_path / "d2"), "--steps", "2", check=False)
     assert rc == 2 and "its tokenizer is not the teacher's" in err
     with pytest.raises(ConfigError, match="--alpha"):

@@ -147,13 +147,13 @@ def test_refusals(tmp_path):
         export_hf(nogate, tmp_path / "y")
 
 
-def test_export_arch_choice(tmp_path):
+def test_export_arch_choice(tmp_path, capsys):
     """--arch picks among compatible targets: a plain dense model loads in transformers as
     Mistral (sliding window off) with equal logits; an MoE target for it is refused."""
-    from conftest import run_cli
+    from conftest import run_main
     model, path = make_hf("llama", tmp_path)
     run = import_hf(path, tmp_path / "run")
-    run_cli("export", str(run), "--out", str(tmp_path / "as_mistral"), "--arch", "mistral")
+    run_main(capsys, "export", str(run), "--out", str(tmp_path / "as_mistral"), "--arch", "mistral")
     cfg = json.loads((tmp_path / "as_mistral" / "config.json").read_text())
     assert cfg["model_type"] == "mistral" and cfg.get("sliding_window") is None
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "as_mistral").eval()
@@ -161,15 +161,15 @@ def test_export_arch_choice(tmp_path):
     tokens = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(back(tokens).logits, model(tokens).logits, atol=1e-4, rtol=1e-4)
-    rc, _, err = run_cli("export", str(run), "--out", str(tmp_path / "as_mixtral"), "--arch", "mixtral", check=False)
+    rc, _, err = run_main(capsys, "export", str(run), "--out", str(tmp_path / "as_mixtral"), "--arch", "mixtral", check=False)
     assert rc == 2 and "--arch mixtral: this model needs llama" in err
 
 
-def test_cli_export_of_trained_run(tmp_path, text_file):
-    from conftest import TINY_MOE, run_cli
+def test_cli_export_of_trained_run(tmp_path, text_file, capsys):
+    from conftest import TINY_MOE, run_main
     run = tmp_path / "run"
-    run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE)
-    _, out, _ = run_cli("export", str(run), "--out", str(tmp_path / "hf"))
+    run_main(capsys, "train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE)
+    _, out, _ = run_main(capsys, "export", str(run), "--out", str(tmp_path / "hf"))
     assert "(mixtral)" in out
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
               "generation_config.json"):
@@ -180,5 +180,5 @@ def test_cli_export_of_trained_run(tmp_path, text_file):
     ours = load_run(run).model
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
-    rc, _, err = run_cli("import", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
+    rc, _, err = run_main(capsys, "import", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
     assert load_run(tmp_path / "back").tokenizer is not None

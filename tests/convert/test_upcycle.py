@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_main
 from moelab import ConfigError, ModelConfig, Transformer
 from moelab.convert.upcycle import upcycle
 from moelab.runs import load_run
@@ -61,18 +61,18 @@ def test_upcycled_model_trains():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_cli_train_upcycle_continue(tmp_path, text_file):
+def test_cli_train_upcycle_continue(tmp_path, text_file, capsys):
     dense_run = tmp_path / "dense"
-    run_cli("train", "tiny-dense", "--data", str(text_file), "--out", str(dense_run), "--steps", "4", "--quiet", *TINY)
+    run_main(capsys, "train", "tiny-dense", "--data", str(text_file), "--out", str(dense_run), "--steps", "4", "--quiet", *TINY)
     up = tmp_path / "up"
-    run_cli("upcycle", str(dense_run), "--experts", "4", "--top-k", "2", "--out", str(up))
+    run_main(capsys, "upcycle", str(dense_run), "--experts", "4", "--top-k", "2", "--out", str(up))
     d, m = load_run(dense_run), load_run(up)
     tokens = torch.randint(0, 200, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(m.model(tokens).logits, d.model(tokens).logits, atol=1e-5, rtol=1e-5)
     assert m.cfg.optim.lr == d.cfg.optim.lr and m.cfg.train.batch_size == d.cfg.train.batch_size
     cont = tmp_path / "cont"
-    run_cli("train", str(up / "config.yaml"), "--init", str(up), "--data", str(text_file), "--out", str(cont),
+    run_main(capsys, "train", str(up / "config.yaml"), "--init", str(up), "--data", str(text_file), "--out", str(cont),
             "--steps", "4", "--quiet")
     rec = [json.loads(line) for line in (cont / "metrics.jsonl").read_text().splitlines()]
     assert len(rec[-1]["moe_layers"]) == 2
@@ -85,7 +85,7 @@ def test_cli_train_upcycle_continue(tmp_path, text_file):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def main():\n\nclass Foo:\n\nimport os\n\nreturn x + y\n")
     up2 = tmp_path / "up2"
-    run_cli("upcycle", str(dense_run), "--experts", "4", "--top-k", "2", "--out", str(up2), "--first-dense", "1",
+    run_main(capsys, "upcycle", str(dense_run), "--experts", "4", "--top-k", "2", "--out", str(up2), "--first-dense", "1",
             "--router-init", "hidden", "--prompts", str(prompts))
     m2 = load_run(up2).model
     assert [layer.is_moe for layer in m2.layers] == [False, True]
@@ -99,6 +99,6 @@ def test_cli_train_upcycle_continue(tmp_path, text_file):
         d.model(torch.tensor([ids]))
     hook.remove()
     torch.testing.assert_close(rows[1], captured[0] / captured[0].norm())
-    rc, _, err = run_cli("upcycle", str(dense_run), "--experts", "3", "--top-k", "2", "--out", str(tmp_path / "u3"),
+    rc, _, err = run_main(capsys, "upcycle", str(dense_run), "--experts", "3", "--top-k", "2", "--out", str(tmp_path / "u3"),
                          "--router-init", "hidden", "--prompts", str(prompts), check=False)
     assert rc == 2 and "one prompt per expert (3), got 4" in err

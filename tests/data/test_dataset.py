@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, run_main
 from moelab import ConfigError
 from moelab.errors import OutputExists
 from moelab.data import Sampler, TokenDataset, load_documents, prepare_data, split_documents, tokenize_source
@@ -164,20 +164,20 @@ def test_rank_slices_partition_the_global_batch():
         rank_slice(one.next(), 0, 3)
 
 
-def test_train_on_a_dataset_equals_train_on_its_source(tmp_path, text_file):
-    run_cli("train", "tiny-dense", "--data", str(text_file), "--out", str(tmp_path / "a"), "--steps", "3", "--quiet",
+def test_train_on_a_dataset_equals_train_on_its_source(tmp_path, text_file, capsys):
+    run_main(capsys, "train", "tiny-dense", "--data", str(text_file), "--out", str(tmp_path / "a"), "--steps", "3", "--quiet",
             *TINY)
-    run_cli("tokenize", str(text_file), "--out", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "a"), "--quiet")
-    run_cli("train", "tiny-dense", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "b"), "--steps", "3",
+    run_main(capsys, "tokenize", str(text_file), "--out", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "a"), "--quiet")
+    run_main(capsys, "train", "tiny-dense", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "b"), "--steps", "3",
             "--quiet", *TINY)
     la, lb = ([json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
     assert la == lb
     # eval reads the dataset too, and gives what it gives on the source itself
-    on_ds = json.loads(run_cli("eval", str(tmp_path / "b"), "--data", str(tmp_path / "ds"), "--json")[1])
-    on_src = json.loads(run_cli("eval", str(tmp_path / "b"), "--data", str(text_file), "--json")[1])
+    on_ds = json.loads(run_main(capsys, "eval", str(tmp_path / "b"), "--data", str(tmp_path / "ds"), "--json")[1])
+    on_src = json.loads(run_main(capsys, "eval", str(tmp_path / "b"), "--data", str(text_file), "--json")[1])
     assert on_ds == on_src
     # a dataset made with another tokenizer is refused by name
-    run_cli("tokenize", str(text_file), "--out", str(tmp_path / "ds2"), "--vocab-size", "300", "--quiet")
+    run_main(capsys, "tokenize", str(text_file), "--out", str(tmp_path / "ds2"), "--vocab-size", "300", "--quiet")
     with pytest.raises(ConfigError, match="another tokenizer"):
         prepare_data(str(tmp_path / "ds2"), 32, 512, tokenizer_path=tmp_path / "a" / "tokenizer.json")
 

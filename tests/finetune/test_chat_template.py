@@ -5,7 +5,7 @@ import json
 import pytest
 import transformers
 
-from conftest import TINY_MOE, run_cli
+from conftest import TINY_MOE, run_cli, run_main
 from moelab import ConfigError
 from moelab.data.chat import ChatFormat, load_chat_format
 from moelab.data.sft import SFTExamples, read_sft_jsonl
@@ -58,17 +58,17 @@ def test_template_that_does_not_extend_its_prefixes_is_refused():
         load_chat_format(None, "chatml")
 
 
-def test_finetune_uses_and_keeps_the_template(imported):
+def test_finetune_uses_and_keeps_the_template(imported, capsys):
     out = imported / "ft"
-    _, _, err = run_cli("finetune", str(imported / "imp"), "--data", str(imported / "chat.jsonl"), "--out",
+    _, _, err = run_main(capsys, "finetune", str(imported / "imp"), "--data", str(imported / "chat.jsonl"), "--out",
                         str(out), "--recipe", "full", "--steps", "2", "--quiet")
     assert "chat format (for messages examples): the chat template of" in err
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML
-    run_cli("export", str(out), "--out", str(imported / "hf2"))
+    run_main(capsys, "export", str(out), "--out", str(imported / "hf2"))
     hf2 = transformers.AutoTokenizer.from_pretrained(imported / "hf2")
     ours = "".join(t for t, _ in load_chat_format(out).chat(CONVO, "x"))
     assert hf2.apply_chat_template(CONVO, tokenize=False) == ours and ours.count("<|im_start|>") == 5
-    _, _, err = run_cli("finetune", str(imported / "imp"), "--data", str(imported / "chat.jsonl"), "--out",
+    _, _, err = run_main(capsys, "finetune", str(imported / "imp"), "--data", str(imported / "chat.jsonl"), "--out",
                         str(imported / "ft2"), "--recipe", "full", "--steps", "1", "--quiet",
                         "finetune.chat_template=moelab")
     assert "chat format (for messages examples): moelab's plain-text chat template" in err

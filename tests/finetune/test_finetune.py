@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_MOE, run_cli
+from conftest import TINY_MOE, run_cli, run_main
 from moelab import ConfigError
 from moelab.data.sft import SFTExamples, load_sft, read_sft_jsonl
 from moelab.finetune import apply_recipe
@@ -42,9 +42,9 @@ def weights(run):
 
 @pytest.mark.parametrize("recipe,frozen", [("freeze-experts", ".experts."), ("freeze-router", ".router."),
                                            ("experts-only", None)])
-def test_recipes_freeze_bitwise(tmp_path, base_run, sft_file, recipe, frozen):
+def test_recipes_freeze_bitwise(tmp_path, base_run, sft_file, recipe, frozen, capsys):
     out = tmp_path / recipe
-    _, _, err = run_cli("finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", recipe,
+    _, _, err = run_main(capsys, "finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", recipe,
                         "--steps", "3", "--quiet", "train.log_every=1", "finetune.expert_dropout=0.1")
     assert f"recipe '{recipe}'" in err and "aux loss ON" in err
     before, after = weights(base_run), weights(out)
@@ -59,9 +59,9 @@ def test_recipes_freeze_bitwise(tmp_path, base_run, sft_file, recipe, frozen):
     assert load_run(out).cfg.model.moe.expert_dropout == 0.1
 
 
-def test_aux_loss_off_is_explicit(tmp_path, base_run, sft_file):
+def test_aux_loss_off_is_explicit(tmp_path, base_run, sft_file, capsys):
     out = tmp_path / "noaux"
-    _, _, err = run_cli("finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", "full",
+    _, _, err = run_main(capsys, "finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", "full",
                         "--steps", "2", "--quiet", "finetune.aux_loss=off")
     assert "aux loss OFF" in err
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -119,7 +119,7 @@ def test_stdlib_docstrings_split_deterministic_and_module_disjoint():
     assert prompt.lstrip().startswith(("def ", "async def ", "@")) and body.strip()
 
 
-def test_lora_reaches_experts_and_merges(tmp_path, base_run, sft_file):
+def test_lora_reaches_experts_and_merges(tmp_path, base_run, sft_file, capsys):
     from moelab.finetune.lora import apply_lora, merge_lora
     base = load_run(base_run).model
     tokens = torch.randint(0, 200, (2, 20))
@@ -134,7 +134,7 @@ def test_lora_reaches_experts_and_merges(tmp_path, base_run, sft_file):
     assert any(".experts." in k for k in trainable)
 
     out = tmp_path / "lora"
-    _, _, err = run_cli("finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", "lora",
+    _, _, err = run_main(capsys, "finetune", str(base_run), "--data", str(sft_file), "--out", str(out), "--recipe", "lora",
                         "--steps", "3", "--quiet", "lora.rank=4", "lora.targets=attn,experts,router",
                         "optim.lr=0.05")
     assert "recipe 'lora'" in err and "lora_adapters" in err
@@ -162,7 +162,7 @@ def test_lora_reaches_experts_and_merges(tmp_path, base_run, sft_file):
     # The peft adapter, on the exported base model, gives moelab's logits.
     import transformers
     import peft
-    _, stdout, _ = run_cli("export", str(out), "--out", str(tmp_path / "hf"), "--peft")
+    _, stdout, _ = run_main(capsys, "export", str(out), "--out", str(tmp_path / "hf"), "--peft")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "base")
     pm = peft.PeftModel.from_pretrained(hf, tmp_path / "hf" / "adapter").eval()
     with torch.no_grad():
