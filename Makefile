@@ -28,6 +28,7 @@ lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(LINT_PATHS)
+	$(PY) tests/layers.py src/moelab
 
 bench: install
 	$(PY) benchmarks/moe_layer.py --write docs/benchmarks.md

@@ -27,7 +27,7 @@ CELL = r"""
 import json, sys, time, torch
 from moelab.run_config import load_config
 from moelab.train import train
-from moelab.runs import load_run
+from moelab.store.run import load_run
 from moelab.inference import generate
 from moelab.runtime import set_cpu_threads
 mode, steps, corpus, work = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]

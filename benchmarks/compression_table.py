@@ -26,9 +26,9 @@ def moelab(*args: str) -> None:
 
 
 def measure(run: Path, data: str, max_tokens: int) -> dict:
-    from moelab.compress.quantize import resident_bytes
+    from moelab.model.quant import resident_bytes
     from moelab.inference import evaluate_source
-    from moelab.runs import load_run
+    from moelab.store.run import load_run
 
     r = load_run(run, device="cpu")
     evaluate_source(r, data, max_tokens=4096)  # warm up (dataset cache, allocator)

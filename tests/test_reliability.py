@@ -13,7 +13,7 @@ from moelab.cli import main
 from moelab.errors import NonFiniteError
 from moelab.run_config import load_config
 from moelab.train import latest_checkpoint, train
-from moelab.train.checkpoint import FILES, STATE_FILE, check_checkpoint, save_checkpoint
+from moelab.store.checkpoint import FILES, STATE_FILE, check_checkpoint, save_checkpoint
 
 
 def cli_error(capsys, *args) -> str:
@@ -347,7 +347,7 @@ def test_values_out_of_range_are_one_line_and_leave_no_folder(tmp_path, run4, co
 def test_export_of_a_quantized_run_writes_its_dequantized_weights(tmp_path, run4, capsys):
     import transformers
 
-    from moelab.runs import load_run
+    from moelab.store.run import load_run
 
     q = tmp_path / "q"
     assert main(["quantize", str(run4), "--bits", "4", "--group-size", "16", "--out", str(q)]) == 0

@@ -81,7 +81,7 @@ def cmd_eval(
 ):
     """Loss, perplexity and bits per byte of a run or checkpoint on a source."""
     from .inference import evaluate_source
-    from .runs import load_run
+    from .store.run import load_run
 
     _require(split in ("val", "all"), "--split", "val or all", split)
     _require(max_tokens > 0, "--max-tokens", "a positive number", max_tokens)
@@ -110,7 +110,7 @@ def cmd_generate(
 ):
     """Continue a prompt with a trained model."""
     from .inference import generate
-    from .runs import load_run
+    from .store.run import load_run
 
     _require(max_new_tokens > 0, "--max-new-tokens", "a positive number", max_new_tokens)
     _require(top_k >= 0, "--top-k", "0 (no limit) or a positive number", top_k)
@@ -165,7 +165,7 @@ def cmd_memory(
     )
     quantized = None
     if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
-        from .compress.quantize import planned_bytes
+        from .model.quant import planned_bytes
 
         quantized = planned_bytes(cfg.model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
     if as_json:
@@ -302,8 +302,9 @@ def cmd_tokenize(
     """Tokenize a source once into memory-mapped token shards (train with --data DATASET)."""
     from .data import tokenize_source, training_texts
     from .data.dataset import resumable_tokenizer
-    from .data.tokenizer import load_tokenizer, train_tokenizer
-    from .outputs import guard_output
+    from .data.tokenizer import train_tokenizer
+    from .store.outputs import guard_output
+    from .store.run import load_tokenizer
 
     _require(0 < val_fraction < 1, "--val-fraction", "a number in (0, 1)", val_fraction)
     _require(vocab_size >= 260, "--vocab-size", "at least 260 (256 bytes and the special tokens)", vocab_size)
@@ -423,8 +424,8 @@ def cmd_import(hf_dir: str, out: str, overwrite: bool = False):
 def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False, overwrite: bool = False):
     """Export a run or checkpoint as a Hugging Face folder that transformers loads."""
     from .convert.io import export_hf
-    from .outputs import check_output, staged_output
-    from .runs import load_run
+    from .store.outputs import check_output, staged_output
+    from .store.run import load_run
 
     check_output(out, overwrite=overwrite, protect=[run])
     r = load_run(run, device="cpu")
@@ -432,7 +433,7 @@ def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False, 
     if r.cfg.quant.bits:
         if peft:
             raise ConfigError("--peft: this run is quantized; export the LoRA run it was made from")
-        from .compress.quantize import dequantize_model
+        from .model.quant import dequantize_model
 
         dequantize_model(r.model)
         print(
@@ -444,7 +445,7 @@ def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False, 
         if r.cfg.finetune.recipe != "lora":
             raise ConfigError("--peft: this run was not fine-tuned with --recipe lora")
         from .finetune.peft_export import export_peft
-        from .train.checkpoint import model_tensors
+        from .store.checkpoint import model_tensors
 
         with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
             export_peft(r.cfg, model_tensors(r.checkpoint), run_dir / "tokenizer.json", tmp)
@@ -625,8 +626,8 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(command: str, e: MoelabError | OSError, out: str | None = None) -> int:
     """An expected failure: one line on stderr, exit code 2. Under torchrun the line also goes
     to the launcher's error file, so its summary names it as the root cause."""
-    from .outputs import describe_os_error
     from .parallel.mesh import record_for_launcher, wait_for_peers_to_fail
+    from .store.outputs import describe_os_error
 
     text = describe_os_error(e, out) if isinstance(e, OSError) and not isinstance(e, MoelabError) else str(e)
     line = f"moelab {command}: error: {text}"

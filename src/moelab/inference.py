@@ -11,7 +11,7 @@ from .data import dataset_for
 from .data.loader import PackedSequences
 from .data.tokenizer import token_byte_lengths
 from .errors import NonFiniteError
-from .runs import LoadedRun, load_run
+from .store.run import LoadedRun, load_run
 
 __all__ = ["LoadedRun", "load_run", "evaluate_source", "generate"]  # load_run: its former home
 

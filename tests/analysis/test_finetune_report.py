@@ -31,7 +31,7 @@ def test_finetune_report_end_to_end(tmp_path, text_file):
     # mean of cross-entropy over every held-out completion token, in one batch.
     import torch
     from moelab.finetune.run import finetune_data
-    from moelab.runs import load_run
+    from moelab.store.run import load_run
     ft = load_run(tmp_path / "rep" / "finetune" / "tiny-moe" / "full")
     held = finetune_data(ft.cfg, str(sft), ft.tokenizer, ft.checkpoint.parent.parent, verbose=False).val
     x, y, mask = held.batch(list(range(len(held))))

@@ -10,8 +10,8 @@ from moelab import ConfigError, ModelConfig, MoEConfig, Transformer
 from moelab.cli import main
 from moelab.compress.distill import attach_teacher, distill_kl
 from moelab.compress.experts import reduce_experts
-from moelab.compress.quantize import dequantize_tensor, quantize_tensor
-from moelab.runs import load_run
+from moelab.model.quant import dequantize_tensor, quantize_tensor
+from moelab.store.run import load_run
 
 MOE8 = [*TINY_MOE, "model.moe.n_experts=8", "model.moe.d_expert=32"]
 
@@ -55,7 +55,7 @@ def test_quantized_checkpoint_round_trip_eval_generate(tmp_path, teacher, capsys
                    "--temperature", "0")[1]
     assert text.startswith("line 3")
     # moelab memory reports what the quantized weights take resident: the bytes actually stored
-    from moelab.compress.quantize import resident_bytes
+    from moelab.model.quant import resident_bytes
 
     mem = json.loads(run_main(capsys, "memory", str(tmp_path / "q8" / "config.yaml"), "--json")[1])[0]
     assert mem["quantized_weight_bytes"]["total"] == resident_bytes(r.model)
@@ -96,7 +96,7 @@ def test_prune_or_merge_8_to_4_trains_on(tmp_path, teacher, cmd, capsys):
     import math
 
     from moelab.inference import evaluate_source
-    from moelab.train.checkpoint import latest_checkpoint, model_tensors
+    from moelab.store.checkpoint import latest_checkpoint, model_tensors
 
     r = load_run(tmp_path / "small")
     assert r.cfg.model.moe.n_experts == 4 and r.model.layers[1].ffn.router.weight.shape[0] == 4

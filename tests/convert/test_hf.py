@@ -6,7 +6,7 @@ import torch
 
 from moelab import ConfigError, ModelConfig, MoEConfig, Transformer
 from moelab.convert.io import export_hf, import_hf, read_hf
-from moelab.runs import load_run
+from moelab.store.run import load_run
 
 import transformers
 

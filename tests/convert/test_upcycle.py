@@ -7,7 +7,7 @@ import torch
 from conftest import TINY, run_main
 from moelab import ConfigError, ModelConfig, Transformer
 from moelab.convert.upcycle import upcycle
-from moelab.runs import load_run
+from moelab.store.run import load_run
 
 
 def dense_model():

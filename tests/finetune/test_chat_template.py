@@ -9,7 +9,7 @@ from conftest import TINY_MOE, run_cli, run_main
 from moelab import ConfigError
 from moelab.data.chat import ChatFormat, load_chat_format
 from moelab.data.sft import SFTExamples, read_sft_jsonl
-from moelab.runs import load_run
+from moelab.store.run import load_run
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

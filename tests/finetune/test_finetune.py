@@ -9,7 +9,7 @@ from conftest import TINY_MOE, run_cli, run_main
 from moelab import ConfigError
 from moelab.data.sft import SFTExamples, load_sft, read_sft_jsonl
 from moelab.finetune import apply_recipe
-from moelab.runs import load_run
+from moelab.store.run import load_run
 from moelab.train import latest_checkpoint
 
 
@@ -120,7 +120,7 @@ def test_stdlib_docstrings_split_deterministic_and_module_disjoint():
 
 
 def test_lora_reaches_experts_and_merges(tmp_path, base_run, sft_file, capsys):
-    from moelab.finetune.lora import apply_lora, merge_lora
+    from moelab.model.lora import apply_lora, merge_lora
     base = load_run(base_run).model
     tokens = torch.randint(0, 200, (2, 20))
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_lora_reaches_experts_and_merges(tmp_path, base_run, sft_file, capsys):
 
 def test_lora_targets_that_train_nothing_are_errors():
     from moelab import ModelConfig, Transformer
-    from moelab.finetune.lora import apply_lora
+    from moelab.model.lora import apply_lora
     dense = Transformer(ModelConfig(vocab_size=20, d_model=8, n_heads=2, n_layers=1, d_ff=8))
     with pytest.raises(ConfigError, match="'experts' matches no parameter.*no experts"):
         apply_lora(dense, ["attn", "experts"], 4, 8)

@@ -15,7 +15,7 @@ import torch
 
 from moelab.run_config import load_config
 from moelab.train import train
-from moelab.train.checkpoint import latest_checkpoint, model_tensors
+from moelab.store.checkpoint import latest_checkpoint, model_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY_MOE  # noqa: E402
@@ -130,7 +130,7 @@ def test_upcycle_and_finetune_read_a_distributed_run(tmp_path, text_file):
     from moelab.data import Sampler
     from moelab.finetune.run import finetune_data
     from moelab.run_config import read_config
-    from moelab.runs import load_run
+    from moelab.store.run import load_run
     from moelab.train.setup import run_data
 
     spawn(2, run_dense, tmp_path / "dense", text_file)

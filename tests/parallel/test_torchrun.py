@@ -13,7 +13,7 @@ import transformers
 
 from conftest import TINY_MOE, run_cli
 from moelab.cli import main
-from moelab.runs import load_run
+from moelab.store.run import load_run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -98,7 +98,7 @@ def test_save_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path, text_file)
     newest complete checkpoint still verifies and loads, and one process resumes from it."""
     import time
 
-    from moelab.train.checkpoint import check_checkpoint, latest_checkpoint, model_tensors
+    from moelab.store.checkpoint import check_checkpoint, latest_checkpoint, model_tensors
 
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", MOELAB_DIST_TIMEOUT_S="120")

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_MOE
 from moelab.run_config import load_config
 from moelab.train import NonFiniteLoss, latest_checkpoint, train
-from moelab.train.checkpoint import check_checkpoint
+from moelab.store.checkpoint import check_checkpoint
 
 
 def cfg_for(data, steps, extra=()):
@@ -44,7 +44,7 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, text_file):
 
 KILL_SCRIPT = r"""
 import sys, time, pathlib
-import moelab.train.checkpoint as ck
+import moelab.store.checkpoint as ck
 from moelab.run_config import load_config
 from moelab.train import train
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, TINY_MOE, run_cli
 from moelab.cli import main
-from moelab.runs import load_run
+from moelab.store.run import load_run
 from moelab.run_config import load_config
 from moelab.train import latest_checkpoint, train
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from ..config import ConfigError
 from ..data.sources import check_source
-from ..outputs import staged_output
 from ..run_config import RunConfig, load_config, read_config
+from ..store.outputs import staged_output
 
 
 @dataclass

@@ -36,12 +36,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..config import ConfigError  # noqa: E402
 from ..finetune.run import finetune, finetune_data  # noqa: E402
 from ..run_config import load_config, read_config  # noqa: E402
-from ..runs import (
-    evaluate,  # noqa: E402
-    load_run,  # noqa: E402
-)
+from ..store.checkpoint import check_checkpoint, latest_checkpoint  # noqa: E402
+from ..store.run import load_run  # noqa: E402
 from ..train import train  # noqa: E402
-from ..train.checkpoint import check_checkpoint, latest_checkpoint  # noqa: E402
+from ..train.evaluate import evaluate  # noqa: E402
 from .compare import read_run  # noqa: E402
 
 BEGIN, END = "<!-- finetune-report:begin -->", "<!-- finetune-report:end -->"

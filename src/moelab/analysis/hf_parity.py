@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from ..data import dataset_for
-from ..data.tokenizer import load_tokenizer
 from ..run_config import RunConfig
+from ..store.run import load_tokenizer
 from ..train import train
 
 

@@ -325,7 +325,7 @@ def plan_and_measure(
             if devices == 1:
                 measured[n] = measure_memory(m, micro_batch, seq_len)
             else:
-                from ..parallel.measure import measure_parallel
+                from .measure import measure_parallel
 
                 measured[n] = measure_parallel(m, micro_batch, seq_len, devices, expert_parallel if m.moe else 1, zero)
     return plans, measured

@@ -76,9 +76,8 @@ def distill(
     """Train `student` (a recipe or YAML, or a run/checkpoint to start from) on `data` with
     the teacher run's soft targets into run folder `out`; returns the TrainResult."""
     from ..data.dataset import tokenizer_hash
-    from ..data.tokenizer import load_tokenizer
     from ..run_config import apply_overrides, config_from_dict, load_config, read_config, refuse_changed_settings
-    from ..runs import load_run
+    from ..store.run import load_run, load_tokenizer
     from ..train import resolve_checkpoint, train
 
     if not (math.isfinite(temperature) and temperature > 0):

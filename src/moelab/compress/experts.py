@@ -167,8 +167,8 @@ def reduce_checkpoint(
     from ..convert.io import write_model_folder
     from ..data import dataset_for
     from ..data.chat import copy_tokenizer_extras
-    from ..outputs import check_output, staged_output
-    from ..runs import load_run
+    from ..store.outputs import check_output, staged_output
+    from ..store.run import load_run
 
     check_output(out, overwrite=overwrite, protect=[src, calib])
     r = load_run(src, device="cpu")

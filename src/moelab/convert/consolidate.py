@@ -11,10 +11,10 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..model import Transformer
-from ..outputs import check_output, staged_output
 from ..run_config import read_config
-from ..runs import load_model_weights
-from ..train import checkpoint as ck
+from ..store import checkpoint as ck
+from ..store.outputs import check_output, staged_output
+from ..store.run import load_model_weights
 from ..train.optim import build_optimizer
 
 # written by the checkpoint itself, or describing the DCP form

@@ -12,9 +12,9 @@ from safetensors import SafetensorError, safe_open
 from ..config import ConfigError
 from ..data.chat import copy_tokenizer_extras, load_chat_format
 from ..model import Transformer
-from ..outputs import check_output, staged_output, write_safetensors
 from ..run_config import RunConfig, save_config
-from ..train.checkpoint import save_checkpoint
+from ..store.checkpoint import save_checkpoint
+from ..store.outputs import check_output, staged_output, write_safetensors
 from .hf import ARCHS, choose_arch, config_from_hf, config_to_hf, key_pairs
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

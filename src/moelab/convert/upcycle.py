@@ -149,10 +149,9 @@ def upcycle_to_folder(
     "hidden". `out` must be new or empty unless `overwrite`. Returns (folder, model)."""
     from pathlib import Path
 
-    from ..data.tokenizer import load_tokenizer
-    from ..outputs import check_output, staged_output
     from ..run_config import RunConfig
-    from ..runs import load_run
+    from ..store.outputs import check_output, staged_output
+    from ..store.run import load_run, load_tokenizer
     from .io import read_hf, write_model_folder
 
     check_output(out, overwrite=overwrite, protect=[src, prompts_file])

@@ -15,11 +15,12 @@ import torch
 from tokenizers import Tokenizer
 
 from ..config import ConfigError
-from ..outputs import save_tokenizer
+from ..store.outputs import save_tokenizer
+from ..store.run import load_tokenizer
 from .dataset import TokenDataset, is_dataset, tokenize_source, tokenizer_hash
 from .loader import PackedSequences, Sampler, SamplerState, cache_dir
 from .sources import Document, is_validation, iter_documents, load_documents, split_documents
-from .tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
+from .tokenizer import token_byte_lengths, train_tokenizer
 
 
 class Sequences(Protocol):

@@ -34,9 +34,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import ConfigError, OutputExists
-from ..outputs import restore, save_tokenizer, set_aside
+from ..store.outputs import restore, save_tokenizer, set_aside
+from ..store.run import load_tokenizer
 from .sources import Document, SourceReport, is_validation, iter_documents, source_fingerprint
-from .tokenizer import eos_id, load_tokenizer
+from .tokenizer import eos_id
 
 FORMAT = "moelab-tokens/1"
 CHUNK_BYTES = 64 << 20  # source text per chunk: the unit of resumption

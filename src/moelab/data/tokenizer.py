@@ -7,7 +7,6 @@ UTF-8 bytes, which is what bits-per-byte needs.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,17 +40,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_bytes: int) -> To
     )
     tok.train_from_iterator(capped(), trainer)
     return tok
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json; ConfigError naming the file when it is missing or not a tokenizer."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"tokenizer file '{path}' does not exist")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception subclasses
-        raise ConfigError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
 def eos_id(tok: Tokenizer) -> int:

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..config import ConfigError
 from ..convert.io import export_hf
-from .lora import LoRADelta, apply_lora
+from ..model.lora import LoRADelta, apply_lora
 
 ATTN_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 

@@ -52,7 +52,7 @@ def apply_recipe(model: torch.nn.Module, recipe: str, lora=None) -> None:
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: expected one of {list(RECIPES)}, got {recipe!r}")
     if recipe == "lora":
-        from .lora import apply_lora
+        from ..model.lora import apply_lora
 
         apply_lora(model, lora.target_list(), lora.rank, lora.alpha)
         return

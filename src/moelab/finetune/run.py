@@ -13,11 +13,11 @@ from ..config import ConfigError
 from ..data import Data
 from ..data.chat import copy_tokenizer_extras, load_chat_format
 from ..data.sft import SFTExamples, load_sft
-from ..data.tokenizer import load_tokenizer, token_byte_lengths
+from ..data.tokenizer import token_byte_lengths
 from ..run_config import RunConfig, apply_overrides, config_from_dict
-from ..runs import load_run
+from ..store.checkpoint import CheckpointError
+from ..store.run import load_run, load_tokenizer
 from ..train import train
-from ..train.checkpoint import CheckpointError
 from .recipes import apply_recipe, trainable_report
 
 

@@ -19,9 +19,10 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError, NonFiniteError
-from ..train import checkpoint as ck
+from ..store import checkpoint as ck
+from ..store.dcp import by_name
 from .mesh import Parallel
-from .state import by_name, fill_state, optimizer_names, training_state
+from .state import fill_state, optimizer_names, training_state
 
 
 def save_distributed(

@@ -11,11 +11,7 @@ a process group, by reading the chunks each target needs.
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -54,26 +50,6 @@ def optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     return [canonical_name(names[id(p)]) for g in opt.param_groups for p in g["params"]]
 
 
-def by_index(optim_by_name: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """`<name>.<state>` keys (the DCP form) as `state.<index>.<state>` (the safetensors
-    form, `names` in the optimizer's order); `by_name` is the inverse."""
-    index = {n: i for i, n in enumerate(names)}
-    out = {}
-    for key, v in optim_by_name.items():
-        name, what = key.rsplit(".", 1)
-        out[f"state.{index[name]}.{what}"] = v
-    return out
-
-
-def by_name(optim_by_index: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """`state.<index>.<state>` keys as `<name>.<state>`: the inverse of `by_index`."""
-    out = {}
-    for key, v in optim_by_index.items():
-        _, i, what = key.split(".", 2)
-        out[f"{names[int(i)]}.{what}"] = v
-    return out
-
-
 def training_state(model: nn.Module, opt: torch.optim.Optimizer | None, par: Parallel | None) -> dict:
     """The flat dict of this rank's shares of every weight, buffer and optimizer tensor."""
     out: dict[str, torch.Tensor] = {}
@@ -101,20 +77,3 @@ def fill_state(state: dict, full: dict[str, torch.Tensor]) -> None:
             target.to_local().copy_(piece)
         else:
             target.copy_(src)
-
-
-def read_full(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors under `prefix` in a DCP folder, whole, read in this process alone
-    (no process group): how one process reads a checkpoint written by many."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
-    out = {
-        k: torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in meta.state_dict_metadata.items()
-        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
-    }
-    with warnings.catch_warnings():  # one process reading a many-process checkpoint is this function's purpose
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(out, checkpoint_id=str(path), no_dist=True)
-    return {k[len(prefix) :]: v for k, v in out.items()}

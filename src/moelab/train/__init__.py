@@ -1,6 +1,6 @@
 from ..errors import CheckpointError, NonFiniteError, OutputExists
-from ..runs import load_model_weights
-from .checkpoint import latest_checkpoint, resolve_checkpoint
+from ..store.checkpoint import latest_checkpoint, resolve_checkpoint
+from ..store.run import load_model_weights
 from .health import NonFiniteLoss
 from .trainer import RunExists, TrainResult, evaluate, train
 

@@ -19,12 +19,12 @@ from ..data import Data, prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from ..model.transformer import compile_block
-from ..outputs import check_output, guard_output, restore, save_tokenizer, set_aside, write_json
 from ..parallel.mesh import Parallel
 from ..run_config import RunConfig, read_config, resume_config, save_config
-from ..runs import load_model_weights, pick_device
-from ..runtime import set_cpu_threads, tune_cpu_allocator
-from . import checkpoint as ck
+from ..runtime import pick_device, set_cpu_threads, tune_cpu_allocator
+from ..store import checkpoint as ck
+from ..store.outputs import check_output, guard_output, restore, save_tokenizer, set_aside, write_json
+from ..store.run import load_model_weights
 from .lr_rule import resolve_auto_lr
 from .metrics import TrainingMemory, truncate_after
 from .optim import build_optimizer

@@ -14,8 +14,8 @@ import torch
 from ..data import Sampler
 from ..data.loader import rank_slice
 from ..parallel.parallelize import all_reduce_floats, all_reduce_loads, finish_gradients
-from ..runs import unpack_batch
-from . import checkpoint as ck
+from ..store import checkpoint as ck
+from .evaluate import unpack_batch
 from .metrics import MoEWindow
 from .setup import Run
 

@@ -19,12 +19,14 @@ from pathlib import Path
 
 from ..data import Data, Sampler, SamplerState
 from ..errors import ConfigError, NonFiniteError, OutputExists
-from ..outputs import restore
 from ..parallel.mesh import close_parallel, init_parallel
 from ..parallel.parallelize import all_reduce_floats, reduce_window
 from ..run_config import RunConfig
-from ..runs import evaluate, load_model_weights, pick_device
-from . import checkpoint as ck
+from ..runtime import pick_device
+from ..store import checkpoint as ck
+from ..store.outputs import restore
+from ..store.run import load_model_weights
+from .evaluate import evaluate
 from .health import HealthMonitor
 from .metrics import MetricsWriter, MoEWindow, peak_memory_bytes
 from .optim import lr_at

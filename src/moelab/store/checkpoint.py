@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, NonFiniteError
-from ..outputs import write_safetensors
+from .outputs import write_safetensors
 
 STATE_FILE = "trainer_state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")  # a single-process checkpoint
@@ -224,7 +224,7 @@ def model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights and persistent buffers, whole, by single-process name, from
     either form (a DCP checkpoint is consolidated in memory, no pickle, no process group)."""
     if is_distributed(ckpt):
-        from ..parallel.state import read_full
+        from .dcp import read_full
 
         try:
             return read_full(Path(ckpt) / "dcp", "model.")
@@ -238,7 +238,7 @@ def optimizer_state(ckpt: Path, names: list[str]) -> dict[str, torch.Tensor]:
     takes them; `names` are the parameters' names in the optimizer's order."""
     if not is_distributed(ckpt):
         return load_tensors(ckpt, "optimizer.safetensors")
-    from ..parallel.state import by_index, read_full
+    from .dcp import by_index, read_full
 
     return by_index(read_full(Path(ckpt) / "dcp", "optim."), names)
 

@@ -1,8 +1,9 @@
 """Loading what a run wrote, in one place for every command that reads runs (eval,
 generate, export, finetune, upcycle, compress, the trainer's own resume): the run folder
 and its latest good checkpoint (either form: single-process safetensors or a
-multi-process DCP folder, consolidated in memory), weights checked key by key, the
-device, and the validation loss the trainer logs.
+multi-process DCP folder, consolidated in memory), its config and tokenizer, weights
+checked key by key, and the model structure a stored run needs (quantized weights, LoRA
+adapters) rebuilt before its weights load.
 """
 
 from __future__ import annotations
@@ -10,17 +11,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from .data.tokenizer import load_tokenizer
-from .errors import CheckpointError
-from .model import Transformer
-from .run_config import RunConfig, read_config
-from .runtime import pick_device
+from ..errors import CheckpointError, ConfigError
+from ..model import Transformer
+from ..model.lora import apply_lora, merge_lora
+from ..model.quant import quantize_model
+from ..run_config import RunConfig, read_config
+from ..runtime import pick_device
+from .checkpoint import model_tensors, resolve_checkpoint
 
-__all__ = ["LoadedRun", "load_run", "load_model_weights", "evaluate", "pick_device"]
+__all__ = ["LoadedRun", "load_run", "load_model_weights", "load_tokenizer"]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json; ConfigError naming the file when it is missing or not a tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"tokenizer file '{path}' does not exist")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses
+        raise ConfigError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
 @dataclass
@@ -43,8 +56,6 @@ class LoadedRun:
 def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
     """Load a run folder (its latest good checkpoint) or a checkpoint folder with its run's config and tokenizer; LoRA
     runs are merged. Raises CheckpointError naming what is missing or damaged."""
-    from .train.checkpoint import resolve_checkpoint
-
     ckpt = resolve_checkpoint(run_or_ckpt)
     run_dir = ckpt.parent.parent
     cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
@@ -53,12 +64,8 @@ def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
     cfg = read_config(cfg_file)
     model = Transformer(cfg.model)
     if cfg.quant.bits:  # packed weights: rebuild the same parametrizations, then load them
-        from .compress.quantize import quantize_model
-
         quantize_model(model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
     if cfg.finetune.recipe == "lora":  # adapters are saved unmerged: rebuild, load, then fold in
-        from .finetune.lora import apply_lora, merge_lora
-
         apply_lora(model, cfg.lora.target_list(), cfg.lora.rank, cfg.lora.alpha)
         load_model_weights(model, ckpt)
         merge_lora(model)
@@ -68,49 +75,9 @@ def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
     return LoadedRun(cfg, model, load_tokenizer(tok_file) if tok_file.is_file() else None, ckpt)
 
 
-def unpack_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(inputs, targets, padding mask or None): packed text has no padding, SFT rows do."""
-    return batch[0], batch[1], batch[2] if len(batch) > 2 else None
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, device, ctx, par=None) -> float:
-    """Mean next-token loss (nats) over a fixed subset of batch_size x n_batches validation
-    sequences spread evenly over the whole split: a prefix would be the first few held-out
-    documents only, and rank runs by how they do on those. With `par` (a multi-process
-    run) the ranks split each batch and add up their sums: every rank runs the same
-    number of forwards (expert parallelism exchanges tokens in each), one with no share
-    runs a dummy row that is not counted."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    n = min(len(data_val), batch_size * n_batches)
-    chosen = np.unique(np.linspace(0, len(data_val) - 1, n).round().astype(np.int64))
-    for start in range(0, len(chosen), batch_size):
-        idx = chosen[start : start + batch_size]
-        if par is not None:
-            idx = np.array_split(idx, par.world)[par.rank]
-        weight = 1.0 if len(idx) else 0.0
-        x, y, mask = unpack_batch(data_val.batch((idx if len(idx) else chosen[:1]).tolist()))
-        with ctx:
-            out = model(x.to(device), y.to(device), mask.to(device) if mask is not None else None)
-        n_targets = int((y != -100).sum()) * weight
-        total += float(out.lm_loss) * n_targets
-        count += int(n_targets)
-    if par is not None:
-        from .parallel.parallelize import all_reduce_floats
-
-        total, count_f = all_reduce_floats([total, float(count)], par, op="sum")
-        count = int(count_f)
-    model.train(was)
-    return total / max(count, 1)
-
-
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load a checkpoint's weights (either form) into `model`: every key present, every
     shape equal and every value finite, else CheckpointError naming the keys."""
-    from .train.checkpoint import model_tensors
-
     tensors = model_tensors(ckpt)
     state = model.state_dict()
     missing = [k for k in state if k not in tensors]

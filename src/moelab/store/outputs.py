@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import OutputExists
+from ..errors import OutputExists
 
 if TYPE_CHECKING:
     import torch

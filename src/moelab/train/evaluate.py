@@ -1,0 +1,46 @@
+"""The validation loss the trainer logs, over a fixed spread of held-out sequences, in
+one process or split over a multi-process run's ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..model import Transformer
+from ..parallel.parallelize import all_reduce_floats
+
+
+def unpack_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, padding mask or None): packed text has no padding, SFT rows do."""
+    return batch[0], batch[1], batch[2] if len(batch) > 2 else None
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, device, ctx, par=None) -> float:
+    """Mean next-token loss (nats) over a fixed subset of batch_size x n_batches validation
+    sequences spread evenly over the whole split: a prefix would be the first few held-out
+    documents only, and rank runs by how they do on those. With `par` (a multi-process
+    run) the ranks split each batch and add up their sums: every rank runs the same
+    number of forwards (expert parallelism exchanges tokens in each), one with no share
+    runs a dummy row that is not counted."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = min(len(data_val), batch_size * n_batches)
+    chosen = np.unique(np.linspace(0, len(data_val) - 1, n).round().astype(np.int64))
+    for start in range(0, len(chosen), batch_size):
+        idx = chosen[start : start + batch_size]
+        if par is not None:
+            idx = np.array_split(idx, par.world)[par.rank]
+        weight = 1.0 if len(idx) else 0.0
+        x, y, mask = unpack_batch(data_val.batch((idx if len(idx) else chosen[:1]).tolist()))
+        with ctx:
+            out = model(x.to(device), y.to(device), mask.to(device) if mask is not None else None)
+        n_targets = int((y != -100).sum()) * weight
+        total += float(out.lm_loss) * n_targets
+        count += int(n_targets)
+    if par is not None:
+        total, count_f = all_reduce_floats([total, float(count)], par, op="sum")
+        count = int(count_f)
+    model.train(was)
+    return total / max(count, 1)
