@@ -19,7 +19,10 @@ from ..data import Data, prepare_data
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from ..model.transformer import compile_block
+from ..parallel.checkpoint import load_distributed
 from ..parallel.mesh import Parallel
+from ..parallel.parallelize import parallelize
+from ..parallel.state import optimizer_names
 from ..run_config import RunConfig, read_config, resume_config, save_config
 from ..runtime import pick_device, set_cpu_threads, tune_cpu_allocator
 from ..store import checkpoint as ck
@@ -172,8 +175,6 @@ def setup(
     if prepare_model is not None:
         prepare_model(model)
     if par is not None:
-        from ..parallel.parallelize import parallelize
-
         parallelize(model, par, compile_blocks=cfg.train.compile)
     elif cfg.train.compile:
         for block in model.layers:
@@ -181,39 +182,46 @@ def setup(
     opt = build_optimizer(model, cfg.optim)
     run = Run(cfg, run_dir, device, data, model, opt, memory, par=par)
     if start_ckpt is not None:
-        run.state = ck.check_checkpoint(start_ckpt)
-        if par is not None:
-            from ..parallel.checkpoint import load_distributed
-
-            load_distributed(start_ckpt, model, opt, par)
-        else:
-            from ..parallel.state import optimizer_names
-
-            load_model_weights(model, start_ckpt)
-            ck.load_optimizer(
-                opt, ck.optimizer_state(start_ckpt, optimizer_names(model, opt)), run.state["param_groups"]
-            )
-        ck.restore_rng(ck.load_tensors(start_ckpt, "rng.safetensors"))
-        if main:
-            truncate_after(run_dir / "metrics.jsonl", run.state["step"])
+        _resume_from(run, start_ckpt)
     else:  # everything loaded: only now replace (with --overwrite) or create the run folder
         if par is not None:
             par.barrier()  # every rank has checked the folder before rank 0 replaces it
         if main:
-            run.new_folder = True
-            run.replaced = set_aside(run_dir)
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                save_tokenizer(data.tokenizer, tok_file)
-                save_config(cfg, run_dir / "config.yaml")
-                for name, record in (records or {}).items():
-                    write_json(run_dir / name, record)
-            except BaseException:
-                restore(run_dir, run.replaced)
-                raise
+            _make_folder(run, records)
     if main:
         for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
             shutil.rmtree(stale, ignore_errors=True)
     if par is not None:
         par.barrier()
     return run
+
+
+def _resume_from(run: Run, ckpt: Path) -> None:
+    """Load weights, optimizer, RNG and trainer state of `ckpt` (either form); drop the
+    metrics lines logged after it."""
+    run.state = ck.check_checkpoint(ckpt)
+    if run.par is not None:
+        load_distributed(ckpt, run.model, run.opt, run.par)
+    else:
+        load_model_weights(run.model, ckpt)
+        names = optimizer_names(run.model, run.opt)
+        ck.load_optimizer(run.opt, ck.optimizer_state(ckpt, names), run.state["param_groups"])
+    ck.restore_rng(ck.load_tensors(ckpt, "rng.safetensors"))
+    if run.is_main:
+        truncate_after(run.run_dir / "metrics.jsonl", run.state["step"])
+
+
+def _make_folder(run: Run, records: dict[str, dict] | None) -> None:
+    """Create the new run's folder (an existing one set aside until the first checkpoint):
+    tokenizer, config and `records`; on failure the folder set aside comes back."""
+    run.new_folder = True
+    run.replaced = set_aside(run.run_dir)
+    try:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(run.data.tokenizer, run.run_dir / "tokenizer.json")
+        save_config(run.cfg, run.run_dir / "config.yaml")
+        for name, record in (records or {}).items():
+            write_json(run.run_dir / name, record)
+    except BaseException:
+        restore(run.run_dir, run.replaced)
+        raise

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..data import Data, Sampler, SamplerState
 from ..errors import ConfigError, NonFiniteError, OutputExists
+from ..parallel.checkpoint import save_distributed
 from ..parallel.mesh import close_parallel, init_parallel
 from ..parallel.parallelize import all_reduce_floats, reduce_window
 from ..run_config import RunConfig
@@ -125,24 +126,41 @@ def _first_checkpoint_written(run: Run) -> None:
         run.new_folder, run.replaced = False, None
 
 
+@dataclass
+class _Tally:
+    """What the loop counts and a checkpoint carries over to a resumed run."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # training wall-clock, summed over resumes
+    skipped: int = 0
+    val_loss: float | None = None
+
+    @classmethod
+    def resumed(cls, state: dict) -> _Tally:
+        return cls(
+            int(state.get("step", 0)),
+            int(state.get("tokens", 0)),
+            float(state.get("elapsed_s", 0.0)),
+            int(state.get("skipped_steps", 0)),
+            state.get("val_loss"),
+        )
+
+
 def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
     cfg, tc, state, par = run.cfg, run.cfg.train, run.state, run.par
-    step = int(state.get("step", 0))
+    t = _Tally.resumed(state)
     sampler = Sampler(len(run.data.train), tc.batch_size, tc.seed, SamplerState(**state.get("sampler", {})))
     health = HealthMonitor(
         tc.spike_factor, tc.spike_window, tc.collapse_max_violation, tc.collapse_window, state.get("health")
     )
-    tokens_seen = int(state.get("tokens", 0))
-    elapsed = float(state.get("elapsed_s", 0.0))  # training wall-clock, summed over resumes
-    skipped_total = int(state.get("skipped_steps", 0))
-    end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+    end = tc.steps if stop_after is None else min(tc.steps, t.step + stop_after)
     metrics = MetricsWriter(run.run_dir) if run.is_main else None  # written once, by rank 0
     window = MoEWindow()
     ctx = autocast_ctx(cfg, run.device)
-    val_loss = state.get("val_loss")
     # tokens/s counts optimizer-step time only (evaluation and checkpoints excluded)
-    t_window, tok_window, tps = elapsed, 0, 0.0
-    start_elapsed, start_tokens = elapsed, tokens_seen
+    t_window, tok_window = t.elapsed, 0
+    start = (t.elapsed, t.tokens)
     last_summary: list[dict] = []
     pending: list[str] = []  # warnings waiting for the next metrics line
     skipped_in_row = 0
@@ -153,108 +171,113 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
         pending.append(msg)
 
     run.model.train()
-    progress = Progress(end, step, cfg.name, quiet or not run.is_main)
+    progress = Progress(end, t.step, cfg.name, quiet or not run.is_main)
     try:
-        while step < end:
+        while t.step < end:
             t_step = time.perf_counter()
-            lr = lr_at(step, tc.steps, cfg.optim)
+            lr = lr_at(t.step, tc.steps, cfg.optim)
             res = run_step(run, sampler, window, ctx, lr)
             run.memory.sample()
-            if not res.finite:
+            if res.finite:
+                skipped_in_row = 0
+                if spike := health.check_loss(t.step + 1, res.loss):
+                    warn(spike)
+            else:
                 skipped_in_row += 1
                 if tc.on_nonfinite == "stop" or skipped_in_row >= tc.max_skipped_steps:
-                    raise NonFiniteError(
-                        nonfinite_message(
-                            res, step + 1, run.ckpt_root, None if tc.on_nonfinite == "stop" else skipped_in_row
-                        )
-                    )
-                skipped_total += 1
+                    limit = None if tc.on_nonfinite == "stop" else skipped_in_row
+                    raise NonFiniteError(nonfinite_message(res, t.step + 1, run.ckpt_root, limit))
+                t.skipped += 1
                 warn(
-                    f"step {step + 1} skipped: loss {res.loss}, gradient norm {res.grad_norm} (train.on_nonfinite=skip)"
+                    f"step {t.step + 1} skipped: loss {res.loss}, gradient norm {res.grad_norm} "
+                    "(train.on_nonfinite=skip)"
                 )
-            else:
-                skipped_in_row = 0
-                spike = health.check_loss(step + 1, res.loss)
-                if spike:
-                    warn(spike)
-            step += 1
-            elapsed += time.perf_counter() - t_step
-            tokens_seen += res.tokens
+            t.step += 1
+            t.elapsed += time.perf_counter() - t_step
+            t.tokens += res.tokens
             tok_window += res.tokens
-            progress.update(step)
+            progress.update(t.step)
 
-            evaluated = step % tc.eval_every == 0 or step == tc.steps
+            evaluated = t.step % tc.eval_every == 0 or t.step == tc.steps
             if evaluated:
-                val_loss = evaluate(run.model, run.data.val, tc.batch_size, tc.eval_batches, run.device, ctx, par)
-            if step % tc.log_every == 0 or step == end or evaluated:
-                tps = tok_window / max(elapsed - t_window, 1e-9)
-                t_window, tok_window = elapsed, 0
-                train_mem = run.memory.peak
-                if par is not None:  # statistics of the whole data-parallel batch
-                    reduce_window(window, par)
-                    train_mem = int(all_reduce_floats([float(train_mem)], par, op="max")[0])
-                last_summary = window.summary()
-                window.reset()
-                record = {
-                    "step": step,
-                    "tokens": tokens_seen,
-                    "elapsed_s": elapsed,
-                    "loss": res.loss,
-                    "lm_loss": res.lm_loss,
-                    "lb_loss": _mean([m["lb_loss"] for m in last_summary]),
-                    "z_loss": _mean([m["z_loss"] for m in last_summary]),
-                    "lr": lr,
-                    "grad_norm": res.grad_norm,
-                    "tokens_per_s": tps,
-                    "peak_mem_bytes": peak_memory_bytes(run.device),
-                    "train_mem_bytes": train_mem,
-                    "loss_spikes": health.spikes,
-                    "skipped_steps": skipped_total,
-                    "moe_layers": last_summary,
-                }
+                t.val_loss = evaluate(run.model, run.data.val, tc.batch_size, tc.eval_batches, run.device, ctx, par)
+            if t.step % tc.log_every == 0 or t.step == end or evaluated:
+                tps = tok_window / max(t.elapsed - t_window, 1e-9)
+                t_window, tok_window = t.elapsed, 0
+                last_summary, record = _record(run, window, t, res, lr, tps, health)
                 if evaluated:
-                    record["val_loss"] = val_loss
-                for w in health.check_router(step, [m["max_violation"] for m in last_summary]):
+                    record["val_loss"] = t.val_loss
+                for w in health.check_router(t.step, [m["max_violation"] for m in last_summary]):
                     warn(w)
                 if pending:
                     record["warnings"], pending = pending, []
                 if metrics is not None:
                     metrics.write(_json_safe(record))
-                progress.log(step, res.loss, val_loss, tps)
-            if step % tc.ckpt_every == 0 or step == end:
-                trainer_state = {
-                    "sampler": vars(sampler.state),
-                    "health": health.state(),
-                    "tokens": tokens_seen,
-                    "val_loss": val_loss,
-                    "total_steps": tc.steps,
-                    "elapsed_s": elapsed,
-                    "skipped_steps": skipped_total,
-                }
-                if par is None:
-                    ck.save_checkpoint(run.ckpt_root, step, run.model, run.opt, trainer_state, keep=tc.keep_checkpoints)
-                else:
-                    from ..parallel.checkpoint import save_distributed
-
-                    save_distributed(
-                        run.ckpt_root, step, run.model, run.opt, trainer_state, par, keep=tc.keep_checkpoints
-                    )
-                _first_checkpoint_written(run)
+                progress.log(t.step, res.loss, t.val_loss, tps)
+            if t.step % tc.ckpt_every == 0 or t.step == end:
+                _save(run, t, sampler, health)
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
-    mean_tps = (tokens_seen - start_tokens) / max(elapsed - start_elapsed, 1e-9)
+    mean_tps = (t.tokens - start[1]) / max(t.elapsed - start[0], 1e-9)
     return TrainResult(
         run.run_dir,
-        step,
-        val_loss,
+        t.step,
+        t.val_loss,
         mean_tps,
         cfg.model.param_counts(),
         [m["load"] for m in last_summary],
-        stopped_early=step < tc.steps,
-        skipped_steps=skipped_total,
+        stopped_early=t.step < tc.steps,
+        skipped_steps=t.skipped,
     )
+
+
+def _record(run: Run, window: MoEWindow, t: _Tally, res, lr: float, tps: float, health) -> tuple[list[dict], dict]:
+    """The MoE layers' summary of the window since the last line (reset here) and the
+    metrics line of step `t.step`; in a multi-process run both are the global batch's."""
+    train_mem = run.memory.peak
+    if run.par is not None:  # statistics of the whole data-parallel batch
+        reduce_window(window, run.par)
+        train_mem = int(all_reduce_floats([float(train_mem)], run.par, op="max")[0])
+    summary = window.summary()
+    window.reset()
+    return summary, {
+        "step": t.step,
+        "tokens": t.tokens,
+        "elapsed_s": t.elapsed,
+        "loss": res.loss,
+        "lm_loss": res.lm_loss,
+        "lb_loss": _mean([m["lb_loss"] for m in summary]),
+        "z_loss": _mean([m["z_loss"] for m in summary]),
+        "lr": lr,
+        "grad_norm": res.grad_norm,
+        "tokens_per_s": tps,
+        "peak_mem_bytes": peak_memory_bytes(run.device),
+        "train_mem_bytes": train_mem,
+        "loss_spikes": health.spikes,
+        "skipped_steps": t.skipped,
+        "moe_layers": summary,
+    }
+
+
+def _save(run: Run, t: _Tally, sampler: Sampler, health: HealthMonitor) -> None:
+    """Checkpoint step `t.step` (with everything an exact resume needs), in either form."""
+    tc = run.cfg.train
+    trainer_state = {
+        "sampler": vars(sampler.state),
+        "health": health.state(),
+        "tokens": t.tokens,
+        "val_loss": t.val_loss,
+        "total_steps": tc.steps,
+        "elapsed_s": t.elapsed,
+        "skipped_steps": t.skipped,
+    }
+    if run.par is None:
+        ck.save_checkpoint(run.ckpt_root, t.step, run.model, run.opt, trainer_state, keep=tc.keep_checkpoints)
+    else:
+        save_distributed(run.ckpt_root, t.step, run.model, run.opt, trainer_state, run.par, keep=tc.keep_checkpoints)
+    _first_checkpoint_written(run)
 
 
 def _json_safe(record: dict) -> dict:
