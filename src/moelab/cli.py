@@ -1,5 +1,8 @@
 """`moelab` command line. Each subcommand is a plain typed function; argparse only maps
-arguments onto it, and expected failures print one clear line instead of a traceback."""
+arguments onto it, and expected failures print one clear line instead of a traceback.
+
+Each command imports what it needs inside its function, on purpose: `moelab --help`, a
+bad flag or a refused output answer without importing torch (seconds on a small machine)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ be fixed without reading code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -23,7 +24,6 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def check_finite(obj, prefix: str) -> None:
     """Every float field of a config dataclass is a finite number: NaN or inf (as in
     `capacity_factor=inf`) is refused here, naming the key, rather than deep in a step."""
-    import dataclasses
 
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)

@@ -19,6 +19,8 @@ from ..config import ConfigError
 from ..data.sources import check_source
 from ..run_config import RunConfig, load_config, read_config
 from ..store.outputs import staged_output
+from .memory import plan_memory
+from .report import write_report
 
 
 @dataclass
@@ -100,7 +102,6 @@ def speedups(ref: RunCurves, other: RunCurves) -> dict:
 def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
     """One run's entry of summary.json: name, final validation loss, tokens/s, peak memory, parameter counts and planned
     weight/gradient/optimizer bytes."""
-    from .memory import plan_memory
 
     pc = rc.cfg.model.param_counts()
     tps = [r["tokens_per_s"] for r in rc.records if r.get("tokens_per_s")]
@@ -227,7 +228,6 @@ def _compare_into(
     quiet: bool,
 ) -> dict:
     """compare's work, written into the staging folder `tmp` that becomes `out`."""
-    from .report import write_report
 
     curves, dirs = [], []
     for item in items:

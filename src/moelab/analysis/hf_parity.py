@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..convert.io import export_hf
 from ..data import dataset_for
+from ..model import Transformer
 from ..run_config import RunConfig
 from ..store.run import load_tokenizer
 from ..train import train
@@ -94,9 +96,6 @@ def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = Non
     returns {"moelab": [loss per step], "transformers": [...], "lm_moelab", "lm_transformers",
     "max_abs_diff", "arch"}. Needs `transformers`; fp32 on CPU."""
     import transformers
-
-    from ..convert.io import export_hf
-    from ..model import Transformer
 
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.train.ckpt_every = steps, 1, steps, steps

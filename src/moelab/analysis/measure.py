@@ -12,7 +12,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
+from ..model import Transformer
 from ..parallel.local import run_local
+from ..parallel.mesh import Layout, build_meshes
+from ..parallel.parallelize import finish_gradients, parallelize
+from ..train.optim import param_groups
+from .memory import measure_activation_bytes
 
 
 def _local_bytes(t: torch.Tensor) -> int:
@@ -21,11 +26,6 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 
 def _measure_rank(rank: int, cfg: ModelConfig, micro_batch: int, seq_len: int, ep: int, zero: int, steps: int):
-    from ..model import Transformer
-    from ..parallel.mesh import Layout, build_meshes
-    from ..parallel.parallelize import finish_gradients, parallelize
-    from ..train.optim import param_groups
-    from .memory import measure_activation_bytes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..model import Transformer
+from ..train.optim import param_groups
 
 GiB = 1024**3
 
@@ -41,7 +43,6 @@ GiB = 1024**3
 def _param_inventory(cfg: ModelConfig) -> dict:
     """Counts of expert / non-expert parameters and parameter tensors (exact), and each
     tensor's shape by kind (for the shard a device holds)."""
-    from ..model import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -255,9 +256,6 @@ def measure_memory(
             return pool.apply(measure_memory, (cfg, micro_batch, seq_len, steps, False))
     import resource
 
-    from ..model import Transformer
-    from ..train.optim import param_groups
-
     torch.manual_seed(0)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
@@ -325,7 +323,7 @@ def plan_and_measure(
             if devices == 1:
                 measured[n] = measure_memory(m, micro_batch, seq_len)
             else:
-                from .measure import measure_parallel
+                from .measure import measure_parallel  # it uses this module's activation counter: import when run
 
                 measured[n] = measure_parallel(m, micro_batch, seq_len, devices, expert_parallel if m.moe else 1, zero)
     return plans, measured

@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data.dataset import tokenizer_hash
 from ..errors import ConfigError
 from ..model import ModelOutput, Transformer
-from ..run_config import RunConfig
+from ..run_config import RunConfig, apply_overrides, config_from_dict, load_config, read_config, refuse_changed_settings
+from ..store.run import load_run, load_tokenizer
+from ..train import resolve_checkpoint, train
 
 DISTILL_FILE = "distill.json"  # the teacher and loss settings, compared on --resume
 
@@ -75,10 +78,6 @@ def distill(
 ):
     """Train `student` (a recipe or YAML, or a run/checkpoint to start from) on `data` with
     the teacher run's soft targets into run folder `out`; returns the TrainResult."""
-    from ..data.dataset import tokenizer_hash
-    from ..run_config import apply_overrides, config_from_dict, load_config, read_config, refuse_changed_settings
-    from ..store.run import load_run, load_tokenizer
-    from ..train import resolve_checkpoint, train
 
     if not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"--temperature: expected a positive number, got {temperature}")

@@ -25,12 +25,18 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..convert.io import write_model_folder
+from ..data import dataset_for
+from ..data.chat import copy_tokenizer_extras
 from ..errors import ConfigError
 from ..model import Transformer
 from ..moe import MoE
+from ..store.outputs import check_output, staged_output
+from ..store.run import load_run
 
 
 @dataclass
@@ -162,13 +168,6 @@ def reduce_checkpoint(
     src: str, out: str, n_experts: int, calib: str, method: str, max_tokens: int = 32768, overwrite: bool = False
 ) -> tuple[Path, Transformer]:
     """Prune or merge the experts of run `src` on calibration source `calib` into a run folder `out`."""
-    import numpy as np
-
-    from ..convert.io import write_model_folder
-    from ..data import dataset_for
-    from ..data.chat import copy_tokenizer_extras
-    from ..store.outputs import check_output, staged_output
-    from ..store.run import load_run
 
     check_output(out, overwrite=overwrite, protect=[src, calib])
     r = load_run(src, device="cpu")

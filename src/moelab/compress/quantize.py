@@ -3,10 +3,15 @@ as a run folder that eval, generate, memory and export read."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+from ..convert.io import write_model_folder
+from ..data.chat import copy_tokenizer_extras
 from ..errors import ConfigError
 from ..model.quant import quantize_model, resident_bytes
+from ..store.outputs import check_output, staged_output
+from ..store.run import load_run
 
 
 def quantize_checkpoint(
@@ -14,12 +19,6 @@ def quantize_checkpoint(
 ) -> tuple[Path, int, int]:
     """Write a quantized copy of run or checkpoint `src` as a run folder `out` (step 0) that
     eval, generate and export-free inference load. Returns (folder, bytes before, after)."""
-    import copy
-
-    from ..convert.io import write_model_folder
-    from ..data.chat import copy_tokenizer_extras
-    from ..store.outputs import check_output, staged_output
-    from ..store.run import load_run
 
     check_output(out, overwrite=overwrite, protect=[src])
     r = load_run(src, device="cpu")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..model import Transformer
+from ..parallel.state import optimizer_names
 from ..run_config import read_config
 from ..store import checkpoint as ck
 from ..store.outputs import check_output, staged_output
@@ -25,7 +26,6 @@ def consolidate(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     """Write SRC's latest good (or named) distributed checkpoint into the run folder OUT as
     a single-process checkpoint, with SRC's config, tokenizer and metrics; returns the
     new checkpoint's path. ConfigError when SRC is already single-process."""
-    from ..parallel.state import optimizer_names
 
     check_output(out, overwrite=overwrite, protect=[src])  # before the checkpoint is read: fail in seconds
     ckpt = ck.resolve_checkpoint(src)

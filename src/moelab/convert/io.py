@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 
 from ..config import ConfigError
 from ..data.chat import copy_tokenizer_extras, load_chat_format
@@ -126,8 +127,6 @@ def export_hf(model: Transformer, out: str | Path, tokenizer_file: Path | None =
     out.mkdir(parents=True, exist_ok=True)
     eos = pad = None
     if tokenizer_file is not None and tokenizer_file.is_file():
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(tokenizer_file))
         shutil.copy(tokenizer_file, out / "tokenizer.json")
         src_cfg = tokenizer_file.parent / "tokenizer_config.json"

@@ -18,12 +18,17 @@ produces at that layer's FFN input, as mergekit-moe does).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 
 from ..config import ConfigError, ModelConfig, MoEConfig
 from ..model import Transformer
 from ..model.blocks import SwiGLU
+from ..run_config import RunConfig
+from ..store.outputs import check_output, staged_output
+from ..store.run import load_run, load_tokenizer
+from .io import read_hf, write_model_folder
 
 
 def upcycled_config(
@@ -147,12 +152,6 @@ def upcycle_to_folder(
     """Upcycle an HF folder or moelab run into a run folder (step 0) that carries the
     dense run's hyper-parameters. `prompts_file`: one prompt per expert, for router_init
     "hidden". `out` must be new or empty unless `overwrite`. Returns (folder, model)."""
-    from pathlib import Path
-
-    from ..run_config import RunConfig
-    from ..store.outputs import check_output, staged_output
-    from ..store.run import load_run, load_tokenizer
-    from .io import read_hf, write_model_folder
 
     check_output(out, overwrite=overwrite, protect=[src, prompts_file])
     src_path = Path(src)

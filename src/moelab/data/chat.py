@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +147,6 @@ def load_chat_format(run_dir: Path | None, choice: str = "auto") -> ChatFormat:
 def copy_tokenizer_extras(src_dir: Path, dst_dir: Path) -> None:
     """Copy the tokenizer's config, special-token map and chat template files of `src_dir`
     (those present) into `dst_dir`."""
-    import shutil
 
     for name in TOKENIZER_EXTRAS:
         if (Path(src_dir) / name).is_file():

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from ..errors import ConfigError, OutputExists
 from ..store.outputs import restore, save_tokenizer, set_aside
@@ -216,7 +217,6 @@ def _tokenize_into(
     done_bytes = sum(c["bytes"] for c in progress["chunks"])
     for _ in range(skip):  # finished chunks: read past their documents, do not encode them again
         next(stream)
-    from tqdm import tqdm
 
     bar = tqdm(
         total=None,

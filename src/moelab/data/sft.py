@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,6 @@ def read_sft_jsonl(path: Path, fmt: ChatFormat = MOELAB_FORMAT) -> list[Example]
 def stdlib_docstring_examples(max_chars: int = 2000) -> tuple[Example, ...]:
     """Functions with a docstring and a body, signature+docstring -> body (cached: parsing
     the whole standard library takes seconds, and a report fine-tunes many times)."""
-    import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []

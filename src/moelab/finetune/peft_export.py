@@ -11,6 +11,7 @@ alpha/r stays the same: the delta is identical, not approximated.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..config import ConfigError
 from ..convert.io import export_hf
+from ..model import Transformer
 from ..model.lora import LoRADelta, apply_lora
 
 ATTN_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
@@ -47,8 +49,6 @@ def export_peft(cfg, state: dict, tokenizer_file: Path | None, out: Path) -> tup
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ..model import Transformer
-
     targets = cfg.lora.target_list()
     if "ffn" in targets:
         raise ConfigError("peft export: lora target 'ffn' is not exported yet (attn, experts, router are)")
@@ -77,7 +77,6 @@ def export_peft(cfg, state: dict, tokenizer_file: Path | None, out: Path) -> tup
         alpha_pattern=alpha_pattern,
         lora_dropout=0.0,
     )
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -121,7 +120,6 @@ def export_peft(cfg, state: dict, tokenizer_file: Path | None, out: Path) -> tup
             d = deltas[f"{pre}ffn.router.weight"]
             put(f"model.layers.{i}.mlp.gate.weight", d.lora_A, d.lora_B)
     adapter_dir = Path(out) / "adapter"
-    import warnings
 
     with warnings.catch_warnings():  # peft warns that pattern keys match no *module*; they match parameters
         warnings.simplefilter("ignore", RuntimeWarning)

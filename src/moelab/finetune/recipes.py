@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
+from ..model.lora import apply_lora
 
 RECIPES = ("full", "freeze-experts", "freeze-router", "experts-only", "lora")
 
@@ -52,8 +53,6 @@ def apply_recipe(model: torch.nn.Module, recipe: str, lora=None) -> None:
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: expected one of {list(RECIPES)}, got {recipe!r}")
     if recipe == "lora":
-        from ..model.lora import apply_lora
-
         apply_lora(model, lora.target_list(), lora.rank, lora.alpha)
         return
     groups = parameter_groups(model)

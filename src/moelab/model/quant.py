@@ -27,6 +27,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
+from ..moe.experts import GroupedExperts
+from .blocks import SwiGLU
 
 BITS = (2, 3, 4, 8)
 
@@ -106,8 +108,6 @@ def targets(model: nn.Module, what: str) -> list[tuple[nn.Module, str, str]]:
     """(module, attribute, dotted name) of each weight to quantize: the routed experts'
     w_gate/w_up/w_down ("experts"), or every matmul weight except embeddings and routers
     ("all": attention, dense FFNs, shared and routed experts, an untied output head)."""
-    from ..moe.experts import GroupedExperts
-    from .blocks import SwiGLU
 
     if what not in ("experts", "all"):
         raise ConfigError(f"--what: expected experts or all, got {what!r}")

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..moe import MoE
 from ..moe.experts import GroupedExperts
 
 
@@ -97,7 +98,6 @@ class ExpertParallelExperts(nn.Module):
 def shard_experts(model: nn.Module, group, rank: int, size: int) -> int:
     """Replace every MoE layer's experts by this rank's expert-parallel slice; returns how
     many layers were sharded. The rest of the model stays replicated."""
-    from ..moe import MoE
 
     n = 0
     for mod in model.modules():

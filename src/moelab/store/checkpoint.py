@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, NonFiniteError
+from .dcp import by_index, read_full
 from .outputs import write_safetensors
 
 STATE_FILE = "trainer_state.json"
@@ -224,8 +225,6 @@ def model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights and persistent buffers, whole, by single-process name, from
     either form (a DCP checkpoint is consolidated in memory, no pickle, no process group)."""
     if is_distributed(ckpt):
-        from .dcp import read_full
-
         try:
             return read_full(Path(ckpt) / "dcp", "model.")
         except Exception as e:  # DCP raises its own wrappers (CheckpointException) for unreadable shards
@@ -238,7 +237,6 @@ def optimizer_state(ckpt: Path, names: list[str]) -> dict[str, torch.Tensor]:
     takes them; `names` are the parameters' names in the optimizer's order."""
     if not is_distributed(ckpt):
         return load_tensors(ckpt, "optimizer.safetensors")
-    from .dcp import by_index, read_full
 
     return by_index(read_full(Path(ckpt) / "dcp", "optim."), names)
 

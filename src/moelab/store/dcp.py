@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 
 def by_index(optim_by_name: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
@@ -36,7 +37,6 @@ def by_name(optim_by_index: dict[str, torch.Tensor], names: list[str]) -> dict[s
 def read_full(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under `prefix` in a DCP folder, whole, read in this process alone
     (no process group): how one process reads a checkpoint written by many."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = dcp.FileSystemReader(str(path)).read_metadata()
     out = {

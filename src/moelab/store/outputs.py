@@ -15,6 +15,7 @@ that code's I/O errors back into `OSError`, which the CLI prints as one line
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from safetensors.torch import save_file
 
 from ..errors import OutputExists
 
@@ -174,7 +177,6 @@ def removed_on_failure(folder: Path, scaffolding: Sequence[str] = ()) -> Iterato
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (a temp file, then a rename): readers see the old file or the new one."""
-    import json
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -201,7 +203,6 @@ def native_os_error(e: Exception, path: str | Path) -> OSError | None:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, fsynced, with a full disk or a read-only folder raised as OSError naming `path`."""
-    from safetensors.torch import save_file
 
     try:
         save_file(tensors, str(path), metadata=metadata)
