@@ -260,7 +260,7 @@ def cmd_lr_sweep(
     return rows
 
 
-def cmd_lr_fit(sweep_dir: str, target_params: float | None = None, count: str = "non_embedding"):
+def cmd_lr_fit(sweep_dir: str, target_params: float | None = None, count: str = "non-embedding"):
     """Fit log(lr*) = a log(N) + b on a sweep and predict the LR for a target size."""
     from .analysis.lr_scaling import fit_sweep
 
