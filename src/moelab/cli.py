@@ -433,9 +433,7 @@ def cmd_export(run: str, out: str, arch: str | None = None, peft: bool = False, 
     check_output(out, overwrite=overwrite, protect=[run])
     r = load_run(run, device="cpu")
     run_dir = r.checkpoint.parent.parent
-    if r.cfg.quant.bits:
-        if peft:
-            raise ConfigError("--peft: this run is quantized; export the LoRA run it was made from")
+    if r.cfg.quant.bits:  # (--peft is refused below: a quantized run holds merged weights, no adapters)
         from .model.quant import dequantize_model
 
         dequantize_model(r.model)
@@ -632,7 +630,7 @@ def _fail(command: str, e: MoelabError | OSError, out: str | None = None) -> int
     from .parallel.mesh import record_for_launcher, wait_for_peers_to_fail
     from .store.outputs import describe_os_error
 
-    text = describe_os_error(e, out) if isinstance(e, OSError) and not isinstance(e, MoelabError) else str(e)
+    text = describe_os_error(e, out) if isinstance(e, OSError) else str(e)
     line = f"moelab {command}: error: {text}"
     print(line, file=sys.stderr, flush=True)
     record_for_launcher(line)

@@ -35,12 +35,11 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ..errors import ConfigError, OutputExists
-from ..store.outputs import restore, save_tokenizer, set_aside
+from ..store.outputs import restore, save_tokenizer, set_aside, write_json
 from ..store.run import load_tokenizer
-from .sources import Document, SourceReport, is_validation, iter_documents, source_fingerprint
+from .sources import FORMAT, PROGRESS_FILE, Document, SourceReport, is_validation, iter_documents, source_fingerprint
 from .tokenizer import eos_id
 
-FORMAT = "moelab-tokens/1"
 CHUNK_BYTES = 64 << 20  # source text per chunk: the unit of resumption
 ENCODE_BYTES = 4 << 20  # text per encode call: bounds the transient encodings
 SPLITS = ("train", "val")
@@ -55,12 +54,6 @@ def is_dataset(path: str | Path) -> bool:
     """Whether `path` is a folder written by `tokenize_source` (complete)."""
     m = Path(path) / "manifest.json"
     return m.is_file() and json.loads(m.read_text()).get("format") == FORMAT
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _write_array(path: Path, arr: np.ndarray) -> None:
@@ -115,15 +108,15 @@ def _check_out(out: Path, key: dict, overwrite: bool) -> dict | None:
     if (out / "manifest.json").is_file():
         if json.loads((out / "manifest.json").read_text()).get("key") == key:
             return {"done": True}
-    elif (out / "progress.json").is_file():
-        progress = json.loads((out / "progress.json").read_text())
+    elif (out / PROGRESS_FILE).is_file():
+        progress = json.loads((out / PROGRESS_FILE).read_text())
         if progress.get("key") == key:
             return progress
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             what = (
                 "another dataset (another source, changed source files, or another tokenizer)"
-                if (out / "manifest.json").is_file() or (out / "progress.json").is_file()
+                if (out / "manifest.json").is_file() or (out / PROGRESS_FILE).is_file()
                 else "files that are not a dataset"
             )
             raise OutputExists(
@@ -136,7 +129,7 @@ def _check_out(out: Path, key: dict, overwrite: bool) -> dict | None:
 def resumable_tokenizer(source: str, out: Path, text_field: str, val_fraction: float) -> Tokenizer | None:
     """The tokenizer of an unfinished (or finished) dataset of this same source in `out`,
     so that a rerun continues it rather than training a tokenizer again; else None."""
-    for name in ("progress.json", "manifest.json"):
+    for name in (PROGRESS_FILE, "manifest.json"):
         f = out / name
         if f.is_file() and (out / "tokenizer.json").is_file():
             key = json.loads(f.read_text()).get("key", {})
@@ -207,7 +200,7 @@ def _tokenize_into(
     quiet: bool,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp"):
+    for stale in [*out.glob("*.tmp"), *out.glob(".*.tmp-*")]:  # shards' and write_json's, left by a kill
         stale.unlink()
     save_tokenizer(tok, out / "tokenizer.json")
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
@@ -237,7 +230,7 @@ def _tokenize_into(
         if docs and (size >= chunk_bytes or doc is None):
             info = _write_chunk(out, len(progress["chunks"]), tok, docs, val_fraction, dtype)
             progress["chunks"].append(info)
-            _atomic_json(out / "progress.json", progress)
+            write_json(out / PROGRESS_FILE, progress)
             tokens += info["train"]["tokens"] + info["val"]["tokens"]
             bar.update(info["bytes"])
             bar.set_postfix(tokens=f"{tokens:,}")
@@ -327,8 +320,8 @@ def _finish(out: Path, source: str, progress: dict, dtype, report: SourceReport)
             for s in SPLITS
         },
     }
-    _atomic_json(out / "manifest.json", manifest)
-    (out / "progress.json").unlink(missing_ok=True)
+    write_json(out / "manifest.json", manifest)
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
 
 
 class TokenStream:

@@ -31,7 +31,10 @@ EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
 LINES_PER_BLOCK = 200
 CHUNK_CHARS = 1 << 20
 HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-UNFINISHED_MARKER = "progress.json"  # what `moelab tokenize` keeps in a dataset folder until it is complete
+# A tokenized dataset folder (data/dataset.py) as sources must recognise it, to refuse one
+# that `moelab tokenize` has not finished rather than read its shards as text.
+FORMAT = "moelab-tokens/1"
+PROGRESS_FILE = "progress.json"  # kept in the folder until the dataset is complete
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,7 @@ def check_source(source: str) -> Path:
             f"data source '{source}' does not exist (expected 'stdlib', a text file, a folder, a .jsonl, a .parquet, "
             "a .gz/.zst of those, a tokenized dataset, or a datasets folder)"
         )
-    if path.is_dir() and _unfinished_dataset(path / UNFINISHED_MARKER):
+    if path.is_dir() and _unfinished_dataset(path / PROGRESS_FILE):
         raise ConfigError(
             f"data source '{source}' is an incomplete tokenized dataset (its `moelab tokenize` was interrupted): "
             "run the same `moelab tokenize` command again to finish it"
@@ -268,7 +271,7 @@ def _unfinished_dataset(progress: Path) -> bool:
         key = json.loads(progress.read_text()).get("key", {})
     except (OSError, ValueError, AttributeError):
         return False  # not ours: a folder of text may hold a file of that name
-    return isinstance(key, dict) and str(key.get("format", "")).startswith("moelab-tokens/")
+    return isinstance(key, dict) and key.get("format") == FORMAT
 
 
 def _folder(path: Path, report: SourceReport) -> Iterator[Document]:

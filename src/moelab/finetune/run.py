@@ -14,8 +14,8 @@ from ..data import Data
 from ..data.chat import copy_tokenizer_extras, load_chat_format
 from ..data.sft import SFTExamples, load_sft
 from ..data.tokenizer import token_byte_lengths
+from ..errors import CheckpointError
 from ..run_config import RunConfig, apply_overrides, config_from_dict
-from ..store.checkpoint import CheckpointError
 from ..store.run import load_run, load_tokenizer
 from ..train import train
 from .recipes import apply_recipe, trainable_report

@@ -128,11 +128,8 @@ def staged_output(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
+        old = set_aside(out)
+        os.rename(tmp, out)  # onto nothing, or onto an empty folder
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _public_path(e, tmp, out)
@@ -177,7 +174,6 @@ def removed_on_failure(folder: Path, scaffolding: Sequence[str] = ()) -> Iterato
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (a temp file, then a rename): readers see the old file or the new one."""
-
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(obj, indent=1))
@@ -203,7 +199,6 @@ def native_os_error(e: Exception, path: str | Path) -> OSError | None:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, fsynced, with a full disk or a read-only folder raised as OSError naming `path`."""
-
     try:
         save_file(tensors, str(path), metadata=metadata)
     except Exception as e:  # SafetensorError carries the OS error in its text
