@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"parallel"},
     {"train", "inference"},
     {"convert", "finetune", "compress", "analysis", "demo"},
-    {"cli", "cli_parser", "__main__", ""},  # "" = the package root, the public API
+    {"cli", "__main__", ""},  # "" = the package root, the public API
 ]
 
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .errors import ConfigError
+
+# How pydantic reads these dataclasses from a config file (run_config.config_from_dict):
+# an unknown key or a NaN/inf is an error there, not a silently kept value.
+FILE_RULES: dict = {"extra": "forbid", "allow_inf_nan": False}
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -40,6 +44,8 @@ class MoEConfig:
     lowest router weight first. `eval_capacity_factor` applies in `eval()` mode
     (None = dropless at evaluation).
     """
+
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     d_model: int = 256
     d_expert: int = 512
@@ -166,6 +172,8 @@ class ModelConfig:
     "none" (dense). `first_dense` keeps the first k layers dense in any pattern
     (DeepSeek style).
     """
+
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     vocab_size: int = 4096
     d_model: int = 256

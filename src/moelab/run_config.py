@@ -7,17 +7,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+import pydantic
 import yaml
 
-from .config import ConfigError, ModelConfig, MoEConfig
+from .config import FILE_RULES, ConfigError, ModelConfig, MoEConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -26,6 +27,8 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 class DataConfig:
     """Where the text comes from and how it becomes sequences: source, seq_len, validation share (by document),
     tokenizer reuse, tokenizer training budget, text field."""
+
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     source: str = "stdlib"  # replaced by `--data`
     seq_len: int = 128
@@ -45,6 +48,8 @@ class DataConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule: peak lr (or 'auto'), weight decay, betas, eps, grad clipping,
     cosine/WSD/constant schedule with warmup."""
+
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)
     lr_fit: str | None = None  # fit.json from `moelab lr-fit`, used by lr=auto
@@ -91,6 +96,8 @@ class TrainConfig:
     """The loop: length, batch, accumulation, seed, precision, device, logging, evaluation, checkpoints and health
     thresholds."""
 
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
+
     steps: int = 1000  # the run's total length (the schedule's horizon)
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
@@ -119,19 +126,8 @@ class TrainConfig:
 
     def validate(self, p: str = "train.") -> None:
         """Raise ConfigError naming the first out-of-range field (as train.FIELD)."""
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "log_every",
-            "eval_every",
-            "ckpt_every",
-            "eval_batches",
-            "keep_checkpoints",
-            "spike_window",
-            "collapse_window",
-            "max_skipped_steps",
-        ):
+        counts = "steps batch_size grad_accum log_every eval_every ckpt_every eval_batches keep_checkpoints"
+        for name in (*counts.split(), "spike_window", "collapse_window", "max_skipped_steps"):
             _pos_int(getattr(self, name), p + name)
         if self.threads is not None:
             _pos_int(self.threads, p + "threads")
@@ -151,6 +147,8 @@ class ParallelConfig:
     data parallelism, and the data-parallel degree as sharded x replicated; 0 = fill the
     world (replicated, unless data_shard says otherwise). One process ignores it."""
 
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
+
     expert: int = 1
     data_shard: int = 0
     data_replicate: int = 0
@@ -166,6 +164,8 @@ class ParallelConfig:
 
 @dataclass
 class FinetuneConfig:
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
+
     recipe: Literal["none", "full", "freeze-experts", "freeze-router", "experts-only", "lora"] = "none"
     expert_dropout: float = 0.0  # copied into model.moe.expert_dropout
     aux_loss: bool = True  # false: lb and z coefficients set to 0 (printed, never silent)
@@ -186,6 +186,8 @@ class FinetuneConfig:
 class QuantConfig:
     """Weight-only quantization a checkpoint was written with (`moelab quantize`); bits 0 = none."""
 
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
+
     bits: int = 0
     group_size: int = 64
     what: Literal["experts", "all"] = "experts"
@@ -193,6 +195,8 @@ class QuantConfig:
 
 @dataclass
 class LoraConfig:
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
+
     rank: int = 8
     alpha: float = 16.0
     targets: str = "attn,experts"  # comma-separated: attn, experts, router, ffn
@@ -205,6 +209,8 @@ class LoraConfig:
 class RunConfig:
     """Everything one run needs: model, data, optimizer, trainer, fine-tuning and LoRA settings, saved as
     RUN/config.yaml."""
+
+    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -237,83 +243,56 @@ def _pos_int(v: Any, key: str) -> None:
         raise ConfigError(f"{key}: expected a positive integer, got {v!r}")
 
 
-# ---------------------------------------------------------------- typed construction
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(tp, v: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if v is None and type(None) in args:
-            return None
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{key}: expected a finite number, got {v!r}")
-        for a in args:
-            if dataclasses.is_dataclass(a) and isinstance(v, dict):
-                return _coerce(a, v, key)  # keep the inner error, which names the exact key
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, v, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {v!r}")
-    if origin is Literal:
-        if v not in typing.get_args(tp):
-            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {v!r}")
-        return v
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, v, key)
-    if tp is bool:
-        if not isinstance(v, bool):
-            raise ConfigError(f"{key}: expected true or false, got {v!r}")
-        return v
-    if tp is int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{key}: expected an integer, got {v!r}")
-        return v
-    if tp is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {v!r}")
-        if not math.isfinite(v):  # nan/inf parse as numbers, and fail far from here
-            raise ConfigError(f"{key}: expected a finite number, got {v!r}")
-        return float(v)
-    if tp is str:
-        if not isinstance(v, str):
-            raise ConfigError(f"{key}: expected a string, got {v!r}")
-        return v
-    return v
-
-
+# ---------------------------------------------------------------- validation (pydantic)
 def _unknown(key: str, name: str, choices) -> ConfigError:
     close = difflib.get_close_matches(name, list(choices), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{key}: unknown key{hint}; known keys: {', '.join(sorted(choices))}")
 
 
-def _from_dict(cls, data: Any, prefix: str):
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise _unknown(key, str(k), names)
-        kwargs[k] = _coerce(hints[k], v, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        msg = str(e)
-        if cls is MoEConfig and msg.startswith("moe."):  # MoEConfig validates itself as "moe."
-            msg = prefix + msg[3:]
-        raise ConfigError(msg) from None
+def _section(hint: Any) -> Any:
+    """The config dataclass a field holds (`MoEConfig | None` -> MoEConfig), else None."""
+    return next((a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)), None)
+
+
+def _words(hint: Any) -> str:
+    """What a field's type accepts, as a YAML writer would say it."""
+    if typing.get_origin(hint) is Literal:
+        options = typing.get_args(hint)
+        return f"one of {list(options)}" if len(options) > 1 else repr(options[0])
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(_words(a) for a in args)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(hint, "a mapping" if dataclasses.is_dataclass(hint) else getattr(hint, "__name__", str(hint)))
+
+
+def _config_error(e: pydantic.ValidationError) -> ConfigError:
+    """pydantic's first error as one line naming the dotted key (a union's branches report
+    one error each, at the same key: one line says what the field takes)."""
+    err = e.errors()[0]
+    cls: Any = RunConfig
+    keys: list[str] = []
+    hint: Any = RunConfig
+    for part in err["loc"]:  # field names, then (inside a union) branch tags, which are not keys
+        names = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+        if not isinstance(part, str) or (part not in names and err["type"] != "unexpected_keyword_argument"):
+            break
+        keys.append(part)
+        if part not in names:
+            return _unknown(".".join(keys), part, names)
+        hint = typing.get_type_hints(cls)[part]
+        cls = _section(hint)
+    key = ".".join(keys) or "config"
+    if err["type"] == "value_error":  # a section's own check (ModelConfig, MoEConfig) names itself "moe.x"
+        msg = str(err["ctx"]["error"])
+        return ConfigError(f"{key}.{msg.split('.', 1)[1]}" if keys and "." in msg.split(":")[0] else msg)
+    if err["type"] == "finite_number":
+        return ConfigError(f"{key}: expected a finite number, got {err['input']!r}")
+    return ConfigError(f"{key}: expected {_words(hint)}, got {err['input']!r}")
+
+
+_VALIDATOR = pydantic.TypeAdapter(RunConfig)
 
 
 def _prepare_model_dict(d: dict) -> None:
@@ -325,9 +304,12 @@ def _prepare_model_dict(d: dict) -> None:
 
 def config_from_dict(d: dict) -> RunConfig:
     """A validated RunConfig from nested dicts; ConfigError naming an unknown key or a wrong type by its dotted path."""
-    d = yaml.safe_load(yaml.safe_dump(d))  # deep copy through plain types
+    d = copy.deepcopy(d)
     _prepare_model_dict(d)
-    cfg = _from_dict(RunConfig, d, "")
+    try:  # strict, from JSON: YAML's types are JSON's, and strict JSON mode still takes a mapping for a section
+        cfg = _VALIDATOR.validate_json(json.dumps(d, default=str), strict=True)
+    except pydantic.ValidationError as e:
+        raise _config_error(e) from None
     cfg.validate()
     return cfg
 
@@ -376,11 +358,9 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             if i == len(parts) - 1:
                 node[part] = value
                 break
-            hint = typing.get_type_hints(cls)[part]
-            sub = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
-            if not sub:
+            cls = _section(typing.get_type_hints(cls)[part])
+            if cls is None:
                 raise ConfigError(f"{dotted}: is a value, not a section")
-            cls = sub[0]
             if not isinstance(node.get(part), dict):
                 node[part] = {}  # e.g. model.moe.n_experts=8 on a dense recipe creates the MoE
             node = node[part]
@@ -421,112 +401,3 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     d = cfg.to_dict()
     d.pop("parallel", None)
     path.write_text(yaml.safe_dump(d, sort_keys=False))
-
-
-# Settings a resumed run may change: the horizon, and how it logs, evaluates, checkpoints
-# and watches itself. Everything else would make the resumed run a different run.
-RESUMABLE = (
-    "train.steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.ckpt_every",
-    "train.keep_checkpoints",
-    "train.threads",
-    "train.device",
-    "train.spike_factor",
-    "train.spike_window",
-    "train.collapse_max_violation",
-    "train.collapse_window",
-    "train.on_nonfinite",
-    "train.max_skipped_steps",
-    "train.precision",
-    "train.compile",
-    "parallel.expert",  # checkpoints reshard: a run may resume on another layout
-    "parallel.data_shard",
-    "parallel.data_replicate",
-)
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
-def settings_diff(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
-    """(dotted key, value in a, value in b) for every leaf of two nested dicts that differs, keys sorted."""
-    fa, fb = _flat(a), _flat(b)
-    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if k not in ignore and fa.get(k) != fb.get(k)]
-
-
-def config_diff(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
-    """(dotted key, value in a, value in b) for every field that differs, keys sorted."""
-    return settings_diff(a.to_dict(), b.to_dict(), ignore)
-
-
-def refuse_changed_settings(
-    saved: dict,
-    command: dict,
-    where: Path,
-    *,
-    may_change: str,
-    ignore: tuple[str, ...] = (),
-    flag: str = "--resume",
-    noun: str = "run",
-) -> None:
-    """The one resume guard: a command continues saved work only with the settings it was
-    started with; ConfigError naming each differing key otherwise (`ignore`: keys that may change)."""
-    diff = settings_diff(saved, command, ignore)
-    if diff:
-        shown = "; ".join(f"{k}: {noun} has {va!r}, command has {vb!r}" for k, va, vb in diff[:8])
-        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
-        raise ConfigError(
-            f"{flag}: the command differs from the settings saved in {where}: {shown}{more}. "
-            f"Continue with the same settings ({may_change}), or start anew in another folder"
-        )
-
-
-def resume_config(saved: RunConfig, command: RunConfig, run_dir: Path) -> RunConfig:
-    """The config a resumed run continues with: the saved one, with the RESUMABLE fields
-    taken from the command. Any other difference is refused, naming each key."""
-    refuse_changed_settings(
-        saved.to_dict(),
-        command.to_dict(),
-        run_dir / "config.yaml",
-        ignore=RESUMABLE,
-        may_change="same recipe, --data and overrides; only the --steps horizon and "
-        "train.log_every/eval_every/ckpt_every-style settings may change",
-    )
-    out = copy.deepcopy(saved)
-    for key in RESUMABLE:
-        section, name = key.split(".")
-        setattr(getattr(out, section), name, getattr(getattr(command, section), name))
-    out.validate()
-    return out
-
-
-__all__ = [
-    "RunConfig",
-    "DataConfig",
-    "OptimConfig",
-    "TrainConfig",
-    "ParallelConfig",
-    "ModelConfig",
-    "MoEConfig",
-    "ConfigError",
-    "load_config",
-    "read_config",
-    "config_from_dict",
-    "apply_overrides",
-    "save_config",
-    "list_recipes",
-    "config_diff",
-    "settings_diff",
-    "refuse_changed_settings",
-    "resume_config",
-    "RESUMABLE",
-]

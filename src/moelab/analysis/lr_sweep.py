@@ -12,8 +12,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import ConfigError, NonFiniteError, OutputExists
-from ..run_config import load_config, refuse_changed_settings
+from ..run_config import load_config
 from ..store.outputs import guard_output, removed_on_failure, write_json
+from ..store.resume import refuse_changed_settings
 from ..train import latest_checkpoint, train
 from .lr_scaling import read_sweep, scale_model
 

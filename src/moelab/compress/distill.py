@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ..data.dataset import tokenizer_hash
 from ..errors import ConfigError
 from ..model import ModelOutput, Transformer
-from ..run_config import RunConfig, apply_overrides, config_from_dict, load_config, read_config, refuse_changed_settings
+from ..run_config import RunConfig, apply_overrides, config_from_dict, load_config, read_config
+from ..store.resume import refuse_changed_settings
 from ..store.run import load_run, load_tokenizer
 from ..train import resolve_checkpoint, train
 

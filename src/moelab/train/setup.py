@@ -23,10 +23,11 @@ from ..parallel.checkpoint import load_distributed
 from ..parallel.mesh import Parallel
 from ..parallel.parallelize import parallelize
 from ..parallel.state import optimizer_names
-from ..run_config import RunConfig, read_config, resume_config, save_config
+from ..run_config import RunConfig, read_config, save_config
 from ..runtime import pick_device, set_cpu_threads, tune_cpu_allocator
 from ..store import checkpoint as ck
 from ..store.outputs import check_output, guard_output, restore, save_tokenizer, set_aside, write_json
+from ..store.resume import resume_config
 from ..store.run import load_model_weights
 from .lr_rule import resolve_auto_lr
 from .metrics import TrainingMemory, truncate_after

@@ -1,0 +1,280 @@
+"""Commands that turn one stored model into another: consolidate, quantize, prune-experts,
+merge-experts, distill, import, export, upcycle (torch imported inside each, as in cli.run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from tyro.conf import Positional, arg
+
+from ..errors import ConfigError
+from .args import Fresh, Overrides, Run, Source, positive, require
+
+Checkpoint = Annotated[str, Positional, arg(metavar="RUN")]
+
+
+def cmd_consolidate(run: Run, out: str, overwrite: bool = False):
+    """Write a multi-process run's checkpoint as a single-process run folder (safetensors).
+
+    Args:
+        run: run folder or checkpoint written by torchrun
+        out: new run folder
+        overwrite: replace an existing --out
+    """
+    from ..convert.consolidate import consolidate
+
+    path = consolidate(run, out, overwrite)
+    print(f"consolidated {run} -> {path} (resume with: moelab train ... --out {out} --resume)")
+    return path
+
+
+def cmd_quantize(
+    ckpt: Checkpoint,
+    bits: int,
+    out: str,
+    group_size: int = 64,
+    what: Literal["experts", "all"] = "experts",
+    overwrite: bool = False,
+):
+    """Weight-only group-wise quantization of expert (or all) weights to 8/4/3/2 bits.
+
+    Args:
+        ckpt: run folder or checkpoint
+        bits: 8, 4, 3 or 2
+        out: new run folder
+        group_size: inputs sharing one scale and zero point
+        what: the experts' weights, or every matmul weight
+        overwrite: replace an existing --out
+    """
+    from ..compress.quantize import quantize_checkpoint
+
+    path, before, after = quantize_checkpoint(ckpt, out, bits, group_size, what, overwrite)
+    print(
+        f"quantized {ckpt} -> {path}: {'expert' if what == 'experts' else 'all matmul'} weights to {bits} bits "
+        f"(groups of {group_size}); resident weights "
+        f"{before / 2**20:,.2f} MiB -> {after / 2**20:,.2f} MiB ({after / before:.2f}x)"
+    )
+    return path
+
+
+def _reduce(ckpt: str, out: str, n_experts: int, calib: str, method: str, max_tokens: int, overwrite: bool):
+    from ..compress.experts import reduce_checkpoint
+
+    positive(max_tokens=max_tokens)
+    path, model = reduce_checkpoint(ckpt, out, n_experts, calib, method, max_tokens, overwrite)
+    assert model.cfg.moe is not None
+    pc = model.cfg.param_counts()
+    print(
+        f"{method} {ckpt} -> {path}: {model.cfg.moe.n_experts} experts per MoE layer, top-{model.cfg.moe.top_k}, "
+        f"{pc['total']:,} parameters ({pc['active']:,} active)"
+    )
+    return path
+
+
+def cmd_prune_experts(
+    ckpt: Checkpoint, keep: int, calib: str, out: str, max_tokens: int = 32768, overwrite: bool = False
+):
+    """Keep the E2 experts per MoE layer that add most (REAP score).
+
+    Args:
+        ckpt: run folder or checkpoint
+        keep: experts to keep per MoE layer
+        calib: calibration text source
+        out: new run folder
+        max_tokens: calibration tokens
+        overwrite: replace an existing --out
+    """
+    return _reduce(ckpt, out, keep, calib, "prune", max_tokens, overwrite)
+
+
+def cmd_merge_experts(
+    ckpt: Checkpoint,
+    experts: int,
+    calib: str,
+    out: str,
+    method: Literal["frequency", "output-cluster"] = "frequency",
+    max_tokens: int = 32768,
+    overwrite: bool = False,
+):
+    """Merge each MoE layer's experts into E2 (usage-weighted averages).
+
+    Args:
+        ckpt: run folder or checkpoint
+        experts: experts per MoE layer after merging
+        calib: calibration text source
+        out: new run folder
+        method: group experts by how often they are chosen, or by what they output
+        max_tokens: calibration tokens
+        overwrite: replace an existing --out
+    """
+    return _reduce(ckpt, out, experts, calib, method, max_tokens, overwrite)
+
+
+def cmd_distill(
+    teacher: Annotated[str, Positional, arg(metavar="TEACHER")],
+    student: str,
+    data: str,
+    out: str,
+    overrides: Overrides = (),
+    steps: int | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    resume: Annotated[bool, Fresh] = False,
+    overwrite: Annotated[bool, Fresh] = False,
+    quiet: bool = False,
+):
+    """Distil a teacher run into a student recipe or checkpoint on its soft targets.
+
+    Args:
+        teacher: teacher run or checkpoint
+        student: student recipe/YAML, or a run/checkpoint to start from
+        data: training text
+        out: student run folder
+        overrides: dotted overrides of the student's config (also after the options)
+        steps: distillation steps
+        temperature: softmax temperature of both models' logits
+        alpha: weight of the LM loss (1 - alpha: the KL)
+        resume: continue the distillation in --out (same settings)
+        overwrite: replace an existing --out
+        quiet: no progress bar
+    """
+    from ..compress.distill import distill
+
+    positive(steps=steps)
+    res = distill(
+        teacher,
+        student,
+        data,
+        out,
+        steps=steps,
+        temperature=temperature,
+        alpha=alpha,
+        overrides=list(overrides),
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    vl = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
+    print(f"distilled into {res.run_dir}: step {res.step}, val loss {vl}", file=sys.stderr)
+    return res
+
+
+def cmd_import(hf_dir: Annotated[str, Positional, arg(metavar="HF_DIR")], out: str, overwrite: bool = False):
+    """Import a local Hugging Face folder (safetensors) as a moelab checkpoint folder.
+
+    Args:
+        hf_dir: folder with config.json and safetensors weights
+        out: new checkpoint folder
+        overwrite: replace an existing non-empty --out
+    """
+    from ..convert.io import import_hf
+
+    path = import_hf(hf_dir, out, overwrite=overwrite)
+    print(f"imported {hf_dir} -> {path}")
+    return path
+
+
+def cmd_export(run: Run, out: str, arch: str | None = None, peft: bool = False, overwrite: bool = False):
+    """Export a run or checkpoint as a Hugging Face folder that transformers loads.
+
+    Args:
+        run: run folder or checkpoint
+        out: new Hugging Face folder
+        arch: force a target (llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, olmoe)
+        peft: LoRA runs: write OUT/base and a peft adapter in OUT/adapter
+        overwrite: replace an existing non-empty --out
+    """
+    from ..convert.io import export_hf
+    from ..store.outputs import check_output, staged_output
+    from ..store.run import load_run
+
+    check_output(out, overwrite=overwrite, protect=[run])
+    r = load_run(run, device="cpu")
+    run_dir = r.checkpoint.parent.parent
+    if r.cfg.quant.bits:  # (--peft is refused below: a quantized run holds merged weights, no adapters)
+        from ..model.quant import dequantize_model
+
+        dequantize_model(r.model)
+        print(
+            f"note: {run} holds {r.cfg.quant.bits}-bit weights ({r.cfg.quant.what}); exporting them dequantized "
+            "to fp32 (the values the quantized model computes with)",
+            file=sys.stderr,
+        )
+    if peft:
+        if r.cfg.finetune.recipe != "lora":
+            raise ConfigError("--peft: this run was not fine-tuned with --recipe lora")
+        from ..finetune.peft_export import export_peft
+        from ..store.checkpoint import model_tensors
+
+        with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+            export_peft(r.cfg, model_tensors(r.checkpoint), run_dir / "tokenizer.json", tmp)
+        base, adapter = Path(out) / "base", Path(out) / "adapter"
+        print(
+            f"exported base model -> {base}\nexported peft adapter -> {adapter}\n"
+            f"load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base}'), '{adapter}')"
+        )
+        return adapter
+    with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+        export_hf(r.model, tmp, run_dir / "tokenizer.json", arch)
+    path = Path(out)
+    print(f"exported {r.checkpoint} -> {path} ({json.loads((path / 'config.json').read_text())['model_type']})")
+    return path
+
+
+def cmd_upcycle(
+    src: Source,
+    experts: int,
+    top_k: int,
+    out: str,
+    router_init: Literal["zeros", "normal", "hidden"] = "zeros",
+    noise: float = 0.0,
+    granularity: int = 1,
+    pattern: Literal["all", "alternate"] = "all",
+    first_dense: int = 0,
+    prompts: str | None = None,
+    overwrite: bool = False,
+):
+    """Turn a dense model (HF folder or moelab run) into an MoE whose experts start as copies.
+
+    Args:
+        src: HF folder or moelab run/checkpoint of a dense model
+        experts: experts per MoE layer
+        top_k: experts each token is routed to
+        out: new run folder
+        router_init: the router's initial weights: zeros, random normal, or the hidden states of --prompts
+        noise: multiplicative noise std on expert copies
+        granularity: split each FFN into G fine-grained experts
+        pattern: every layer MoE, or every other one
+        first_dense: keep the first k layers dense
+        prompts: text file, one prompt per expert (for --router-init hidden)
+        overwrite: replace an existing non-empty --out
+    """
+    from ..convert.upcycle import upcycle_to_folder
+
+    positive(experts=experts, granularity=granularity)
+    require(0 < top_k <= experts, "--top-k", f"a number in 1..--experts ({experts})", top_k)
+    require(noise >= 0, "--noise", "a non-negative standard deviation", noise)
+    require(first_dense >= 0, "--first-dense", "a non-negative number of layers", first_dense)
+    path, moe = upcycle_to_folder(
+        src,
+        Path(out),
+        experts,
+        top_k,
+        router_init=router_init,
+        noise=noise,
+        granularity=granularity,
+        pattern=pattern,
+        first_dense=first_dense,
+        prompts_file=prompts,
+        overwrite=overwrite,
+    )
+    pc = moe.cfg.param_counts()
+    print(
+        f"upcycled {src} -> {path}: {moe.cfg.moe.n_experts} experts, top-{moe.cfg.moe.top_k}, "
+        f"{pc['total']:,} parameters ({pc['active']:,} active). Continue training with:\n"
+        f"  moelab train {path / 'config.yaml'} --init {path} --data SRC --out RUN"
+    )
+    return path

@@ -1,0 +1,231 @@
+"""Commands that train, evaluate, sample and size one model: train, eval, generate, memory, demo.
+
+Each imports what it needs inside its function, on purpose: `moelab --help`, a bad flag
+or a refused output answer without importing torch (seconds on a small machine)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from .args import Fresh, Json, Overrides, Recipe, Run, positive, require
+
+
+def cmd_train(
+    recipe: Recipe,
+    out: str,
+    overrides: Overrides = (),
+    data: str | None = None,
+    steps: int | None = None,
+    stop_after: int | None = None,
+    resume: Annotated[bool, Fresh] = False,
+    overwrite: Annotated[bool, Fresh] = False,
+    init: str | None = None,
+    quiet: bool = False,
+):
+    """Train a model from a named recipe or a YAML file.
+
+    Args:
+        recipe: named recipe (tiny-dense, tiny-moe, small-dense, small-moe) or a YAML file
+        out: run folder
+        overrides: dotted config overrides, e.g. model.moe.n_experts=16 (also after the options)
+        data: stdlib, a text file, a folder, a .jsonl, a .parquet or a tokenized dataset; unset: the recipe's
+        steps: total run length (the LR schedule's horizon)
+        stop_after: end this invocation after K steps, with a checkpoint
+        resume: continue the run in --out from its last checkpoint
+        overwrite: replace --out (kept aside until the new run's first checkpoint)
+        init: initialise weights from a run or checkpoint
+        quiet: no progress bar
+    """
+    from ..run_config import load_config, read_config
+    from ..train import train
+
+    positive(steps=steps, stop_after=stop_after)
+    cfg = load_config(recipe, list(overrides))
+    if data is not None:
+        cfg.data.source = data
+    elif resume and (Path(out) / "config.yaml").is_file():  # resuming: the run's own data unless named
+        cfg.data.source = read_config(Path(out) / "config.yaml").data.source
+    if steps is not None:
+        cfg.train.steps = steps
+    cfg.validate()
+    res = train(
+        cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, init=init, quiet=quiet, protect=[recipe]
+    )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
+        return res
+    vl = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
+    state = "stopped early (resume with --resume)" if res.stopped_early else "finished"
+    print(
+        f"{cfg.name}: {state} at step {res.step}; val loss {vl}; {res.tokens_per_s:,.0f} tokens/s; "
+        f"run folder {res.run_dir}",
+        file=sys.stderr,
+    )
+    return res
+
+
+def _threads(threads: int | None, run) -> None:
+    """--threads, else the run's train.threads, else auto (the cores idle now)."""
+    from ..runtime import set_cpu_threads
+
+    if next(run.model.parameters()).device.type == "cpu":
+        set_cpu_threads(threads if threads is not None else run.cfg.train.threads, "--threads")
+
+
+def cmd_eval(
+    run: Run,
+    data: str,
+    split: Literal["val", "all"] = "val",
+    max_tokens: int = 1_000_000,
+    as_json: Json = False,
+    threads: int | None = None,
+):
+    """Loss, perplexity and bits per byte of a run or checkpoint on a source.
+
+    Args:
+        run: run folder or checkpoint folder
+        data: the text to score: stdlib, a file, a folder, a .jsonl, a .parquet or a tokenized dataset
+        split: val: the documents the split rule holds out; all: every document
+        max_tokens: score at most this many tokens
+        as_json: print the result as one JSON object
+        threads: torch CPU threads; unset: the run's train.threads, else the cores this process may use
+    """
+    from ..inference import evaluate_source
+    from ..store.run import load_run
+
+    positive(max_tokens=max_tokens, threads=threads)
+    loaded = load_run(run)
+    _threads(threads, loaded)
+    r = evaluate_source(loaded, data, split=split, max_tokens=max_tokens)
+    if as_json:
+        print(json.dumps(r))
+    else:
+        print(
+            f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
+            f"{r['bits_per_byte']:.4f} bits/byte | {r['tokens']:,} tokens"
+        )
+    return r
+
+
+def cmd_generate(
+    run: Run,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    threads: int | None = None,
+):
+    """Continue a prompt with a trained model.
+
+    Args:
+        run: run folder or checkpoint folder
+        prompt: the text to continue
+        max_new_tokens: tokens to add
+        temperature: sampling temperature; 0 = greedy
+        top_k: sample among the k likeliest tokens; 0 = no limit
+        seed: sampling seed
+        threads: torch CPU threads; unset: the run's train.threads, else the cores this process may use
+    """
+    from ..inference import generate
+    from ..store.run import load_run
+
+    positive(max_new_tokens=max_new_tokens, threads=threads)
+    require(top_k >= 0, "--top-k", "0 (no limit) or a positive number", top_k)
+    require(
+        math.isfinite(temperature) and temperature >= 0, "--temperature", "0 (greedy) or a positive number", temperature
+    )
+    loaded = load_run(run)
+    _threads(threads, loaded)
+    text = generate(loaded, prompt, max_new_tokens, temperature, top_k, seed)
+    print(text)
+    return text
+
+
+def cmd_memory(
+    recipe: Recipe,
+    devices: int = 1,
+    expert_parallel: int = 1,
+    zero: Literal[0, 1, 2, 3] = 0,
+    dtype: Literal["fp32", "bf16"] = "fp32",
+    micro_batch: int = 1,
+    seq_len: int | None = None,
+    activation_checkpointing: bool = False,
+    measure: bool = False,
+    as_json: Json = False,
+):
+    """Predict (and optionally measure) memory per device for a model and its dense twin.
+
+    Args:
+        recipe: recipe or YAML (presets: mixtral-8x7b, olmoe-1b-7b, llama-7b)
+        devices: devices the model is spread over
+        expert_parallel: expert-parallel degree (divides --devices)
+        zero: ZeRO stage: what data parallelism shards (1 optimizer state, 2 + gradients, 3 + weights)
+        dtype: parameter and activation precision
+        micro_batch: sequences per micro-batch
+        seq_len: tokens per sequence; unset: the recipe's data.seq_len
+        activation_checkpointing: recompute activations in the backward pass
+        measure: also run real steps here and measure
+        as_json: print the plans as JSON
+    """
+    from ..analysis.memory import format_plans, plan_and_measure
+    from ..run_config import load_config
+
+    positive(devices=devices, expert_parallel=expert_parallel, micro_batch=micro_batch, seq_len=seq_len)
+    require(devices % expert_parallel == 0, "--expert-parallel", f"a divisor of --devices {devices}", expert_parallel)
+    cfg = load_config(recipe)
+    seq_len = seq_len or cfg.data.seq_len
+    require(
+        seq_len <= cfg.model.max_seq_len, "--seq-len", f"at most model.max_seq_len={cfg.model.max_seq_len}", seq_len
+    )
+    plans, measured = plan_and_measure(
+        cfg,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        devices=devices,
+        expert_parallel=expert_parallel,
+        zero=zero,
+        dtype=dtype,
+        activation_checkpointing=activation_checkpointing,
+        measure=measure,
+    )
+    quantized = None
+    if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
+        from ..model.quant import planned_bytes
+
+        quantized = planned_bytes(cfg.model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
+    if as_json:
+        out = [dict(p.to_json(), **({"measured": measured[p.name]} if p.name in measured else {})) for p in plans]
+        if quantized is not None:
+            out[0]["quantized_weight_bytes"] = quantized
+        print(json.dumps(out))
+        return plans, measured
+    print(
+        f"{cfg.name}: micro-batch {micro_batch} x {seq_len} tokens, {devices} device(s), expert-parallel "
+        f"{expert_parallel}, ZeRO {zero}, {dtype}{', activation checkpointing' if activation_checkpointing else ''}"
+    )
+    print(format_plans(plans, measured))
+    if quantized is not None:
+        print(
+            f"weights as quantized ({cfg.quant.what} at {cfg.quant.bits} bits, groups of {cfg.quant.group_size}): "
+            f"{quantized['total'] / 2**20:,.2f} MiB resident ({quantized['quantized'] / 2**20:,.2f} MiB of them "
+            "packed codes, scales and zero points)"
+        )
+    return plans, measured
+
+
+def cmd_demo(out: str = "runs/demo", steps: int | None = None):
+    """Train tiny-dense and tiny-moe on stdlib and compare them.
+
+    Args:
+        out: report folder
+        steps: steps per model; unset: the recipes'
+    """
+    from ..demo import run_demo
+
+    positive(steps=steps)
+    return run_demo(Path(out), steps)
