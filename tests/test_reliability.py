@@ -12,7 +12,8 @@ from conftest import TINY, TINY_MOE
 from moelab.cli import main
 from moelab.errors import NonFiniteError
 from moelab.run_config import load_config
-from moelab.train import latest_checkpoint, train
+from moelab.store.checkpoint import latest_checkpoint
+from moelab.train import train
 from moelab.store.checkpoint import FILES, STATE_FILE, check_checkpoint, save_checkpoint
 
 

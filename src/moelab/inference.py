@@ -11,9 +11,9 @@ from .data import dataset_for
 from .data.loader import PackedSequences
 from .data.tokenizer import token_byte_lengths
 from .errors import NonFiniteError
-from .store.run import LoadedRun, load_run
+from .store.run import LoadedRun
 
-__all__ = ["LoadedRun", "load_run", "evaluate_source", "generate"]  # load_run: its former home
+__all__ = ["evaluate_source", "generate"]
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from moelab import ConfigError
 from moelab.data.sft import SFTExamples, load_sft, read_sft_jsonl
 from moelab.finetune import apply_recipe
 from moelab.store.run import load_run
-from moelab.train import latest_checkpoint
+from moelab.store.checkpoint import latest_checkpoint
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import torch
 
 from conftest import TINY_MOE
 from moelab.run_config import load_config
-from moelab.train import NonFiniteLoss, latest_checkpoint, train
+from moelab.store.checkpoint import latest_checkpoint
+from moelab.train import NonFiniteLoss, train
 from moelab.store.checkpoint import check_checkpoint
 
 

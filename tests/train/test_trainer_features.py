@@ -11,7 +11,8 @@ from conftest import TINY, TINY_MOE, run_cli
 from moelab.cli import main
 from moelab.store.run import load_run
 from moelab.run_config import load_config
-from moelab.train import latest_checkpoint, train
+from moelab.store.checkpoint import latest_checkpoint
+from moelab.train import train
 
 
 def cfg_for(recipe, data, steps, extra=()):

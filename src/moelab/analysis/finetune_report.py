@@ -37,6 +37,7 @@ from ..config import ConfigError  # noqa: E402
 from ..finetune.run import finetune, finetune_data  # noqa: E402
 from ..run_config import load_config, read_config  # noqa: E402
 from ..store.checkpoint import check_checkpoint, latest_checkpoint  # noqa: E402
+from ..store.outputs import write_json  # noqa: E402
 from ..store.run import load_run  # noqa: E402
 from ..train import train  # noqa: E402
 from ..train.evaluate import evaluate  # noqa: E402
@@ -133,76 +134,6 @@ def run_report(
     report.md and heldout_loss.png in `out` (and the section of `doc`); returns the report as a dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    curves: dict[str, list] = {}
-    for base in bases:
-        base_run = pretrain(base, out, pretrain_data, pretrain_steps, list(pretrain_overrides), quiet)
-        loaded = load_run(base_run)
-        cfg = loaded.cfg
-        # the base is scored on the same examples its fine-tunes see
-        cfg.finetune.train_examples, cfg.train.batch_size = train_examples, batch_size
-        tr0, ho0, n_val = score(loaded, cfg, data)
-        del loaded
-        rows.append(
-            {
-                "base": base,
-                "variant": "(pretrained, not fine-tuned)",
-                "trainable": 0,
-                "train_loss": tr0,
-                "heldout_loss": ho0,
-                "gap": ho0 - tr0,
-                "tokens_per_s": None,
-            }
-        )
-        kind = "moe" if cfg.model.moe is not None else "dense"
-        for v in VARIANTS:
-            if v.models not in ("all", kind):
-                continue
-            ft_dir = out / "finetune" / base / slug(v.label)
-            sets = [
-                f"finetune.train_examples={train_examples}",
-                f"train.batch_size={batch_size}",
-                f"optim.lr={lora_lr if v.recipe == 'lora' else lr}",
-                f"optim.warmup_steps={max(1, steps // 10)}",
-                f"train.eval_every={max(1, steps // 10)}",
-                f"train.eval_batches={math.ceil(n_val / batch_size)}",
-                f"train.ckpt_every={steps}",
-                "train.keep_checkpoints=1",
-                "lora.rank=16",
-                "lora.alpha=32",
-                *v.overrides,
-                *ft_overrides,
-            ]
-            info, stamp = ft_dir / "finetune.json", ft_dir / "report-settings.json"
-            wanted = json.dumps({"recipe": v.recipe, "data": data, "steps": steps, "overrides": sets})
-            # reuse only a finished run made with exactly these settings; anything else is redone
-            if not (info.is_file() and stamp.is_file() and stamp.read_text() == wanted and final_step(ft_dir) == steps):
-                print(f"fine-tuning {base}: {v.label} -> {ft_dir}", file=sys.stderr)
-                finetune(
-                    str(base_run), data, ft_dir, v.recipe, steps=steps, overrides=sets, overwrite=True, quiet=quiet
-                )
-                stamp.write_text(wanted)
-            meta = json.loads(info.read_text())
-            records = read_run(ft_dir).records
-            curve = [(0, ho0)] + [(m["step"], m["val_loss"]) for m in records if "val_loss" in m]
-            last = records[-1]
-            r = load_run(ft_dir)
-            tr, ho, _ = score(r, r.cfg, data)
-            rows.append(
-                {
-                    "base": base,
-                    "variant": v.label,
-                    "trainable": meta["trainable"],
-                    "total": meta["total"],
-                    "train_loss": tr,
-                    "heldout_loss": ho,
-                    "gap": ho - tr,
-                    "tokens_per_s": last["tokens"] / last["elapsed_s"] if last.get("elapsed_s") else None,
-                    "train_examples": meta["train_examples"],
-                    "heldout_examples": meta["heldout_examples"],
-                }
-            )
-            curves.setdefault(base, []).append((v.label, curve))
     settings = {
         "bases": bases,
         "data": data,
@@ -215,17 +146,89 @@ def run_report(
         "lora_lr": lora_lr,
         "command": command,
     }
+    rows: list[dict] = []
+    curves: dict[str, list] = {}
+    for base in bases:
+        base_run = pretrain(base, out, pretrain_data, pretrain_steps, list(pretrain_overrides), quiet)
+        loaded = load_run(base_run)
+        cfg = loaded.cfg
+        # the base is scored on the same examples its fine-tunes see
+        cfg.finetune.train_examples, cfg.train.batch_size = train_examples, batch_size
+        tr0, ho0, n_val = score(loaded, cfg, data)
+        del loaded
+        row = {"base": base, "variant": "(pretrained, not fine-tuned)", "trainable": 0, "tokens_per_s": None}
+        rows.append(row | {"train_loss": tr0, "heldout_loss": ho0, "gap": ho0 - tr0})
+        kind = "moe" if cfg.model.moe is not None else "dense"
+        for v in VARIANTS:
+            if v.models in ("all", kind):
+                ft_dir = out / "finetune" / base / slug(v.label)
+                sets = _variant_settings(v, settings, n_val, ft_overrides)
+                rows.append(_finetuned_row(base, base_run, v, ft_dir, sets, settings, quiet))
+                curve = [(m["step"], m["val_loss"]) for m in read_run(ft_dir).records if "val_loss" in m]
+                curves.setdefault(base, []).append((v.label, [(0, ho0), *curve]))
     result = {"settings": settings, "rows": rows, "curves": curves}
-    (out / "report.json").write_text(json.dumps(result, indent=1))
-    plot = plot_curves(curves, out / "heldout_loss.png")
-    md = markdown(result, "heldout_loss.png")
-    (out / "report.md").write_text(md)
+    _write_report(out, result, doc)
+    return result
+
+
+def _variant_settings(v: Variant, s: dict, n_val: int, ft_overrides: Sequence[str]) -> list[str]:
+    """The overrides one variant's fine-tune runs with: the report's budget, then the variant's, then the user's."""
+    steps, bs = s["steps"], s["batch_size"]
+    return [
+        f"finetune.train_examples={s['train_examples']}",
+        f"train.batch_size={bs}",
+        f"optim.lr={s['lora_lr'] if v.recipe == 'lora' else s['lr']}",
+        f"optim.warmup_steps={max(1, steps // 10)}",
+        f"train.eval_every={max(1, steps // 10)}",
+        f"train.eval_batches={math.ceil(n_val / bs)}",
+        f"train.ckpt_every={steps}",
+        "train.keep_checkpoints=1",
+        "lora.rank=16",
+        "lora.alpha=32",
+        *v.overrides,
+        *ft_overrides,
+    ]
+
+
+def _finetuned_row(base: str, base_run: Path, v: Variant, ft_dir: Path, sets: list[str], s: dict, quiet: bool) -> dict:
+    """Fine-tune `base_run` with variant `v` (unless a finished run with exactly these settings
+    is in `ft_dir`) and score it: the report's row for it."""
+    data, steps = s["data"], s["steps"]
+    info, stamp = ft_dir / "finetune.json", ft_dir / "report-settings.json"
+    wanted = json.dumps({"recipe": v.recipe, "data": data, "steps": steps, "overrides": sets})
+    # reuse only a finished run made with exactly these settings; anything else is redone
+    if not (info.is_file() and stamp.is_file() and stamp.read_text() == wanted and final_step(ft_dir) == steps):
+        print(f"fine-tuning {base}: {v.label} -> {ft_dir}", file=sys.stderr)
+        finetune(str(base_run), data, ft_dir, v.recipe, steps=steps, overrides=sets, overwrite=True, quiet=quiet)
+        stamp.write_text(wanted)
+    meta = json.loads(info.read_text())
+    last = read_run(ft_dir).records[-1]
+    r = load_run(ft_dir)
+    tr, ho, _ = score(r, r.cfg, data)
+    return {
+        "base": base,
+        "variant": v.label,
+        "trainable": meta["trainable"],
+        "total": meta["total"],
+        "train_loss": tr,
+        "heldout_loss": ho,
+        "gap": ho - tr,
+        "tokens_per_s": last["tokens"] / last["elapsed_s"] if last.get("elapsed_s") else None,
+        "train_examples": meta["train_examples"],
+        "heldout_examples": meta["heldout_examples"],
+    }
+
+
+def _write_report(out: Path, result: dict, doc: Path | None) -> None:
+    """report.json, heldout_loss.png and report.md in `out`; the report section of `doc`, with its image."""
+    write_json(out / "report.json", result)
+    plot = plot_curves(result["curves"], out / "heldout_loss.png")
+    (out / "report.md").write_text(markdown(result, "heldout_loss.png"))
     if doc is not None:
         img = Path(doc).parent / "images" / "finetune_heldout_loss.png"
         img.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot, img)
         splice(Path(doc), markdown(result, "images/finetune_heldout_loss.png"))
-    return result
 
 
 def plot_curves(curves: dict, path: Path) -> Path:

@@ -25,9 +25,10 @@ from ..data.dataset import tokenizer_hash
 from ..errors import ConfigError
 from ..model import ModelOutput, Transformer
 from ..run_config import RunConfig, apply_overrides, config_from_dict, load_config, read_config
+from ..store.checkpoint import resolve_checkpoint
 from ..store.resume import refuse_changed_settings
 from ..store.run import load_run, load_tokenizer
-from ..train import resolve_checkpoint, train
+from ..train import train
 
 DISTILL_FILE = "distill.json"  # the teacher and loss settings, compared on --resume
 

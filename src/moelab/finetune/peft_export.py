@@ -43,10 +43,35 @@ def _base_copy(model):
     return base
 
 
+def _peft_config(targets: list[str], r: int, alpha: float):  # -> peft.LoraConfig (peft is optional)
+    """peft's LoraConfig for moelab's targets: attention projections as modules; the fused
+    expert weights and the router as parameters (gate and up share one adapter of rank 2r)."""
+    from peft import LoraConfig
+
+    modules, params, rank_pattern, alpha_pattern = [], [], {}, {}
+    if "attn" in targets:
+        modules += list(ATTN_HF.values())
+    if "experts" in targets:
+        params += ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        rank_pattern["gate_up_proj"] = 2 * r
+        alpha_pattern["gate_up_proj"] = 2 * alpha
+    if "router" in targets:
+        params += ["mlp.gate.weight"]
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; the scale alpha / r takes any number
+        target_modules=modules or None,
+        target_parameters=params or None,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        lora_dropout=0.0,
+    )
+
+
 @torch.no_grad()
 def export_peft(cfg, state: dict, tokenizer_file: Path | None, out: Path) -> tuple[Path, Path]:
     """Write out/base (HF model of the base weights) and out/adapter (peft). Returns both."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     targets = cfg.lora.target_list()
@@ -57,27 +82,9 @@ def export_peft(cfg, state: dict, tokenizer_file: Path | None, out: Path) -> tup
     model.load_state_dict(state)
     base_dir = export_hf(_base_copy(model).eval(), Path(out) / "base", tokenizer_file)
     hf = AutoModelForCausalLM.from_pretrained(base_dir)
-    r, alpha = cfg.lora.rank, cfg.lora.alpha
     deltas = _deltas(model)
-    modules, params, rank_pattern, alpha_pattern = [], [], {}, {}
-    if "attn" in targets:
-        modules += list(ATTN_HF.values())
-    if "experts" in targets:
-        params += ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-        rank_pattern["gate_up_proj"] = 2 * r
-        alpha_pattern["gate_up_proj"] = 2 * alpha
-    if "router" in targets:
-        params += ["mlp.gate.weight"]
-    peft_cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=modules or None,
-        target_parameters=params or None,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        lora_dropout=0.0,
-    )
-
+    peft_cfg = _peft_config(targets, cfg.lora.rank, cfg.lora.alpha)
+    r = cfg.lora.rank
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         pm = get_peft_model(hf, peft_cfg)

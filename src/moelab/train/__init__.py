@@ -1,19 +1,8 @@
-from ..errors import CheckpointError, NonFiniteError, OutputExists
-from ..store.checkpoint import latest_checkpoint, resolve_checkpoint
-from ..store.run import load_model_weights
-from .health import NonFiniteLoss
-from .trainer import RunExists, TrainResult, evaluate, train
+"""Training: `train` runs (or resumes) one run in a folder; `evaluate` scores a model on
+held-out batches. Checkpoints and run folders are read through `moelab.store`."""
 
-__all__ = [
-    "train",
-    "evaluate",
-    "TrainResult",
-    "RunExists",
-    "OutputExists",
-    "NonFiniteLoss",
-    "NonFiniteError",
-    "CheckpointError",
-    "latest_checkpoint",
-    "resolve_checkpoint",
-    "load_model_weights",
-]
+from .evaluate import evaluate
+from .health import NonFiniteLoss
+from .trainer import RunExists, TrainResult, train
+
+__all__ = ["train", "evaluate", "TrainResult", "RunExists", "NonFiniteLoss"]

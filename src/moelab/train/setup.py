@@ -129,13 +129,7 @@ def setup(
     if init_ckpt is not None:
         inputs += [init, init_ckpt.parent.parent]
     if cfg.optim.lr == "auto":
-        cfg.optim.lr = resolve_auto_lr(cfg)
-        rule = f"the fit in {cfg.optim.lr_fit}" if cfg.optim.lr_fit else "MM1's rule over non-embedding parameters"
-        if main:
-            print(
-                f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={cfg.model.param_counts()['non_embedding']:,})",
-                file=sys.stderr,
-            )
+        _resolve_auto_lr(cfg, say=main)
     start_ckpt = None
     if resume:
         start_ckpt = ck.latest_checkpoint(ckpt_root, warn=main)
@@ -169,17 +163,7 @@ def setup(
             par.barrier()
 
     memory = TrainingMemory(device)  # before the model: what follows is the training state and step
-    model = Transformer(cfg.model).to(device)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    if init_ckpt is not None:
-        load_model_weights(model, init_ckpt)
-    if prepare_model is not None:
-        prepare_model(model)
-    if par is not None:
-        parallelize(model, par, compile_blocks=cfg.train.compile)
-    elif cfg.train.compile:
-        for block in model.layers:
-            compile_block(block)
+    model = _build_model(cfg, device, init_ckpt, prepare_model, par)
     opt = build_optimizer(model, cfg.optim)
     run = Run(cfg, run_dir, device, data, model, opt, memory, par=par)
     if start_ckpt is not None:
@@ -195,6 +179,32 @@ def setup(
     if par is not None:
         par.barrier()
     return run
+
+
+def _resolve_auto_lr(cfg: RunConfig, say: bool) -> None:
+    """optim.lr=auto becomes a number (the lr-fit's, else MM1's rule), said once."""
+    cfg.optim.lr = resolve_auto_lr(cfg)
+    rule = f"the fit in {cfg.optim.lr_fit}" if cfg.optim.lr_fit else "MM1's rule over non-embedding parameters"
+    if say:
+        n = cfg.model.param_counts()["non_embedding"]
+        print(f"optim.lr=auto -> {cfg.optim.lr:.4g} ({rule}, N={n:,})", file=sys.stderr)
+
+
+def _build_model(cfg: RunConfig, device, init_ckpt: Path | None, prepare_model, par: Parallel | None) -> Transformer:
+    """The model on `device`: --init weights loaded, the caller's preparation (fine-tuning
+    freezes, LoRA) applied, then parallelized or compiled as configured."""
+    model = Transformer(cfg.model).to(device)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    if init_ckpt is not None:
+        load_model_weights(model, init_ckpt)
+    if prepare_model is not None:
+        prepare_model(model)
+    if par is not None:
+        parallelize(model, par, compile_blocks=cfg.train.compile)
+    elif cfg.train.compile:
+        for block in model.layers:
+            compile_block(block)
+    return model
 
 
 def _resume_from(run: Run, ckpt: Path) -> None:

@@ -23,31 +23,17 @@ from ..parallel.checkpoint import save_distributed
 from ..parallel.mesh import close_parallel, init_parallel
 from ..parallel.parallelize import all_reduce_floats, reduce_window
 from ..run_config import RunConfig
-from ..runtime import pick_device
 from ..store import checkpoint as ck
 from ..store.outputs import restore
-from ..store.run import load_model_weights
 from .evaluate import evaluate
 from .health import HealthMonitor
 from .metrics import MetricsWriter, MoEWindow, peak_memory_bytes
 from .optim import lr_at
 from .progress import Progress
-from .setup import Run, autocast_ctx, resolve_precision, run_data, setup
+from .setup import Run, autocast_ctx, setup
 from .step import nonfinite_message, run_step
 
 RunExists = OutputExists  # the older name
-
-__all__ = [
-    "train",
-    "evaluate",
-    "TrainResult",
-    "RunExists",
-    "pick_device",
-    "load_model_weights",
-    "autocast_ctx",
-    "resolve_precision",
-    "run_data",
-]
 
 
 @dataclass
@@ -178,20 +164,8 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
             lr = lr_at(t.step, tc.steps, cfg.optim)
             res = run_step(run, sampler, window, ctx, lr)
             run.memory.sample()
-            if res.finite:
-                skipped_in_row = 0
-                if spike := health.check_loss(t.step + 1, res.loss):
-                    warn(spike)
-            else:
-                skipped_in_row += 1
-                if tc.on_nonfinite == "stop" or skipped_in_row >= tc.max_skipped_steps:
-                    limit = None if tc.on_nonfinite == "stop" else skipped_in_row
-                    raise NonFiniteError(nonfinite_message(res, t.step + 1, run.ckpt_root, limit))
-                t.skipped += 1
-                warn(
-                    f"step {t.step + 1} skipped: loss {res.loss}, gradient norm {res.grad_norm} "
-                    "(train.on_nonfinite=skip)"
-                )
+            skipped_in_row = _judge(run, res, t.step + 1, skipped_in_row, health, warn)
+            t.skipped += 0 if res.finite else 1
             t.step += 1
             t.elapsed += time.perf_counter() - t_step
             t.tokens += res.tokens
@@ -231,6 +205,22 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
         stopped_early=t.step < tc.steps,
         skipped_steps=t.skipped,
     )
+
+
+def _judge(run: Run, res, step: int, skipped_in_row: int, health: HealthMonitor, warn) -> int:
+    """A finite step is watched for a loss spike; a non-finite one stops the run, or with
+    train.on_nonfinite=skip is skipped, up to max_skipped_steps in a row. Returns the new
+    count of steps skipped in a row."""
+    tc = run.cfg.train
+    if res.finite:
+        if spike := health.check_loss(step, res.loss):
+            warn(spike)
+        return 0
+    if tc.on_nonfinite == "stop" or skipped_in_row + 1 >= tc.max_skipped_steps:
+        limit = None if tc.on_nonfinite == "stop" else skipped_in_row + 1
+        raise NonFiniteError(nonfinite_message(res, step, run.ckpt_root, limit))
+    warn(f"step {step} skipped: loss {res.loss}, gradient norm {res.grad_norm} (train.on_nonfinite=skip)")
+    return skipped_in_row + 1
 
 
 def _record(run: Run, window: MoEWindow, t: _Tally, res, lr: float, tps: float, health) -> tuple[list[dict], dict]:
