@@ -16,7 +16,7 @@ from itertools import combinations
 from pathlib import Path
 
 LAYERS: list[set[str]] = [
-    {"errors", "config", "run_config", "runtime"},
+    {"errors", "config", "run_config", "runtime", "phases"},
     {"ffn", "moe", "model"},
     {"store"},
     {"data"},

@@ -71,6 +71,11 @@ class MoEConfig:
     # on this rank; "global" = summed over data-parallel ranks and over the step's
     # micro-batches so far (Qwen, "Demons in the detail", 2025).
     balance_scope: Literal["micro", "global"] = "micro"
+    # For measurement only (`moelab profile`): "balanced" gives every expert the same
+    # number of rows +-1 whatever the router prefers, the combine weights still the
+    # router's. It changes what a model learns, so `moelab train` takes it only when
+    # named on its command line, and a run's saved config never keeps it.
+    router_override: Literal["none", "balanced"] = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,6 +131,11 @@ class MoEConfig:
             self.balance_scope in ("micro", "global"),
             p + "balance_scope",
             f"expected 'micro' or 'global', got {self.balance_scope!r}",
+        )
+        _check(
+            self.router_override in ("none", "balanced"),
+            p + "router_override",
+            f"expected 'none' or 'balanced', got {self.router_override!r}",
         )
         _check(0.0 <= self.jitter < 1.0, p + "jitter", f"expected 0 <= jitter < 1, got {self.jitter!r}")
         for name in ("lb_coef", "z_coef", "bias_update_rate"):

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import pydantic
 import yaml
 
-from .config import FILE_RULES, ConfigError, ModelConfig, MoEConfig
+from .config import FILE_RULES, ConfigError, ModelConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -164,6 +164,8 @@ class ParallelConfig:
 
 @dataclass
 class FinetuneConfig:
+    """How `moelab finetune` trains: the recipe (what is trainable), expert dropout, aux loss, data sample, template."""
+
     __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     recipe: Literal["none", "full", "freeze-experts", "freeze-router", "experts-only", "lora"] = "none"
@@ -176,6 +178,7 @@ class FinetuneConfig:
     chat_template: Literal["auto", "moelab"] = "auto"
 
     def validate(self, p: str = "finetune.") -> None:
+        """Raise ConfigError naming the first out-of-range field (as finetune.FIELD)."""
         if not 0 <= self.expert_dropout < 1:
             raise ConfigError(f"{p}expert_dropout: expected 0 <= p < 1, got {self.expert_dropout!r}")
         if self.train_examples is not None:
@@ -195,6 +198,8 @@ class QuantConfig:
 
 @dataclass
 class LoraConfig:
+    """LoRA adapters of `--recipe lora`: rank, scale alpha, and which weights they wrap."""
+
     __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     rank: int = 8
@@ -202,6 +207,7 @@ class LoraConfig:
     targets: str = "attn,experts"  # comma-separated: attn, experts, router, ffn
 
     def target_list(self) -> list[str]:
+        """`targets` as a list."""
         return [t.strip() for t in self.targets.split(",") if t.strip()]
 
 
@@ -321,6 +327,7 @@ def list_recipes() -> list[str]:
 
 
 def read_recipe(recipe_or_yaml: str) -> dict:
+    """A named recipe's or a YAML file's settings as nested dicts, `name` defaulting to the file's stem."""
     path = Path(recipe_or_yaml)
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{recipe_or_yaml}.yaml"
@@ -397,7 +404,10 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     """Write `cfg` as YAML to `path` (read back by read_config). The process layout
     (`parallel`) is left out: it belongs to a launch, not to the run - checkpoints
     reshard, and a config derived from this one (resume, finetune, upcycle) must not
-    demand torchrun. Each distributed checkpoint records its layout instead."""
+    demand torchrun. Each distributed checkpoint records its layout instead. A measuring
+    router override (model.moe.router_override) is left out too: it must be named anew."""
     d = cfg.to_dict()
     d.pop("parallel", None)
+    if d["model"].get("moe"):
+        d["model"]["moe"].pop("router_override", None)
     path.write_text(yaml.safe_dump(d, sort_keys=False))

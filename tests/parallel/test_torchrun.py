@@ -140,3 +140,5 @@ def test_gpu_check_dry_run(tmp_path, text_file):
     ep = (tmp_path / "out" / "ep.txt").read_text()
     assert "max |y_ep - y_one| 0," in ep and "DCP checkpoint written" in ep
     assert "tokens/s" in (tmp_path / "out" / "train.txt").read_text()
+    profile = (tmp_path / "out" / "profile.txt").read_text()
+    assert "routing imbalance costs" in profile and (tmp_path / "out" / "profile" / "trace.json").is_file()

@@ -23,7 +23,7 @@ from .convert import (
     cmd_quantize,
     cmd_upcycle,
 )
-from .run import cmd_demo, cmd_eval, cmd_generate, cmd_memory, cmd_train
+from .run import cmd_demo, cmd_eval, cmd_generate, cmd_memory, cmd_profile, cmd_train
 from .study import cmd_compare, cmd_finetune, cmd_finetune_report, cmd_lr_fit, cmd_lr_sweep, cmd_tokenize
 
 COMMANDS: dict[str, Callable[..., Any]] = {
@@ -45,11 +45,12 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "export": cmd_export,
     "upcycle": cmd_upcycle,
     "memory": cmd_memory,
+    "profile": cmd_profile,
     "demo": cmd_demo,
 }
 # Commands whose positional `overrides` may also come after the options (`moelab train
 # tiny-moe --out r model.d_model=64`), as users write them.
-TAKES_OVERRIDES = ("train", "finetune", "distill")
+TAKES_OVERRIDES = ("train", "finetune", "distill", "profile")
 DESCRIPTION = "Train, measure and convert MoE language models."
 
 

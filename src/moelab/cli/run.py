@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
+from tyro.conf import Positional, arg
+
+from ..errors import ConfigError
 from .args import Fresh, Json, Overrides, Recipe, Run, positive, require
 
 
@@ -46,6 +49,13 @@ def cmd_train(
 
     positive(steps=steps, stop_after=stop_after)
     cfg = load_config(recipe, list(overrides))
+    named = any(o.split("=")[0].strip() == "model.moe.router_override" for o in overrides)
+    if cfg.model.moe is not None and cfg.model.moe.router_override != "none" and not named:
+        raise ConfigError(
+            f"model.moe.router_override: {recipe} sets {cfg.model.moe.router_override!r}, which forces the routing "
+            "and changes what the model learns; it is for `moelab profile`. Name it on the command line "
+            f"(model.moe.router_override={cfg.model.moe.router_override}) to train with it anyway"
+        )
     if data is not None:
         cfg.data.source = data
     elif resume and (Path(out) / "config.yaml").is_file():  # resuming: the run's own data unless named
@@ -216,6 +226,50 @@ def cmd_memory(
             "packed codes, scales and zero points)"
         )
     return plans, measured
+
+
+def cmd_profile(
+    src: Annotated[str, Positional, arg(metavar="RECIPE_OR_RUN")],
+    overrides: Overrides = (),
+    data: str | None = None,
+    steps: int = 10,
+    warmup: int = 3,
+    rounds: int = 3,
+    out: str | None = None,
+    overwrite: bool = False,
+    as_json: Json = False,
+):
+    """Where a training step's time goes, phase by phase, forward and backward; for an MoE next to its dense twin and
+    to itself with balanced routing.
+
+    Args:
+        src: recipe or YAML (a fresh model), or a run folder or checkpoint (its trained weights and router)
+        overrides: dotted config overrides of a recipe, e.g. train.batch_size=8
+        data: training text; unset: the recipe's or the run's
+        steps: steps timed per variant and round, and profiled per variant
+        warmup: untimed steps first
+        rounds: clock-timed rounds, variants in turn; the median round counts
+        out: folder for profile.json and the Chrome traces (trace.json: the model itself); unset: print only
+        overwrite: replace an existing --out
+        as_json: print profile.json's content instead of the tables
+    """
+    from ..analysis.profile_report import format_tables, run_profile
+
+    positive(steps=steps, rounds=rounds)
+    require(warmup >= 0, "--warmup", "0 or a positive number of steps", warmup)
+    res = run_profile(
+        src, data, steps, warmup, rounds, Path(out) if out else None, overwrite=overwrite, overrides=list(overrides)
+    )
+    if as_json:
+        print(json.dumps(res))
+        return res
+    print(format_tables(res))
+    for key in ("overhead", "imbalance"):
+        if key in res:
+            print(res[key]["text"])
+    if out:
+        print(f"profile: {Path(out) / 'profile.json'}; trace (Perfetto, TensorBoard): {Path(out) / 'trace.json'}")
+    return res
 
 
 def cmd_demo(out: str = "runs/demo", steps: int | None = None):

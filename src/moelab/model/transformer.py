@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..moe import MoE, MoEStats
+from ..phases import phase
 from .blocks import Attention, RMSNorm, SwiGLU, rope_cache
 
 
@@ -50,12 +51,18 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask=None):
         """(B, S, D) -> ((B, S, D), MoEStats or None); `mask` (B, S) marks real tokens."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        h = self.ffn_norm(x)
+        with phase("norm"):
+            h = self.attn_norm(x)
+        with phase("attention"):
+            x = x + self.attn(h, cos, sin)
+        with phase("norm"):
+            h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, stats = self.ffn(h, mask)
-            return x + y, stats
-        return x + self.ffn(h), None
+            y, stats = self.ffn(h, mask)  # the MoE layer marks its own phases
+            with phase("combine"):  # the dense FFN's residual add is in "ffn": the same work here
+                return x + y, stats
+        with phase("ffn"):
+            return x + self.ffn(h), None
 
 
 def compile_block(block: Block) -> None:
@@ -121,7 +128,8 @@ class Transformer(nn.Module):
         B, S = tokens.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        x = self.embed(tokens)
+        with phase("embedding"):
+            x = self.embed(tokens)
         stats: list[MoEStats] = []
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
@@ -130,15 +138,21 @@ class Transformer(nn.Module):
                 x, st = layer(x, self.rope_cos, self.rope_sin, mask)
             if st is not None:
                 stats.append(st)
-        logits = F.linear(self.norm(x), self.output_weight)
+        with phase("norm"):
+            x = self.norm(x)
+        with phase("head"):
+            logits = F.linear(x, self.output_weight)
         out = ModelOutput(logits=logits, moe_stats=stats)
         if targets is not None:
-            out.lm_loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-            )
-            out.aux_loss = (
-                torch.stack([s.aux_loss for s in stats]).mean() if stats else logits.new_zeros((), dtype=torch.float32)
-            )
+            with phase("loss"):
+                out.lm_loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+                )
+            if stats:
+                with phase("aux losses"):
+                    out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
+            else:
+                out.aux_loss = logits.new_zeros((), dtype=torch.float32)
             out.loss = out.lm_loss + out.aux_loss
         return out
 

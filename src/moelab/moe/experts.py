@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..phases import phase
+
 Backend = Literal["auto", "grouped_mm", "loop"]
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -81,25 +83,35 @@ class GroupedExperts(nn.Module):
         dtype = x_TD.dtype
         if torch.is_autocast_enabled(x_TD.device.type):
             dtype = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, w_N = x_TD.to(dtype), w_N.to(dtype)
-        w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        backend = self.backend
-        if backend == "auto":
-            backend = "grouped_mm" if grouped_mm_supported(x_TD, w_gate) else "loop"
         with torch.autocast(x_TD.device.type, enabled=False):
-            if backend == "grouped_mm":
-                offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-                mm = lambda a, w: gmm(a, w, offs_E)  # noqa: E731
-            else:
-                sizes = counts_E.tolist()  # one host sync, not three
-                mm = lambda a, w: loop_linear(a, w, sizes)  # noqa: E731
-            x_ND = x_TD.index_select(0, token_idx_N)
-            h_NF = F.silu(mm(x_ND, w_gate)) * mm(x_ND, w_up)
-            if self.dropout and self.training:
-                h_NF = F.dropout(h_NF, self.dropout)
+            with phase("experts"):
+                w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+            with phase("permute"):
+                x_TD, w_N = x_TD.to(dtype), w_N.to(dtype)
+                backend = self.backend
+                if backend == "auto":
+                    backend = "grouped_mm" if grouped_mm_supported(x_TD, w_gate) else "loop"
+                if backend == "grouped_mm":
+                    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+                    mm = lambda a, w: gmm(a, w, offs_E)  # noqa: E731
+                else:
+                    sizes = counts_E.tolist()  # one host sync, not three
+                    mm = lambda a, w: loop_linear(a, w, sizes)  # noqa: E731
+                x_ND = x_TD.index_select(0, token_idx_N)
+            with phase("experts"):
+                h_NF = F.silu(mm(x_ND, w_gate)) * mm(x_ND, w_up)
+                if self.dropout and self.training:
+                    h_NF = F.dropout(h_NF, self.dropout)
             # The routing weight goes on the narrower side of the down projection.
             if h_NF.shape[1] <= x_TD.shape[1]:
-                y_ND = mm(h_NF * w_N.unsqueeze(-1), w_down)
+                with phase("combine"):
+                    h_NF = h_NF * w_N.unsqueeze(-1)
+                with phase("experts"):
+                    y_ND = mm(h_NF, w_down)
             else:
-                y_ND = mm(h_NF, w_down) * w_N.unsqueeze(-1)
-            return torch.zeros_like(x_TD).index_add(0, token_idx_N, y_ND)
+                with phase("experts"):
+                    y_ND = mm(h_NF, w_down)
+                with phase("combine"):
+                    y_ND = y_ND * w_N.unsqueeze(-1)
+            with phase("combine"):
+                return torch.zeros_like(x_TD).index_add(0, token_idx_N, y_ND)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..config import MoEConfig
 from ..ffn import SwiGLU
+from ..phases import phase
 from .dispatch import dispatch
 from .experts import Backend, GroupedExperts
 from .losses import load_balancing_loss, max_violation, router_entropy, router_z_loss
@@ -127,25 +128,38 @@ class MoE(nn.Module):
         counted in the losses or statistics."""
         cfg = self.cfg
         shape = x.shape
-        x_TD = x.reshape(-1, cfg.d_model)
+        with phase("permute"):
+            x_TD = x.reshape(-1, cfg.d_model)
         valid_idx = None
         if mask is not None:
-            valid_idx = mask.reshape(-1).nonzero().squeeze(-1)
-            x_TD = x_TD.index_select(0, valid_idx)
+            with phase("permute"):
+                valid_idx = mask.reshape(-1).nonzero().squeeze(-1)
+                x_TD = x_TD.index_select(0, valid_idx)
         T = x_TD.shape[0]
 
-        r = self.router(x_TD)
-        d = dispatch(r.expert_idx_TK, r.weights_TK, cfg.n_experts, self.capacity_factor)
-
-        w_N = r.weights_TK.reshape(-1).index_select(0, d.slot_idx_N)
-        y_TD = self.experts(x_TD, d.token_idx_N, w_N, d.counts_E)
+        with phase("router"):
+            r = self.router(x_TD)
+        with phase("permute"):
+            d = dispatch(r.expert_idx_TK, r.weights_TK, cfg.n_experts, self.capacity_factor)
+            w_N = r.weights_TK.reshape(-1).index_select(0, d.slot_idx_N)
+        y_TD = self.experts(x_TD, d.token_idx_N, w_N, d.counts_E)  # permute, experts, combine inside
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
+            with phase("shared experts"):
+                y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
 
         if valid_idx is not None:
-            y_full = torch.zeros((shape.numel() // cfg.d_model, cfg.d_model), dtype=y_TD.dtype, device=x.device)
-            y_TD = y_full.index_copy(0, valid_idx, y_TD)
+            with phase("combine"):
+                y_full = torch.zeros((shape.numel() // cfg.d_model, cfg.d_model), dtype=y_TD.dtype, device=x.device)
+                y_TD = y_full.index_copy(0, valid_idx, y_TD)
 
+        with phase("aux losses"):
+            stats = self._stats(r, d, T, x.device)
+        with phase("combine"):
+            return y_TD.reshape(shape).to(x.dtype), stats
+
+    def _stats(self, r, d, T: int, device: torch.device) -> MoEStats:
+        """The auxiliary losses (in the graph) and the routing statistics of one forward."""
+        cfg = self.cfg
         lb = load_balancing_loss(
             probs_TE=r.probs_TE,
             expert_idx_TK=r.expert_idx_TK,
@@ -154,13 +168,12 @@ class MoE(nn.Module):
         )
         z = router_z_loss(logits_TE=r.logits_TE)
         n_assign = max(T * cfg.top_k, 1)
-        stats = MoEStats(
+        return MoEStats(
             lb_loss=lb,
             z_loss=z,
             aux_loss=cfg.lb_coef * lb + cfg.z_coef * z,
             tokens_per_expert=d.routed_E,
-            dropped_fraction=torch.tensor(d.n_dropped / n_assign, device=x.device),
+            dropped_fraction=torch.tensor(d.n_dropped / n_assign, device=device),
             router_entropy=router_entropy(r.probs_TE.detach()),
             max_violation=max_violation(d.routed_E),
         )
-        return y_TD.reshape(shape).to(x.dtype), stats

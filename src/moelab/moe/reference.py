@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_moe(moe, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The MoE layer's output computed by a plain per-token, per-expert loop with the layer's own routing; the reference
-    the tests compare against. x (..., D) -> same shape."""
+def reference_moe(
+    moe, x: torch.Tensor, mask: torch.Tensor | None = None, expert_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The MoE layer's output computed by a plain per-token, per-expert loop with the layer's own routing (or the
+    experts `expert_idx` (T, K) names, combine weights still the router's); the reference the tests compare against.
+    x (..., D) -> same shape."""
     cfg = moe.cfg
     x_TD = x.reshape(-1, cfg.d_model)
     keep_rows = torch.arange(x_TD.shape[0]) if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
@@ -25,7 +28,7 @@ def reference_moe(moe, x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     logits = xs.float() @ moe.router.weight.float().T
     scores = logits.softmax(-1) if cfg.router == "softmax" else logits.sigmoid()
     choice = scores if moe.router.bias is None else scores + moe.router.bias
-    idx = choice.detach().topk(cfg.top_k, dim=-1).indices
+    idx = choice.detach().topk(cfg.top_k, dim=-1).indices if expert_idx is None else expert_idx
     w = scores.gather(-1, idx)
     if cfg.renormalize:
         w = w / w.sum(-1, keepdim=True)

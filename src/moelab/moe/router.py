@@ -28,6 +28,15 @@ class Routing:
     expert_idx_TK: torch.Tensor  # int64 chosen experts
 
 
+def balanced_assignment(n_tokens: int, top_k: int, n_experts: int, device=None) -> torch.Tensor:
+    """(T, K) experts with perfectly even load: assignment t*K + j goes to expert
+    (t*K + j) mod E, so each token's K experts are distinct (K <= E) and every expert
+    gets floor or ceil of T*K/E rows - what frameworks force when they time routing as if
+    it were balanced."""
+    flat = torch.arange(n_tokens * top_k, device=device) % n_experts
+    return flat.view(n_tokens, top_k)
+
+
 class Router(nn.Module):
     """`weight` (E, D) is the learned gate; the buffer `bias` (E,) exists only with
     aux-loss-free balancing and shifts expert *choice*, never the combine weights."""
@@ -64,8 +73,11 @@ class Router(nn.Module):
             else:
                 scores_TE = logits_TE.sigmoid()
                 probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-            choice_TE = scores_TE if self.bias is None else scores_TE + self.bias
-            _, expert_idx_TK = torch.topk(choice_TE.detach(), cfg.top_k, dim=-1)
+            if cfg.router_override == "balanced":
+                expert_idx_TK = balanced_assignment(x_TD.shape[0], cfg.top_k, cfg.n_experts, x_TD.device)
+            else:
+                choice_TE = scores_TE if self.bias is None else scores_TE + self.bias
+                _, expert_idx_TK = torch.topk(choice_TE.detach(), cfg.top_k, dim=-1)
             weights_TK = scores_TE.gather(-1, expert_idx_TK)
             if cfg.renormalize:
                 weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..moe import MoE
 from ..moe.experts import GroupedExperts
+from ..phases import phase
 
 
 class _Exchange(torch.autograd.Function):
@@ -77,22 +78,28 @@ class ExpertParallelExperts(nn.Module):
         S, El = self.size, self.n_local
         send_SE = counts_E.to(torch.int64).view(S, El)  # rows for each destination rank, per its local expert
         recv_SE = torch.empty_like(send_SE)
-        dist.all_to_all_single(recv_SE, send_SE.contiguous(), group=self.group)
-        in_splits, out_splits = send_SE.sum(1).tolist(), recv_SE.sum(1).tolist()
-        x_ND = x_TD.index_select(0, token_idx_N)
-        recv_MD = _exchange(x_ND, out_splits, in_splits, self.group)  # by source rank, then local expert
-        # regroup by local expert (rows of expert e from rank 0, then rank 1, ...)
-        src_e = torch.repeat_interleave(torch.arange(El).repeat(S), recv_SE.reshape(-1))
-        order = torch.argsort(src_e, stable=True)
-        grouped = recv_MD.index_select(0, order)
-        counts_local = recv_SE.sum(0)
-        rows = torch.arange(grouped.shape[0], device=grouped.device)
+        with phase("all-to-all"):
+            dist.all_to_all_single(recv_SE, send_SE.contiguous(), group=self.group)
+            in_splits, out_splits = send_SE.sum(1).tolist(), recv_SE.sum(1).tolist()
+        with phase("permute"):
+            x_ND = x_TD.index_select(0, token_idx_N)
+        with phase("all-to-all"):
+            recv_MD = _exchange(x_ND, out_splits, in_splits, self.group)  # by source rank, then local expert
+        with phase("permute"):  # regroup by local expert (rows of expert e from rank 0, then rank 1, ...)
+            src_e = torch.repeat_interleave(torch.arange(El).repeat(S), recv_SE.reshape(-1))
+            order = torch.argsort(src_e, stable=True)
+            grouped = recv_MD.index_select(0, order)
+            counts_local = recv_SE.sum(0)
+            rows = torch.arange(grouped.shape[0], device=grouped.device)
         y_grouped = self.local(
             grouped, rows, torch.ones(grouped.shape[0], dtype=grouped.dtype, device=grouped.device), counts_local
         )
-        y_MD = torch.empty_like(y_grouped).index_copy(0, order, y_grouped)
-        y_ND = _exchange(y_MD, in_splits, out_splits, self.group)
-        return torch.zeros_like(x_TD).index_add(0, token_idx_N, y_ND * w_N.unsqueeze(-1).to(y_ND.dtype))
+        with phase("permute"):
+            y_MD = torch.empty_like(y_grouped).index_copy(0, order, y_grouped)
+        with phase("all-to-all"):
+            y_ND = _exchange(y_MD, in_splits, out_splits, self.group)
+        with phase("combine"):
+            return torch.zeros_like(x_TD).index_add(0, token_idx_N, y_ND * w_N.unsqueeze(-1).to(y_ND.dtype))
 
 
 def shard_experts(model: nn.Module, group, rank: int, size: int) -> int:

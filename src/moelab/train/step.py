@@ -14,6 +14,7 @@ import torch
 from ..data import Sampler
 from ..data.loader import rank_slice
 from ..parallel.parallelize import all_reduce_floats, all_reduce_loads, finish_gradients
+from ..phases import phase
 from ..store import checkpoint as ck
 from .evaluate import unpack_batch
 from .metrics import MoEWindow
@@ -46,22 +47,34 @@ def run_step(run: Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> S
     loss_sum = lm_sum = 0.0
     tokens = 0
     for micro in range(tc.grad_accum):
-        idx = sampler.next()
-        if par is not None:
-            idx = rank_slice(idx, par.rank, par.world)
-        x, y, mask = unpack_batch(run.data.train.batch(idx))
-        # padding (SFT rows) is not work done: count only real tokens
-        tokens += int(mask.sum()) if mask is not None else x.numel()
+        with phase("data"):
+            idx = sampler.next()
+            if par is not None:
+                idx = rank_slice(idx, par.rank, par.world)
+            x, y, mask = unpack_batch(run.data.train.batch(idx))
+            # padding (SFT rows) is not work done: count only real tokens
+            tokens += int(mask.sum()) if mask is not None else x.numel()
+            x, y = x.to(run.device), y.to(run.device)
+            mask = mask.to(run.device) if mask is not None else None
         for moe in moe_layers:
             moe.start_micro_batch(micro)
-        with ctx:
-            out = model(x.to(run.device), y.to(run.device), mask.to(run.device) if mask is not None else None)
-        (out.loss / tc.grad_accum).backward()
+        with ctx, phase("forward"):
+            out = model(x, y, mask)
+        with phase("backward"):
+            (out.loss / tc.grad_accum).backward()
         loss_sum += out.loss.item() / tc.grad_accum
         lm_sum += out.lm_loss.item() / tc.grad_accum
         window.add(out.moe_stats)
         step_loads = [s.tokens_per_expert for s in out.moe_stats]
         loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads, strict=True)]
+    with phase("optimizer"):
+        return _update(run, loss_sum, lm_sum, tokens, loads)
+
+
+def _update(run: Run, loss_sum: float, lm_sum: float, tokens: int, loads: list[torch.Tensor] | None) -> StepResult:
+    """Finish the gradients (clip; reduce over ranks), apply the update unless the loss or
+    the gradient norm is not finite, and reset the gradients."""
+    model, opt, par = run.model, run.opt, run.par
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
     if par is None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))

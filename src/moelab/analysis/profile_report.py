@@ -1,0 +1,150 @@
+"""`moelab profile`'s inputs and outputs: a recipe or a run's checkpoint and its data in;
+the side-by-side table, the sentence that says what the MoE's extra step time is made
+of, the imbalance meter, profile.json and Chrome traces out (see `analysis.profile`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..model import Transformer
+from ..run_config import load_config, read_config
+from ..runtime import pick_device, set_cpu_threads
+from ..store.checkpoint import resolve_checkpoint
+from ..store.outputs import staged_output, write_json
+from ..store.run import load_model_weights
+from ..train.setup import run_data
+from .profile import MOE_ROWS, ROWS, PhaseTable, profile_variants
+
+SHARED = ("data", "embedding", "norm", "attention", "head", "loss", "optimizer")  # the same work in both models
+OTHER_ROWS = ("forward, other", "backward, other", "step, other")
+
+
+def _inputs(src: str, data: str | None, overrides: list[str]):
+    """(config, weights or None, tokenizer path or None) of a run folder/checkpoint or a recipe."""
+    if Path(src).is_dir():
+        ckpt = resolve_checkpoint(src)
+        run_dir = ckpt.parent.parent
+        cfg = read_config(run_dir / "config.yaml")
+        if overrides:
+            raise ConfigError(f"{src}: overrides change a recipe; a run is profiled as it was trained")
+        model = Transformer(cfg.model)
+        load_model_weights(model, ckpt)  # every key, shape and value checked
+        state = model.state_dict()
+        tok = run_dir / "tokenizer.json"
+        cfg.data.source = data or cfg.data.source
+        return cfg, state, tok if tok.is_file() else None
+    cfg = load_config(src, overrides)
+    cfg.data.source = data or cfg.data.source
+    return cfg, None, cfg.data.tokenizer
+
+
+def run_profile(
+    src: str,
+    data: str | None = None,
+    steps: int = 10,
+    warmup: int = 3,
+    rounds: int = 3,
+    out: Path | None = None,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Profile `src` (recipe, YAML, run or checkpoint) and, for an MoE, its dense twin and
+    its balanced-routing self; writes OUT/profile.json and OUT/trace*.json when `out` is
+    given. Returns what profile.json holds."""
+    cfg, state, tok = _inputs(src, data, overrides or [])
+    if cfg.quant.bits or cfg.finetune.recipe == "lora":
+        raise ConfigError(f"{src}: a quantized or LoRA run is not a training setup; profile its base or recipe")
+    cfg.validate()
+    device = pick_device(cfg.train.device)
+    if device.type == "cpu":
+        set_cpu_threads(cfg.train.threads)
+    data_ = run_data(cfg, tok)
+    if state is None:
+        print(f"profiling {cfg.name} (a fresh init: its routing is not a trained router's)", file=sys.stderr)
+    if out is None:
+        return _result(cfg, src, profile_variants(cfg, state, data_, device, steps, warmup, rounds), device)
+    with staged_output(out, overwrite=overwrite, protect=[src, cfg.data.source]) as tmp:
+        result = _result(cfg, src, profile_variants(cfg, state, data_, device, steps, warmup, rounds, tmp), device)
+        write_json(tmp / "profile.json", result)
+    return result
+
+
+def _result(cfg, src: str, tables: list[PhaseTable], device) -> dict:
+    res: dict = {
+        "source": src,
+        "name": cfg.name,
+        "device": str(device),
+        "steps": tables[0].steps,
+        "tables": [t.to_json() for t in tables],
+    }
+    if len(tables) == 3:
+        res["overhead"] = moe_overhead(tables[0], tables[1])
+        res["imbalance"] = imbalance(tables[0], tables[2])
+    return res
+
+
+def moe_overhead(moe: PhaseTable, dense: PhaseTable) -> dict:
+    """The MoE step's time beyond the dense twin's, in points of the dense step, by phase:
+    MoE-only phases, the expert matmuls against the dense FFN, the layers both share, and
+    what no phase holds; plus the sentence that says it."""
+    base = dense.plain_ms
+
+    def pts(rows_moe, rows_dense=None) -> float:
+        rows_dense = rows_moe if rows_dense is None else rows_dense
+        return (sum(moe.row_ms(r) for r in rows_moe) - sum(dense.row_ms(r) for r in rows_dense)) / base * 100
+
+    terms = {r: pts([r]) for r in MOE_ROWS if r != "experts"}
+    terms["expert matmuls vs the dense FFN"] = pts(["experts", "ffn"], ["ffn"])
+    terms["layers both have"] = pts(SHARED)
+    other = pts(OTHER_ROWS)
+    total = (moe.plain_ms - dense.plain_ms) / base * 100
+    named = sum(terms.values())
+    explained = named / total if abs(total) > 1e-9 else 1.0
+    shown = ", ".join(f"{k} {v:+.1f}" for k, v in sorted(terms.items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 0.5)
+    lead = f"the MoE step takes {abs(total):.0f}% {'more' if total >= 0 else 'less'} time than the dense twin's"
+    sentence = (
+        f"{lead} ({moe.plain_ms:.1f} vs {dense.plain_ms:.1f} ms); in points of the dense step: {shown or 'none'}"
+        f"; outside any phase {other:+.1f}"
+    )
+    return {"percent": total, "points": terms, "unattributed_points": other, "explained": explained, "text": sentence}
+
+
+def imbalance(learned: PhaseTable, forced: PhaseTable) -> dict:
+    """What routing imbalance costs: the step and the expert matmuls with the learned
+    routing against the same weights with balanced routing, and each MoE layer's busiest
+    expert as a multiple of the mean load."""
+    cost = (learned.plain_ms - forced.plain_ms) / learned.plain_ms * 100
+    max_over_mean = [max(lo) / (sum(lo) / len(lo)) if sum(lo) else 1.0 for lo in learned.loads]
+    exp_l, exp_b = learned.row_ms("experts"), forced.row_ms("experts")
+    text = (
+        f"routing imbalance costs {cost:+.0f}% of step time ({learned.plain_ms:.1f} ms learned vs "
+        f"{forced.plain_ms:.1f} ms balanced; expert matmuls {exp_l:.1f} vs {exp_b:.1f} ms); busiest expert per "
+        f"MoE layer: {', '.join(f'{m:.2f}x' for m in max_over_mean)} the mean load"
+    )
+    return {"percent": cost, "experts_ms": [exp_l, exp_b], "max_over_mean": max_over_mean, "text": text}
+
+
+def format_tables(res: dict) -> str:
+    """The variants side by side: forward, backward and total ms per step and share, by phase."""
+    tables = res["tables"]
+    head = f"{'phase':<17}" + "".join(f" | {t['name'][:22]:>22} {'':>6}" for t in tables)
+    sub = f"{'':<17}" + "".join(f" | {'fwd':>6} {'bwd':>6} {'ms':>7} {'%':>6}" for _ in tables)
+    lines = [head, sub, "-" * len(sub)]
+    for row in ROWS:
+        if not any(row in t["rows_ms"] for t in tables):
+            continue
+        cells = ""
+        for t in tables:
+            if row not in t["rows_ms"]:
+                cells += f" | {'':>6} {'':>6} {'-':>7} {'':>6}"
+                continue
+            f, b = t["fwd_ms"].get(row, 0.0) * t["scale"], t["bwd_ms"].get(row, 0.0) * t["scale"]
+            cells += f" | {f:6.1f} {b:6.1f} {f + b:7.1f} {100 * (f + b) / t['plain_ms']:5.1f}%"
+        lines.append(f"{row:<17}{cells}")
+    lines.append(f"{'step':<17}" + "".join(f" | {'':>6} {'':>6} {t['plain_ms']:7.1f} {100:5.1f}%" for t in tables))
+    lines.append(f"{'tokens/s':<17}" + "".join(f" | {'':>6} {'':>6} {t['tokens_per_s']:7.0f} {'':>6}" for t in tables))
+    over = [f"{t['name']} {t['profiled_ms'] / t['plain_ms']:.2f}x" for t in tables]
+    lines.append(f"(profiled step / plain step: {', '.join(over)}; rows scaled to the plain step)")
+    return "\n".join(lines)

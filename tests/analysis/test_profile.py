@@ -1,0 +1,110 @@
+"""`moelab profile`: a step's time by phase, forward and backward, for an MoE, its dense
+twin and itself with balanced routing. The tables are checked against the clock, against
+a phase slowed on purpose, and for what each model can and cannot contain."""
+import json
+import time
+
+import pytest
+import torch
+from conftest import TINY_MOE, run_main
+
+from moelab import phases
+from moelab.analysis.profile import MOE_ROWS, Session, profile_variants
+from moelab.run_config import load_config, read_config
+from moelab.train.setup import run_data
+
+OTHER = ("forward, other", "backward, other", "step, other")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("profile") / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}.\n"
+                              for i in range(1200)))
+    cfg = load_config("tiny-moe", [*TINY_MOE, "train.batch_size=32", "model.d_model=64", "model.d_ff=128",
+                                    "model.moe.d_expert=32"])  # enough work that ops, not Python, fill a step
+    cfg.data.source = str(corpus)
+    return cfg, run_data(cfg), corpus
+
+
+def test_the_phases_add_up_to_the_clock_and_the_dense_twin_has_no_moe_phase(setup):
+    cfg, data, _ = setup
+    moe, dense, forced = profile_variants(cfg, None, data, torch.device("cpu"), steps=4, warmup=1, rounds=1)
+    for t in (moe, dense, forced):
+        assert t.steps == 4
+        # the profiler's events of a step, summed, against the clock around the same steps
+        assert abs(t.phases_ms - t.profiled_ms) / t.profiled_ms < 0.10, (t.name, t.phases_ms, t.profiled_ms)
+        named = sum(v for k, v in {**t.fwd_ms}.items() if k not in OTHER) + sum(
+            v for k, v in t.bwd_ms.items() if k not in OTHER)
+        assert named / t.phases_ms > 0.9, t.name  # the named phases explain the step
+        for row in ("attention", "norm", "head", "loss"):
+            assert t.fwd_ms[row] > 0 and t.bwd_ms[row] > 0, (t.name, row)
+        assert t.fwd_ms["optimizer"] > 0 and "optimizer" not in t.bwd_ms
+    assert not set(MOE_ROWS) & (set(dense.fwd_ms) | set(dense.bwd_ms)) and dense.fwd_ms["ffn"] > 0
+    for t in (moe, forced):
+        for row in ("router", "experts", "combine"):
+            assert t.fwd_ms[row] > 0 and t.bwd_ms[row] > 0, (t.name, row)  # backward attributed by sequence number
+        assert "ffn" not in t.fwd_ms
+    for loads in forced.loads:  # balanced: every expert the same rows +-1, every step
+        assert max(loads) - min(loads) <= 1.0, loads
+    assert any(max(lo) - min(lo) > 1.0 for lo in moe.loads)
+
+
+def test_a_slowed_phase_grows_by_the_injected_time_and_the_others_do_not(setup):
+    cfg, data, _ = setup
+    s = Session("moe", cfg, cfg.model, None, data, torch.device("cpu"))
+    for _ in range(2):
+        s.step()
+    before = s.profile(4, 1.0, 1, None)
+    calls = []
+    phases.HOOKS["combine"] = lambda: (calls.append(1), time.sleep(0.004))
+    try:
+        after = s.profile(4, 1.0, 1, None)
+    finally:
+        phases.HOOKS.clear()
+    injected_ms = 4.0 * len(calls) / 4  # per step
+    assert injected_ms >= 8  # (2 MoE layers, the combine entered more than once per layer)
+    grew = after.fwd_ms["combine"] - before.fwd_ms["combine"]
+    assert abs(grew - injected_ms) < 0.2 * injected_ms, (grew, injected_ms)
+    for row in set(before.fwd_ms) | set(after.fwd_ms):
+        if row != "combine":
+            assert abs(after.fwd_ms.get(row, 0) - before.fwd_ms.get(row, 0)) < 0.25 * injected_ms, row
+
+
+def test_profile_command_writes_the_table_and_a_chrome_trace(setup, tmp_path, capsys):
+    _, _, corpus = setup
+    out = tmp_path / "prof"
+    _, text, _ = run_main(capsys, "profile", "tiny-moe", *TINY_MOE, "--data", corpus, "--steps", "2",
+                          "--warmup", "1", "--rounds", "1", "--out", out)
+    assert "the MoE step takes" in text and "routing imbalance costs" in text and "dense twin" in text
+    res = json.loads((out / "profile.json").read_text())
+    assert [t["name"] for t in res["tables"]] == ["moe", "dense twin", "moe, balanced"]
+    rows = res["tables"][0]["rows_ms"]
+    assert sum(rows.values()) == pytest.approx(res["tables"][0]["plain_ms"], rel=1e-6)  # scaled to the plain step
+    trace = json.loads((out / "trace.json").read_text())  # Chrome trace: Perfetto and TensorBoard read it
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"moelab/router", "moelab/experts", "moelab/combine", "moelab/attention", "moelab/step"} <= names
+    assert (out / "trace-dense-twin.json").is_file() and (out / "trace-moe-balanced.json").is_file()
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    def err(*args):
+        rc, _, e = run_main(capsys, "profile", *args, check=False)
+        assert rc == 2
+        return e.strip().splitlines()[-1]
+
+    assert "recipe 'no-such' not found" in err("no-such")
+    (tmp_path / "empty").mkdir()
+    assert str(tmp_path / "empty") in err(str(tmp_path / "empty"))
+    assert "--steps: expected a positive number" in err("tiny-moe", "--steps", "0")
+
+
+def test_train_takes_the_router_override_only_by_name(tmp_path, text_file, capsys):
+    recipe = tmp_path / "forced.yaml"
+    recipe.write_text("model:\n  moe: {n_experts: 4, top_k: 2, d_expert: 16, router_override: balanced}\n")
+    args = ["train", str(recipe), *TINY_MOE, "--data", str(text_file), "--steps", "1", "--quiet"]
+    rc, _, e = run_main(capsys, *args, "--out", tmp_path / "a", check=False)
+    assert rc == 2 and "model.moe.router_override" in e and not (tmp_path / "a").exists()
+    run_main(capsys, *args, "--out", tmp_path / "b", "model.moe.router_override=balanced")
+    assert read_config(tmp_path / "b" / "config.yaml").model.moe.router_override == "none"  # never kept
+    assert "router_override" not in (tmp_path / "b" / "config.yaml").read_text()
