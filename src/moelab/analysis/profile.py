@@ -33,6 +33,8 @@ import torch
 from ..config import ModelConfig
 from ..data import Data, Sampler
 from ..model import Transformer
+from ..parallel.mesh import Parallel
+from ..parallel.parallelize import all_reduce_floats, parallelize
 from ..phases import PREFIX, phase, recording
 from ..run_config import RunConfig
 from ..train.metrics import MoEWindow, TrainingMemory
@@ -82,6 +84,8 @@ class PhaseTable:
     fwd_ms: dict[str, float] = field(default_factory=dict)
     bwd_ms: dict[str, float] = field(default_factory=dict)
     loads: list[list[float]] = field(default_factory=list)  # per MoE layer: mean rows per expert and step
+    # under torchrun: every rank's {"plain_ms", "fwd_ms", "bwd_ms"} (this table is rank 0's, the step the slowest's)
+    ranks: list[dict] = field(default_factory=list)
 
     @property
     def scale(self) -> float:
@@ -163,18 +167,28 @@ class Session:
     """One variant ready to train: a fresh model (weights `state`, else a seeded init), its
     optimizer and sampler, at a constant LR (the peak: the schedule does not change a step's cost)."""
 
-    def __init__(self, name: str, cfg: RunConfig, model_cfg: ModelConfig, state: dict | None, data: Data, device):
+    def __init__(
+        self,
+        name: str,
+        cfg: RunConfig,
+        model_cfg: ModelConfig,
+        state: dict | None,
+        data: Data,
+        device,
+        par: Parallel | None = None,
+    ):
         torch.manual_seed(cfg.train.seed)
         model = Transformer(model_cfg).to(device)
         if state is not None:
             model.load_state_dict(state)
+        if par is not None:
+            parallelize(model, par)
         model.train()
         run_cfg = copy.deepcopy(cfg)
         run_cfg.model = model_cfg
         self.name, self.device = name, device
-        self.run = Run(
-            run_cfg, Path("."), device, data, model, build_optimizer(model, cfg.optim), TrainingMemory(device)
-        )
+        opt = build_optimizer(model, cfg.optim)
+        self.run = Run(run_cfg, Path("."), device, data, model, opt, TrainingMemory(device), par=par)
         self.sampler = Sampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
         self.window, self.ctx, self.lr = MoEWindow(), autocast_ctx(cfg, device), cfg.optim.peak_lr
 
@@ -221,11 +235,14 @@ def profile_variants(
     warmup: int = 3,
     rounds: int = 3,
     trace_dir: Path | None = None,
+    par: Parallel | None = None,
 ) -> list[PhaseTable]:
     """Each of `variants(cfg.model)`: warm up, then `rounds` rounds of `steps` clock-timed
     steps taken in turn (so a slow spell of the machine hits every variant alike; the
-    median round counts), then `steps` profiled steps. Traces go to TRACE_DIR/trace*.json."""
-    sessions = [Session(n, cfg, m, state if takes else None, data, device) for n, m, takes in variants(cfg.model)]
+    median round counts), then `steps` profiled steps. Traces go to TRACE_DIR/trace*.json.
+    Under torchrun (`par`) every rank profiles its part of each step; a step's time is the
+    slowest rank's and each table carries every rank's rows."""
+    sessions = [Session(n, cfg, m, state if takes else None, data, device, par) for n, m, takes in variants(cfg.model)]
     for s in sessions:
         for _ in range(warmup):
             s.step()
@@ -234,12 +251,40 @@ def profile_variants(
     for _ in range(rounds):
         for s in sessions:
             ms, tokens[s.name] = s.time(steps)
+            if par is not None:  # the step ends when its slowest rank does; tokens: the global batch
+                ms, tok = all_reduce_floats([ms, float(tokens[s.name])], par, op="max")
+                tokens[s.name] = int(tok)
             timed[s.name].append(ms)
     tables = []
     for i, s in enumerate(sessions):
         trace = None if trace_dir is None else trace_dir / ("trace.json" if i == 0 else f"trace-{slug(s.name)}.json")
-        tables.append(s.profile(steps, sorted(timed[s.name])[rounds // 2], tokens[s.name], trace))
+        if par is not None and not par.is_main:
+            trace = None
+        table = s.profile(steps, sorted(timed[s.name])[rounds // 2], tokens[s.name], trace)
+        if par is not None:
+            table.ranks = _every_rank(table, par)
+        tables.append(table)
     return tables
+
+
+def _every_rank(t: PhaseTable, par: Parallel) -> list[dict]:
+    """Each rank's clock and rows, gathered with one sum over a rank-by-row table."""
+    width = 2 + 2 * len(ROWS)
+    mine = [t.profiled_ms, t.phases_ms, *(t.fwd_ms.get(r, 0.0) for r in ROWS), *(t.bwd_ms.get(r, 0.0) for r in ROWS)]
+    flat = [0.0] * (width * par.world)
+    flat[par.rank * width : (par.rank + 1) * width] = mine
+    got = all_reduce_floats(flat, par, op="sum")
+    out = []
+    for r in range(par.world):
+        row = got[r * width : (r + 1) * width]
+        fwd, bwd = row[2 : 2 + len(ROWS)], row[2 + len(ROWS) :]
+        out.append({
+            "profiled_ms": row[0],
+            "phases_ms": row[1],
+            "fwd_ms": {k: v for k, v in zip(ROWS, fwd, strict=True) if v},
+            "bwd_ms": {k: v for k, v in zip(ROWS, bwd, strict=True) if v},
+        })  # fmt: skip
+    return out
 
 
 def slug(name: str) -> str:

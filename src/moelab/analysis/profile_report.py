@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..model import Transformer
+from ..parallel.mesh import Parallel, close_parallel, init_parallel
 from ..run_config import load_config, read_config
 from ..runtime import pick_device, set_cpu_threads
 from ..store.checkpoint import resolve_checkpoint
@@ -57,31 +58,46 @@ def run_profile(
     if cfg.quant.bits or cfg.finetune.recipe == "lora":
         raise ConfigError(f"{src}: a quantized or LoRA run is not a training setup; profile its base or recipe")
     cfg.validate()
-    device = pick_device(cfg.train.device)
+    par = init_parallel(cfg)  # under torchrun: every rank profiles its part, rank 0 reports
+    try:
+        return _profile(cfg, src, state, tok, steps, warmup, rounds, out, overwrite, par)
+    finally:
+        close_parallel(par)
+
+
+def _profile(cfg, src, state, tok, steps, warmup, rounds, out, overwrite, par: Parallel | None) -> dict:
+    main = par is None or par.is_main
+    device = par.device if par is not None else pick_device(cfg.train.device)
     if device.type == "cpu":
         set_cpu_threads(cfg.train.threads)
-    data_ = run_data(cfg, tok)
-    if state is None:
+    if par is not None and not main:
+        par.barrier()  # rank 0 tokenizes (and caches) the data first
+    data = run_data(cfg, tok)
+    if par is not None and main:
+        par.barrier()
+    if state is None and main:
         print(f"profiling {cfg.name} (a fresh init: its routing is not a trained router's)", file=sys.stderr)
-    if out is None:
-        return _result(cfg, src, profile_variants(cfg, state, data_, device, steps, warmup, rounds), device)
+    if out is None or not main:
+        return _result(cfg, src, profile_variants(cfg, state, data, device, steps, warmup, rounds, None, par), par)
     with staged_output(out, overwrite=overwrite, protect=[src, cfg.data.source]) as tmp:
-        result = _result(cfg, src, profile_variants(cfg, state, data_, device, steps, warmup, rounds, tmp), device)
+        result = _result(cfg, src, profile_variants(cfg, state, data, device, steps, warmup, rounds, tmp, par), par)
         write_json(tmp / "profile.json", result)
     return result
 
 
-def _result(cfg, src: str, tables: list[PhaseTable], device) -> dict:
+def _result(cfg, src: str, tables: list[PhaseTable], par: Parallel | None) -> dict:
+    ep = par.layout.expert if par is not None else 1
     res: dict = {
         "source": src,
         "name": cfg.name,
-        "device": str(device),
+        "world": par.world if par is not None else 1,
+        "expert_parallel": ep,
         "steps": tables[0].steps,
         "tables": [t.to_json() for t in tables],
     }
     if len(tables) == 3:
         res["overhead"] = moe_overhead(tables[0], tables[1])
-        res["imbalance"] = imbalance(tables[0], tables[2])
+        res["imbalance"] = imbalance(tables[0], tables[2], ep)
     return res
 
 
@@ -111,19 +127,46 @@ def moe_overhead(moe: PhaseTable, dense: PhaseTable) -> dict:
     return {"percent": total, "points": terms, "unattributed_points": other, "explained": explained, "text": sentence}
 
 
-def imbalance(learned: PhaseTable, forced: PhaseTable) -> dict:
+def _max_over_mean(xs: list[float]) -> float:
+    return max(xs) / (sum(xs) / len(xs)) if sum(xs) else 1.0
+
+
+def imbalance(learned: PhaseTable, forced: PhaseTable, expert_parallel: int = 1) -> dict:
     """What routing imbalance costs: the step and the expert matmuls with the learned
     routing against the same weights with balanced routing, and each MoE layer's busiest
-    expert as a multiple of the mean load."""
+    expert as a multiple of the mean load. Under expert parallelism also the busiest rank's
+    rows (max over mean, per layer) and each rank's share of the step spent in the
+    all-to-all, waiting for the busiest rank included."""
     cost = (learned.plain_ms - forced.plain_ms) / learned.plain_ms * 100
-    max_over_mean = [max(lo) / (sum(lo) / len(lo)) if sum(lo) else 1.0 for lo in learned.loads]
+    experts = [_max_over_mean(lo) for lo in learned.loads]
     exp_l, exp_b = learned.row_ms("experts"), forced.row_ms("experts")
     text = (
         f"routing imbalance costs {cost:+.0f}% of step time ({learned.plain_ms:.1f} ms learned vs "
         f"{forced.plain_ms:.1f} ms balanced; expert matmuls {exp_l:.1f} vs {exp_b:.1f} ms); busiest expert per "
-        f"MoE layer: {', '.join(f'{m:.2f}x' for m in max_over_mean)} the mean load"
+        f"MoE layer: {', '.join(f'{m:.2f}x' for m in experts)} the mean load"
     )
-    return {"percent": cost, "experts_ms": [exp_l, exp_b], "max_over_mean": max_over_mean, "text": text}
+    res: dict = {"percent": cost, "experts_ms": [exp_l, exp_b], "max_over_mean": experts, "text": text}
+    if expert_parallel > 1:
+        per_rank = [
+            _max_over_mean([sum(c) for c in _chunks(lo, expert_parallel)]) for lo in learned.loads
+        ]  # experts are split over the EP ranks in contiguous slices
+        wait = {t.name: [_share(r, "all-to-all") for r in t.ranks] for t in (learned, forced)}
+        res |= {"rank_max_over_mean": per_rank, "all_to_all_share": wait}
+        res["text"] += (
+            f"; busiest expert-parallel rank per layer: {', '.join(f'{m:.2f}x' for m in per_rank)} the mean rows; "
+            "share of the step in the all-to-all (waiting included), rank by rank: "
+            + "; ".join(f"{n} {', '.join(f'{100 * s:.0f}%' for s in v)}" for n, v in wait.items())
+        )
+    return res
+
+
+def _chunks(xs: list[float], n: int) -> list[list[float]]:
+    size = len(xs) // n
+    return [xs[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _share(rank: dict, row: str) -> float:
+    return (rank["fwd_ms"].get(row, 0.0) + rank["bwd_ms"].get(row, 0.0)) / max(rank["phases_ms"], 1e-9)
 
 
 def format_tables(res: dict) -> str:
@@ -145,6 +188,9 @@ def format_tables(res: dict) -> str:
         lines.append(f"{row:<17}{cells}")
     lines.append(f"{'step':<17}" + "".join(f" | {'':>6} {'':>6} {t['plain_ms']:7.1f} {100:5.1f}%" for t in tables))
     lines.append(f"{'tokens/s':<17}" + "".join(f" | {'':>6} {'':>6} {t['tokens_per_s']:7.0f} {'':>6}" for t in tables))
+    if tables[0]["ranks"]:  # under torchrun: how far the ranks' own steps spread
+        per = [f"{t['name']} " + ", ".join(f"{r['phases_ms']:.1f}" for r in t["ranks"]) for t in tables]
+        lines.append(f"(profiled ms/step rank by rank: {'; '.join(per)}; the table is rank 0's)")
     over = [f"{t['name']} {t['profiled_ms'] / t['plain_ms']:.2f}x" for t in tables]
     lines.append(f"(profiled step / plain step: {', '.join(over)}; rows scaled to the plain step)")
     return "\n".join(lines)

@@ -260,6 +260,8 @@ def cmd_profile(
     res = run_profile(
         src, data, steps, warmup, rounds, Path(out) if out else None, overwrite=overwrite, overrides=list(overrides)
     )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
+        return res
     if as_json:
         print(json.dumps(res))
         return res
