@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..model import Transformer
 from ..parallel.mesh import Parallel, close_parallel, init_parallel
-from ..run_config import load_config, read_config
+from ..run_config import load_config
 from ..runtime import pick_device, set_cpu_threads
 from ..store.checkpoint import resolve_checkpoint
 from ..store.outputs import staged_output, write_json
@@ -27,9 +27,12 @@ def _inputs(src: str, data: str | None, overrides: list[str]):
     if Path(src).is_dir():
         ckpt = resolve_checkpoint(src)
         run_dir = ckpt.parent.parent
-        cfg = read_config(run_dir / "config.yaml")
-        if overrides:
-            raise ConfigError(f"{src}: overrides change a recipe; a run is profiled as it was trained")
+        other = [o for o in overrides if not o.startswith("parallel.")]  # the process layout belongs to a launch
+        if other:
+            raise ConfigError(
+                f"{src}: {other[0]}: a run is profiled as it was trained; only parallel.* (the layout) may be given"
+            )
+        cfg = load_config(str(run_dir / "config.yaml"), overrides)
         model = Transformer(cfg.model)
         load_model_weights(model, ckpt)  # every key, shape and value checked
         state = model.state_dict()
