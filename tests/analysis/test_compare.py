@@ -47,6 +47,14 @@ def test_compare_end_to_end(tmp_path, text_file):
     if need:
         assert sp["tokens_speedup"] == pytest.approx(dense[-1][0] / need)
     assert s["summary"] and "tiny-moe holds" in s["summary"][0]
+    # where the time goes: a short profile of each run's last checkpoint
+    assert "Where the time goes" in page and "Profiled, its step took" in s["summary"][0]
+    dense_t, moe_t = (r["time_ms"] for r in s["runs"])
+    assert "ffn" in dense_t and not {"router", "experts", "combine"} & set(dense_t)
+    assert {"router", "experts", "combine"} <= set(moe_t) and "ffn" not in moe_t
+    for r in s["runs"]:
+        assert sum(r["time_ms"].values()) == pytest.approx(r["step_ms"], rel=1e-6)
+    assert "routing imbalance costs" in s["runs"][1]["imbalance"]["text"] and "imbalance" not in s["runs"][0]
 
     # Finished run folders can be compared again without training.
     _, stdout, _ = run_cli("compare", str(out / "runs" / "tiny-dense"), str(out / "runs" / "tiny-moe"),

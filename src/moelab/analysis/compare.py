@@ -20,6 +20,8 @@ from ..data.sources import check_source
 from ..run_config import RunConfig, load_config, read_config
 from ..store.outputs import staged_output
 from .memory import plan_memory
+from .profile import ROWS
+from .profile_report import imbalance, moe_overhead, profile_runs
 from .report import write_report
 
 
@@ -131,8 +133,9 @@ def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
     }
 
 
-def describe(ref: dict, other: dict, sp: dict) -> str:
-    """Plain words from the numbers: what the MoE cost and what it bought."""
+def describe(ref: dict, other: dict, sp: dict, time_points: dict[str, float] | None = None) -> str:
+    """Plain words from the numbers: what the MoE cost and what it bought. `time_points`:
+    the other run's step time beyond the reference's, by phase, in points of its step."""
     a, b = ref["name"], other["name"]
     parts = [
         f"{b} holds {other['params_total'] / ref['params_total']:.2f}x the parameters of {a} "
@@ -143,6 +146,15 @@ def describe(ref: dict, other: dict, sp: dict) -> str:
         parts.append(
             f"It trained at {other['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s "
             f"({other['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f})."
+        )
+    if other.get("step_ms") and ref.get("step_ms") and time_points:
+        d = (other["step_ms"] - ref["step_ms"]) / ref["step_ms"] * 100
+        big = sorted(time_points.items(), key=lambda kv: -abs(kv[1]))
+        shown = ", ".join(f"{k} {v:+.1f}" for k, v in big if abs(v) >= 0.5) or "no phase above half a point"
+        parts.append(
+            f"Profiled, its step took {abs(d):.0f}% {'more' if d >= 0 else 'less'} time than {ref['name']}'s "
+            f"(points of {ref['name']}'s step: {shown})"
+            + (f"; {other['imbalance']['text']}." if other.get("imbalance") else ".")
         )
     tb_ref, tb = sum(ref["tensor_bytes"].values()), sum(other["tensor_bytes"].values())
     mem = (
@@ -229,12 +241,13 @@ def _compare_into(
 ) -> dict:
     """compare's work, written into the staging folder `tmp` that becomes `out`."""
 
-    curves, dirs = [], []
+    curves, dirs, here = [], [], []  # here: where each run is now (a trained one: in the staging folder)
     for item in items:
         p = Path(item)
         if p.is_dir() and (p / "metrics.jsonl").exists():
             curves.append(read_run(p))
             dirs.append(p)
+            here.append(p)
             continue
         cfg = load_config(item, overrides)
         if tokens is not None:
@@ -261,15 +274,27 @@ def _compare_into(
         if subprocess.run(cmd).returncode != 0:
             raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
         curves.append(read_run(run_dir))
+        here.append(run_dir)
         dirs.append(out / "runs" / cfg.name)  # where it will be once the output is in place
     names = [c.name for c in curves]
     if len(set(names)) != len(names):
         raise ConfigError(f"compare: run names must differ, got {names}")
     ref_i = next((i for i, c in enumerate(curves) if not c.is_moe), 0)
     runs = [run_summary(c, d) for c, d in zip(curves, dirs, strict=True)]
+    # where each run's step time goes: a short profile of its last checkpoint, here
+    times = profile_runs(here)
+    for r, (table, forced) in zip(runs, times, strict=True):
+        r["step_ms"] = table.plain_ms
+        r["time_ms"] = {row: table.row_ms(row) for row in ROWS if table.row_ms(row) > 0}
+        if forced is not None:
+            r["imbalance"] = imbalance(table, forced)
     ref = runs[ref_i]
     speed = {c.name: speedups(curves[ref_i], c) for i, c in enumerate(curves) if i != ref_i}
-    text = [describe(ref, r, speed[r["name"]]) for r in runs if r["name"] in speed]
+    text = [
+        describe(ref, r, speed[r["name"]], moe_overhead(times[i][0], times[ref_i][0])["points"])
+        for i, r in enumerate(runs)
+        if r["name"] in speed
+    ]
     summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     write_report(tmp, curves, summary)

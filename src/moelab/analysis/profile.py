@@ -236,13 +236,16 @@ def profile_variants(
     rounds: int = 3,
     trace_dir: Path | None = None,
     par: Parallel | None = None,
+    twin: bool = True,
 ) -> list[PhaseTable]:
     """Each of `variants(cfg.model)`: warm up, then `rounds` rounds of `steps` clock-timed
     steps taken in turn (so a slow spell of the machine hits every variant alike; the
     median round counts), then `steps` profiled steps. Traces go to TRACE_DIR/trace*.json.
     Under torchrun (`par`) every rank profiles its part of each step; a step's time is the
     slowest rank's and each table carries every rank's rows."""
-    sessions = [Session(n, cfg, m, state if takes else None, data, device, par) for n, m, takes in variants(cfg.model)]
+    sessions = [
+        Session(n, cfg, m, state if takes else None, data, device, par) for n, m, takes in variants(cfg.model, twin)
+    ]
     for s in sessions:
         for _ in range(warmup):
             s.step()
@@ -300,11 +303,14 @@ def balanced(model_cfg: ModelConfig) -> ModelConfig:
     return out
 
 
-def variants(model_cfg: ModelConfig) -> list[tuple[str, ModelConfig, bool]]:
+def variants(model_cfg: ModelConfig, twin: bool = True) -> list[tuple[str, ModelConfig, bool]]:
     """(name, model config, whether it takes the profiled model's weights) for a model: an
-    MoE, its dense twin and the MoE with balanced routing; a dense model alone."""
+    MoE, its dense twin (unless `twin` is False) and the MoE with balanced routing; a
+    dense model alone."""
     if model_cfg.moe is None:
         return [("dense", model_cfg, True)]
+    if not twin:
+        return [("moe", model_cfg, True), ("moe, balanced", balanced(model_cfg), True)]
     return [
         ("moe", model_cfg, True),
         ("dense twin", dense_twin(model_cfg), False),

@@ -88,6 +88,18 @@ def _profile(cfg, src, state, tok, steps, warmup, rounds, out, overwrite, par: P
     return result
 
 
+def profile_runs(run_dirs: list[Path], steps: int = 3) -> list[tuple[PhaseTable, PhaseTable | None]]:
+    """A short profile of each run's last checkpoint for the compare report: (its table,
+    the same weights with balanced routing for an MoE, else None), one process each."""
+    out = []
+    for run_dir in run_dirs:
+        cfg, state, tok = _inputs(str(run_dir), None, [])
+        device = pick_device(cfg.train.device)
+        tables = profile_variants(cfg, state, run_data(cfg, tok), device, steps, warmup=1, rounds=1, twin=False)
+        out.append((tables[0], tables[1] if len(tables) > 1 else None))
+    return out
+
+
 def _result(cfg, src: str, tables: list[PhaseTable], par: Parallel | None) -> dict:
     ep = par.layout.expert if par is not None else 1
     res: dict = {

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .profile import ROWS  # noqa: E402
+
 MOE_CURVES = [
     ("max_violation", "max-violation (max/mean load − 1)"),
     ("router_entropy", "router entropy (nats)"),
@@ -118,6 +120,25 @@ def _memory_plot(out: Path, runs: list[dict]) -> Path:
     return path
 
 
+def _time_plot(out: Path, runs: list[dict]) -> Path:
+    """One stacked bar per run: its step's milliseconds by phase (forward + backward)."""
+    rows = [r for r in ROWS if any(r in run.get("time_ms", {}) for run in runs)]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.55 * len(runs)))
+    cmap = plt.get_cmap("tab20")
+    left = [0.0] * len(runs)
+    for j, row in enumerate(rows):
+        ms = [run.get("time_ms", {}).get(row, 0.0) for run in runs]
+        ax.barh([run["name"] for run in runs], ms, left=left, color=cmap(j % 20), label=row)
+        left = [a + b for a, b in zip(left, ms, strict=True)]
+    ax.set_xlabel("ms per training step (profiled, scaled to the unprofiled step)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = out / "step_time.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _img(p: Path) -> str:
     data = base64.b64encode(p.read_bytes()).decode()
     return f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}" style="max-width:100%">'
@@ -166,6 +187,7 @@ td:first-child{{text-align:left}}</style></head><body>
 <th>params active</th><th>weights+grads+AdamW (MiB, exact)</th><th>training memory (MiB, measured)</th>
 <th>process peak (MiB)</th><th>loss spikes</th></tr>{rows}</table>
 <h2>Memory</h2>{_img(_memory_plot(out, summary["runs"]))}
+<h2>Where the time goes</h2>{_img(_time_plot(out, summary["runs"]))}
 <h2>Speed-up against {html.escape(summary["reference"])}</h2>
 <p>How many times fewer tokens, FLOPs and seconds each run needed to reach the reference's final validation
 loss, interpolated on the stored curves (— = not reached within the budget).</p>
