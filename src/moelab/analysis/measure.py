@@ -25,7 +25,17 @@ def _local_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _measure_rank(rank: int, cfg: ModelConfig, micro_batch: int, seq_len: int, ep: int, zero: int, steps: int):
+def _measure_rank(
+    rank: int,
+    cfg: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    ep: int,
+    zero: int,
+    steps: int,
+    state: dict | None = None,
+    tokens_RBS: torch.Tensor | None = None,
+):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -35,10 +45,15 @@ def _measure_rank(rank: int, cfg: ModelConfig, micro_batch: int, seq_len: int, e
         par = build_meshes(Layout(world, rank, ep, shard, replicate), torch.device("cpu"))
         torch.manual_seed(0)
         model = Transformer(cfg)
+        if state is not None:  # a run's weights: its router's real, uneven routing
+            model.load_state_dict(state)
         parallelize(model, par)
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
-        g = torch.Generator().manual_seed(rank)
-        tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=g)
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=0.0 if state is not None else 1e-4)
+        if tokens_RBS is not None:
+            tokens = tokens_RBS[rank]
+        else:
+            g = torch.Generator().manual_seed(rank)
+            tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=g)
         act = grads = 0
         for _ in range(steps):
             act, out = measure_activation_bytes(model, tokens)
@@ -59,8 +74,18 @@ def _measure_rank(rank: int, cfg: ModelConfig, micro_batch: int, seq_len: int, e
 
 
 def measure_parallel(
-    cfg: ModelConfig, micro_batch: int, seq_len: int, devices: int, expert_parallel: int, zero: int, steps: int = 2
-) -> dict[str, int]:
-    """Rank 0's measured bytes (params, grads, optimizer, activations, peak RSS) in a real
-    `devices`-process gloo run on this machine."""
-    return run_local(devices, _measure_rank, cfg, micro_batch, seq_len, expert_parallel, zero, steps)[0]
+    cfg: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    devices: int,
+    expert_parallel: int,
+    zero: int,
+    steps: int = 2,
+    state: dict | None = None,
+    tokens_RBS: torch.Tensor | None = None,
+) -> list[dict[str, int]]:
+    """Each rank's measured bytes (params, grads, optimizer, activations, peak RSS) in a
+    real `devices`-process gloo run on this machine: random tokens and a seeded init, or a
+    run's weights (`state`, left unchanged: learning rate 0) on its own text, rank r
+    reading `tokens_RBS[r]` (B sequences of S + 1 tokens)."""
+    return run_local(devices, _measure_rank, cfg, micro_batch, seq_len, expert_parallel, zero, steps, state, tokens_RBS)

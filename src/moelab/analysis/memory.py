@@ -17,7 +17,10 @@ fp32 logits the model returns. The per-layer terms below follow moelab's own ops
              + 2D + 2D_kv (SDPA q, k, v, out) + H (log-sum-exp) + D (o-proj input)
   dense FFN  2D (norm) + 4F (gate, silu(gate), up, silu*up)
   MoE FFN    2D (norm) + 2E (router logits, probs) + kD (rows gathered per expert)
-             + 4kF (as dense, per assignment) + k*min(D, F) (routing-weighted side)
+             + 4kF (as dense, per assignment) + k*min(D, F) (routing-weighted side);
+             under expert parallelism k(3D + 4F) where the experts are (the received
+             row, its regrouped copy, the output going back) + 2kD at home (the returned
+             rows and their weighting), with uniform routing (skewed: `analysis.skew`)
   head       2D (final norm) + V (log-softmax) + V fp32 logits returned
 With activation checkpointing only each layer's input (D) is kept, plus one layer's
 activations recomputed at a time in backward. Capacity padding: moelab drops or keeps
@@ -69,7 +72,7 @@ def dense_twin(cfg: ModelConfig) -> ModelConfig:
     return ModelConfig(**{**cfg.__dict__, "moe": None, "d_ff": d_ff, "moe_pattern": "none"})
 
 
-def activation_elements_per_token(cfg: ModelConfig) -> dict[str, float]:
+def activation_elements_per_token(cfg: ModelConfig, expert_parallel: int = 1) -> dict[str, float]:
     """Elements kept for backward per token, by part (see the module docstring)."""
     D, H, V = cfg.d_model, cfg.n_heads, cfg.vocab_size
     Dkv = cfg.kv_heads * cfg.head_dim
@@ -78,14 +81,11 @@ def activation_elements_per_token(cfg: ModelConfig) -> dict[str, float]:
     moe = 0.0
     if cfg.moe is not None:
         m = cfg.moe
-        moe = (
-            2 * D
-            + 2 * m.n_experts
-            + m.top_k * D
-            + 4 * m.top_k * m.d_expert
-            + m.top_k * min(D, m.d_expert)
-            + (4 * m.d_shared_total if m.n_shared_experts else 0)
-        )
+        if expert_parallel == 1:
+            rows = m.top_k * D + 4 * m.top_k * m.d_expert + m.top_k * min(D, m.d_expert)
+        else:  # rows kept where their expert is (EXPERT_ROW_EP) and, on return, weighted at home (2D)
+            rows = m.top_k * expert_row_elements(cfg, expert_parallel) + 2 * m.top_k * D
+        moe = 2 * D + 2 * m.n_experts + rows + (4 * m.d_shared_total if m.n_shared_experts else 0)
     n_moe = cfg.n_moe_layers
     return {
         "attention": cfg.n_layers * attn,
@@ -94,6 +94,16 @@ def activation_elements_per_token(cfg: ModelConfig) -> dict[str, float]:
         "head": 2 * D + V,
         "per_layer_max": attn + max(dense, moe),
     }
+
+
+def expert_row_elements(cfg: ModelConfig, expert_parallel: int = 1) -> int:
+    """Elements one routed row keeps on the rank that holds its expert: one process keeps
+    its gathered input (D), gate, silu, up and product (4F) and the routing-weighted side
+    (min(D, F)); under expert parallelism the received row, its regrouped copy and the
+    expert output on their way back (3D) and the 4F, the weighting happening at home."""
+    assert cfg.moe is not None
+    D, F = cfg.d_model, cfg.moe.d_expert
+    return D + 4 * F + min(D, F) if expert_parallel == 1 else 3 * D + 4 * F
 
 
 @dataclass
@@ -171,7 +181,7 @@ def plan_memory(
         # AdamW also keeps one fp32 `step` scalar per parameter tensor.
         "optimizer": round(ob * shard(other, expert, 1) + 4 * (other_t + expert_t)),
     }
-    act = activation_elements_per_token(cfg)
+    act = activation_elements_per_token(cfg, expert_parallel)
     logits = 4 * T * cfg.vocab_size
     if activation_checkpointing:
         per_token = cfg.n_layers * cfg.d_model + act["per_layer_max"] + act["head"]
@@ -325,7 +335,9 @@ def plan_and_measure(
             else:
                 from .measure import measure_parallel  # it uses this module's activation counter: import when run
 
-                measured[n] = measure_parallel(m, micro_batch, seq_len, devices, expert_parallel if m.moe else 1, zero)
+                measured[n] = measure_parallel(m, micro_batch, seq_len, devices, expert_parallel if m.moe else 1, zero)[
+                    0
+                ]
     return plans, measured
 
 

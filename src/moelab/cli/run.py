@@ -171,7 +171,8 @@ def cmd_memory(
     """Predict (and optionally measure) memory per device for a model and its dense twin.
 
     Args:
-        recipe: recipe or YAML (presets: mixtral-8x7b, olmoe-1b-7b, llama-7b)
+        recipe: recipe or YAML (presets: mixtral-8x7b, olmoe-1b-7b, llama-7b), or an MoE run folder: its measured
+            expert loads give the busiest expert-parallel rank's activations
         devices: devices the model is spread over
         expert_parallel: expert-parallel degree (divides --devices)
         zero: ZeRO stage: what data parallelism shards (1 optimizer state, 2 + gradients, 3 + weights)
@@ -179,15 +180,17 @@ def cmd_memory(
         micro_batch: sequences per micro-batch
         seq_len: tokens per sequence; unset: the recipe's data.seq_len
         activation_checkpointing: recompute activations in the backward pass
-        measure: also run real steps here and measure
+        measure: also run real steps here and measure (a run: its weights on its own text, every rank)
         as_json: print the plans as JSON
     """
     from ..analysis.memory import format_plans, plan_and_measure
+    from ..analysis.skew import read_run_config, skew_report
     from ..run_config import load_config
 
     positive(devices=devices, expert_parallel=expert_parallel, micro_batch=micro_batch, seq_len=seq_len)
     require(devices % expert_parallel == 0, "--expert-parallel", f"a divisor of --devices {devices}", expert_parallel)
-    cfg = load_config(recipe)
+    run = Path(recipe) if Path(recipe).is_dir() else None
+    cfg = read_run_config(run) if run is not None else load_config(recipe)
     seq_len = seq_len or cfg.data.seq_len
     require(
         seq_len <= cfg.model.max_seq_len, "--seq-len", f"at most model.max_seq_len={cfg.model.max_seq_len}", seq_len
@@ -201,8 +204,22 @@ def cmd_memory(
         zero=zero,
         dtype=dtype,
         activation_checkpointing=activation_checkpointing,
-        measure=measure,
+        measure=measure and run is None,  # a run is measured with its own weights and text, below
     )
+    skew = None
+    if run is not None and cfg.model.moe is not None:
+        skew = skew_report(
+            run,
+            cfg,
+            plans[0].bytes["activations"],
+            micro_batch,
+            seq_len,
+            devices,
+            expert_parallel,
+            zero,
+            dtype,
+            measure,
+        )
     quantized = None
     if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
         from ..model.quant import planned_bytes
@@ -212,6 +229,8 @@ def cmd_memory(
         out = [dict(p.to_json(), **({"measured": measured[p.name]} if p.name in measured else {})) for p in plans]
         if quantized is not None:
             out[0]["quantized_weight_bytes"] = quantized
+        if skew is not None:
+            out[0]["skewed_activations"] = skew
         print(json.dumps(out))
         return plans, measured
     print(
@@ -225,6 +244,8 @@ def cmd_memory(
             f"{quantized['total'] / 2**20:,.2f} MiB resident ({quantized['quantized'] / 2**20:,.2f} MiB of them "
             "packed codes, scales and zero points)"
         )
+    if skew is not None:
+        print(skew["text"])
     return plans, measured
 
 
