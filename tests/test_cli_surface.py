@@ -88,5 +88,15 @@ def test_overrides_only_for_commands_that_take_them():
         assert ("overrides" in inspect.signature(fn).parameters) >= (name in TAKES_OVERRIDES), name
 
 
+def test_help_and_a_bad_command_line_answer_without_importing_torch():
+    """torch takes seconds to import on a small machine: --help and usage errors do not wait for it."""
+    import subprocess
+
+    code = ("import sys\nfrom moelab.cli import main\nfor argv in (['--help'], ['train', '--help'], ['eval']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().splitlines()[-1] == "False", r.stdout[-500:] + r.stderr[-500:]
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     FROZEN.write_text(json.dumps(surface(), indent=1, ensure_ascii=False) + "\n")
