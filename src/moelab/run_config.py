@@ -13,7 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -27,8 +27,6 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 class DataConfig:
     """Where the text comes from and how it becomes sequences: source, seq_len, validation share (by document),
     tokenizer reuse, tokenizer training budget, text field."""
-
-    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     source: str = "stdlib"  # replaced by `--data`
     seq_len: int = 128
@@ -48,8 +46,6 @@ class DataConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule: peak lr (or 'auto'), weight decay, betas, eps, grad clipping,
     cosine/WSD/constant schedule with warmup."""
-
-    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)
     lr_fit: str | None = None  # fit.json from `moelab lr-fit`, used by lr=auto
@@ -95,8 +91,6 @@ class OptimConfig:
 class TrainConfig:
     """The loop: length, batch, accumulation, seed, precision, device, logging, evaluation, checkpoints and health
     thresholds."""
-
-    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     steps: int = 1000  # the run's total length (the schedule's horizon)
     batch_size: int = 16  # sequences per micro-batch
@@ -147,8 +141,6 @@ class ParallelConfig:
     data parallelism, and the data-parallel degree as sharded x replicated; 0 = fill the
     world (replicated, unless data_shard says otherwise). One process ignores it."""
 
-    __pydantic_config__: ClassVar[dict] = FILE_RULES
-
     expert: int = 1
     data_shard: int = 0
     data_replicate: int = 0
@@ -165,8 +157,6 @@ class ParallelConfig:
 @dataclass
 class FinetuneConfig:
     """How `moelab finetune` trains: the recipe (what is trainable), expert dropout, aux loss, data sample, template."""
-
-    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     recipe: Literal["none", "full", "freeze-experts", "freeze-router", "experts-only", "lora"] = "none"
     expert_dropout: float = 0.0  # copied into model.moe.expert_dropout
@@ -189,8 +179,6 @@ class FinetuneConfig:
 class QuantConfig:
     """Weight-only quantization a checkpoint was written with (`moelab quantize`); bits 0 = none."""
 
-    __pydantic_config__: ClassVar[dict] = FILE_RULES
-
     bits: int = 0
     group_size: int = 64
     what: Literal["experts", "all"] = "experts"
@@ -199,8 +187,6 @@ class QuantConfig:
 @dataclass
 class LoraConfig:
     """LoRA adapters of `--recipe lora`: rank, scale alpha, and which weights they wrap."""
-
-    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     rank: int = 8
     alpha: float = 16.0
@@ -215,8 +201,6 @@ class LoraConfig:
 class RunConfig:
     """Everything one run needs: model, data, optimizer, trainer, fine-tuning and LoRA settings, saved as
     RUN/config.yaml."""
-
-    __pydantic_config__: ClassVar[dict] = FILE_RULES
 
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -247,6 +231,12 @@ class RunConfig:
 def _pos_int(v: Any, key: str) -> None:
     if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         raise ConfigError(f"{key}: expected a positive integer, got {v!r}")
+
+
+# How pydantic reads each section from a file (config.FILE_RULES): unknown keys and NaN/inf are errors.
+_SECTIONS = (DataConfig, OptimConfig, TrainConfig, ParallelConfig, FinetuneConfig, QuantConfig, LoraConfig)
+for _cls in (*_SECTIONS, RunConfig):
+    setattr(_cls, "__pydantic_config__", FILE_RULES)  # noqa: B010 - a class attribute pydantic reads, not a field
 
 
 # ---------------------------------------------------------------- validation (pydantic)

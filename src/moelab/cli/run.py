@@ -208,45 +208,37 @@ def cmd_memory(
     )
     skew = None
     if run is not None and cfg.model.moe is not None:
-        skew = skew_report(
-            run,
-            cfg,
-            plans[0].bytes["activations"],
-            micro_batch,
-            seq_len,
-            devices,
-            expert_parallel,
-            zero,
-            dtype,
-            measure,
-        )
-    quantized = None
+        uniform = plans[0].bytes["activations"]
+        skew = skew_report(run, cfg, uniform, micro_batch, seq_len, devices, expert_parallel, zero, dtype, measure)
+    extra = {"skewed_activations": skew} if skew is not None else {}
     if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
         from ..model.quant import planned_bytes
 
-        quantized = planned_bytes(cfg.model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
+        extra["quantized_weight_bytes"] = planned_bytes(cfg.model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
     if as_json:
         out = [dict(p.to_json(), **({"measured": measured[p.name]} if p.name in measured else {})) for p in plans]
-        if quantized is not None:
-            out[0]["quantized_weight_bytes"] = quantized
-        if skew is not None:
-            out[0]["skewed_activations"] = skew
-        print(json.dumps(out))
+        print(json.dumps([{**out[0], **extra}, *out[1:]]))
         return plans, measured
     print(
         f"{cfg.name}: micro-batch {micro_batch} x {seq_len} tokens, {devices} device(s), expert-parallel "
         f"{expert_parallel}, ZeRO {zero}, {dtype}{', activation checkpointing' if activation_checkpointing else ''}"
     )
     print(format_plans(plans, measured))
-    if quantized is not None:
+    _print_extra(cfg, extra)
+    return plans, measured
+
+
+def _print_extra(cfg, extra: dict) -> None:
+    """What `moelab memory` adds for a quantized checkpoint and for a run's measured loads."""
+    q = extra.get("quantized_weight_bytes")
+    if q is not None:
         print(
             f"weights as quantized ({cfg.quant.what} at {cfg.quant.bits} bits, groups of {cfg.quant.group_size}): "
-            f"{quantized['total'] / 2**20:,.2f} MiB resident ({quantized['quantized'] / 2**20:,.2f} MiB of them "
+            f"{q['total'] / 2**20:,.2f} MiB resident ({q['quantized'] / 2**20:,.2f} MiB of them "
             "packed codes, scales and zero points)"
         )
-    if skew is not None:
-        print(skew["text"])
-    return plans, measured
+    if "skewed_activations" in extra:
+        print(extra["skewed_activations"]["text"])
 
 
 def cmd_profile(
