@@ -26,6 +26,14 @@ def phase(name: str) -> contextlib.AbstractContextManager:
     return _ranged(name) if _recording else contextlib.nullcontext()
 
 
+LAYER = "layer#"  # a block's range: not a phase, it says which layer the phases inside belong to
+
+
+def layer(index: int) -> contextlib.AbstractContextManager:
+    """The range `moelab/layer#INDEX` around a block while a profile records."""
+    return phase(f"{LAYER}{index}")
+
+
 @contextlib.contextmanager
 def _ranged(name: str) -> Iterator[None]:
     with torch.profiler.record_function(PREFIX + name):

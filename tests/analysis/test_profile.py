@@ -45,6 +45,9 @@ def test_the_phases_add_up_to_the_clock_and_the_dense_twin_has_no_moe_phase(setu
         for row in ("router", "experts", "combine"):
             assert t.fwd_ms[row] > 0 and t.bwd_ms[row] > 0, (t.name, row)  # backward attributed by sequence number
         assert "ffn" not in t.fwd_ms
+    for t in (moe, forced):  # per block: each of the 2 layers' phases, summing to the model's
+        assert len(t.layers) == 2 and all(layer["experts"] > 0 and layer["attention"] > 0 for layer in t.layers)
+        assert sum(layer["experts"] for layer in t.layers) == pytest.approx(t.fwd_ms["experts"] + t.bwd_ms["experts"])
     for loads in forced.loads:  # balanced: every expert the same rows +-1, every step
         assert max(loads) - min(loads) <= 1.0, loads
     assert any(max(lo) - min(lo) > 1.0 for lo in moe.loads)

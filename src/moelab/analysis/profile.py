@@ -35,7 +35,7 @@ from ..data import Data, Sampler
 from ..model import Transformer
 from ..parallel.mesh import Parallel
 from ..parallel.parallelize import all_reduce_floats, parallelize
-from ..phases import PREFIX, phase, recording
+from ..phases import LAYER, PREFIX, phase, recording
 from ..run_config import RunConfig
 from ..train.metrics import MoEWindow, TrainingMemory
 from ..train.optim import build_optimizer
@@ -84,6 +84,7 @@ class PhaseTable:
     fwd_ms: dict[str, float] = field(default_factory=dict)
     bwd_ms: dict[str, float] = field(default_factory=dict)
     loads: list[list[float]] = field(default_factory=list)  # per MoE layer: mean rows per expert and step
+    layers: list[dict[str, float]] = field(default_factory=list)  # per block: {row: forward + backward ms}
     # under torchrun: every rank's {"plain_ms", "fwd_ms", "bwd_ms"} (this table is rank 0's, the step the slowest's)
     ranks: list[dict] = field(default_factory=list)
 
@@ -105,9 +106,10 @@ class PhaseTable:
         return d
 
 
-def attribute(events, device_time: bool = False) -> tuple[dict[str, float], dict[str, float], float, int]:
-    """(forward ms by row, backward ms by row, ms of all step events, number of steps) of a
-    profile's events, summed over its `moelab/step` ranges (see the module docstring)."""
+def attribute(events, device_time: bool = False):
+    """(forward ms by row, backward ms by row, ms of all step events, number of steps, and
+    per block {row: forward + backward ms}) of a profile's events, per step of its
+    `moelab/step` ranges (see the module docstring)."""
 
     def innermost(e, pred):
         while e is not None and not pred(e):
@@ -115,20 +117,25 @@ def attribute(events, device_time: bool = False) -> tuple[dict[str, float], dict
         return e
 
     def range_of(e) -> str | None:
-        r = innermost(e, lambda a: a.name.startswith(PREFIX))
+        r = innermost(e, lambda a: a.name.startswith(PREFIX) and not a.name.startswith(PREFIX + LAYER))
         return r.name[len(PREFIX) :] if r is not None else None
+
+    def layer_of(e) -> int | None:
+        r = innermost(e, lambda a: a.name.startswith(PREFIX + LAYER))
+        return int(r.name[len(PREFIX + LAYER) :]) if r is not None else None
 
     def node_of(e):
         return innermost(e, lambda a: a.name.startswith(_BACKWARD_NODE))
 
-    made_by: dict[tuple[int, int], str] = {}  # (forward thread, sequence number) -> forward range
+    made_by: dict[tuple[int, int], tuple[str, int | None]] = {}  # (thread, sequence number) -> (range, layer)
     for e in events:
         if e.sequence_nr >= 0 and not e.name.startswith(PREFIX) and node_of(e) is None:
-            made_by.setdefault((e.thread, e.sequence_nr), range_of(e) or "forward")
+            made_by.setdefault((e.thread, e.sequence_nr), (range_of(e) or "forward", layer_of(e)))
     steps = [e for e in events if e.name == PREFIX + "step"]
     in_step = {id(d) for s in steps for d in _subtree(s)}
     fwd: dict[str, float] = {}
     bwd: dict[str, float] = {}
+    per_layer: dict[int, dict[str, float]] = {}  # layer -> row -> ms, forward and backward
     for e in events:
         node = node_of(e)
         if id(e) not in in_step and node is None:
@@ -136,18 +143,22 @@ def attribute(events, device_time: bool = False) -> tuple[dict[str, float], dict
         us = e.self_device_time_total if device_time else e.self_cpu_time_total
         if node is not None:
             if node.name.endswith("AccumulateGrad"):  # a leaf's .grad written: no forward op made it
-                where = "grad accum"
+                where, index = "grad accum", None
             else:
-                where = made_by.get((node.fwd_thread, node.sequence_nr), "backward")
+                where, index = made_by.get((node.fwd_thread, node.sequence_nr), ("backward", None))
             table = bwd
         else:
-            where = range_of(e) or "step"
+            where, index = range_of(e) or "step", layer_of(e)
             table = bwd if where == "backward" else fwd
         row = OTHER.get(where, where)
         table[row] = table.get(row, 0.0) + us / 1e3
+        if index is not None:
+            per_layer.setdefault(index, {})
+            per_layer[index][row] = per_layer[index].get(row, 0.0) + us / 1e3
     n = max(len(steps), 1)
     total = sum(fwd.values()) + sum(bwd.values())
-    return {k: v / n for k, v in fwd.items()}, {k: v / n for k, v in bwd.items()}, total / n, len(steps)
+    layers = [{k: v / n for k, v in per_layer[i].items()} for i in sorted(per_layer)]
+    return {k: v / n for k, v in fwd.items()}, {k: v / n for k, v in bwd.items()}, total / n, len(steps), layers
 
 
 def _subtree(e):
@@ -221,9 +232,9 @@ class Session:
             profiled = (time.perf_counter() - t0) * 1e3 / steps
         if trace is not None:
             prof.export_chrome_trace(str(trace))
-        fwd, bwd, total, n = attribute(prof.events(), device_time=self.device.type == "cuda")
+        fwd, bwd, total, n, layers = attribute(prof.events(), device_time=self.device.type == "cuda")
         per_step = [(x.float().cpu() / steps).tolist() for x in loads]
-        return PhaseTable(self.name, n, tokens, plain_ms, profiled, total, fwd, bwd, per_step)
+        return PhaseTable(self.name, n, tokens, plain_ms, profiled, total, fwd, bwd, per_step, layers=layers)
 
 
 def profile_variants(

@@ -155,12 +155,25 @@ def imbalance(learned: PhaseTable, forced: PhaseTable, expert_parallel: int = 1)
     cost = (learned.plain_ms - forced.plain_ms) / learned.plain_ms * 100
     experts = [_max_over_mean(lo) for lo in learned.loads]
     exp_l, exp_b = learned.row_ms("experts"), forced.row_ms("experts")
+    # each MoE layer's expert matmuls, learned vs balanced (scaled to the unprofiled step)
+    per_layer = [
+        (a["experts"] * learned.scale, b["experts"] * forced.scale)
+        for a, b in zip(learned.layers, forced.layers, strict=True)
+        if "experts" in a and "experts" in b
+    ]
+    layers = "; ".join(f"{m:.2f}x, {a:.1f} vs {b:.1f} ms" for m, (a, b) in zip(experts, per_layer, strict=False))
     text = (
         f"routing imbalance costs {cost:+.0f}% of step time ({learned.plain_ms:.1f} ms learned vs "
-        f"{forced.plain_ms:.1f} ms balanced; expert matmuls {exp_l:.1f} vs {exp_b:.1f} ms); busiest expert per "
-        f"MoE layer: {', '.join(f'{m:.2f}x' for m in experts)} the mean load"
+        f"{forced.plain_ms:.1f} ms balanced; expert matmuls {exp_l:.1f} vs {exp_b:.1f} ms); per MoE layer, the "
+        f"busiest expert's load over the mean and its expert matmuls learned vs balanced: {layers}"
     )
-    res: dict = {"percent": cost, "experts_ms": [exp_l, exp_b], "max_over_mean": experts, "text": text}
+    res: dict = {
+        "percent": cost,
+        "experts_ms": [exp_l, exp_b],
+        "max_over_mean": experts,
+        "experts_ms_per_layer": per_layer,
+        "text": text,
+    }
     if expert_parallel > 1:
         per_rank = [
             _max_over_mean([sum(c) for c in _chunks(lo, expert_parallel)]) for lo in learned.loads

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import phases
 from ..config import ModelConfig
 from ..moe import MoE, MoEStats
 from ..phases import phase
@@ -47,10 +48,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.layer_idx = layer_idx
         self.ffn: MoE | SwiGLU = MoE(cfg.moe) if cfg.moe is not None and self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, cos, sin, mask=None):
         """(B, S, D) -> ((B, S, D), MoEStats or None); `mask` (B, S) marks real tokens."""
+        with phases.layer(self.layer_idx):
+            return self._forward(x, cos, sin, mask)
+
+    def _forward(self, x, cos, sin, mask):
         with phase("norm"):
             h = self.attn_norm(x)
         with phase("attention"):
