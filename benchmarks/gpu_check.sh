@@ -63,9 +63,9 @@ echo "== 3/4 expert parallelism under torchrun (world size 1)"
 test -f "$OUT/torchrun-$MOE/checkpoints/step-000005/dcp/.metadata" && echo "torchrun run: DCP checkpoint written" | tee -a "$OUT/ep.txt"
 
 echo "== 4/4 profile of $OUT/$MOE: the step by phase, its dense twin, balanced routing"
-PROFILE_STEPS=10
-[[ $DRY == 1 ]] && PROFILE_STEPS=2
-"$PY" -m moelab profile "$OUT/$MOE" --steps "$PROFILE_STEPS" --rounds 3 --warmup 2 --out "$OUT/profile" --overwrite \
+PROFILE=(--steps 10 --rounds 3 --warmup 2)
+[[ $DRY == 1 ]] && PROFILE=(--steps 2 --rounds 1 --warmup 1)
+"$PY" -m moelab profile "$OUT/$MOE" "${PROFILE[@]}" --out "$OUT/profile" --overwrite \
   | tee "$OUT/profile.txt"
 
 echo "== done: $OUT/layer.txt, $OUT/train.txt, $OUT/ep.txt, $OUT/profile.txt"
