@@ -23,6 +23,7 @@ from .memory import plan_memory
 from .profile import ROWS
 from .profile_report import imbalance, moe_overhead, profile_runs
 from .report import write_report
+from .seeds import SEED_SUFFIX, recipe_of, seed_verdicts
 
 
 @dataclass
@@ -214,8 +215,10 @@ def compare(
     overrides: list[str] | None = None,
     quiet: bool = False,
     overwrite: bool = False,
+    seeds: int = 1,
 ) -> dict:
-    """Train each recipe (or read each finished run folder) and write the report into OUT,
+    """Train each recipe (with `seeds` seeds: train.seed=0..N-1, runs NAME-seedS) or read
+    each finished run folder, and write the report into OUT,
     which appears only when everything succeeded (staged); an existing OUT is replaced
     only with `overwrite`, and never when it holds one of the runs or the data."""
     out = Path(out)
@@ -223,10 +226,25 @@ def compare(
         raise ConfigError(f"--steps: expected a positive number of steps, got {steps}")
     if tokens is not None and tokens < 1:
         raise ConfigError(f"--tokens: expected a positive token budget, got {tokens}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds: expected a positive number of seeds, got {seeds}")
     if data is not None and data != "stdlib":
         check_source(data)  # before any training process starts
     with staged_output(out, overwrite=overwrite, protect=[*items, data]) as tmp:
-        return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet)
+        return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet, seeds)
+
+
+def _train_one(
+    item: str, run_dir: Path, steps: int, data: str | None, quiet: bool, overrides: list[str] | None, seed: int | None
+) -> Path:
+    """Train recipe `item` into `run_dir` in a process of its own (peak memory, RSS on
+    CPU, and speed are then the run's own); `seed` sets train.seed."""
+    cmd = [sys.executable, "-m", "moelab", "train", item, "--out", str(run_dir), "--steps", str(steps), "--overwrite"]
+    cmd += [*(["--data", data] if data else []), *(["--quiet"] if quiet else []), *(overrides or [])]
+    cmd += [f"train.seed={seed}"] if seed is not None else []
+    if subprocess.run(cmd).returncode != 0:
+        raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
+    return run_dir
 
 
 def _compare_into(
@@ -238,6 +256,7 @@ def _compare_into(
     tokens: int | None,
     overrides: list[str] | None,
     quiet: bool,
+    seeds: int = 1,
 ) -> dict:
     """compare's work, written into the staging folder `tmp` that becomes `out`."""
 
@@ -254,31 +273,15 @@ def _compare_into(
             steps_i = max(1, tokens // (cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len))
         else:
             steps_i = steps or cfg.train.steps
-        run_dir = tmp / "runs" / cfg.name
-        # One process per run: peak memory (RSS on CPU) and speed are then each run's own.
-        cmd = [
-            sys.executable,
-            "-m",
-            "moelab",
-            "train",
-            item,
-            "--out",
-            str(run_dir),
-            "--steps",
-            str(steps_i),
-            "--overwrite",
-            *(["--data", data] if data else []),
-            *(["--quiet"] if quiet else []),
-            *(overrides or []),
-        ]
-        if subprocess.run(cmd).returncode != 0:
-            raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
-        curves.append(read_run(run_dir))
-        here.append(run_dir)
-        dirs.append(out / "runs" / cfg.name)  # where it will be once the output is in place
+        for seed in range(seeds) if seeds > 1 else [None]:
+            name = cfg.name if seed is None else f"{cfg.name}{SEED_SUFFIX}{seed}"
+            here.append(_train_one(item, tmp / "runs" / name, steps_i, data, quiet, overrides, seed))
+            curves.append(read_run(here[-1], name))
+            dirs.append(out / "runs" / name)  # where it will be once the output is in place
     names = [c.name for c in curves]
     if len(set(names)) != len(names):
         raise ConfigError(f"compare: run names must differ, got {names}")
+    final = {c.name: c.val_loss[-1] for c in curves}
     ref_i = next((i for i, c in enumerate(curves) if not c.is_moe), 0)
     runs = [run_summary(c, d) for c, d in zip(curves, dirs, strict=True)]
     # where each run's step time goes: a short profile of its last checkpoint, here
@@ -295,7 +298,10 @@ def _compare_into(
         for i, r in enumerate(runs)
         if r["name"] in speed
     ]
+    verdicts = seed_verdicts(final, recipe_of(ref["name"]))
     summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text}
+    if verdicts:  # first: the one statement that holds across seeds
+        summary |= {"seeds": verdicts, "summary": [v["text"] for v in verdicts.values()] + text}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     write_report(tmp, curves, summary)
     return summary

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .profile import ROWS  # noqa: E402
+from .seeds import recipe_of  # noqa: E402
 
 MOE_CURVES = [
     ("max_violation", "max-violation (max/mean load − 1)"),
@@ -31,8 +32,17 @@ def _loss_plots(out: Path, curves) -> list[Path]:
         ("seconds", "training wall-clock (s)"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for c in curves:
-            ax.plot(getattr(c, axis), c.val_loss, marker="o", ms=3, label=c.name)
+        groups: dict[str, list] = {}
+        for c in curves:  # a recipe's seeds: one line (their mean) in a band (their min..max)
+            groups.setdefault(recipe_of(c.name), []).append(c)
+        for name, runs in groups.items():
+            n = min(len(c.val_loss) for c in runs)
+            xs = np.mean([getattr(c, axis)[:n] for c in runs], axis=0)
+            ys = np.array([c.val_loss[:n] for c in runs])
+            label = name if len(runs) == 1 else f"{name} ({len(runs)} seeds)"
+            line = ax.plot(xs, ys.mean(0), marker="o", ms=3, label=label)[0]
+            if len(runs) > 1:
+                ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (nats/token)")
         if axis == "flops":

@@ -22,6 +22,7 @@ def cmd_compare(
     steps: Annotated[int | None, Budget] = None,
     tokens: Annotated[int | None, Budget] = None,
     overrides: SetEach = (),
+    seeds: int = 1,
     overwrite: bool = False,
     quiet: bool = False,
 ):
@@ -34,6 +35,8 @@ def cmd_compare(
         steps: training steps per recipe
         tokens: token budget per recipe (steps derived per recipe)
         overrides: override applied to every recipe (repeatable)
+        seeds: train each recipe with this many seeds (init and data order); 2 or more: the verdict is the 95%
+            interval of the loss difference, paired by seed
         overwrite: replace an existing --out once the new report is done
         quiet: no progress bars
     """
@@ -42,7 +45,7 @@ def cmd_compare(
     require(len(items) > 0, "RECIPE_OR_RUN", "at least one recipe or run", list(items))
     summary = compare(
         list(items), data, Path(out), steps=steps, tokens=tokens, overrides=list(overrides), quiet=quiet,
-        overwrite=overwrite,
+        overwrite=overwrite, seeds=seeds,
     )  # fmt: skip
     print(f"report: {Path(out) / 'report.html'}\nsummary: {Path(out) / 'summary.json'}")
     for line in summary["summary"]:

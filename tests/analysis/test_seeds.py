@@ -1,0 +1,49 @@
+"""compare --seeds: every recipe trained with N seeds, the verdict from the 95% interval of
+the paired loss differences - recomputed here from the per-seed losses, by hand."""
+import json
+import math
+import statistics
+
+import pytest
+from conftest import TINY, run_main
+
+from moelab.analysis.seeds import paired_interval, recipe_of, verdict
+from moelab.run_config import RECIPES_DIR
+
+T_975_DF1 = 12.706  # Student's t, two-sided 95%, one degree of freedom (two seeds)
+
+
+def test_interval_and_verdict_on_known_numbers():
+    mean, low, high = paired_interval([4.0, 4.2], [4.5, 4.9])  # differences 0.5 and 0.7
+    half = T_975_DF1 * statistics.stdev([0.5, 0.7]) / math.sqrt(2)
+    assert (mean, low, high) == pytest.approx((0.6, 0.6 - half, 0.6 + half))
+    assert verdict(low, high) == "not distinguishable at this budget"  # t with 1 df is that wide
+    assert verdict(*paired_interval([4.0, 4.2, 4.1], [4.5, 4.71, 4.6])[1:]) == "behind"
+    assert verdict(*paired_interval([4.5, 4.71, 4.6], [4.0, 4.2, 4.1])[1:]) == "ahead"
+    assert recipe_of("tiny-moe-seed12") == "tiny-moe" and recipe_of("tiny-moe") == "tiny-moe"
+
+
+def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled_is_behind(tmp_path, text_file,
+                                                                                          capsys):
+    twin = tmp_path / "twin.yaml"  # the reference recipe under another name: the same runs, seed for seed
+    twin.write_text((RECIPES_DIR / "tiny-dense.yaml").read_text() + "\nname: twin\n")
+    crippled = tmp_path / "crippled.yaml"  # learning rate ~0: never leaves its initial loss
+    crippled.write_text("name: crippled\noptim: {lr: 1.0e-12}\n")
+    out = tmp_path / "cmp"
+    run_main(capsys, "compare", "tiny-dense", str(twin), str(crippled), "--data", text_file, "--out", out,
+             "--steps", "6", "--seeds", "2", "--quiet", *[a for o in TINY for a in ("--set", o)])
+    s = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in s["runs"]] == [f"{n}-seed{i}" for n in ("tiny-dense", "twin", "crippled")
+                                              for i in (0, 1)]
+    final = {r["name"]: r["final_val_loss"] for r in s["runs"]}
+    assert final["tiny-dense-seed0"] != final["tiny-dense-seed1"]  # the seed changed init and data order
+    for name, expected in (("twin", "not distinguishable at this budget"), ("crippled", "behind")):
+        v = s["seeds"][name]
+        ref = [final[f"tiny-dense-seed{i}"] for i in (0, 1)]
+        other = [final[f"{name}-seed{i}"] for i in (0, 1)]
+        d = [b - a for a, b in zip(ref, other)]
+        half = T_975_DF1 * statistics.stdev(d) / math.sqrt(2)
+        assert v["interval"] == pytest.approx([statistics.fmean(d) - half, statistics.fmean(d) + half], abs=1e-12)
+        assert v["verdict"] == expected, v
+        assert expected in " ".join(s["summary"])
+    assert [final[f"twin-seed{i}"] for i in (0, 1)] == [final[f"tiny-dense-seed{i}"] for i in (0, 1)]
