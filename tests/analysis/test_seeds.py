@@ -47,3 +47,8 @@ def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled
         assert v["verdict"] == expected, v
         assert expected in " ".join(s["summary"])
     assert [final[f"twin-seed{i}"] for i in (0, 1)] == [final[f"tiny-dense-seed{i}"] for i in (0, 1)]
+    # the speed-up to the reference's final loss, with its interval: the twin reaches it no later than itself
+    ups, (low, high) = s["seeds"]["twin"]["tokens_speedup"], s["seeds"]["twin"]["tokens_speedup_interval"]
+    assert len(ups) == 2 and all(u >= 1.0 for u in ups) and low <= statistics.fmean(ups) <= high
+    assert s["seeds"]["crippled"]["tokens_speedup"] == [None, None]
+    assert "not every seed reached" in s["seeds"]["crippled"]["text"]

@@ -23,7 +23,7 @@ from .memory import plan_memory
 from .profile import ROWS
 from .profile_report import imbalance, moe_overhead, profile_runs
 from .report import write_report
-from .seeds import SEED_SUFFIX, recipe_of, seed_verdicts
+from .seeds import SEED_SUFFIX, recipe_of, seed_verdicts, speedup_interval
 
 
 @dataclass
@@ -299,6 +299,14 @@ def _compare_into(
         if r["name"] in speed
     ]
     verdicts = seed_verdicts(final, recipe_of(ref["name"]))
+    by_name = {c.name: c for c in curves}
+    for recipe, v in verdicts.items():  # the speed-up to the reference's loss, seed by seed, with its interval
+        pair = [
+            (by_name[f"{recipe_of(ref['name'])}{SEED_SUFFIX}{s}"], by_name[f"{recipe}{SEED_SUFFIX}{s}"])
+            for s in v["seeds"]
+        ]
+        v |= speedup_interval([speedups(a, b)["tokens_speedup"] for a, b in pair])
+        v["text"] = v["text"][:-1] + f"; {v['speedup_text']}."
     summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text}
     if verdicts:  # first: the one statement that holds across seeds
         summary |= {"seeds": verdicts, "summary": [v["text"] for v in verdicts.values()] + text}

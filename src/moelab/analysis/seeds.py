@@ -76,3 +76,19 @@ def seed_verdicts(final: dict[str, float], reference: str) -> dict[str, dict]:
         out[recipe] = {"seeds": seeds, "reference": a, "other": b, "mean": mean, "interval": [low, high],
                        "verdict": v, "text": text}  # fmt: skip
     return out
+
+
+def speedup_interval(ups: list[float | None]) -> dict:
+    """The per-seed token speed-ups to the reference's final loss (None: not reached), with
+    the 95% interval of their mean when every seed reached it, and a clause saying so."""
+    if any(u is None for u in ups) or len(ups) < 2:
+        return {"tokens_speedup": ups, "speedup_text": "not every seed reached the reference's final loss"}
+    vals = [float(u) for u in ups if u is not None]
+    mean = statistics.fmean(vals)
+    half = t975(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return {
+        "tokens_speedup": vals,
+        "tokens_speedup_interval": [mean - half, mean + half],
+        "speedup_text": f"tokens to the reference's final loss: {mean:.2f}x fewer, 95% interval "
+        f"[{mean - half:.2f}, {mean + half:.2f}]",
+    }
