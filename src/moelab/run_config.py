@@ -376,8 +376,17 @@ def _parse_value(raw: str) -> Any:
 
 
 def load_config(recipe_or_yaml: str, overrides: list[str] | None = None) -> RunConfig:
-    """A named recipe or YAML file with dotted `key=value` overrides applied, validated."""
-    return config_from_dict(apply_overrides(read_recipe(recipe_or_yaml), overrides or []))
+    """A named recipe or YAML file with dotted `key=value` overrides applied, validated. A
+    measuring router override (model.moe.router_override) must be named among the overrides:
+    it changes what a model learns, so a recipe that merely carries it is refused."""
+    cfg = config_from_dict(apply_overrides(read_recipe(recipe_or_yaml), overrides or []))
+    forced = cfg.model.moe.router_override if cfg.model.moe is not None else "none"
+    if forced != "none" and not any(o.split("=")[0].strip() == "model.moe.router_override" for o in overrides or []):
+        raise ConfigError(
+            f"model.moe.router_override: {recipe_or_yaml} sets {forced!r}, which forces the routing and changes what "
+            f"the model learns (it is for `moelab profile`); give it as an override to use it anyway"
+        )
+    return cfg
 
 
 def read_config(path: Path) -> RunConfig:

@@ -8,13 +8,11 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..model import Transformer
 from ..parallel.mesh import Parallel, close_parallel, init_parallel
-from ..run_config import load_config
+from ..run_config import apply_overrides, config_from_dict, load_config
 from ..runtime import pick_device, set_cpu_threads
-from ..store.checkpoint import resolve_checkpoint
 from ..store.outputs import staged_output, write_json
-from ..store.run import load_model_weights
+from ..store.run import load_run
 from ..train.setup import run_data
 from .profile import MOE_ROWS, ROWS, PhaseTable, profile_variants
 
@@ -25,20 +23,15 @@ OTHER_ROWS = ("forward, other", "backward, other", "step, other")
 def _inputs(src: str, data: str | None, overrides: list[str]):
     """(config, weights or None, tokenizer path or None) of a run folder/checkpoint or a recipe."""
     if Path(src).is_dir():
-        ckpt = resolve_checkpoint(src)
-        run_dir = ckpt.parent.parent
         other = [o for o in overrides if not o.startswith("parallel.")]  # the process layout belongs to a launch
         if other:
             raise ConfigError(
                 f"{src}: {other[0]}: a run is profiled as it was trained; only parallel.* (the layout) may be given"
             )
-        cfg = load_config(str(run_dir / "config.yaml"), overrides)
-        model = Transformer(cfg.model)
-        load_model_weights(model, ckpt)  # every key, shape and value checked
-        state = model.state_dict()
-        tok = run_dir / "tokenizer.json"
+        run = load_run(src, device="cpu")  # every key, shape and value checked
+        cfg = config_from_dict(apply_overrides(run.cfg.to_dict(), overrides))
         cfg.data.source = data or cfg.data.source
-        return cfg, state, tok if tok.is_file() else None
+        return cfg, run.model.state_dict(), run.tokenizer_file
     cfg = load_config(src, overrides)
     cfg.data.source = data or cfg.data.source
     return cfg, None, cfg.data.tokenizer

@@ -26,10 +26,8 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..data import Sampler
-from ..model import Transformer
-from ..run_config import RunConfig, read_config
-from ..store.checkpoint import resolve_checkpoint
-from ..store.run import load_model_weights
+from ..run_config import RunConfig
+from ..store.run import load_run
 from ..train.evaluate import unpack_batch
 from ..train.setup import run_data
 from .measure import measure_parallel
@@ -87,11 +85,8 @@ def measure_skewed(
 ) -> list[dict]:
     """Every rank's measured bytes in a real `devices`-process step of the run's own
     weights on its own training text (each rank its own batch), the weights unchanged."""
-    ckpt = resolve_checkpoint(run_dir)
-    model = Transformer(cfg.model)
-    load_model_weights(model, ckpt)
-    tok = Path(run_dir) / "tokenizer.json"
-    data = run_data(cfg, tok if tok.is_file() else None)
+    run = load_run(run_dir, device="cpu")
+    data = run_data(cfg, run.tokenizer_file)
     sampler = Sampler(len(data.train), micro_batch * devices, cfg.train.seed)
     x, y, _ = unpack_batch(data.train.batch(sampler.next()))
     S = min(seq_len, x.shape[1])
@@ -104,15 +99,9 @@ def measure_skewed(
         expert_parallel,
         zero,
         1,
-        model.state_dict(),
+        run.model.state_dict(),
         tokens.view(devices, -1, S + 1),
     )
-
-
-def read_run_config(run_dir: Path) -> RunConfig:
-    """The config of a run folder (or of the run a checkpoint belongs to)."""
-    ckpt = resolve_checkpoint(run_dir)
-    return read_config(ckpt.parent.parent / "config.yaml")
 
 
 def skew_report(

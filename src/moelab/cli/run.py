@@ -14,7 +14,6 @@ from typing import Annotated, Literal
 
 from tyro.conf import Positional, arg
 
-from ..errors import ConfigError
 from .args import Fresh, Json, Overrides, Recipe, Run, positive, require
 
 
@@ -49,13 +48,6 @@ def cmd_train(
 
     positive(steps=steps, stop_after=stop_after)
     cfg = load_config(recipe, list(overrides))
-    named = any(o.split("=")[0].strip() == "model.moe.router_override" for o in overrides)
-    if cfg.model.moe is not None and cfg.model.moe.router_override != "none" and not named:
-        raise ConfigError(
-            f"model.moe.router_override: {recipe} sets {cfg.model.moe.router_override!r}, which forces the routing "
-            "and changes what the model learns; it is for `moelab profile`. Name it on the command line "
-            f"(model.moe.router_override={cfg.model.moe.router_override}) to train with it anyway"
-        )
     if data is not None:
         cfg.data.source = data
     elif resume and (Path(out) / "config.yaml").is_file():  # resuming: the run's own data unless named
@@ -184,13 +176,14 @@ def cmd_memory(
         as_json: print the plans as JSON
     """
     from ..analysis.memory import format_plans, plan_and_measure
-    from ..analysis.skew import read_run_config, skew_report
+    from ..analysis.skew import skew_report
     from ..run_config import load_config
+    from ..store.run import read_run_config
 
     positive(devices=devices, expert_parallel=expert_parallel, micro_batch=micro_batch, seq_len=seq_len)
     require(devices % expert_parallel == 0, "--expert-parallel", f"a divisor of --devices {devices}", expert_parallel)
     run = Path(recipe) if Path(recipe).is_dir() else None
-    cfg = read_run_config(run) if run is not None else load_config(recipe)
+    cfg = read_run_config(run)[1] if run is not None else load_config(recipe)
     seq_len = seq_len or cfg.data.seq_len
     require(
         seq_len <= cfg.model.max_seq_len, "--seq-len", f"at most model.max_seq_len={cfg.model.max_seq_len}", seq_len

@@ -46,6 +46,12 @@ class LoadedRun:
     tokenizer: Tokenizer | None  # None for imports that came without tokenizer.json
     checkpoint: Path
 
+    @property
+    def tokenizer_file(self) -> Path | None:
+        """The run folder's tokenizer.json, None when it has none."""
+        path = self.checkpoint.parent.parent / "tokenizer.json"
+        return path if path.is_file() else None
+
     def need_tokenizer(self) -> Tokenizer:
         """The tokenizer; CheckpointError when the run folder has none."""
         if self.tokenizer is None:
@@ -53,15 +59,21 @@ class LoadedRun:
         return self.tokenizer
 
 
+def read_run_config(run_or_ckpt: str | Path) -> tuple[Path, RunConfig]:
+    """(the checkpoint to read, the config of its run) for a run folder (its latest good
+    checkpoint) or a checkpoint folder, no weights loaded; CheckpointError naming what is missing."""
+    ckpt = resolve_checkpoint(run_or_ckpt)
+    cfg_file = ckpt.parent.parent / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: a checkpoint is read with its run folder's config.yaml")
+    return ckpt, read_config(cfg_file)
+
+
 def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
     """Load a run folder (its latest good checkpoint) or a checkpoint folder with its run's config and tokenizer; LoRA
     runs are merged. Raises CheckpointError naming what is missing or damaged."""
-    ckpt = resolve_checkpoint(run_or_ckpt)
-    run_dir = ckpt.parent.parent
-    cfg_file, tok_file = run_dir / "config.yaml", run_dir / "tokenizer.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file} is missing: a checkpoint is read with its run folder's config.yaml")
-    cfg = read_config(cfg_file)
+    ckpt, cfg = read_run_config(run_or_ckpt)
+    tok_file = ckpt.parent.parent / "tokenizer.json"
     model = Transformer(cfg.model)
     if cfg.quant.bits:  # packed weights: rebuild the same parametrizations, then load them
         quantize_model(model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
