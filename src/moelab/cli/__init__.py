@@ -23,7 +23,7 @@ from .convert import (
     cmd_quantize,
     cmd_upcycle,
 )
-from .run import cmd_demo, cmd_eval, cmd_generate, cmd_memory, cmd_profile, cmd_train
+from .run import cmd_demo, cmd_eval, cmd_experts, cmd_generate, cmd_memory, cmd_profile, cmd_train
 from .study import cmd_compare, cmd_finetune, cmd_finetune_report, cmd_lr_fit, cmd_lr_sweep, cmd_tokenize
 
 COMMANDS: dict[str, Callable[..., Any]] = {
@@ -46,6 +46,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "upcycle": cmd_upcycle,
     "memory": cmd_memory,
     "profile": cmd_profile,
+    "experts": cmd_experts,
     "demo": cmd_demo,
 }
 # Commands whose positional `overrides` may also come after the options (`moelab train

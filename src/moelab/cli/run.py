@@ -1,4 +1,5 @@
-"""Commands that train, evaluate, sample and size one model: train, eval, generate, memory, demo.
+"""Commands that train, evaluate, sample, size and inspect one model: train, eval, generate, memory, profile,
+experts, demo.
 
 Each imports what it needs inside its function, on purpose: `moelab --help`, a bad flag
 or a refused output answer without importing torch (seconds on a small machine)."""
@@ -277,6 +278,48 @@ def cmd_profile(
             print(res[key]["text"])
     if out:
         print(f"profile: {Path(out) / 'profile.json'}; trace (Perfetto, TensorBoard): {Path(out) / 'trace.json'}")
+    return res
+
+
+def cmd_experts(
+    runs: Annotated[tuple[str, ...], Positional, arg(metavar="RUN")],
+    data: str,
+    out: str | None = None,
+    tokens: int = 50_000,
+    split: Literal["val", "all"] = "val",
+    since: int | None = None,
+    overwrite: bool = False,
+    threads: int | None = None,
+):
+    """What each expert takes (share, characteristic tokens, token classes, domains), router confidence, co-activation
+    and routing stability over training; with two runs (BASE TUNED), how the fine-tune moved the routing.
+
+    Args:
+        runs: a run folder or checkpoint; or two, BASE then TUNED, of the same architecture
+        data: text to route, comma-separated sources, one domain each (a .jsonl's `domain` field also names one)
+        out: report folder (report.html, experts.json, PNGs); unset: RUN-experts beside the (last) run
+        tokens: route at most this many tokens of each domain
+        split: val: the documents the split rule holds out; all: every document
+        since: compare routing with the run's checkpoint at this step; unset: its earliest kept
+        overwrite: replace an existing --out
+        threads: torch CPU threads; unset: the run's train.threads, else the cores this process may use
+    """
+    from ..analysis.experts_report import run_experts
+    from ..runtime import set_cpu_threads
+
+    require(len(runs) in (1, 2), "RUN", "one run, or two (BASE TUNED)", list(runs))
+    positive(tokens=tokens, threads=threads)
+    require(since is None or since >= 0, "--since", "a step number", since)
+    sources = [s.strip() for s in data.split(",") if s.strip()]
+    require(bool(sources), "--data", "one or more comma-separated sources", data)
+    target = Path(out) if out else Path(runs[-1].rstrip("/") + "-experts")
+    set_cpu_threads(threads, "--threads")
+    res = run_experts(
+        list(runs), sources, target, max_tokens=tokens, split=split, since=since, overwrite=overwrite
+    )  # fmt: skip
+    print(f"report: {target / 'report.html'}\nexperts: {target / 'experts.json'}")
+    for line in [*res["summary"], *res.get("alarms", []), *([res["advice"]] if "advice" in res else [])]:
+        print("- " + line)
     return res
 
 

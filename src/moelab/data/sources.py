@@ -3,9 +3,10 @@ document.
 
 SRC is `stdlib` (the running interpreter's standard-library `.py` files, tests and
 site-packages excluded), a text file, a folder of text files, a `.jsonl` with a text
-field, a `.parquet` with a text column, any of the file kinds compressed as `.gz` or
-`.zst`, or a Hugging Face `datasets` folder written by `save_to_disk`. A single text file
-is cut into blocks of 200 lines so that it, too, can be split by document.
+field (and, optionally, a `domain` field), a `.parquet` with a text column, any of the
+file kinds compressed as `.gz` or `.zst`, or a Hugging Face `datasets` folder written by
+`save_to_disk`. A single text file is cut into blocks of 200 lines so that it, too, can
+be split by document.
 
 Every reader streams: a file is read in chunks, a `.jsonl` line by line, a `.parquet`
 row group by row group, so memory does not grow with the corpus. A compressed file gives
@@ -43,6 +44,7 @@ class Document:
 
     name: str  # stable identifier: the split and the cache key depend on it
     text: str
+    domain: str | None = None  # a .jsonl line's `domain` field, when it has one (`moelab experts` groups by it)
 
 
 @dataclass
@@ -141,7 +143,8 @@ def _jsonl(path: Path, f: IO[bytes], name: str, field_name: str) -> Iterator[Doc
     for n, obj in jsonl_lines(path, f):
         if not isinstance(obj, dict) or not isinstance(obj.get(field_name), str):
             raise ConfigError(f"{path}:{n}: expected an object with a string field '{field_name}'")
-        yield Document(f"{name}:{n}", obj[field_name])
+        domain = obj.get("domain")
+        yield Document(f"{name}:{n}", obj[field_name], domain if isinstance(domain, str) else None)
 
 
 def _parquet(path: Path, field_name: str) -> Iterator[Document]:

@@ -92,8 +92,10 @@ class Router(nn.Module):
         router moves the same way); bias += rate * sign(mean_load - load), then recentred
         to zero mean: top-k choice ignores a common shift, and without recentring the
         biases drift together without bound (the sign terms need not sum to zero).
+        A router nothing trains (fine-tuning with the router frozen, or LoRA that leaves it
+        out) keeps its bias too: the bias is part of the routing that freezing keeps.
         """
-        if self.bias is None:
+        if self.bias is None or not any(p.requires_grad for p in self.parameters()):
             return
         load = tokens_per_expert_E.to(self.bias.device, torch.float32)
         self.bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
