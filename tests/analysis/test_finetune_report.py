@@ -45,6 +45,12 @@ def test_finetune_report_end_to_end(tmp_path, text_file):
             assert r["train_examples"] == 24 and r["tokens_per_s"] > 0
             if r["variant"] == "full":  # four steps on the same examples must lower their loss
                 assert r["train_loss"] < base[r["base"]]["train_loss"]
+    # routing drift on the held-out examples: none by the routers where the recipe freezes them
+    drift = {r["variant"]: r for r in rep["rows"] if r["base"] == "tiny-moe" and r["trainable"]}
+    for v in ("freeze-router", "experts-only"):
+        assert drift[v]["router_drift"] == 0 and all(d["router"]["topk_changed"] == 0 for d in drift[v]["drift_layers"])
+    assert drift["full"]["router_drift"] > 0 and drift["full"]["routing_drift"] > 0
+    assert all("router_drift" not in r for r in rep["rows"] if r["base"] == "tiny-dense")
     for runs in rep["curves"].values():
         for _, curve in runs:
             assert curve[0][0] == 0 and curve[-1][0] == 4

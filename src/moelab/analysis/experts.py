@@ -181,13 +181,40 @@ def similarity_over_training(run: LoadedRun) -> list[dict]:
     return out
 
 
-def _route(model, tokens_BS: torch.Tensor, seen: list) -> list:
-    """Run `model` on a batch; the captured routing per MoE layer (one router call each)."""
+def _route(model, tokens_BS: torch.Tensor, seen: list, mask_BS: torch.Tensor | None = None) -> list:
+    """Run `model` on a batch (padding marked False in `mask_BS`); the captured routing per MoE layer."""
     for s in seen:
         s.clear()
     device = next(model.parameters()).device
-    model(tokens_BS.to(device))
+    model(tokens_BS.to(device), mask=mask_BS.to(device) if mask_BS is not None else None)
     return [s[-1] for s in seen]
+
+
+def _compare(theirs: list, mine: list, whole: list[LayerDiff], router: list[LayerDiff] | None, moes: list) -> None:
+    """Count one batch of two models' routing per layer: each on its own path (`whole`) and,
+    with `router`, this model's routers on the other's router inputs - what the routers
+    themselves learned, apart from what the layers below them changed."""
+    for i, (t, m) in enumerate(zip(theirs, mine, strict=True)):
+        whole[i].add(t.routing.expert_idx_TK, m.routing.expert_idx_TK)
+        if router is not None:
+            router[i].add(t.routing.expert_idx_TK, moes[i].router(t.x_TD).expert_idx_TK)
+
+
+@torch.no_grad()
+def routing_drift(base, tuned, batches) -> list[dict]:
+    """How `tuned` (a Transformer) routes against `base` on `batches` of (tokens (B, S),
+    padding mask or None): per MoE layer, {"layer", "router", "total"} as LayerDiff.summary
+    gives them (router: tuned's routers on base's router inputs; total: each model whole)."""
+    moes = tuned.moe_layers()
+    whole, router = [LayerDiff(m.cfg.n_experts) for m in moes], [LayerDiff(m.cfg.n_experts) for m in moes]
+    with capture_routing(base) as seen_b, capture_routing(tuned) as seen_t:
+        for tokens_BS, mask_BS in batches:
+            theirs = _route(base, tokens_BS, seen_b, mask_BS)
+            _compare(theirs, _route(tuned, tokens_BS, seen_t, mask_BS), whole, router, moes)
+    layers = [layer.layer_idx for layer in tuned.layers if layer.is_moe]
+    return [
+        {"layer": i, "router": r.summary(), "total": t.summary()} for i, r, t in zip(layers, router, whole, strict=True)
+    ]
 
 
 @torch.no_grad()
@@ -230,12 +257,7 @@ def analyse(
             for key, captured in seen_other.items():
                 other, layer_diffs = diffs[key]
                 theirs = _route(other.model, b.tokens_BS, captured)  # type: ignore[union-attr]
-                for i, (ro, r) in enumerate(zip(theirs, routes, strict=True)):
-                    layer_diffs[i].add(ro.routing.expert_idx_TK, r.routing.expert_idx_TK)
-                    if key == "total":
-                        # this model's router on the base's own hidden states: what the router itself
-                        # learned, apart from what the layers below it changed
-                        drift_router[i].add(ro.routing.expert_idx_TK, moes[i].router(ro.x_TD).expert_idx_TK)
+                _compare(theirs, routes, layer_diffs, drift_router if key == "total" else None, moes)
     layers = [layer.layer_idx for layer in run.model.layers if layer.is_moe]
     total = int(freq_V.sum())
     result: dict = {

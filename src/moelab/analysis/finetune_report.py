@@ -8,6 +8,9 @@
 3. Score each result with one function, in eval mode: loss on the training examples
    it saw and on the held-out split (other modules, for stdlib-docstrings); the gap is
    their difference. The pretrained base is scored the same way (step 0 of the curves).
+   For an MoE base, the routing drift on the held-out examples too (`moelab experts`):
+   the share of tokens whose top-k set the fine-tuned routers change on the base's own
+   router inputs, and through the whole model.
 
 Everything lands in OUT (report.json, report.md, heldout_loss.png); `--doc FILE`
 also replaces the part of FILE between the report markers and puts the plot in
@@ -42,6 +45,7 @@ from ..store.run import load_run  # noqa: E402
 from ..train import train  # noqa: E402
 from ..train.evaluate import evaluate  # noqa: E402
 from .compare import read_run  # noqa: E402
+from .experts import routing_drift  # noqa: E402
 
 BEGIN, END = "<!-- finetune-report:begin -->", "<!-- finetune-report:end -->"
 
@@ -155,6 +159,7 @@ def run_report(
         # the base is scored on the same examples its fine-tunes see
         cfg.finetune.train_examples, cfg.train.batch_size = train_examples, batch_size
         tr0, ho0, n_val = score(loaded, cfg, data)
+        base_model = loaded.model if cfg.model.moe is not None else None
         del loaded
         row = {"base": base, "variant": "(pretrained, not fine-tuned)", "trainable": 0, "tokens_per_s": None}
         rows.append(row | {"train_loss": tr0, "heldout_loss": ho0, "gap": ho0 - tr0})
@@ -163,7 +168,7 @@ def run_report(
             if v.models in ("all", kind):
                 ft_dir = out / "finetune" / base / slug(v.label)
                 sets = _variant_settings(v, settings, n_val, ft_overrides)
-                rows.append(_finetuned_row(base, base_run, v, ft_dir, sets, settings, quiet))
+                rows.append(_finetuned_row(base, base_run, v, ft_dir, sets, settings, quiet, base_model))
                 curve = [(m["step"], m["val_loss"]) for m in read_run(ft_dir).records if "val_loss" in m]
                 curves.setdefault(base, []).append((v.label, [(0, ho0), *curve]))
     result = {"settings": settings, "rows": rows, "curves": curves}
@@ -190,7 +195,9 @@ def _variant_settings(v: Variant, s: dict, n_val: int, ft_overrides: Sequence[st
     ]
 
 
-def _finetuned_row(base: str, base_run: Path, v: Variant, ft_dir: Path, sets: list[str], s: dict, quiet: bool) -> dict:
+def _finetuned_row(
+    base: str, base_run: Path, v: Variant, ft_dir: Path, sets: list[str], s: dict, quiet: bool, base_model=None
+) -> dict:
     """Fine-tune `base_run` with variant `v` (unless a finished run with exactly these settings
     is in `ft_dir`) and score it: the report's row for it."""
     data, steps = s["data"], s["steps"]
@@ -216,6 +223,21 @@ def _finetuned_row(base: str, base_run: Path, v: Variant, ft_dir: Path, sets: li
         "tokens_per_s": last["tokens"] / last["elapsed_s"] if last.get("elapsed_s") else None,
         "train_examples": meta["train_examples"],
         "heldout_examples": meta["heldout_examples"],
+        **(drift(base_model, r, data) if base_model is not None else {}),
+    }
+
+
+def drift(base_model, r, data_src: str, max_examples: int = 256) -> dict:
+    """The routing drift of fine-tuned run `r` against the base on (up to 256 of) the held-out examples: mean over MoE
+    layers of the share of tokens whose top-k set changed - by the routers alone, and through the whole model."""
+    data = finetune_data(r.cfg, data_src, r.need_tokenizer(), r.checkpoint.parent.parent, verbose=False)
+    bs, n = r.cfg.train.batch_size, min(len(data.val), max_examples)
+    batches = (data.val.batch(list(range(i, min(i + bs, n)))) for i in range(0, n, bs))
+    layers = routing_drift(base_model, r.model, ((b[0], b[2]) for b in batches))
+    return {
+        "router_drift": sum(d["router"]["topk_changed"] for d in layers) / len(layers),
+        "routing_drift": sum(d["total"]["topk_changed"] for d in layers) / len(layers),
+        "drift_layers": layers,
     }
 
 
@@ -252,15 +274,16 @@ def markdown(result: dict, image: str) -> str:
     """The report as Markdown: settings, one table row per variant, and the plot `image`."""
     s = result["settings"]
     head = (
-        "| base | variant | trainable params | train loss | held-out loss | gap | tokens/s |\n"
-        "|---|---|---:|---:|---:|---:|---:|"
+        "| base | variant | trainable params | train loss | held-out loss | gap | tokens/s | router drift | "
+        "routing drift |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in result["rows"]:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
         lines.append(
             f"| {r['base']} | {r['variant']} | {r['trainable']:,} | {r['train_loss']:.4f} | "
-            f"{r['heldout_loss']:.4f} | {r['gap']:+.4f} | {tps} |"
+            f"{r['heldout_loss']:.4f} | {r['gap']:+.4f} | {tps} | {_pct(r.get('router_drift'))} | "
+            f"{_pct(r.get('routing_drift'))} |"
         )
     return (
         "\n".join(
@@ -274,7 +297,9 @@ def markdown(result: dict, image: str) -> str:
                 "losses are measured after fine-tuning, in eval mode, on the completion tokens of the training "
                 "examples seen and of the held-out split (whole modules, for stdlib-docstrings); "
                 "gap = held-out − train. tokens/s counts real "
-                "(unpadded) tokens per second of optimizer steps.",
+                "(unpadded) tokens per second of optimizer steps. Drift (MoE bases): the share of held-out tokens "
+                "whose top-k set of experts changed, mean over MoE layers - router: the fine-tuned routers on the "
+                "base's own router inputs; routing: through the whole fine-tuned model (`moelab experts BASE TUNED`).",
                 "",
                 *lines,
                 "",
@@ -283,6 +308,10 @@ def markdown(result: dict, image: str) -> str:
         ).strip()
         + "\n"
     )
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
 
 
 def splice(doc: Path, body: str) -> None:
