@@ -44,9 +44,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule: peak lr (or 'auto'), weight decay, betas, eps, grad clipping,
-    cosine/WSD/constant schedule with warmup."""
+    """The optimizer (AdamW, or Muon with AdamW beside it) and the learning-rate schedule: peak lr (or 'auto'),
+    weight decay, betas, eps, grad clipping, cosine/WSD/constant schedule with warmup."""
 
+    name: Literal["adamw", "muon"] = "adamw"  # muon: moelab.train.muon, with the same lr and weight decay
+    momentum: float = 0.95  # Muon's
+    ns_steps: int = 5  # Muon's Newton-Schulz iterations
+    muon_router: bool = False  # Muon for the router matrices too (else AdamW)
     lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)
     lr_fit: str | None = None  # fit.json from `moelab lr-fit`, used by lr=auto
     weight_decay: float = 0.1
@@ -71,7 +75,7 @@ class OptimConfig:
         """Raise ConfigError naming the first out-of-range field (as optim.FIELD)."""
         if self.lr != "auto" and not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"{p}lr: expected a positive number, got {self.lr!r}")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: expected 0 <= {name} < 1, got {getattr(self, name)!r}")
         for name in ("weight_decay", "grad_clip"):
@@ -85,6 +89,8 @@ class OptimConfig:
             raise ConfigError(f"{p}decay_fraction: expected 0..1, got {self.decay_fraction!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{p}warmup_steps: expected >= 0, got {self.warmup_steps!r}")
+        if not 1 <= self.ns_steps <= 20:
+            raise ConfigError(f"{p}ns_steps: expected 1..20 Newton-Schulz iterations, got {self.ns_steps!r}")
 
 
 @dataclass

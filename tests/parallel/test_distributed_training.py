@@ -1,6 +1,6 @@
 """Training over 2 real processes (gloo) equals one process over the same global batch:
 the logged losses and the final weights (atol 1e-5), for FSDP2, expert parallelism with
-data parallelism, gradient accumulation and global balancing; checkpoints written by 2
+data parallelism, gradient accumulation, global balancing and the Muon optimizer; checkpoints written by 2
 processes resume in 1 and the other way round with the same next-step losses.
 
 Adam's eps is raised to 1e-6 in these runs: at eps=1e-8 a gradient element near zero is
@@ -57,6 +57,8 @@ LAYOUTS = {
         ["parallel.expert=2", "parallel.data_shard=2"],
         ["train.grad_accum=2", "model.moe.bias_update_rate=0.01"],
     ),
+    # Muon: sharded matrices gathered whole for Newton-Schulz, experts whole on their rank
+    "ep=2, shard=2, muon": (["parallel.expert=2", "parallel.data_shard=2"], ["optim.name=muon"]),
 }
 
 

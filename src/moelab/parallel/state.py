@@ -35,6 +35,9 @@ def _global(name: str, t: torch.Tensor, par: Parallel | None) -> torch.Tensor:
 
 def _ensure_adamw_state(opt: torch.optim.Optimizer) -> None:
     # AdamW creates its state lazily at the first step; a checkpoint loads into it in place.
+    if hasattr(opt, "ensure_state"):  # Muon with AdamW: its own kinds of state per group
+        opt.ensure_state()
+        return
     for group in opt.param_groups:
         for p in group["params"]:
             st = opt.state[p]

@@ -1,4 +1,5 @@
-"""AdamW with parameter groups, and learning-rate schedules."""
+"""The optimizer (AdamW, or Muon for the weight matrices and expert stacks with AdamW for the rest) with its parameter
+groups, and learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import torch
 
 from ..run_config import OptimConfig
+from .muon import MuonAdamW, uses_muon
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -28,10 +30,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)` with the config's lr, betas, eps and weight decay."""
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """`optim.name`: AdamW over `param_groups(model)`, or Muon (moelab.train.muon) for the
+    matrices and expert stacks it takes with AdamW over the rest, by the same groups; the
+    config's lr, betas, eps and weight decay either way."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [p for p in groups[0]["params"] if uses_muon(names[id(p)], p, cfg.muon_router)]
+    taken = {id(p) for p in muon}
+    groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in taken]
+    groups.insert(0, {"params": muon, "weight_decay": cfg.weight_decay, "name": "muon", "algo": "muon"})
+    return MuonAdamW(
+        [g for g in groups if g["params"]], cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps
     )
 
 
