@@ -31,7 +31,7 @@ def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled
     crippled.write_text("name: crippled\noptim: {lr: 1.0e-12}\n")
     out = tmp_path / "cmp"
     run_main(capsys, "compare", "tiny-dense", str(twin), str(crippled), "--data", text_file, "--out", out,
-             "--steps", "6", "--seeds", "2", "--quiet", *[a for o in TINY for a in ("--set", o)])
+             "--steps", "6", "--seeds", "2", "--jobs", "2", "--quiet", *[a for o in TINY for a in ("--set", o)])
     s = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in s["runs"]] == [f"{n}-seed{i}" for n in ("tiny-dense", "twin", "crippled")
                                               for i in (0, 1)]

@@ -9,6 +9,7 @@ attention) and training wall-clock seconds (optimizer steps only).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -216,9 +217,10 @@ def compare(
     quiet: bool = False,
     overwrite: bool = False,
     seeds: int = 1,
+    jobs: int = 1,
 ) -> dict:
-    """Train each recipe (with `seeds` seeds: train.seed=0..N-1, runs NAME-seedS) or read
-    each finished run folder, and write the report into OUT,
+    """Train each recipe (with `seeds` seeds: train.seed=0..N-1, runs NAME-seedS; `jobs` of
+    them side by side) or read each finished run folder, and write the report into OUT,
     which appears only when everything succeeded (staged); an existing OUT is replaced
     only with `overwrite`, and never when it holds one of the runs or the data."""
     out = Path(out)
@@ -228,23 +230,49 @@ def compare(
         raise ConfigError(f"--tokens: expected a positive token budget, got {tokens}")
     if seeds < 1:
         raise ConfigError(f"--seeds: expected a positive number of seeds, got {seeds}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected a positive number of trainings at once, got {jobs}")
     if data is not None and data != "stdlib":
         check_source(data)  # before any training process starts
     with staged_output(out, overwrite=overwrite, protect=[*items, data]) as tmp:
-        return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet, seeds)
+        return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet, seeds, jobs)
 
 
-def _train_one(
+def _train_command(
     item: str, run_dir: Path, steps: int, data: str | None, quiet: bool, overrides: list[str] | None, seed: int | None
-) -> Path:
-    """Train recipe `item` into `run_dir` in a process of its own (peak memory, RSS on
-    CPU, and speed are then the run's own); `seed` sets train.seed."""
+) -> list[str]:
+    """The command that trains recipe `item` into `run_dir` in a process of its own (peak
+    memory, RSS on CPU, and speed are then the run's own); `seed` sets train.seed."""
     cmd = [sys.executable, "-m", "moelab", "train", item, "--out", str(run_dir), "--steps", str(steps), "--overwrite"]
     cmd += [*(["--data", data] if data else []), *(["--quiet"] if quiet else []), *(overrides or [])]
-    cmd += [f"train.seed={seed}"] if seed is not None else []
-    if subprocess.run(cmd).returncode != 0:
-        raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
-    return run_dir
+    return cmd + ([f"train.seed={seed}"] if seed is not None else [])
+
+
+def _run_all(cmds: list[list[str]], jobs: int) -> None:
+    """Run the training commands, `jobs` at a time, in order; ConfigError naming the first that failed."""
+    running: list[tuple[list[str], subprocess.Popen]] = []
+    pending = list(cmds)
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < jobs and not failed:
+            cmd = pending.pop(0)
+            running.append((cmd, subprocess.Popen(cmd)))
+        cmd, proc = running.pop(0)
+        if proc.wait() != 0:
+            failed.append(" ".join(cmd))
+        if failed and not running:
+            break
+    if failed:
+        raise ConfigError(f"compare: training failed (command: {failed[0]})")
+
+
+def _job_overrides(overrides: list[str] | None, jobs: int) -> list[str]:
+    """With `jobs` trainings side by side, each gets an equal share of this process's cores
+    (unless train.threads is set): more threads than cores slow every run several times."""
+    out = list(overrides or [])
+    if jobs > 1 and not any(o.startswith("train.threads=") for o in out):
+        out.append(f"train.threads={max(1, len(os.sched_getaffinity(0)) // jobs)}")
+    return out
 
 
 def _compare_into(
@@ -257,16 +285,21 @@ def _compare_into(
     overrides: list[str] | None,
     quiet: bool,
     seeds: int = 1,
+    jobs: int = 1,
 ) -> dict:
     """compare's work, written into the staging folder `tmp` that becomes `out`."""
 
-    curves, dirs, here = [], [], []  # here: where each run is now (a trained one: in the staging folder)
+    here: list[Path] = []  # where each run is now (a trained one: in the staging folder)
+    names: list[str | None] = []  # None: a finished run read as it is
+    dirs: list[Path] = []
+    cmds = []
+    train_overrides = _job_overrides(overrides, jobs)
     for item in items:
         p = Path(item)
         if p.is_dir() and (p / "metrics.jsonl").exists():
-            curves.append(read_run(p))
-            dirs.append(p)
             here.append(p)
+            names.append(None)
+            dirs.append(p)
             continue
         cfg = load_config(item, overrides)
         if tokens is not None:
@@ -275,9 +308,12 @@ def _compare_into(
             steps_i = steps or cfg.train.steps
         for seed in range(seeds) if seeds > 1 else [None]:
             name = cfg.name if seed is None else f"{cfg.name}{SEED_SUFFIX}{seed}"
-            here.append(_train_one(item, tmp / "runs" / name, steps_i, data, quiet, overrides, seed))
-            curves.append(read_run(here[-1], name))
+            here.append(tmp / "runs" / name)
+            names.append(name)
             dirs.append(out / "runs" / name)  # where it will be once the output is in place
+            cmds.append(_train_command(item, here[-1], steps_i, data, quiet or jobs > 1, train_overrides, seed))
+    _run_all(cmds, jobs)
+    curves = [read_run(h, n) if n is not None else read_run(h) for h, n in zip(here, names, strict=True)]
     names = [c.name for c in curves]
     if len(set(names)) != len(names):
         raise ConfigError(f"compare: run names must differ, got {names}")

@@ -23,6 +23,7 @@ def cmd_compare(
     tokens: Annotated[int | None, Budget] = None,
     overrides: SetEach = (),
     seeds: int = 1,
+    jobs: int = 1,
     overwrite: bool = False,
     quiet: bool = False,
 ):
@@ -37,6 +38,8 @@ def cmd_compare(
         overrides: override applied to every recipe (repeatable)
         seeds: train each recipe with this many seeds (init and data order); 2 or more: the verdict is the 95%
             interval of the loss difference, paired by seed
+        jobs: trainings run side by side, each on an equal share of the cores (tokens/s and seconds are then
+            measured under that sharing; losses are not affected)
         overwrite: replace an existing --out once the new report is done
         quiet: no progress bars
     """
@@ -45,7 +48,7 @@ def cmd_compare(
     require(len(items) > 0, "RECIPE_OR_RUN", "at least one recipe or run", list(items))
     summary = compare(
         list(items), data, Path(out), steps=steps, tokens=tokens, overrides=list(overrides), quiet=quiet,
-        overwrite=overwrite, seeds=seeds,
+        overwrite=overwrite, seeds=seeds, jobs=jobs,
     )  # fmt: skip
     print(f"report: {Path(out) / 'report.html'}\nsummary: {Path(out) / 'summary.json'}")
     for line in summary["summary"]:
