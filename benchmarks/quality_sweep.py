@@ -32,6 +32,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "moe-16x4-lean-norenorm": ("tiny-moe", FINE + LEAN + ["model.moe.renormalize=false"]),
     "moe-16x3+1-lean": ("tiny-moe", LEAN + ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=3",
                                             "model.moe.n_shared_experts=1"]),
+    "dense-muon": ("tiny-dense", ["optim.name=muon"]),
+    "moe-8x2-lean-muon": ("tiny-moe", LEAN + ["optim.name=muon"]),
 }
 
 
@@ -80,6 +82,26 @@ def main() -> None:
         rel = f"{(r['val_loss'] / dense[r['seed']] - 1) * 100:+.2f}%" if r["seed"] in dense else "-"
         print(f"| {r['name']} | {r['seed']} | {r['val_loss']:.4f} | {rel} | {r['params_total']:,} | "
               f"{r['params_active']:,} |")
+    seeds_summary(rows)
+
+
+def seeds_summary(rows: list[dict]) -> None:
+    """Each variant against dense over the seeds both have: the 95% interval of the paired
+    loss difference and the verdict it gives (moelab compare --seeds's rule)."""
+    from moelab.analysis.seeds import paired_interval, verdict
+
+    dense = {r["seed"]: r["val_loss"] for r in rows if r["name"] == "dense"}
+    names = dict.fromkeys(r["name"] for r in rows if r["name"] != "dense")
+    lines = []
+    for name in names:
+        mine = {r["seed"]: r["val_loss"] for r in rows if r["name"] == name}
+        seeds = sorted(set(mine) & set(dense))
+        if len(seeds) >= 2:
+            mean, low, high = paired_interval([dense[s] for s in seeds], [mine[s] for s in seeds])
+            lines.append(f"| {name} | {len(seeds)} | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict(low, high)} |")
+    if lines:
+        print("\n| variant | seeds | loss - dense (mean) | 95% interval | verdict |\n|---|---:|---:|---|---|")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
