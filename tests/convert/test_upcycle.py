@@ -46,6 +46,30 @@ def test_alternate_pattern_noise_and_router_inits():
         upcycle(dense, 4, 2, granularity=5)
 
 
+def test_drop_upcycling_redraws_a_share_of_each_experts_units_from_the_dense_statistics():
+    dense = dense_model()
+    moe = upcycle(dense, 8, 2, drop_ratio=0.25, seed=3)
+    F = dense.cfg.d_ff
+    for i, layer in enumerate(moe.layers):
+        src, ex = dense.layers[i].ffn, layer.ffn.experts
+        dropped = []
+        for e in range(8):
+            # a unit is kept whole (its w_gate row, w_up row and w_down column all the dense copy's) or redrawn whole
+            same = [(torch.equal(ex.w_gate[e, u], src.w_gate[u]), torch.equal(ex.w_up[e, u], src.w_up[u]),
+                     torch.equal(ex.w_down[e][:, u], src.w_down[:, u])) for u in range(F)]
+            assert all(len(set(t)) == 1 for t in same)
+            gone = {u for u, t in enumerate(same) if not t[0]}
+            assert len(gone) == round(0.25 * F)
+            dropped.append(gone)
+        assert len({frozenset(d) for d in dropped}) > 1  # each expert draws its own units
+        new = torch.cat([ex.w_up.detach()[e, sorted(d)].flatten() for e, d in enumerate(dropped)])
+        ref = src.w_up.detach()
+        assert abs(float(new.mean()) - float(ref.mean())) < 0.01
+        assert float(new.std()) == pytest.approx(float(ref.std()), rel=0.1)
+    with pytest.raises(ConfigError, match="--drop-ratio"):
+        upcycle(dense, 4, 2, drop_ratio=1.5)
+
+
 def test_upcycled_model_trains():
     dense = dense_model()
     moe = upcycle(dense, 4, 2, noise=0.01).train()

@@ -231,6 +231,7 @@ def cmd_upcycle(
     out: str,
     router_init: Literal["zeros", "normal", "hidden"] = "zeros",
     noise: float = 0.0,
+    drop_ratio: float = 0.0,
     granularity: int = 1,
     pattern: Literal["all", "alternate"] = "all",
     first_dense: int = 0,
@@ -246,6 +247,7 @@ def cmd_upcycle(
         out: new run folder
         router_init: the router's initial weights: zeros, random normal, or the hidden states of --prompts
         noise: multiplicative noise std on expert copies
+        drop_ratio: Drop-Upcycling: re-initialise this share of each expert's hidden units (0..1), so copies diverge
         granularity: split each FFN into G fine-grained experts
         pattern: every layer MoE, or every other one
         first_dense: keep the first k layers dense
@@ -257,6 +259,7 @@ def cmd_upcycle(
     positive(experts=experts, granularity=granularity)
     require(0 < top_k <= experts, "--top-k", f"a number in 1..--experts ({experts})", top_k)
     require(noise >= 0, "--noise", "a non-negative standard deviation", noise)
+    require(0 <= drop_ratio <= 1, "--drop-ratio", "a share of hidden units in 0..1", drop_ratio)
     require(first_dense >= 0, "--first-dense", "a non-negative number of layers", first_dense)
     path, moe = upcycle_to_folder(
         src,
@@ -265,6 +268,7 @@ def cmd_upcycle(
         top_k,
         router_init=router_init,
         noise=noise,
+        drop_ratio=drop_ratio,
         granularity=granularity,
         pattern=pattern,
         first_dense=first_dense,

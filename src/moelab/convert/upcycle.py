@@ -10,6 +10,12 @@ Expert e*G + g holds slice g of copy e. With a zero router every probability tie
 top-k picks a run of consecutive experts (torch.topk does; the tests check it), which
 holds every slice equally often - so the sum is exact.
 
+Drop-Upcycling (Nakamura et al. 2025, arXiv 2502.19261): `drop_ratio` r re-initialises,
+in each expert independently, a random r share of its hidden units - their rows of
+w_gate and w_up and their column of w_down - from a normal with the mean and standard
+deviation of the dense weight it copied, so the copies start apart and specialise
+sooner while keeping (1 - r) of the dense knowledge.
+
 Router init: "zeros" (uniform; exact equality at step 0), "normal" (small random,
 Switch scale), or "hidden" (row e = the mean normalised hidden state that prompt e
 produces at that layer's FFN input, as mergekit-moe does).
@@ -91,11 +97,14 @@ def upcycle(
     first_dense: int = 0,
     prompts: list[torch.Tensor] | None = None,
     seed: int = 0,
+    drop_ratio: float = 0.0,
     **moe_kw,
 ) -> Transformer:
     """A new MoE Transformer whose experts start as copies (or slices) of `dense`'s FFNs and whose router starts by
     `router_init` (zeros, normal, hidden with one prompt per expert), with optional multiplicative noise. With a zero
-    router and no noise it computes exactly `dense`."""
+    router, no noise and no drop it computes exactly `dense`."""
+    if not 0.0 <= drop_ratio <= 1.0:
+        raise ConfigError(f"--drop-ratio: expected a share of hidden units in 0..1, got {drop_ratio!r}")
     if router_init not in ("zeros", "normal", "hidden"):
         raise ConfigError(f"--router-init: expected zeros, normal or hidden, got {router_init!r}")
     cfg = upcycled_config(dense.cfg, experts, top_k, granularity, pattern, first_dense, **moe_kw)
@@ -129,6 +138,8 @@ def upcycle(
                 state[ex + "w_gate"][j].copy_(src.w_gate[rows])
                 state[ex + "w_up"][j].copy_(src.w_up[rows])
                 state[ex + "w_down"][j].copy_(src.w_down[:, rows] * G)
+        if drop_ratio > 0:
+            _drop(state, ex, src, round(drop_ratio * F), experts * G, g)
         if noise > 0:  # multiplicative noise breaks the copies' symmetry (and exact equality)
             for name in ("w_gate", "w_up", "w_down"):
                 w = state[ex + name]
@@ -144,6 +155,24 @@ def upcycle(
             router.copy_(rows_ED.repeat_interleave(G, dim=0))
     moe_model.load_state_dict(state)
     return moe_model
+
+
+def _drop(state: dict, ex: str, src: SwiGLU, n_drop: int, n_experts: int, g: torch.Generator) -> None:
+    """Drop-Upcycling: per expert, `n_drop` random hidden units re-drawn from N(mean, std) of the dense weight."""
+    if n_drop == 0:
+        return
+    stats = {name: (float(w.mean()), float(w.std())) for name, w in (("w_gate", src.w_gate), ("w_up", src.w_up),
+                                                                     ("w_down", src.w_down))}  # fmt: skip
+    F = state[ex + "w_gate"].shape[1]
+    for j in range(n_experts):
+        idx = torch.randperm(F, generator=g)[:n_drop]
+        for name in ("w_gate", "w_up"):  # rows (F, D)
+            mean, std = stats[name]
+            w = state[ex + name][j]
+            w[idx] = mean + std * torch.randn((n_drop, w.shape[1]), generator=g)
+        mean, std = stats["w_down"]
+        w = state[ex + "w_down"][j]  # (D, F): the units' columns
+        w[:, idx] = mean + std * torch.randn((w.shape[0], n_drop), generator=g)
 
 
 def upcycle_to_folder(
