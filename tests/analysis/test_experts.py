@@ -14,7 +14,7 @@ from conftest import TINY, run_main
 
 from moelab import ModelConfig, MoEConfig, Transformer
 from moelab.analysis.experts import analyse, domain_batches
-from moelab.analysis.routes import CLASSES, TokenTable, domain_dependence
+from moelab.analysis.routes import CLASSES, LayerDiff, TokenTable, domain_dependence
 from moelab.data.tokenizer import train_tokenizer
 from moelab.finetune.recipes import apply_recipe
 from moelab.finetune.run import finetune
@@ -97,6 +97,17 @@ def test_dependence_and_token_classes_by_hand():
     assert [CLASSES[c] for c in table.classes(ids)[0].tolist()] == [
         "word start", "word continuation", "whitespace", "word start", "digits", "punctuation", "other", "other",
         "other"]
+
+
+def test_routing_differences_by_hand():
+    d = LayerDiff(4)
+    d.add(torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 0], [2, 0]]))  # same set in another order; one kept of two
+    s = d.summary()
+    p, q = [0.25] * 4, [0.5, 0.25, 0.25, 0.0]
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    h = lambda v: -sum(x * math.log2(x) for x in v if x > 0)  # noqa: E731
+    assert (s["top1_changed"], s["topk_changed"], s["topk_kept"]) == (0.5, 0.5, 0.75)
+    assert s["usage_js_bits"] == pytest.approx(h(m) - (h(p) + h(q)) / 2)
 
 
 def _mutual_information_ratio(share_GE, tokens_G):

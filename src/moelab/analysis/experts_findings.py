@@ -49,8 +49,9 @@ def summary(res: dict) -> list[str]:
         st = res["stability"]
         out.append(
             f"Stability: between {_step(res['earlier'])} and {_step(res['model'])}, "
-            f"{percent(float(np.mean([s['topk_changed'] for s in st])))} of tokens changed their top-{k} set "
-            f"(mean over layers; most in layer {max(st, key=lambda s: s['topk_changed'])['layer']})."
+            f"{percent(float(np.mean([s['topk_changed'] for s in st])))} of tokens changed their top-{k} set, "
+            f"keeping {percent(float(np.mean([s['topk_kept'] for s in st])))} of their experts "
+            f"(means over layers; most changed in layer {max(st, key=lambda s: s['topk_changed'])['layer']})."
         )
     sim = res.get("expert_similarity") or []
     pts = [(p["step"], _mean(p["layers"])) for p in sim if _mean(p["layers"]) is not None]

@@ -201,7 +201,8 @@ def _diff_table(res: dict) -> str:
         st = next((s for s in res.get("stability") or [] if s["layer"] == lay["layer"]), None)
         dr = next((d for d in res.get("drift") or [] if d["layer"] == lay["layer"]), None)
         if st:
-            cells += [percent(st["top1_changed"]), percent(st["topk_changed"]), f"{st['usage_js_bits']:.4f}"]
+            cells += [percent(st["top1_changed"]), percent(st["topk_changed"]), percent(st["topk_kept"])]
+            cells.append(f"{st['usage_js_bits']:.4f}")
         if dr:
             for part in ("router", "total"):
                 cells += [percent(dr[part]["top1_changed"]), percent(dr[part]["topk_changed"])]
@@ -209,7 +210,7 @@ def _diff_table(res: dict) -> str:
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     head = ["layer"]
     if res.get("stability"):
-        head += ["top-1 changed (training)", "top-k changed (training)", "usage JS (bits)"]
+        head += ["top-1 changed (training)", "top-k changed (training)", "experts kept (training)", "usage JS (bits)"]
     if res.get("drift"):
         head += ["top-1 changed (router)", "top-k changed (router)", "top-1 changed (model)", "top-k changed (model)"]
         head.append("usage JS (bits)")

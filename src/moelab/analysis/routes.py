@@ -237,6 +237,7 @@ class LayerDiff:
     tokens: int = 0
     top1_changed: int = 0
     topk_changed: int = 0
+    kept: float = 0.0  # sum over tokens of the share of A's k experts that B also chose
     usage_a: np.ndarray = field(init=False)
     usage_b: np.ndarray = field(init=False)
 
@@ -250,16 +251,22 @@ class LayerDiff:
         self.tokens += a.shape[0]
         self.top1_changed += int((a[:, 0] != b[:, 0]).sum())
         self.topk_changed += int((a.sort(-1).values != b.sort(-1).values).any(-1).sum())
+        both_TE = torch.zeros(a.shape[0], self.n_experts).scatter_(1, a, 1.0) * torch.zeros(
+            b.shape[0], self.n_experts
+        ).scatter_(1, b, 1.0)
+        self.kept += float(both_TE.sum()) / a.shape[1]
         self.usage_a += torch.bincount(a.reshape(-1), minlength=self.n_experts).numpy()
         self.usage_b += torch.bincount(b.reshape(-1), minlength=self.n_experts).numpy()
 
     def summary(self) -> dict:
-        """Fractions of tokens whose top-1 / top-k set changed, and the JS divergence (bits) of expert usage."""
+        """Fractions of tokens whose top-1 / top-k set changed, the mean share of a token's k experts kept, and the JS
+        divergence (bits) of expert usage."""
         n = max(self.tokens, 1)
         return {
             "tokens": self.tokens,
             "top1_changed": self.top1_changed / n,
             "topk_changed": self.topk_changed / n,
+            "topk_kept": self.kept / n,  # with large k a changed set is the rule: how much of it stayed
             "usage_js_bits": js_divergence(self.usage_a.astype(float), self.usage_b.astype(float)),
             "share_a": (self.usage_a / max(self.usage_a.sum(), 1)).tolist(),
             "share_b": (self.usage_b / max(self.usage_b.sum(), 1)).tolist(),
