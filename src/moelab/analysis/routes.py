@@ -217,8 +217,9 @@ class LayerCounts:
         return lift
 
     def top_tokens(self, token_freq_V: np.ndarray, total: int, k: int = 8, min_count: int = 5) -> list[list[tuple]]:
-        """Per expert, its `k` most characteristic tokens: (id, lift, count), lift = P(token | expert) / P(token), among
-        tokens it took at least `min_count` times."""
+        """Per expert, its `k` most characteristic tokens: (id, lift, count), lift = P(token | expert) / P(token),
+        ranked by count x log(lift) - over-represented *and* frequent: by lift alone every token an expert takes
+        exclusively ties at the top - among tokens it took at least `min_count` times."""
         E = self.n_experts
         per: list[list[tuple]] = [[] for _ in range(E)]
         per_e = self.assign_GE.sum(0)
@@ -226,7 +227,7 @@ class LayerCounts:
             t, e = divmod(key, E)
             if c >= min_count and token_freq_V[t] > 0:
                 per[e].append((t, (c / per_e[e]) / (token_freq_V[t] / total), c))
-        return [sorted(p, key=lambda r: (-r[1], -r[2]))[:k] for p in per]
+        return [sorted((r for r in p if r[1] > 1), key=lambda r: -r[2] * math.log(r[1]))[:k] for p in per]
 
 
 @dataclass
