@@ -14,7 +14,8 @@ from conftest import TINY, run_main
 
 from moelab import ModelConfig, MoEConfig, Transformer
 from moelab.analysis.experts import analyse, domain_batches
-from moelab.analysis.routes import CLASSES, LayerDiff, TokenTable, domain_dependence
+from moelab.analysis.routes import CLASSES, LayerDiff, TokenTable, domain_dependence, expert_similarity
+from moelab.convert.upcycle import upcycle
 from moelab.data.tokenizer import train_tokenizer
 from moelab.finetune.recipes import apply_recipe
 from moelab.finetune.run import finetune
@@ -108,6 +109,19 @@ def test_routing_differences_by_hand():
     h = lambda v: -sum(x * math.log2(x) for x in v if x > 0)  # noqa: E731
     assert (s["top1_changed"], s["topk_changed"], s["topk_kept"]) == (0.5, 0.5, 0.75)
     assert s["usage_js_bits"] == pytest.approx(h(m) - (h(p) + h(q)) / 2)
+
+
+def test_expert_similarity_of_upcycled_copies():
+    torch.manual_seed(0)
+    dense = Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8))
+    names = ["layers.0.ffn", "layers.1.ffn"]
+    copies = expert_similarity(upcycle(dense, 4, 2).state_dict(), names)
+    assert copies == pytest.approx([1.0, 1.0])  # copies of one FFN are one direction
+    dropped = expert_similarity(upcycle(dense, 4, 2, drop_ratio=0.5).state_dict(), names)
+    assert all(0.2 < v < 0.9 for v in dropped), dropped  # half the units redrawn: apart, not unrelated
+    w = torch.zeros(2, 3, 4)
+    w[0, 0, 0], w[1, 0, 1] = 1.0, 1.0  # two experts with orthogonal weights: cosine 0
+    assert expert_similarity({"m.experts.w_gate": w, "m.experts.w_up": w, "m.experts.w_down": w.mT}, ["m"]) == [0.0]
 
 
 def _mutual_information_ratio(share_GE, tokens_G):
