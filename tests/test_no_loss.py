@@ -28,7 +28,7 @@ PATH_CASES = ["self", "inside", "file", "symlink"]
 DISK_CASES = ["readonly_new", "readonly_earlier", "full_new", "full_earlier"]
 TINY_SETS = [a for o in TINY for a in ("--set", o)]
 WRITERS = ["train", "finetune", "distill", "upcycle", "import", "export", "quantize", "prune-experts",
-           "merge-experts", "consolidate", "tokenize", "compare", "lr-sweep"]
+           "merge-experts", "consolidate", "tokenize", "compare", "lr-sweep", "experts"]
 
 
 def namespaces_work() -> bool:
@@ -92,6 +92,7 @@ def writer_specs(i) -> dict:
         "compare": (["compare", run, dense, "--out", "{OUT}"], run),
         "lr-sweep": (["lr-sweep", "--recipe", "tiny-moe", "--sizes", "32", "--lrs", "0.01", "--data", texts,
                       "--out", "{OUT}", "--steps", "1", "--quiet", *sets], texts),
+        "experts": (["experts", run, "--data", corpus, "--split", "all", "--tokens", "500", "--out", "{OUT}"], run),
     }
     assert sorted(specs) == sorted(WRITERS)
     return {name: {"args": a, "self": s, "overwrite": name != "lr-sweep"} for name, (a, s) in specs.items()}
@@ -192,6 +193,7 @@ READERS = {
     "compare": lambda i, d, o: ["compare", "tiny-dense", "--data", d, "--out", o, "--steps", "1", *TINY_SETS],
     "lr-sweep": lambda i, d, o: ["lr-sweep", "--recipe", "tiny-moe", "--sizes", "32", "--lrs", "0.01", "--data", d,
                                  "--out", o, "--steps", "1"],
+    "experts": lambda i, d, o: ["experts", str(i["run"]), "--data", d, "--split", "all", "--out", o],
 }
 EXPECTED = {"missing": "does not exist", "truncated_gz": "is damaged", "corrupt_zst": "is damaged",
             "binary_jsonl": ":2: not UTF-8", "interrupted_dataset": "incomplete tokenized dataset"}

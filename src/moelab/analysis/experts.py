@@ -9,7 +9,6 @@ counts are kept (see `routes`).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from ..data import dataset_for, is_dataset
 from ..data.sources import check_source, is_validation, iter_documents
 from ..data.tokenizer import eos_id
 from ..errors import CheckpointError, ConfigError
-from ..store.checkpoint import complete_checkpoints, model_tensors, resolve_checkpoint
+from ..store.checkpoint import complete_checkpoints, model_tensors
 from ..store.run import LoadedRun, load_run
 from .routes import CLASSES, LayerCounts, LayerDiff, TokenTable, capture_routing, domain_dependence, expert_similarity
 
@@ -326,9 +325,4 @@ def load_for_experts(path: str, what: str) -> LoadedRun:
     return run
 
 
-def note(msg: str) -> None:
-    """Progress on stderr."""
-    print(msg, file=sys.stderr)
-
-
-__all__ = ["analyse", "load_for_experts", "stability_checkpoint", "similarity_over_training", "resolve_checkpoint"]
+__all__ = ["analyse", "domain_batches", "load_for_experts", "routing_drift", "similarity_over_training"]
