@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run_main
+from conftest import TINY, TINY_MOE, run_main
 
 from moelab import ModelConfig, MoEConfig, Transformer
 from moelab.analysis.experts import analyse, domain_batches
@@ -255,6 +255,20 @@ def test_drift_is_zero_with_the_router_frozen_and_recomputed_from_logits(tuned, 
     res = json.loads((out / "experts.json").read_text())
     assert res["base"].startswith(str(root / "run")) and "did not move" in res["advice"]
     assert res["advice"] in stdout
+
+
+def test_an_imported_hugging_face_model_routes_as_the_run_it_came_from(trained, tmp_path, capsys):
+    _, data = trained
+    run_main(capsys, "train", "tiny-moe", "--data", data / "mix.jsonl", "--out", tmp_path / "run", "--steps", "3",
+             "--quiet", *TINY_MOE)
+    run_main(capsys, "export", tmp_path / "run", "--out", tmp_path / "hf")  # a Mixtral folder, tokenizer included
+    run_main(capsys, "import", tmp_path / "hf", "--out", tmp_path / "imported")
+    src = [str(data / "digits.txt"), str(data / "words.txt")]
+    a = analyse(load_run(tmp_path / "run"), src, split="all", max_tokens=3000)
+    b = analyse(load_run(tmp_path / "imported"), src, split="all", max_tokens=3000)
+    for la, lb in zip(a["layers"], b["layers"], strict=True):
+        assert lb["share"] == pytest.approx(la["share"], abs=1e-3)
+        assert np.array(lb["domain_share"]) == pytest.approx(np.array(la["domain_share"]), abs=1e-3)
 
 
 def test_a_frozen_router_keeps_its_balancing_bias():
