@@ -248,22 +248,24 @@ def _train_command(
     return cmd + ([f"train.seed={seed}"] if seed is not None else [])
 
 
-def _run_all(cmds: list[list[str]], jobs: int) -> None:
-    """Run the training commands, `jobs` at a time, in order; ConfigError naming the first that failed."""
-    running: list[tuple[list[str], subprocess.Popen]] = []
+def _run_all(cmds: list[tuple[str, list[str]]], jobs: int) -> None:
+    """Run the (recipe, training command) pairs, `jobs` at a time, in order; ConfigError naming the first that
+    failed."""
+    running: list[tuple[tuple[str, list[str]], subprocess.Popen]] = []
     pending = list(cmds)
-    failed: list[str] = []
+    failed: list[tuple[str, list[str]]] = []
     while pending or running:
         while pending and len(running) < jobs and not failed:
-            cmd = pending.pop(0)
-            running.append((cmd, subprocess.Popen(cmd)))
-        cmd, proc = running.pop(0)
+            job = pending.pop(0)
+            running.append((job, subprocess.Popen(job[1])))
+        job, proc = running.pop(0)
         if proc.wait() != 0:
-            failed.append(" ".join(cmd))
+            failed.append(job)
         if failed and not running:
             break
     if failed:
-        raise ConfigError(f"compare: training failed (command: {failed[0]})")
+        item, cmd = failed[0]
+        raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
 
 
 def _job_overrides(overrides: list[str] | None, jobs: int) -> list[str]:
@@ -311,7 +313,7 @@ def _compare_into(
             here.append(tmp / "runs" / name)
             names.append(name)
             dirs.append(out / "runs" / name)  # where it will be once the output is in place
-            cmds.append(_train_command(item, here[-1], steps_i, data, quiet or jobs > 1, train_overrides, seed))
+            cmds.append((item, _train_command(item, here[-1], steps_i, data, quiet or jobs > 1, train_overrides, seed)))
     _run_all(cmds, jobs)
     curves = [read_run(h, n) if n is not None else read_run(h) for h, n in zip(here, names, strict=True)]
     names = [c.name for c in curves]
