@@ -282,6 +282,15 @@ def test_a_frozen_router_keeps_its_balancing_bias():
         assert bool(model.moe_layers()[0].router.bias.abs().sum() > 0) == moves, recipe
 
 
+def test_the_default_report_folder_is_beside_the_run_never_inside(trained, capsys):
+    root, data = trained
+    before = sorted(p.name for p in (root / "run" / "checkpoints").iterdir())
+    run_main(capsys, "experts", root / "run" / "checkpoints" / "step-000200", "--data", data / "words.txt",
+             "--split", "all", "--tokens", "500")
+    assert (root / "run-experts-step-000200" / "experts.json").is_file()
+    assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == before
+
+
 def test_bad_input_gets_one_line(trained, tmp_path, capsys):
     root, data = trained
     dense = tmp_path / "dense"

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..data.sources import check_source  # noqa: E402
+from ..store.checkpoint import resolve_checkpoint  # noqa: E402
 from ..store.outputs import staged_output, write_json  # noqa: E402
 from ..store.run import load_run  # noqa: E402
 from . import experts_findings as findings  # noqa: E402
@@ -45,7 +46,8 @@ def run_experts(
     for src in data:  # a missing source is named before any model is loaded
         if src != "stdlib":
             check_source(src)
-    with staged_output(out, overwrite=overwrite, protect=[*runs, *data]) as tmp:
+    run_dirs = [resolve_checkpoint(r).parent.parent for r in runs]  # a checkpoint's whole run is an input too
+    with staged_output(out, overwrite=overwrite, protect=[*runs, *run_dirs, *data]) as tmp:
         model = load_for_experts(runs[-1], "RUN" if len(runs) == 1 else "TUNED")
         base = load_for_experts(runs[0], "BASE") if len(runs) == 2 else None
         if base is not None:

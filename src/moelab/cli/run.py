@@ -297,7 +297,7 @@ def cmd_experts(
     Args:
         runs: a run folder or checkpoint; or two, BASE then TUNED, of the same architecture
         data: text to route, comma-separated sources, one domain each (a .jsonl's `domain` field also names one)
-        out: report folder (report.html, experts.json, PNGs); unset: RUN-experts beside the (last) run
+        out: report folder (report.html, experts.json, PNGs); unset: RUN-experts beside the (last) run folder
         tokens: route at most this many tokens of each domain
         split: val: the documents the split rule holds out; all: every document
         since: compare routing with the run's checkpoint at this step; unset: its earliest kept
@@ -312,7 +312,7 @@ def cmd_experts(
     require(since is None or since >= 0, "--since", "a step number", since)
     sources = [s.strip() for s in data.split(",") if s.strip()]
     require(bool(sources), "--data", "one or more comma-separated sources", data)
-    target = Path(out) if out else Path(runs[-1].rstrip("/") + "-experts")
+    target = Path(out) if out else default_experts_out(runs[-1])
     set_cpu_threads(threads, "--threads")
     res = run_experts(
         list(runs), sources, target, max_tokens=tokens, split=split, since=since, overwrite=overwrite
@@ -321,6 +321,15 @@ def cmd_experts(
     for line in [*res["summary"], *res.get("alarms", []), *([res["advice"]] if "advice" in res else [])]:
         print("- " + line)
     return res
+
+
+def default_experts_out(run: str) -> Path:
+    """RUN-experts beside a run folder; for a checkpoint RUN/checkpoints/step-N, RUN-experts-step-N (never inside
+    the run)."""
+    p = Path(run.rstrip("/"))
+    if p.parent.name == "checkpoints":
+        return p.parent.parent.with_name(f"{p.parent.parent.name}-experts-{p.name}")
+    return p.with_name(p.name + "-experts")
 
 
 def cmd_demo(out: str = "runs/demo", steps: int | None = None):
