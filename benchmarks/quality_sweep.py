@@ -34,6 +34,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                             "model.moe.n_shared_experts=1"]),
     "dense-muon": ("tiny-dense", ["optim.name=muon"]),
     "moe-8x2-lean-muon": ("tiny-moe", LEAN + ["optim.name=muon"]),
+    "moe-8x2-lean-muon-router": ("tiny-moe", LEAN + ["optim.name=muon", "optim.muon_router=true"]),
+    "moe-8x2-lean-expert-lr2": ("tiny-moe", LEAN + ["optim.expert_lr_mult=2"]),
+    "moe-8x2-lean-global": ("tiny-moe", LEAN + ["model.moe.balance_scope=global"]),
+    "moe-8x2-lean-bias": ("tiny-moe", ["model.moe.z_coef=0", "model.moe.lb_coef=0", "model.moe.bias_update_rate=0.001"]),
 }
 
 

@@ -51,6 +51,7 @@ class OptimConfig:
     momentum: float = 0.95  # Muon's
     ns_steps: int = 5  # Muon's Newton-Schulz iterations
     muon_router: bool = False  # Muon for the router matrices too (else AdamW)
+    expert_lr_mult: float = 1.0  # the routed experts' learning rate (and decay) as a multiple of the schedule's
     lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)
     lr_fit: str | None = None  # fit.json from `moelab lr-fit`, used by lr=auto
     weight_decay: float = 0.1
@@ -83,6 +84,8 @@ class OptimConfig:
                 raise ConfigError(f"{p}{name}: expected a number >= 0, got {getattr(self, name)!r}")
         if not self.eps > 0:
             raise ConfigError(f"{p}eps: expected a positive number, got {self.eps!r}")
+        if not (math.isfinite(self.expert_lr_mult) and self.expert_lr_mult > 0):
+            raise ConfigError(f"{p}expert_lr_mult: expected a positive number, got {self.expert_lr_mult!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{p}min_lr_ratio: expected 0..1, got {self.min_lr_ratio!r}")
         if not 0 <= self.decay_fraction <= 1:

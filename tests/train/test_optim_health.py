@@ -29,6 +29,40 @@ def test_no_decay_on_norms_biases_embeddings():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_expert_lr_multiplier_scales_the_experts_first_step(name, tmp_path, text_file):
+    """AdamW's first update is lr x sign(grad) (up to eps): with expert_lr_mult=3 the
+    experts move 3x as far, everything else as far as without it. Muon: its update's
+    size is fixed by the lr, so the same ratio holds."""
+    import torch
+
+    from moelab.run_config import load_config
+    from moelab.train.optim import build_optimizer
+
+    from conftest import TINY_MOE
+
+    def first_step(mult):
+        cfg = load_config("tiny-moe", [*TINY_MOE, f"optim.name={name}", f"optim.expert_lr_mult={mult}",
+                                       "optim.weight_decay=0"])
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(model, cfg.optim)
+        for g in opt.param_groups:  # as the trainer sets it each step
+            g["lr"] = 1e-3 * g.get("lr_mult", 1.0)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(tokens, tokens).loss.backward()
+        opt.step()
+        return {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+
+    one, three = first_step(1.0), first_step(3.0)
+    for n in one:
+        want = 3.0 if ".experts." in n else 1.0
+        assert three[n] == pytest.approx(want * one[n], rel=1e-3), n
+    with pytest.raises(Exception, match="expert_lr_mult"):
+        load_config("tiny-moe", ["optim.expert_lr_mult=0"]).validate()
+
+
 def test_health_monitor():
     h = HealthMonitor(spike_factor=2.0, spike_window=20, collapse_max_violation=3.0, collapse_window=3)
     for i in range(15):

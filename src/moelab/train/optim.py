@@ -35,16 +35,32 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     matrices and expert stacks it takes with AdamW over the rest, by the same groups; the
     config's lr, betas, eps and weight decay either way."""
     groups = param_groups(model, cfg.weight_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if cfg.name == "muon":
+        muon = [p for p in groups[0]["params"] if uses_muon(names[id(p)], p, cfg.muon_router)]
+        taken = {id(p) for p in muon}
+        groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in taken]
+        groups.insert(0, {"params": muon, "weight_decay": cfg.weight_decay, "name": "muon", "algo": "muon"})
+    if cfg.expert_lr_mult != 1.0:
+        groups = _split_experts(groups, names, cfg.expert_lr_mult)
+    groups = [g for g in groups if g["params"]]
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    names = {id(p): n for n, p in model.named_parameters()}
-    muon = [p for p in groups[0]["params"] if uses_muon(names[id(p)], p, cfg.muon_router)]
-    taken = {id(p) for p in muon}
-    groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in taken]
-    groups.insert(0, {"params": muon, "weight_decay": cfg.weight_decay, "name": "muon", "algo": "muon"})
-    return MuonAdamW(
-        [g for g in groups if g["params"]], cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps
-    )
+    return MuonAdamW(groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps)
+
+
+def _split_experts(groups: list[dict], names: dict[int, str], mult: float) -> list[dict]:
+    """Each group's routed-expert weights as a sibling group whose learning rate (and so
+    its decoupled decay) is `mult` times the schedule's: an expert sees about k/E of the
+    tokens, so its gradient is noisier and its effective step rarer than a dense weight's."""
+    out = []
+    for g in groups:
+        experts = [p for p in g["params"] if ".experts." in names[id(p)]]
+        rest = [p for p in g["params"] if ".experts." not in names[id(p)]]
+        out.append(g | {"params": rest})
+        if experts:
+            out.append(g | {"params": experts, "name": g["name"] + "_experts", "lr_mult": mult})
+    return out
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -41,7 +41,7 @@ def run_step(run: Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> S
     count and expert loads returned are global (equal on every rank)."""
     tc, model, opt, par = run.cfg.train, run.model, run.opt, run.par
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)  # optim.expert_lr_mult
     moe_layers = model.moe_layers()
     loads = None
     loss_sum = lm_sum = 0.0
