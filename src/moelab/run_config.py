@@ -153,10 +153,21 @@ class ParallelConfig:
     expert: int = 1
     data_shard: int = 0
     data_replicate: int = 0
+    # pipeline stages (torch.distributed.pipelining); train.grad_accum micro-batches per step
+    pipeline: int = 1
+    pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
+    virtual_stages: int = 1  # stages per rank (interleaved_1f1b: 2 or more)
 
     def validate(self, p: str = "parallel.") -> None:
         """Raise ConfigError naming the first field that is not a usable degree."""
         _pos_int(self.expert, p + "expert")
+        _pos_int(self.pipeline, p + "pipeline")
+        _pos_int(self.virtual_stages, p + "virtual_stages")
+        if (self.virtual_stages > 1) != (self.pipeline_schedule == "interleaved_1f1b"):
+            raise ConfigError(
+                f"{p}virtual_stages={self.virtual_stages} with {p}pipeline_schedule={self.pipeline_schedule}: "
+                "interleaved_1f1b needs 2 or more stages per rank, the others one"
+            )
         for name in ("data_shard", "data_replicate"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

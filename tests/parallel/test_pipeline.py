@@ -1,8 +1,12 @@
-"""Pipeline stages on torch.distributed.pipelining (2 real processes, gloo): one step of
-1F1B and of interleaved 1F1B over 4 micro-batches gives every parameter the gradient one
-process gives over the same micro-batches - including the routers of the first stage,
-whose balance and z losses never meet the last stage's loss function (with a large
-balance coefficient, so a dropped aux loss could not hide)."""
+"""Pipeline parallelism on torch.distributed.pipelining (2 real processes, gloo). One step
+of 1F1B and of interleaved 1F1B over 4 micro-batches gives every parameter the gradient
+one process gives over the same micro-batches - including the routers of the first
+stage, whose balance and z losses never meet the last stage's loss function (with a
+large balance coefficient, so a dropped aux loss could not hide). `moelab train` with
+parallel.pipeline=2 (1F1B, interleaved, GPipe with global balancing and bias balancing)
+logs the losses one process logs with train.grad_accum micro-batches and ends on the
+same weights; its checkpoints resume in one process and the other way round."""
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +16,8 @@ import torch
 from moelab import ConfigError, Transformer
 from moelab.parallel.pipeline import split_layers, stages_of
 from moelab.run_config import load_config
+from moelab.store.checkpoint import latest_checkpoint, model_tensors
+from moelab.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY_MOE  # noqa: E402
@@ -104,3 +110,81 @@ def test_stage_split():
         stages_of(model(tied), 2)
     names = [n for s in stages_of(model(config()), 2) for n in s.state_dict()]
     assert sorted(names) == sorted(model(config()).state_dict())  # the whole model's names, each once
+
+
+TRAIN = [*TINY_MOE, "model.n_layers=4", "train.grad_accum=4", "train.log_every=1", "train.eval_every=2",
+         "model.moe.jitter=0", "optim.eps=1e-6", "model.moe.lb_coef=0.5", "model.moe.z_coef=0.01"]
+
+
+def train_run(rank, out, corpus, overrides, steps, kwargs):
+    cfg = load_config("tiny-moe", [*TRAIN, *overrides])
+    cfg.data.source, cfg.train.steps = str(corpus), steps
+    train(cfg, out, quiet=True, **kwargs)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_runs(a_dir, b_dir, steps=None):
+    a = {r["step"]: r for r in records(a_dir)}
+    b = {r["step"]: r for r in records(b_dir)}
+    for s in steps or sorted(a):
+        for key in ("loss", "lm_loss", "lb_loss", "z_loss", "grad_norm", "val_loss"):
+            assert (b[s].get(key) is None) == (a[s].get(key) is None), (s, key)
+            if a[s].get(key) is not None:
+                assert b[s][key] == pytest.approx(a[s][key], abs=1e-5), (s, key)
+        for la, lb in zip(a[s]["moe_layers"], b[s]["moe_layers"], strict=True):
+            assert lb["load"] == pytest.approx(la["load"], abs=1e-6)
+    wa = model_tensors(latest_checkpoint(Path(a_dir) / "checkpoints"))
+    wb = model_tensors(latest_checkpoint(Path(b_dir) / "checkpoints"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
+
+
+PIPELINES = {
+    "1f1b": ([], []),
+    "interleaved 1f1b": (["parallel.pipeline_schedule=interleaved_1f1b", "parallel.virtual_stages=2"], []),
+    "gpipe, global and bias balancing": (
+        ["parallel.pipeline_schedule=gpipe"], ["model.moe.balance_scope=global", "model.moe.bias_update_rate=0.01"]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_pipeline_training_equals_one_process(tmp_path, text_file, name):
+    layout, common = PIPELINES[name]
+    train_run(0, tmp_path / "one", text_file, common, 4, {})
+    spawn(2, train_run, tmp_path / "two", text_file, ["parallel.pipeline=2", *layout, *common], 4, {})
+    assert len(records(tmp_path / "two")) == 4  # written once, by rank 0
+    assert_same_runs(tmp_path / "one", tmp_path / "two")
+
+
+def test_pipeline_checkpoints_resume_in_one_process_and_back(tmp_path, text_file):
+    train_run(0, tmp_path / "ref", text_file, [], 4, {})
+    # two pipeline ranks stop at step 2; one process resumes to 4
+    spawn(2, train_run, tmp_path / "a", text_file, ["parallel.pipeline=2"], 4, {"stop_after": 2})
+    assert (latest_checkpoint(tmp_path / "a" / "checkpoints") / "dcp" / ".metadata").is_file()
+    train_run(0, tmp_path / "a", text_file, [], 4, {"resume": True})
+    assert_same_runs(tmp_path / "ref", tmp_path / "a", steps=[3, 4])
+    # one process stops at step 2; two pipeline ranks resume to 4
+    train_run(0, tmp_path / "b", text_file, [], 4, {"stop_after": 2})
+    spawn(2, train_run, tmp_path / "b", text_file, ["parallel.pipeline=2"], 4, {"resume": True})
+    assert_same_runs(tmp_path / "ref", tmp_path / "b", steps=[3, 4])
+
+
+def test_bad_pipeline_layouts_are_named():
+    from moelab.parallel.mesh import plan_layout
+
+    cases = [
+        (["parallel.pipeline=2"], 2, "train.grad_accum=1 micro-batches cannot fill a pipeline of 2 stages"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "model.n_layers=1"], 2, "exceed model.n_layers=1"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.expert=2"], 2, "not built yet"),
+        (["parallel.pipeline=2", "train.grad_accum=2"], 4, "got 4 processes"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "model.tie_embeddings=true"], 2, "tie_embeddings=false"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.virtual_stages=2"], 2, "interleaved_1f1b needs"),
+    ]
+    for overrides, world, message in cases:
+        with pytest.raises(ConfigError, match=message):  # when the config loads, or when the layout is planned
+            plan_layout(load_config("tiny-moe", [*TINY_MOE, *overrides]), world, 0)

@@ -59,6 +59,7 @@ def test_torchrun_trains_and_the_run_folder_is_usable(tmp_path, text_file):
 @pytest.mark.parametrize("layout,message", [
     (["parallel.expert=3"], "parallel.expert=3 does not divide model.moe.n_experts=4"),
     (["parallel.data_shard=2", "parallel.data_replicate=2"], "parallel.data_shard x parallel.data_replicate = 2 x 2"),
+    (["parallel.pipeline=2"], "train.grad_accum=1 micro-batches cannot fill a pipeline of 2 stages"),
 ])
 def test_bad_layout_is_one_line_on_every_rank(tmp_path, text_file, layout, message):
     r = torchrun("train", "tiny-moe", "--data", str(text_file), "--out", str(tmp_path / "run"), "--steps", "2",

@@ -33,9 +33,12 @@ def save_distributed(
     trainer_state: dict,
     par: Parallel,
     keep: int | None = None,
+    groups: list[dict] | None = None,
 ) -> Path:
     """Write checkpoint `step` from every rank (a collective); returns its path. Raises
-    NonFiniteError on every rank, writing nothing, if any rank's share is not finite."""
+    NonFiniteError on every rank, writing nothing, if any rank's share is not finite.
+    `groups`: the optimizer's param groups to record when rank 0's are not the whole
+    model's (a pipeline rank holds only its stages)."""
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".tmp-step-{step:06d}"
     if par.is_main:
@@ -59,7 +62,11 @@ def save_distributed(
     par.barrier()
     if par.is_main:
         ck._save(ck.rng_tensors(), tmp / "rng.safetensors")
-        groups = opt.state_dict()["param_groups"]
+        if groups is None:
+            groups = opt.state_dict()["param_groups"]
+        else:  # the settings in force now (lr, ...) on the whole model's groups
+            now = {g["name"]: g for g in opt.state_dict()["param_groups"]}
+            groups = [g | {k: v for k, v in now.get(g["name"], {}).items() if k != "params"} for g in groups]
         layout = vars(par.layout)
         ck.commit_checkpoint(tmp, final, dict(trainer_state, format="dcp", param_groups=groups, layout=layout), keep)
     par.barrier()
@@ -71,10 +78,14 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(local).all()
 
 
-def load_distributed(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, par: Parallel) -> None:
+def load_distributed(
+    ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, par: Parallel, names: list[str] | None = None
+) -> None:
     """Load a checkpoint of either form into this rank's shares of the weights and
     optimizer state (a collective): DCP reads the chunks it needs, a single-process
-    checkpoint is read whole and each rank keeps its chunk."""
+    checkpoint is read whole and each rank keeps its chunk. `names`: the parameter names
+    in one process's optimizer order, when this rank's optimizer holds only some (a
+    pipeline rank)."""
     state = training_state(model, opt, par)
     if ck.is_distributed(ckpt):
         try:
@@ -83,7 +94,7 @@ def load_distributed(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, p
             raise CheckpointError(f"checkpoint {ckpt} does not fit this model ({type(e).__name__}: {e})") from None
         return
     full = {"model." + k: v for k, v in ck.load_tensors(ckpt, "model.safetensors").items()}
-    optim = by_name(ck.load_tensors(ckpt, "optimizer.safetensors"), optimizer_names(model, opt))
+    optim = by_name(ck.load_tensors(ckpt, "optimizer.safetensors"), names or optimizer_names(model, opt))
     full.update({"optim." + k: v for k, v in optim.items()})
     missing = [k for k in state if k not in full]
     if missing:

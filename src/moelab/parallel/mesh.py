@@ -39,6 +39,7 @@ class Layout:
     expert: int
     shard: int
     replicate: int
+    pipeline: int = 1  # pipeline ranks; with P > 1 every rank is one pipeline rank (no data parallelism yet)
 
     @property
     def ep_rank(self) -> int:
@@ -63,6 +64,8 @@ def plan_layout(cfg: RunConfig, world: int, rank: int) -> Layout:
     the field when a degree does not fit (checked locally: no collective is called)."""
     p, moe = cfg.parallel, cfg.model.moe
     p.validate()
+    if p.pipeline > 1:
+        return _plan_pipeline(cfg, world, rank)
     E = p.expert
     shard, rep = p.data_shard, p.data_replicate
     if shard == 0 and rep == 0:
@@ -96,6 +99,34 @@ def plan_layout(cfg: RunConfig, world: int, rank: int) -> Layout:
             f"train.batch_size={dp_batch} (the global batch) does not split evenly over {world} data-parallel ranks"
         )
     return Layout(world=world, rank=rank, expert=E, shard=shard, replicate=rep)
+
+
+def _plan_pipeline(cfg: RunConfig, world: int, rank: int) -> Layout:
+    """A pipeline-only layout: every rank one pipeline rank, V stages each (checked here, before any collective)."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    P, V = p.pipeline, p.virtual_stages
+    if world != P or p.expert > 1 or p.data_shard > 1 or p.data_replicate > 1:
+        raise ConfigError(
+            f"parallel.pipeline={P} runs as {P} processes of pipeline stages alone for now (got {world} processes, "
+            f"expert={p.expert}, data_shard={p.data_shard}, data_replicate={p.data_replicate}): composing it with "
+            "expert and data parallelism is not built yet"
+        )
+    if m.n_layers < P * V:
+        raise ConfigError(f"parallel.pipeline={P} x virtual_stages={V} stages exceed model.n_layers={m.n_layers}")
+    if t.grad_accum < P:
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum} micro-batches cannot fill a pipeline of {P} stages: use at least {P}"
+        )
+    if p.pipeline_schedule == "interleaved_1f1b" and t.grad_accum % P:
+        raise ConfigError(f"interleaved_1f1b needs train.grad_accum (micro-batches) divisible by parallel.pipeline={P}")
+    if m.tie_embeddings:
+        raise ConfigError("parallel.pipeline > 1 needs model.tie_embeddings=false (embedding and head on two stages)")
+    if t.activation_checkpointing and m.moe is not None and m.moe.balance_scope == "global":
+        raise ConfigError(
+            "parallel.pipeline > 1 with train.activation_checkpointing and model.moe.balance_scope=global is not "
+            "supported yet (the recomputed forward would count its micro-batch twice)"
+        )
+    return Layout(world=world, rank=rank, expert=1, shard=1, replicate=1, pipeline=P)
 
 
 @dataclass
@@ -153,10 +184,11 @@ def init_parallel(cfg: RunConfig) -> Parallel | None:
     The layout is checked before the process group is created."""
     env = torchrun_world()
     if env is None:
-        if cfg.parallel.expert > 1 or cfg.parallel.data_shard > 1 or cfg.parallel.data_replicate > 1:
+        p = cfg.parallel
+        if p.expert > 1 or p.data_shard > 1 or p.data_replicate > 1 or p.pipeline > 1:
             raise ConfigError(
-                f"parallel.expert={cfg.parallel.expert}, data_shard={cfg.parallel.data_shard}, "
-                f"data_replicate={cfg.parallel.data_replicate} need several processes: launch with "
+                f"parallel.expert={p.expert}, data_shard={p.data_shard}, data_replicate={p.data_replicate}, "
+                f"pipeline={p.pipeline} need several processes: launch with "
                 "`torchrun --nproc_per_node N -m moelab train ...`"
             )
         return None

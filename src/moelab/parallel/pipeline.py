@@ -19,11 +19,14 @@ the same). The schedule's 1/M averaging over micro-batches then applies to both 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from ..model import Transformer
+from ..moe import MoE, MoEStats
 
 
 class _AttachAux(torch.autograd.Function):
@@ -85,15 +88,26 @@ class Stage(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.aux_weight = 1.0 / max(1, len(model.moe_layers()))
+        self.activation_checkpointing = model.activation_checkpointing
+        self.micro = 0  # micro-batches this stage has run in the current step
+        self.record: list | None = None  # (layer index, micro-batch, MoEStats) while a step records
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S) tokens on the first stage, (B, S, D) activations after; (B, S, V) logits from the last."""
         if self.embed is not None:
             x = self.embed(x)
         for layer in self.layers.values():
-            x, st = layer(x, self.rope_cos, self.rope_sin)
+            if isinstance(layer.ffn, MoE):
+                layer.ffn.start_micro_batch(self.micro)  # global balancing counts over the step's micro-batches
+            if self.activation_checkpointing and self.training:
+                x, st = checkpoint(layer, x, self.rope_cos, self.rope_sin, None, use_reentrant=False)
+            else:
+                x, st = layer(x, self.rope_cos, self.rope_sin)
             if st is not None and torch.is_grad_enabled():
                 x = attach_aux(x, st.aux_loss, self.aux_weight)
+            if st is not None and self.record is not None:
+                self.record.append((layer.layer_idx, self.micro, st))
+        self.micro += 1
         if self.norm is not None:
             assert self.output_weight is not None
             x = F.linear(self.norm(x), self.output_weight())
@@ -109,3 +123,166 @@ def stages_of(model: Transformer, stages: int, points: list[int] | None = None) 
     """The model as `stages` pipeline stages (for one process to inspect; a rank builds only its own)."""
     parts = split_layers(model.cfg.n_layers, stages, points)
     return [Stage(model, r, s == 0, s == stages - 1) for s, r in enumerate(parts)]
+
+
+class RankStages(nn.Module):
+    """What one pipeline rank holds - its stages' blocks, the embedding and head where its
+    stages have them - as one module under the whole model's names (so the optimizer,
+    checkpoints and `training_state` treat it like the model), and the stages themselves
+    (`stages`, not registered twice) for the schedule."""
+
+    def __init__(self, model: Transformer, stages: list[Stage], indices: list[int], n_stages: int):
+        super().__init__()
+        self.cfg = model.cfg
+        self.indices, self.n_stages = indices, n_stages
+        self.stages = stages  # a plain list: their modules are registered below, once
+        self.embed = model.embed if any(st.first for st in stages) else None
+        self.layers = nn.ModuleDict({k: v for st in stages for k, v in st.layers.items()})
+        last = any(st.last for st in stages)
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        moe_idx = [layer.layer_idx for layer in model.layers if layer.is_moe]
+        self.moe_index = {i: n for n, i in enumerate(moe_idx)}  # layer index -> position among all MoE layers
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether the stages recompute their blocks in the backward pass."""
+        return bool(self.stages and self.stages[0].activation_checkpointing)
+
+    def moe_layers(self) -> list[MoE]:
+        """This rank's MoE layers, in layer order."""
+        return [layer.ffn for layer in self.layers.values() if isinstance(layer.ffn, MoE)]
+
+    @torch.no_grad()
+    def update_router_biases(self, loads_all: list[torch.Tensor]) -> None:
+        """Aux-loss-free balancing of this rank's routers, from the loads of all MoE layers of the model."""
+        for key, layer in self.layers.items():
+            if isinstance(layer.ffn, MoE):
+                layer.ffn.router.update_bias(loads_all[self.moe_index[int(key)]])
+
+
+def build_rank(model: Transformer, pipeline: int, virtual: int, rank: int) -> RankStages:
+    """The stages rank `rank` holds (stage s lives on rank s mod P: the looped placement the
+    interleaved schedule expects), cut from `model` (identical on every rank)."""
+    S = pipeline * virtual
+    parts = split_layers(model.cfg.n_layers, S)
+    idx = [s for s in range(S) if s % pipeline == rank]
+    stages = [Stage(model, parts[s], s == 0, s == S - 1) for s in idx]
+    return RankStages(model, stages, idx, S)
+
+
+def build_schedule(
+    rank_stages: RankStages, kind: str, micro_batches: int, micro_shape: tuple[int, int], device, logits_dtype=None
+):
+    """The torch.distributed.pipelining schedule that runs `rank_stages` over `micro_batches`
+    micro-batches of `micro_shape` (B, S) tokens. Each stage's input and output shapes are
+    given, so no shape-finding forward runs (it would count as a micro-batch)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    B, S = micro_shape
+    cfg = rank_stages.cfg
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    pipe: list = [
+        PipelineStage(
+            st,
+            i,
+            rank_stages.n_stages,
+            device,
+            # activations in and out carry gradients: without the flag none is sent back
+            input_args=meta(B, S, dtype=torch.long) if st.first else meta(B, S, cfg.d_model).requires_grad_(),
+            output_args=meta(B, S, cfg.vocab_size, dtype=logits_dtype or torch.float32).requires_grad_()
+            if st.last
+            else meta(B, S, cfg.d_model).requires_grad_(),
+        )
+        for st, i in zip(rank_stages.stages, rank_stages.indices, strict=True)
+    ]
+    if kind == "interleaved_1f1b":
+        return ScheduleInterleaved1F1B(pipe, micro_batches, loss_fn=lm_loss)
+    cls = Schedule1F1B if kind == "1f1b" else ScheduleGPipe
+    return cls(pipe[0], micro_batches, loss_fn=lm_loss)
+
+
+@torch.no_grad()
+def _gather(rank_stages: RankStages, micro: int, lm: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's per-micro-batch MoE statistics (M, L, 6 + E) and LM losses (M,), summed
+    over the pipeline ranks (each layer and the head live on exactly one)."""
+    L = len(rank_stages.moe_index)
+    E = rank_stages.cfg.moe.n_experts if rank_stages.cfg.moe is not None else 0
+    stats = torch.zeros(micro, L, 6 + E, dtype=torch.float64, device=device)
+    for st in rank_stages.stages:
+        for layer_idx, m, s in st.record or []:
+            j = rank_stages.moe_index[layer_idx]
+            vals = [s.lb_loss, s.z_loss, s.aux_loss, s.dropped_fraction, s.router_entropy, s.max_violation]
+            stats[m, j, :6] = torch.stack([v.detach().double().reshape(()) for v in vals])
+            stats[m, j, 6:] = s.tokens_per_expert.detach().double()
+    losses = torch.zeros(micro, dtype=torch.float64, device=device)
+    if lm:
+        losses += torch.tensor(lm, dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    dist.all_reduce(losses)
+    return stats, losses
+
+
+def pipeline_forward_backward(rank_stages: RankStages, schedule, x: torch.Tensor, y: torch.Tensor, micro: int):
+    """One step's forward and backward through the pipeline over `micro` micro-batches of
+    (x, y) (every rank passes the same global batch). Returns (loss, lm loss) means over
+    the micro-batches and, per micro-batch, the MoEStats of every MoE layer of the model -
+    the same on every rank."""
+    for st in rank_stages.stages:
+        st.micro, st.record = 0, []
+    losses: list[torch.Tensor] = []
+    first = any(st.first for st in rank_stages.stages)
+    last = any(st.last for st in rank_stages.stages)
+    kw = {"target": y, "losses": losses} if last else {}
+    schedule.step(*((x,) if first else ()), **kw)
+    stats, lm = _gather(rank_stages, micro, [float(v.detach()) for v in losses], x.device)
+    for st in rank_stages.stages:
+        st.record = None
+    per_micro = []
+    for m in range(micro):
+        per_micro.append(
+            [
+                MoEStats(
+                    lb_loss=row[0].float(),
+                    z_loss=row[1].float(),
+                    aux_loss=row[2].float(),
+                    tokens_per_expert=row[6:].to(torch.long),
+                    dropped_fraction=row[3].float(),
+                    router_entropy=row[4].float(),
+                    max_violation=row[5].float(),
+                )
+                for row in stats[m]
+            ]
+        )
+    aux = stats[:, :, 2].mean(1) if stats.shape[1] else torch.zeros(micro, dtype=torch.float64)
+    return float((lm + aux).mean()), float(lm.mean()), per_micro
+
+
+@torch.no_grad()
+def pipeline_loss_sum(rank_stages: RankStages, x: torch.Tensor, y: torch.Tensor, pipeline: int) -> tuple[float, int]:
+    """(sum of next-token losses, targets) of one batch through the pipeline without a
+    schedule - each stage in order, activations sent to the rank of the next - the same on
+    every rank. For evaluation."""
+    rank = dist.get_rank()
+    mine = dict(zip(rank_stages.indices, rank_stages.stages, strict=True))
+    h = None
+    for s in range(rank_stages.n_stages):
+        owner, nxt = s % pipeline, (s + 1) % pipeline
+        if owner == rank:
+            h = mine[s](x if s == 0 else h)
+            if s + 1 < rank_stages.n_stages and nxt != rank:
+                dist.send(h.contiguous(), dst=nxt)
+        elif nxt == rank and s + 1 < rank_stages.n_stages:
+            cfg = rank_stages.cfg
+            h = torch.empty(x.shape[0], x.shape[1], cfg.d_model, dtype=torch.float32, device=x.device)
+            dist.recv(h, src=owner)
+    out = torch.zeros(2, dtype=torch.float64, device=x.device)
+    if (rank_stages.n_stages - 1) % pipeline == rank:
+        assert h is not None
+        n = int((y != -100).sum())
+        out[0], out[1] = float(lm_loss(h, y)) * n, n
+    dist.all_reduce(out)
+    return float(out[0]), int(out[1])

@@ -32,6 +32,9 @@ RESUMABLE = (
     "parallel.expert",  # checkpoints reshard: a run may resume on another layout
     "parallel.data_shard",
     "parallel.data_replicate",
+    "parallel.pipeline",
+    "parallel.pipeline_schedule",
+    "parallel.virtual_stages",
 )
 
 

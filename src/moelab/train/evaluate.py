@@ -44,3 +44,24 @@ def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, devi
         count = int(count_f)
     model.train(was)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_pipeline(run, ctx) -> float:
+    """`evaluate`'s number under parallel.pipeline: the same held-out sequences, each batch
+    sent through the stages in order; the same on every rank."""
+    from ..parallel.pipeline import pipeline_loss_sum
+
+    tc, data_val = run.cfg.train, run.data.val
+    was = run.model.training
+    run.model.eval()
+    n = min(len(data_val), tc.batch_size * tc.eval_batches)
+    chosen = np.unique(np.linspace(0, len(data_val) - 1, n).round().astype(np.int64))
+    total, count = 0.0, 0
+    for start in range(0, len(chosen), tc.batch_size):
+        x, y, _ = unpack_batch(data_val.batch(chosen[start : start + tc.batch_size].tolist()))
+        with ctx:
+            s, c = pipeline_loss_sum(run.model, x.to(run.device), y.to(run.device), run.par.layout.pipeline)
+        total, count = total + s, count + c
+    run.model.train(was)
+    return total / max(count, 1)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from ..model.transformer import compile_block
 from ..parallel.checkpoint import load_distributed
 from ..parallel.mesh import Parallel
 from ..parallel.parallelize import parallelize
+from ..parallel.pipeline import build_rank, build_schedule
 from ..parallel.state import optimizer_names
 from ..run_config import RunConfig, read_config, save_config
 from ..runtime import pick_device, set_cpu_threads, tune_cpu_allocator
@@ -69,6 +71,9 @@ class Run:
     # folder it replaced (--overwrite, kept aside until then) comes back.
     new_folder: bool = False
     replaced: Path | None = None
+    schedule: Any = None  # the pipeline schedule (parallel.pipeline > 1)
+    full_groups: list[dict] | None = None  # a pipeline run's optimizer groups as one process holds them
+    full_names: list[str] | None = None  # ... and its parameter names in one process's optimizer order
 
     @property
     def is_main(self) -> bool:
@@ -166,6 +171,19 @@ def setup(
     model = _build_model(cfg, device, init_ckpt, prepare_model, par)
     opt = build_optimizer(model, cfg.optim)
     run = Run(cfg, run_dir, device, data, model, opt, memory, par=par)
+    if par is not None and par.layout.pipeline > 1:
+        logits = torch.bfloat16 if resolve_precision(cfg.train.precision, device) == "bf16" else None
+        micro = (cfg.train.batch_size, cfg.data.seq_len)
+        run.schedule = build_schedule(
+            model,  # type: ignore[arg-type]
+            cfg.parallel.pipeline_schedule, cfg.train.grad_accum, micro, device, logits,
+        )  # fmt: skip
+        # a pipeline checkpoint records the optimizer's groups as one process holds them, so one process can resume it
+        with torch.device("meta"):  # names and shapes only: no second copy of the weights
+            whole = Transformer(cfg.model)
+        whole_opt = build_optimizer(whole, cfg.optim)
+        run.full_groups = whole_opt.state_dict()["param_groups"]
+        run.full_names = optimizer_names(whole, whole_opt)
     if start_ckpt is not None:
         _resume_from(run, start_ckpt)
     else:  # everything loaded: only now replace (with --overwrite) or create the run folder
@@ -199,6 +217,9 @@ def _build_model(cfg: RunConfig, device, init_ckpt: Path | None, prepare_model, 
         load_model_weights(model, init_ckpt)
     if prepare_model is not None:
         prepare_model(model)
+    if par is not None and par.layout.pipeline > 1:
+        # this rank's stages only; the rest of the model is dropped with `model`
+        return build_rank(model, par.layout.pipeline, cfg.parallel.virtual_stages, par.rank)  # type: ignore[return-value]
     if par is not None:
         parallelize(model, par, compile_blocks=cfg.train.compile)
     elif cfg.train.compile:
@@ -212,7 +233,7 @@ def _resume_from(run: Run, ckpt: Path) -> None:
     metrics lines logged after it."""
     run.state = ck.check_checkpoint(ckpt)
     if run.par is not None:
-        load_distributed(ckpt, run.model, run.opt, run.par)
+        load_distributed(ckpt, run.model, run.opt, run.par, names=run.full_names)
     else:
         load_model_weights(run.model, ckpt)
         names = optimizer_names(run.model, run.opt)

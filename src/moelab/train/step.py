@@ -13,7 +13,9 @@ import torch
 
 from ..data import Sampler
 from ..data.loader import rank_slice
+from ..errors import ConfigError
 from ..parallel.parallelize import all_reduce_floats, all_reduce_loads, finish_gradients
+from ..parallel.pipeline import pipeline_forward_backward
 from ..phases import phase
 from ..store import checkpoint as ck
 from .evaluate import unpack_batch
@@ -42,6 +44,8 @@ def run_step(run: Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> S
     tc, model, opt, par = run.cfg.train, run.model, run.opt, run.par
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)  # optim.expert_lr_mult
+    if run.schedule is not None:
+        return _pipeline_step(run, sampler, window)
     moe_layers = model.moe_layers()
     loads = None
     loss_sum = lm_sum = 0.0
@@ -71,13 +75,39 @@ def run_step(run: Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> S
         return _update(run, loss_sum, lm_sum, tokens, loads)
 
 
-def _update(run: Run, loss_sum: float, lm_sum: float, tokens: int, loads: list[torch.Tensor] | None) -> StepResult:
+def _pipeline_step(run: Run, sampler: Sampler, window: MoEWindow) -> StepResult:
+    """The step under parallel.pipeline: the grad_accum micro-batches one process would
+    take in turn go through the schedule together; every rank sees the same batch, loss
+    and statistics."""
+    M = run.cfg.train.grad_accum
+    with phase("data"):
+        parts = [unpack_batch(run.data.train.batch(sampler.next())) for _ in range(M)]
+        if any(mask is not None for _, _, mask in parts):
+            raise ConfigError("parallel.pipeline > 1 does not take padded (SFT) batches yet")
+        x = torch.cat([p[0] for p in parts]).to(run.device)
+        y = torch.cat([p[1] for p in parts]).to(run.device)
+    with phase("forward"):  # forward and backward interleave inside the schedule
+        loss, lm, per_micro = pipeline_forward_backward(run.model, run.schedule, x, y, M)  # type: ignore[arg-type]
+    loads = None
+    for stats in per_micro:
+        window.add(stats)
+        step_loads = [s.tokens_per_expert for s in stats]
+        loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads, strict=True)]
+    with phase("optimizer"):
+        return _update(run, loss, lm, x.numel(), loads, pipeline=True)
+
+
+def _update(
+    run: Run, loss_sum: float, lm_sum: float, tokens: int, loads: list[torch.Tensor] | None, pipeline: bool = False
+) -> StepResult:
     """Finish the gradients (clip; reduce over ranks), apply the update unless the loss or
     the gradient norm is not finite, and reset the gradients."""
     model, opt, par = run.model, run.opt, run.par
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
     if par is None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    elif pipeline:  # loss, tokens and loads are already the whole batch's, on every rank
+        grad_norm = finish_gradients(model, par, clip)  # each rank holds its own weights: the norm sums them
     else:
         grad_norm = finish_gradients(model, par, clip)
         loss_sum, lm_sum, tokens_f = all_reduce_floats([loss_sum, lm_sum, float(tokens)], par, op="sum")

@@ -25,7 +25,7 @@ from ..parallel.parallelize import all_reduce_floats, reduce_window
 from ..run_config import RunConfig
 from ..store import checkpoint as ck
 from ..store.outputs import restore
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_pipeline
 from .health import HealthMonitor
 from .metrics import MetricsWriter, MoEWindow, peak_memory_bytes
 from .optim import lr_at
@@ -174,7 +174,10 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
 
             evaluated = t.step % tc.eval_every == 0 or t.step == tc.steps
             if evaluated:
-                t.val_loss = evaluate(run.model, run.data.val, tc.batch_size, tc.eval_batches, run.device, ctx, par)
+                if run.schedule is not None:
+                    t.val_loss = evaluate_pipeline(run, ctx)
+                else:
+                    t.val_loss = evaluate(run.model, run.data.val, tc.batch_size, tc.eval_batches, run.device, ctx, par)
             if t.step % tc.log_every == 0 or t.step == end or evaluated:
                 tps = tok_window / max(t.elapsed - t_window, 1e-9)
                 t_window, tok_window = t.elapsed, 0
@@ -228,7 +231,8 @@ def _record(run: Run, window: MoEWindow, t: _Tally, res, lr: float, tps: float, 
     metrics line of step `t.step`; in a multi-process run both are the global batch's."""
     train_mem = run.memory.peak
     if run.par is not None:  # statistics of the whole data-parallel batch
-        reduce_window(window, run.par)
+        if run.schedule is None:  # a pipeline's are the whole batch's already, on every rank
+            reduce_window(window, run.par)
         train_mem = int(all_reduce_floats([float(train_mem)], run.par, op="max")[0])
     summary = window.summary()
     window.reset()
@@ -266,7 +270,10 @@ def _save(run: Run, t: _Tally, sampler: Sampler, health: HealthMonitor) -> None:
     if run.par is None:
         ck.save_checkpoint(run.ckpt_root, t.step, run.model, run.opt, trainer_state, keep=tc.keep_checkpoints)
     else:
-        save_distributed(run.ckpt_root, t.step, run.model, run.opt, trainer_state, run.par, keep=tc.keep_checkpoints)
+        save_distributed(
+            run.ckpt_root, t.step, run.model, run.opt, trainer_state, run.par, keep=tc.keep_checkpoints,
+            groups=run.full_groups,
+        )  # fmt: skip
     _first_checkpoint_written(run)
 
 
