@@ -159,6 +159,10 @@ def cmd_memory(
     seq_len: int | None = None,
     activation_checkpointing: bool = False,
     measure: bool = False,
+    pipeline: int = 1,
+    micro_batches: int | None = None,
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b",
+    virtual_stages: int = 1,
     as_json: Json = False,
 ):
     """Predict (and optionally measure) memory per device for a model and its dense twin.
@@ -174,6 +178,11 @@ def cmd_memory(
         seq_len: tokens per sequence; unset: the recipe's data.seq_len
         activation_checkpointing: recompute activations in the backward pass
         measure: also run real steps here and measure (a run: its weights on its own text, every rank)
+        pipeline: pipeline ranks: also the bytes per rank (its stages' weights, gradients, AdamW state and the
+            activations of the micro-batches in flight at its peak) and the schedule's bubble
+        micro_batches: micro-batches per step in the pipeline; unset: the recipe's train.grad_accum (at least P)
+        schedule: pipeline schedule
+        virtual_stages: stages per rank (interleaved_1f1b)
         as_json: print the plans as JSON
     """
     from ..analysis.memory import format_plans, plan_and_measure
@@ -205,6 +214,19 @@ def cmd_memory(
         uniform = plans[0].bytes["activations"]
         skew = skew_report(run, cfg, uniform, micro_batch, seq_len, devices, expert_parallel, zero, dtype, measure)
     extra = {"skewed_activations": skew} if skew is not None else {}
+    if pipeline > 1:
+        from ..analysis.pipeline_memory import bubble_fraction, plan_stages
+
+        positive(micro_batches=micro_batches, virtual_stages=virtual_stages)
+        M = micro_batches or max(cfg.train.grad_accum, pipeline)
+        require(pipeline * virtual_stages <= cfg.model.n_layers, "--pipeline", "at most model.n_layers stages",
+                pipeline * virtual_stages)  # fmt: skip
+        extra["pipeline"] = {
+            "pipeline": pipeline, "micro_batches": M, "schedule": schedule, "virtual_stages": virtual_stages,
+            "bubble": bubble_fraction(pipeline, M, schedule, virtual_stages),
+            "ranks": plan_stages(cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch,
+                                 seq_len=seq_len, schedule=schedule, virtual=virtual_stages),
+        }  # fmt: skip
     if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
         from ..model.quant import planned_bytes
 
@@ -223,7 +245,13 @@ def cmd_memory(
 
 
 def _print_extra(cfg, extra: dict) -> None:
-    """What `moelab memory` adds for a quantized checkpoint and for a run's measured loads."""
+    """What `moelab memory` adds for a quantized checkpoint, a run's measured loads and a pipeline."""
+    if "pipeline" in extra:
+        from ..analysis.pipeline_memory import format_stages
+
+        pp = extra["pipeline"]
+        print(f"pipeline: {pp['pipeline']} ranks, {pp['schedule']}, {pp['micro_batches']} micro-batches (fp32, AdamW)")
+        print(format_stages(pp["ranks"], pp["bubble"]))
     q = extra.get("quantized_weight_bytes")
     if q is not None:
         print(

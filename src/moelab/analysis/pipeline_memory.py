@@ -1,0 +1,110 @@
+"""Memory per pipeline rank, and the schedule's bubble (`moelab memory --pipeline P`).
+
+Weights, gradients and AdamW state of a rank are exact: its stages' parameters, counted
+on the `meta` device by the same split `parallel.pipeline` trains with. Activations are
+one micro-batch's (the per-token terms of `analysis.memory`, for the rank's layers, the
+head's on the last stage) times the micro-batches in flight at the rank's peak:
+  GPipe            all M forwards before the first backward;
+  1F1B             rank r: min(P - r, M) - the first rank holds the most;
+  interleaved 1F1B rank r: min(V M, 2 (P - r - 1) + (V - 1) P + 1) chunks of 1/V of its
+                   layers (Megatron's warm-up count; approximate).
+Bubble: the share of a step a rank idles, (P - 1) / (M + P - 1) for GPipe and 1F1B,
+(P - 1) / (V M + P - 1) interleaved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..model import Transformer
+from ..parallel.pipeline import split_layers
+from .memory import activation_elements_per_token
+
+
+def bubble_fraction(pipeline: int, micro_batches: int, schedule: str = "1f1b", virtual: int = 1) -> float:
+    """The idle share of a step: (P - 1) / (M + P - 1), or (P - 1) / (V M + P - 1) interleaved."""
+    work = micro_batches * (virtual if schedule == "interleaved_1f1b" else 1)
+    return (pipeline - 1) / (work + pipeline - 1)
+
+
+def in_flight(rank: int, pipeline: int, micro_batches: int, schedule: str, virtual: int = 1) -> float:
+    """Micro-batches whose activations rank `rank` holds at its peak (in units of its whole share of layers)."""
+    if schedule == "gpipe":
+        return micro_batches
+    if schedule == "interleaved_1f1b":
+        chunks = min(virtual * micro_batches, 2 * (pipeline - rank - 1) + (virtual - 1) * pipeline + 1)
+        return chunks / virtual
+    return min(pipeline - rank, micro_batches)
+
+
+def plan_stages(
+    cfg: ModelConfig,
+    *,
+    pipeline: int,
+    micro_batches: int,
+    micro_batch: int,
+    seq_len: int,
+    schedule: str = "1f1b",
+    virtual: int = 1,
+) -> list[dict]:
+    """Per pipeline rank (fp32, AdamW): its layers and bytes of params, grads, optimizer,
+    activations and their total."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    S = pipeline * virtual
+    parts = split_layers(cfg.n_layers, S)
+    act = activation_elements_per_token(cfg)
+    per_layer = {
+        i: act["attention"] / cfg.n_layers
+        + (
+            act["moe_ffn"] / max(cfg.n_moe_layers, 1)
+            if layer.is_moe
+            else act["dense_ffn"] / (cfg.n_layers - cfg.n_moe_layers)
+        )
+        for i, layer in enumerate(model.layers)
+    }
+    T = micro_batch * seq_len
+    out = []
+    for r in range(pipeline):
+        stages = [s for s in range(S) if s % pipeline == r]
+        layers = [i for s in stages for i in parts[s]]
+        names = {f"layers.{i}." for i in layers}
+        first, last = 0 in stages, S - 1 in stages
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if any(n.startswith(k) for k in names)
+            or (first and n.startswith("embed."))
+            or (last and n.startswith(("norm.", "lm_head.")))
+        ]
+        n = sum(p.numel() for p in params)
+        per_micro = 4 * T * sum(per_layer[i] for i in layers)
+        if last:  # the head's terms and the fp32 logits the loss reads
+            per_micro += 4 * T * act["head"] + 4 * T * cfg.vocab_size
+        b = {
+            "params": 4 * n,
+            "grads": 4 * n,
+            "optimizer": 8 * n + 4 * len(params),  # AdamW's two moments and a step scalar per tensor
+            "activations": round(per_micro * in_flight(r, pipeline, micro_batches, schedule, virtual)),
+        }
+        b["total"] = sum(b.values())
+        out.append({"rank": r, "stages": stages, "layers": layers, "bytes": b,
+                    "micro_batches_in_flight": in_flight(r, pipeline, micro_batches, schedule, virtual)})  # fmt: skip
+    return out
+
+
+def format_stages(stages: list[dict], bubble: float) -> str:
+    """The per-rank table and the bubble, as `moelab memory --pipeline` prints them."""
+    mib = 2**20
+    lines = ["rank  layers        params MiB  grads MiB  AdamW MiB  activations MiB (in flight)  total MiB"]
+    for s in stages:
+        b = s["bytes"]
+        layers = f"{s['layers'][0]}-{s['layers'][-1]}" if s["layers"] else "-"
+        lines.append(
+            f"{s['rank']:>4}  {layers:<12} {b['params'] / mib:>10.1f} {b['grads'] / mib:>10.1f} "
+            f"{b['optimizer'] / mib:>10.1f} {b['activations'] / mib:>16.1f} ({s['micro_batches_in_flight']:g})"
+            f" {b['total'] / mib:>11.1f}"
+        )
+    lines.append(f"bubble: {100 * bubble:.1f}% of each step idle on every rank")
+    return "\n".join(lines)
