@@ -14,6 +14,12 @@ activations through unchanged, the backward hands the aux loss a gradient of `we
 (its share in the total loss) beside the activations' own, so every stage's routers get
 exactly the gradient they get in one process (Megatron-Core's MoEAuxLossAutoScaler does
 the same). The schedule's 1/M averaging over micro-batches then applies to both alike.
+
+What a pipeline rank of `moelab train` runs: `build_rank` (its stages, as one module
+under the model's names), `build_schedule` (shapes given, so no shape-finding forward
+counts as a micro-batch), `pipeline_forward_backward` (one step; losses and MoE
+statistics summed over the ranks so every rank logs and decides alike) and
+`pipeline_loss_sum` (evaluation, stage by stage, point to point).
 """
 
 from __future__ import annotations
