@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,8 @@ def domain_batches(
         label = source_label(src, set(domains))
         if src != "stdlib" and is_dataset(check_source(src)):
             ds = dataset_for(src, tok)
-            for ids in ds.documents("val") if split == "val" else _chain(ds.documents("train"), ds.documents("val")):
+            docs = ds.documents("val") if split == "val" else chain(ds.documents("train"), ds.documents("val"))
+            for ids in docs:
                 yield from add(label, src, ids)
                 if seen[index[label]] >= max_tokens:
                     break
@@ -114,11 +116,6 @@ def domain_batches(
             f"with --split {split} (the split rule holds out data.val_fraction={vf} of the documents): "
             "pass --split all, or more text"
         )
-
-
-def _chain(*its):
-    for it in its:
-        yield from it
 
 
 def check_moe(run: LoadedRun, what: str) -> None:
