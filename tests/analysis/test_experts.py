@@ -282,6 +282,18 @@ def test_a_frozen_router_keeps_its_balancing_bias():
         assert bool(model.moe_layers()[0].router.bias.abs().sum() > 0) == moves, recipe
 
 
+def test_a_tokenized_dataset_routes_as_its_text(trained, tmp_path, capsys):
+    root, data = trained
+    src = tmp_path / "words3.txt"  # enough lines for two documents, so the dataset has a split
+    src.write_text(((data / "words.txt").read_text() + "\n") * 3)
+    run_main(capsys, "tokenize", src, "--out", tmp_path / "ds", "--tokenizer", root / "run", "--quiet")
+    run = load_run(root / "run")
+    text = analyse(run, [str(src)], split="all", max_tokens=3000)
+    ds = analyse(run, [str(tmp_path / "ds")], split="all", max_tokens=3000)
+    assert list(ds["tokens"].values()) == list(text["tokens"].values())
+    assert [lay["share"] for lay in ds["layers"]] == [lay["share"] for lay in text["layers"]]
+
+
 def test_the_default_report_folder_is_beside_the_run_never_inside(trained, capsys):
     root, data = trained
     before = sorted(p.name for p in (root / "run" / "checkpoints").iterdir())
