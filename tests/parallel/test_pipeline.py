@@ -16,7 +16,7 @@ import torch
 from moelab import ConfigError, Transformer
 from moelab.parallel.pipeline import split_layers, stages_of
 from moelab.run_config import load_config
-from moelab.store.checkpoint import latest_checkpoint, model_tensors
+from moelab.store.checkpoint import check_checkpoint, latest_checkpoint, model_tensors
 from moelab.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -152,6 +152,22 @@ PIPELINES = {
 }
 
 
+def test_pipeline_with_expert_parallelism_equals_one_process(tmp_path, text_file):
+    """PP=2 x EP=2 on 4 processes: each stage's 2 data ranks split every micro-batch and
+    exchange tokens between their experts; global balancing counts over both."""
+    common = ["model.moe.balance_scope=global", "model.moe.bias_update_rate=0.01"]
+    train_run(0, tmp_path / "one", text_file, common, 4, {})
+    layout = ["parallel.pipeline=2", "parallel.expert=2", *common]
+    spawn(4, train_run, tmp_path / "four", text_file, layout, 4, {})
+    assert_same_runs(tmp_path / "one", tmp_path / "four")
+    saved = check_checkpoint(latest_checkpoint(tmp_path / "four" / "checkpoints"))["layout"]
+    assert (saved["pipeline"], saved["expert"], saved["world"]) == (2, 2, 4)
+    # stopped at step 2 on 4 processes, resumed in one: the same steps 3 and 4
+    spawn(4, train_run, tmp_path / "re", text_file, layout, 4, {"stop_after": 2})
+    train_run(0, tmp_path / "re", text_file, common, 4, {"resume": True})
+    assert_same_runs(tmp_path / "one", tmp_path / "re", steps=[3, 4])
+
+
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_pipeline_training_equals_one_process(tmp_path, text_file, name):
     layout, common = PIPELINES[name]
@@ -180,8 +196,13 @@ def test_bad_pipeline_layouts_are_named():
     cases = [
         (["parallel.pipeline=2"], 2, "train.grad_accum=1 micro-batches cannot fill a pipeline of 2 stages"),
         (["parallel.pipeline=2", "train.grad_accum=2", "model.n_layers=1"], 2, "exceed model.n_layers=1"),
-        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.expert=2"], 2, "not built yet"),
-        (["parallel.pipeline=2", "train.grad_accum=2"], 4, "got 4 processes"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.expert=2"], 2,
+         r"parallel.expert=2 does not divide the 1 data-parallel processes \(world size 2 / parallel.pipeline=2\)"),
+        (["parallel.pipeline=2", "train.grad_accum=2"], 3, "parallel.pipeline=2 does not divide the world size 3"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.data_shard=3"], 4,
+         "data_shard=3 does not divide the 2 data-parallel processes"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "train.batch_size=3"], 4,
+         "batch_size=3 .* does not split evenly over 2 data-parallel ranks"),
         (["parallel.pipeline=2", "train.grad_accum=2", "model.tie_embeddings=true"], 2, "tie_embeddings=false"),
         (["parallel.pipeline=2", "train.grad_accum=2", "parallel.virtual_stages=2"], 2, "interleaved_1f1b needs"),
     ]

@@ -9,6 +9,12 @@ n_experts between them; ranks with the same r % E hold the same experts and form
 expert-data-parallel group (W / E ranks), over which those experts are sharded (FSDP2).
 The dense weights use the data mesh (replicate x shard); replicate x shard = W.
 
+With a pipeline of P ranks (parallel.pipeline) the world is P x D: ranks r with the
+same r // D hold the same stages (pipeline rank r // D) and form that stage's data
+world of D ranks, laid out as above (pp is the outermost mesh dimension, as in
+torchtitan); ranks with the same r % D form one pipeline (activations flow between
+them).
+
 `plan_layout` checks a layout against the world size without any collective, so a bad
 layout is one clear error on every rank, never a hang.
 """
@@ -39,7 +45,22 @@ class Layout:
     expert: int
     shard: int
     replicate: int
-    pipeline: int = 1  # pipeline ranks; with P > 1 every rank is one pipeline rank (no data parallelism yet)
+    pipeline: int = 1  # pipeline ranks; world = pipeline x replicate x shard
+
+    @property
+    def data(self) -> int:
+        """Data-parallel ranks per pipeline stage (the world when there is no pipeline)."""
+        return self.replicate * self.shard
+
+    @property
+    def pp_rank(self) -> int:
+        """Which pipeline rank (which stages) this process holds."""
+        return self.rank // self.data
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's position among its stage's data-parallel ranks: the slice of each batch it reads."""
+        return self.rank % self.data
 
     @property
     def ep_rank(self) -> int:
@@ -62,55 +83,65 @@ def torchrun_world() -> tuple[int, int, int] | None:
 def plan_layout(cfg: RunConfig, world: int, rank: int) -> Layout:
     """The layout `parallel.*` asks for in a world of `world` processes; ConfigError naming
     the field when a degree does not fit (checked locally: no collective is called)."""
-    p, moe = cfg.parallel, cfg.model.moe
+    p = cfg.parallel
     p.validate()
     if p.pipeline > 1:
         return _plan_pipeline(cfg, world, rank)
+    E, shard, rep = _plan_data(cfg, world, "the world size")
+    return Layout(world=world, rank=rank, expert=E, shard=shard, replicate=rep)
+
+
+def _plan_data(cfg: RunConfig, data: int, where: str) -> tuple[int, int, int]:
+    """(expert, shard, replicate) degrees over `data` data-parallel ranks (`where` says,
+    in messages, where that number comes from)."""
+    what = f"{data} data-parallel processes ({where})"
+    p, moe = cfg.parallel, cfg.model.moe
     E = p.expert
     shard, rep = p.data_shard, p.data_replicate
     if shard == 0 and rep == 0:
-        shard, rep = 1, world
+        shard, rep = 1, data
     elif shard == 0:
-        if world % rep:
-            raise ConfigError(f"parallel.data_replicate={rep} does not divide the world size {world}")
-        shard = world // rep
+        if data % rep:
+            raise ConfigError(f"parallel.data_replicate={rep} does not divide the {what}")
+        shard = data // rep
     elif rep == 0:
-        if world % shard:
-            raise ConfigError(f"parallel.data_shard={shard} does not divide the world size {world}")
-        rep = world // shard
-    if shard * rep != world:
+        if data % shard:
+            raise ConfigError(f"parallel.data_shard={shard} does not divide the {what}")
+        rep = data // shard
+    if shard * rep != data:
         raise ConfigError(
             f"parallel.data_shard x parallel.data_replicate = {shard} x {rep} = {shard * rep}, "
-            f"but the world size is {world} (they must multiply to the number of processes)"
+            f"but there are {what}: they must multiply to that number"
         )
     if E > 1:
         if moe is None:
             raise ConfigError(f"parallel.expert={E}: the model has no MoE layers (model.moe is null)")
         if moe.n_experts % E:
             raise ConfigError(f"parallel.expert={E} does not divide model.moe.n_experts={moe.n_experts}")
-        if world % E:
+        if data % E:
             raise ConfigError(
-                f"parallel.expert={E} does not divide the data-parallel degree (world size {world}); "
-                f"launch a multiple of {E} processes"
+                f"parallel.expert={E} does not divide the {what}; launch a multiple of {E} data-parallel processes"
             )
-    dp_batch = cfg.train.batch_size
-    if dp_batch % world:
+    if cfg.train.batch_size % data:
         raise ConfigError(
-            f"train.batch_size={dp_batch} (the global batch) does not split evenly over {world} data-parallel ranks"
+            f"train.batch_size={cfg.train.batch_size} (the global batch) does not split evenly over "
+            f"{data} data-parallel ranks"
         )
-    return Layout(world=world, rank=rank, expert=E, shard=shard, replicate=rep)
+    return E, shard, rep
 
 
 def _plan_pipeline(cfg: RunConfig, world: int, rank: int) -> Layout:
-    """A pipeline-only layout: every rank one pipeline rank, V stages each (checked here, before any collective)."""
+    """P pipeline ranks of D = world / P data-parallel ranks each, V stages per pipeline
+    rank (checked here, before any collective)."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
     P, V = p.pipeline, p.virtual_stages
-    if world != P or p.expert > 1 or p.data_shard > 1 or p.data_replicate > 1:
+    if world % P:
         raise ConfigError(
-            f"parallel.pipeline={P} runs as {P} processes of pipeline stages alone for now (got {world} processes, "
-            f"expert={p.expert}, data_shard={p.data_shard}, data_replicate={p.data_replicate}): composing it with "
-            "expert and data parallelism is not built yet"
+            f"parallel.pipeline={P} does not divide the world size {world}: launch a multiple of {P} processes "
+            f"(pipeline x data-parallel ranks)"
         )
+    D = world // P
+    E, shard, rep = _plan_data(cfg, D, f"world size {world} / parallel.pipeline={P}")
     if m.n_layers < P * V:
         raise ConfigError(f"parallel.pipeline={P} x virtual_stages={V} stages exceed model.n_layers={m.n_layers}")
     if t.grad_accum < P:
@@ -126,7 +157,9 @@ def _plan_pipeline(cfg: RunConfig, world: int, rank: int) -> Layout:
             "parallel.pipeline > 1 with train.activation_checkpointing and model.moe.balance_scope=global is not "
             "supported yet (the recomputed forward would count its micro-batch twice)"
         )
-    return Layout(world=world, rank=rank, expert=1, shard=1, replicate=1, pipeline=P)
+    if t.compile and D > 1:
+        raise ConfigError("parallel.pipeline > 1 with data parallelism does not take train.compile=true yet")
+    return Layout(world=world, rank=rank, expert=E, shard=shard, replicate=rep, pipeline=P)
 
 
 @dataclass
@@ -138,6 +171,9 @@ class Parallel:
     dense_mesh: DeviceMesh  # 1-D (shard) or 2-D (replicate, shard): fully_shard's mesh
     expert_mesh: DeviceMesh  # 2-D ("ep", "edp"): experts split over ep, each slice sharded over edp
     owns_group: bool = False  # moelab created the process group (and destroys it at the end)
+    edp_mesh: DeviceMesh | None = None  # expert_mesh["edp"] (kept: a pipeline's expert mesh is itself a slice)
+    dp_group: dist.ProcessGroup | None = None  # this stage's data-parallel ranks (None: the whole world)
+    pp_group: dist.ProcessGroup | None = None  # the ranks of this rank's pipeline (parallel.pipeline > 1)
 
     @property
     def rank(self) -> int:
@@ -166,6 +202,8 @@ class Parallel:
 
 def build_meshes(layout: Layout, device: torch.device) -> Parallel:
     """The meshes of `layout` (every rank must call this, in the same order)."""
+    if layout.pipeline > 1:
+        return _pipeline_meshes(layout, device)
     W, E = layout.world, layout.expert
     ranks = torch.arange(W)
     if layout.replicate == 1:
@@ -176,7 +214,32 @@ def build_meshes(layout: Layout, device: torch.device) -> Parallel:
         )
     # row i of the (ep, edp) mesh: the ranks holding expert slice i; column j: one EP group
     experts = DeviceMesh(device.type, ranks.view(W // E, E).t().contiguous(), mesh_dim_names=("ep", "edp"))
-    return Parallel(layout, device, dense, experts)
+    return Parallel(layout, device, dense, experts, edp_mesh=experts["edp"])
+
+
+def _pipeline_meshes(layout: Layout, device: torch.device) -> Parallel:
+    """pp x data meshes: each mesh has pp outermost, and this rank keeps its stage's slice."""
+    P, D, E, R = layout.pipeline, layout.data, layout.expert, layout.replicate
+    grid = torch.arange(layout.world).view(P, D)
+    if R == 1:
+        dense_all = DeviceMesh(device.type, grid, mesh_dim_names=("pp", "dp_shard"))
+        dense = dense_all["dp_shard"]
+    else:
+        names = ("pp", "dp_replicate", "dp_shard")
+        dense_all = DeviceMesh(device.type, grid.view(P, R, layout.shard), mesh_dim_names=names)
+        dense = dense_all["dp_replicate", "dp_shard"]
+    by_slice = grid.view(P, D // E, E).transpose(1, 2).contiguous()  # (pp, ep, edp), as build_meshes per stage
+    experts_all = DeviceMesh(device.type, by_slice, mesh_dim_names=("pp", "ep", "edp"))
+    groups = DeviceMesh(device.type, grid, mesh_dim_names=("pp", "dp"))
+    return Parallel(
+        layout,
+        device,
+        dense,
+        experts_all["ep", "edp"],
+        edp_mesh=experts_all["edp"],
+        dp_group=groups.get_group("dp"),
+        pp_group=groups.get_group("pp"),
+    )
 
 
 def init_parallel(cfg: RunConfig) -> Parallel | None:

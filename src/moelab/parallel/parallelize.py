@@ -14,6 +14,7 @@ by E before the norm is taken.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,14 +48,33 @@ def parallelize(model: nn.Module, par: Parallel, compile_blocks: bool = False) -
     for moe in model.modules():
         if isinstance(moe, MoE):
             moe.count_reducer = sum_over_ranks  # every rank is a data-parallel rank
-    edp = par.expert_mesh["edp"]
-    for block in model.layers:  # type: ignore[union-attr]  # a Transformer's blocks
+    _shard_blocks(model.layers, par, compile_blocks)
+    fully_shard(model, mesh=par.dense_mesh)
+
+
+def _shard_blocks(blocks, par: Parallel, compile_blocks: bool = False) -> None:
+    edp = par.edp_mesh if par.edp_mesh is not None else par.expert_mesh["edp"]
+    for block in blocks:
         if isinstance(block.ffn, MoE) and isinstance(block.ffn.experts, ExpertParallelExperts):
             fully_shard(block.ffn.experts.local, mesh=edp)
         if compile_blocks:
             compile_block(block)
         fully_shard(block, mesh=par.dense_mesh)
-    fully_shard(model, mesh=par.dense_mesh)
+
+
+def parallelize_stages(rank_stages, par: Parallel) -> None:
+    """`parallelize` for a pipeline rank's stages (a `RankStages`) over its stage's data
+    ranks: experts over the expert-parallel group, blocks and each stage (the root of its
+    embedding, norm and head) fully_shard-ed over the stage's data mesh. Each stage is an
+    FSDP module, so the pipeline schedule syncs gradients once, after its last micro-batch."""
+    E = par.layout.expert
+    if E > 1:
+        shard_experts(rank_stages, par.ep_group, par.layout.ep_rank, E)
+    for moe in rank_stages.moe_layers():  # balance counts over this stage's data ranks, not the world
+        moe.count_reducer = functools.partial(sum_over_ranks, group=par.dp_group)
+    _shard_blocks(rank_stages.layers.values(), par)
+    for stage in rank_stages.stages:
+        fully_shard(stage, mesh=par.dense_mesh)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -178,11 +178,18 @@ def build_rank(model: Transformer, pipeline: int, virtual: int, rank: int) -> Ra
 
 
 def build_schedule(
-    rank_stages: RankStages, kind: str, micro_batches: int, micro_shape: tuple[int, int], device, logits_dtype=None
+    rank_stages: RankStages,
+    kind: str,
+    micro_batches: int,
+    micro_shape: tuple[int, int],
+    device,
+    logits_dtype=None,
+    group: dist.ProcessGroup | None = None,
 ):
     """The torch.distributed.pipelining schedule that runs `rank_stages` over `micro_batches`
-    micro-batches of `micro_shape` (B, S) tokens. Each stage's input and output shapes are
-    given, so no shape-finding forward runs (it would count as a micro-batch)."""
+    micro-batches of `micro_shape` (B, S) tokens (this rank's share), between the ranks of
+    `group` (this rank's pipeline; None = the world). Each stage's input and output shapes
+    are given, so no shape-finding forward runs (it would count as a micro-batch)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     B, S = micro_shape
@@ -202,6 +209,7 @@ def build_schedule(
             output_args=meta(B, S, cfg.vocab_size, dtype=logits_dtype or torch.float32).requires_grad_()
             if st.last
             else meta(B, S, cfg.d_model).requires_grad_(),
+            group=group,
         )
         for st, i in zip(rank_stages.stages, rank_stages.indices, strict=True)
     ]
@@ -212,9 +220,12 @@ def build_schedule(
 
 
 @torch.no_grad()
-def _gather(rank_stages: RankStages, micro: int, lm: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's per-micro-batch MoE statistics (M, L, 6 + E) and LM losses (M,), summed
-    over the pipeline ranks (each layer and the head live on exactly one)."""
+def _gather(
+    rank_stages: RankStages, micro: int, lm: list[float], device, data: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's per-micro-batch MoE statistics (M, L, 6 + E) and LM losses (M,) of the
+    whole batch: summed over the pipeline ranks (each layer and the head live on exactly
+    one), expert loads summed and the rest averaged over the `data` ranks of each stage."""
     L = len(rank_stages.moe_index)
     E = rank_stages.cfg.moe.n_experts if rank_stages.cfg.moe is not None else 0
     stats = torch.zeros(micro, L, 6 + E, dtype=torch.float64, device=device)
@@ -229,14 +240,18 @@ def _gather(rank_stages: RankStages, micro: int, lm: list[float], device) -> tup
         losses += torch.tensor(lm, dtype=torch.float64, device=device)
     dist.all_reduce(stats)
     dist.all_reduce(losses)
-    return stats, losses
+    stats[:, :, :6] /= data  # per-layer means of equal shares of the batch
+    return stats, losses / data
 
 
-def pipeline_forward_backward(rank_stages: RankStages, schedule, x: torch.Tensor, y: torch.Tensor, micro: int):
+def pipeline_forward_backward(
+    rank_stages: RankStages, schedule, x: torch.Tensor, y: torch.Tensor, micro: int, data: int = 1
+):
     """One step's forward and backward through the pipeline over `micro` micro-batches of
-    (x, y) (every rank passes the same global batch). Returns (loss, lm loss) means over
-    the micro-batches and, per micro-batch, the MoEStats of every MoE layer of the model -
-    the same on every rank."""
+    (x, y) (every rank of a pipeline passes the same rows: its data rank's share of the
+    batch, of `data` equal shares). Returns (loss, lm loss) means over the micro-batches
+    and, per micro-batch, the MoEStats of every MoE layer of the model, of the whole
+    batch - the same on every rank."""
     for st in rank_stages.stages:
         st.micro, st.record = 0, []
     losses: list[torch.Tensor] = []
@@ -244,7 +259,7 @@ def pipeline_forward_backward(rank_stages: RankStages, schedule, x: torch.Tensor
     last = any(st.last for st in rank_stages.stages)
     kw = {"target": y, "losses": losses} if last else {}
     schedule.step(*((x,) if first else ()), **kw)
-    stats, lm = _gather(rank_stages, micro, [float(v.detach()) for v in losses], x.device)
+    stats, lm = _gather(rank_stages, micro, [float(v.detach()) for v in losses], x.device, data)
     for st in rank_stages.stages:
         st.record = None
     per_micro = []
@@ -268,25 +283,38 @@ def pipeline_forward_backward(rank_stages: RankStages, schedule, x: torch.Tensor
 
 
 @torch.no_grad()
-def pipeline_loss_sum(rank_stages: RankStages, x: torch.Tensor, y: torch.Tensor, pipeline: int) -> tuple[float, int]:
+def pipeline_loss_sum(
+    rank_stages: RankStages,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pipeline: int,
+    group: dist.ProcessGroup | None = None,
+    counted: bool = True,
+) -> tuple[float, int]:
     """(sum of next-token losses, targets) of one batch through the pipeline without a
-    schedule - each stage in order, activations sent to the rank of the next - the same on
-    every rank. For evaluation."""
-    rank = dist.get_rank()
+    schedule - each stage in order, activations sent to the rank of the next in `group`
+    (this rank's pipeline; None = the world) - summed over every pipeline (each passes its
+    own rows; `counted=False`: a placeholder row that keeps collectives in step) and the
+    same on every rank. For evaluation."""
+    me = dist.get_rank(group)
     mine = dict(zip(rank_stages.indices, rank_stages.stages, strict=True))
+
+    def peer(pp_rank: int) -> int:
+        return pp_rank if group is None else dist.get_global_rank(group, pp_rank)
+
     h = None
     for s in range(rank_stages.n_stages):
         owner, nxt = s % pipeline, (s + 1) % pipeline
-        if owner == rank:
+        if owner == me:
             h = mine[s](x if s == 0 else h)
-            if s + 1 < rank_stages.n_stages and nxt != rank:
-                dist.send(h.contiguous(), dst=nxt)
-        elif nxt == rank and s + 1 < rank_stages.n_stages:
+            if s + 1 < rank_stages.n_stages and nxt != me:
+                dist.send(h.contiguous(), dst=peer(nxt))
+        elif nxt == me and s + 1 < rank_stages.n_stages:
             cfg = rank_stages.cfg
             h = torch.empty(x.shape[0], x.shape[1], cfg.d_model, dtype=torch.float32, device=x.device)
-            dist.recv(h, src=owner)
+            dist.recv(h, src=peer(owner))
     out = torch.zeros(2, dtype=torch.float64, device=x.device)
-    if (rank_stages.n_stages - 1) % pipeline == rank:
+    if (rank_stages.n_stages - 1) % pipeline == me and counted:
         assert h is not None
         n = int((y != -100).sum())
         out[0], out[1] = float(lm_loss(h, y)) * n, n

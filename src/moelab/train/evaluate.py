@@ -57,11 +57,15 @@ def evaluate_pipeline(run, ctx) -> float:
     run.model.eval()
     n = min(len(data_val), tc.batch_size * tc.eval_batches)
     chosen = np.unique(np.linspace(0, len(data_val) - 1, n).round().astype(np.int64))
+    layout = run.par.layout
     total, count = 0.0, 0
     for start in range(0, len(chosen), tc.batch_size):
-        x, y, _ = unpack_batch(data_val.batch(chosen[start : start + tc.batch_size].tolist()))
+        idx = np.array_split(chosen[start : start + tc.batch_size], layout.data)[layout.dp_rank]
+        x, y, _ = unpack_batch(data_val.batch((idx if len(idx) else chosen[:1]).tolist()))
         with ctx:
-            s, c = pipeline_loss_sum(run.model, x.to(run.device), y.to(run.device), run.par.layout.pipeline)
+            s, c = pipeline_loss_sum(
+                run.model, x.to(run.device), y.to(run.device), layout.pipeline, run.par.pp_group, len(idx) > 0
+            )
         total, count = total + s, count + c
     run.model.train(was)
     return total / max(count, 1)

@@ -22,7 +22,7 @@ from ..model import Transformer
 from ..model.transformer import compile_block
 from ..parallel.checkpoint import load_distributed
 from ..parallel.mesh import Parallel
-from ..parallel.parallelize import parallelize
+from ..parallel.parallelize import parallelize, parallelize_stages
 from ..parallel.pipeline import build_rank, build_schedule
 from ..parallel.state import optimizer_names
 from ..run_config import RunConfig, read_config, save_config
@@ -173,10 +173,10 @@ def setup(
     run = Run(cfg, run_dir, device, data, model, opt, memory, par=par)
     if par is not None and par.layout.pipeline > 1:
         logits = torch.bfloat16 if resolve_precision(cfg.train.precision, device) == "bf16" else None
-        micro = (cfg.train.batch_size, cfg.data.seq_len)
+        micro = (cfg.train.batch_size // par.layout.data, cfg.data.seq_len)  # this rank's share of a micro-batch
         run.schedule = build_schedule(
             model,  # type: ignore[arg-type]
-            cfg.parallel.pipeline_schedule, cfg.train.grad_accum, micro, device, logits,
+            cfg.parallel.pipeline_schedule, cfg.train.grad_accum, micro, device, logits, par.pp_group,
         )  # fmt: skip
         # a pipeline checkpoint records the optimizer's groups as one process holds them, so one process can resume it
         with torch.device("meta"):  # names and shapes only: no second copy of the weights
@@ -219,7 +219,10 @@ def _build_model(cfg: RunConfig, device, init_ckpt: Path | None, prepare_model, 
         prepare_model(model)
     if par is not None and par.layout.pipeline > 1:
         # this rank's stages only; the rest of the model is dropped with `model`
-        return build_rank(model, par.layout.pipeline, cfg.parallel.virtual_stages, par.rank)  # type: ignore[return-value]
+        stages = build_rank(model, par.layout.pipeline, cfg.parallel.virtual_stages, par.layout.pp_rank)
+        if par.layout.data > 1:
+            parallelize_stages(stages, par)
+        return stages  # type: ignore[return-value]
     if par is not None:
         parallelize(model, par, compile_blocks=cfg.train.compile)
     elif cfg.train.compile:

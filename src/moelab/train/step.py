@@ -77,24 +77,26 @@ def run_step(run: Run, sampler: Sampler, window: MoEWindow, ctx, lr: float) -> S
 
 def _pipeline_step(run: Run, sampler: Sampler, window: MoEWindow) -> StepResult:
     """The step under parallel.pipeline: the grad_accum micro-batches one process would
-    take in turn go through the schedule together; every rank sees the same batch, loss
-    and statistics."""
+    take in turn go through the schedule together, each data rank of a stage taking its
+    share of every micro-batch; every rank ends with the same loss and statistics."""
     M = run.cfg.train.grad_accum
+    assert run.par is not None
+    D, dp_rank = run.par.layout.data, run.par.layout.dp_rank
     with phase("data"):
-        parts = [unpack_batch(run.data.train.batch(sampler.next())) for _ in range(M)]
+        parts = [unpack_batch(run.data.train.batch(rank_slice(sampler.next(), dp_rank, D))) for _ in range(M)]
         if any(mask is not None for _, _, mask in parts):
             raise ConfigError("parallel.pipeline > 1 does not take padded (SFT) batches yet")
         x = torch.cat([p[0] for p in parts]).to(run.device)
         y = torch.cat([p[1] for p in parts]).to(run.device)
     with phase("forward"):  # forward and backward interleave inside the schedule
-        loss, lm, per_micro = pipeline_forward_backward(run.model, run.schedule, x, y, M)  # type: ignore[arg-type]
+        loss, lm, per_micro = pipeline_forward_backward(run.model, run.schedule, x, y, M, D)  # type: ignore[arg-type]
     loads = None
     for stats in per_micro:
         window.add(stats)
         step_loads = [s.tokens_per_expert for s in stats]
         loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads, strict=True)]
     with phase("optimizer"):
-        return _update(run, loss, lm, x.numel(), loads, pipeline=True)
+        return _update(run, loss, lm, x.numel() * D, loads, pipeline=True)
 
 
 def _update(
