@@ -113,56 +113,37 @@ def test_plan_per_rank_equals_a_real_two_process_run(layout):
         assert moe["bytes"]["params"] * 2 == one.bytes["params"]
 
 
-def test_pipeline_plan_per_rank_equals_the_ranks_tensors():
-    """`moelab memory --pipeline`: each rank's weights, gradients and AdamW state equal the
-    bytes of the tensors its stages hold after a step; its activations (one micro-batch's
-    saved tensors, measured, times the micro-batches in flight) within 20%."""
-    import torch
+def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
+    """`moelab memory --pipeline 2 --measure`: 2 real processes run the schedule; each
+    rank's weights, gradients and AdamW state equal the plan's bytes, and the activations
+    it keeps saved at once (the micro-batches in flight, measured at their peak) are
+    within 20% of the plan - under 1F1B the first rank holds two micro-batches, under
+    GPipe all four."""
+    import json
 
-    from moelab import Transformer
-    from moelab.analysis.pipeline_memory import bubble_fraction, in_flight, plan_stages
-    from moelab.parallel.pipeline import build_rank, lm_loss
-    from moelab.run_config import load_config
-    from moelab.train.optim import build_optimizer
+    from moelab.analysis.pipeline_measure import measure_pipeline
+    from moelab.analysis.pipeline_memory import bubble_fraction, plan_stages
+    from moelab.run_config import save_config
 
-    from conftest import TINY_MOE
+    from conftest import TINY_MOE, run_cli
 
+    recipe = tmp_path / "four-layers.yaml"
     cfg = load_config("tiny-moe", [*TINY_MOE, "model.n_layers=4"])
-    P, M, B, S = 2, 4, 2, 32
-    plan = plan_stages(cfg.model, pipeline=P, micro_batches=M, micro_batch=B, seq_len=S)
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    x = torch.randint(0, cfg.model.vocab_size, (B, S))
-    model(x, x).loss.backward()  # every parameter's gradient, as the stages' backward leaves them
-    h = x
-    for r in range(P):
-        rank = build_rank(model, P, 1, r)
-        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        opt = build_optimizer(rank, cfg.optim)
-        opt.step()
-        got = {
-            "params": nbytes(rank.parameters()),
-            "grads": nbytes(p.grad for p in rank.parameters()),
-            "optimizer": nbytes(t for st in opt.state.values() for t in st.values()),
-        }
-        assert {k: plan[r]["bytes"][k] for k in got} == got, r
-        saved: dict[int, int] = {}
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in weights:
-                saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
-            return t
-
-        h = h.detach().requires_grad_(r > 0)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            h = rank.stages[0](h)
-            if rank.stages[0].last:
-                lm_loss(h, x)
-        # the last stage's logits live until the loss's backward, as `measure_activation_bytes` counts them
-        logits = h.numel() * h.element_size() if rank.stages[0].last else 0
-        measured = (sum(saved.values()) + logits) * in_flight(r, P, M, "1f1b")
-        assert plan[r]["bytes"]["activations"] == pytest.approx(measured, rel=0.2), r
-    assert [s["micro_batches_in_flight"] for s in plan] == [2, 1]  # 1F1B: the first rank holds the most
+    save_config(cfg, recipe)
+    out = run_cli("memory", str(recipe), "--pipeline", "2", "--micro-batches", "4", "--micro-batch", "2",
+                  "--seq-len", "32", "--measure", "--json")[1]
+    pp = json.loads(out)[0]["pipeline"]
+    runs = {"1f1b": (pp["ranks"], pp["measured"])}
+    plan = plan_stages(cfg.model, pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, schedule="gpipe")
+    runs["gpipe"] = (plan, measure_pipeline(cfg.model, pipeline=2, micro_batches=4, micro_batch=2, seq_len=32,
+                                            schedule="gpipe", steps=2))
+    for schedule, (plan, measured) in runs.items():
+        for r, (want, got) in enumerate(zip(plan, measured, strict=True)):
+            for key in ("params", "grads", "optimizer"):
+                assert want["bytes"][key] == got[key], (schedule, r, key)
+            assert want["bytes"]["activations"] == pytest.approx(got["activations"], rel=0.2), (schedule, r)
+            assert 0 < got["bubble"] < 1, (schedule, r)  # every rank waits for a neighbour at some point
+    assert [s["micro_batches_in_flight"] for s in runs["1f1b"][0]] == [2, 1]  # 1F1B: the first rank holds the most
+    one = runs["1f1b"][1][0]["activations"]
+    assert runs["gpipe"][1][0]["activations"] > 1.5 * one  # GPipe keeps every micro-batch's activations
     assert bubble_fraction(2, 4) == pytest.approx(1 / 5) and bubble_fraction(2, 4, "interleaved_1f1b", 2) == 1 / 9

@@ -94,8 +94,9 @@ def plan_stages(
     return out
 
 
-def format_stages(stages: list[dict], bubble: float) -> str:
-    """The per-rank table and the bubble, as `moelab memory --pipeline` prints them."""
+def format_stages(stages: list[dict], bubble: float, measured: list[dict] | None = None) -> str:
+    """The per-rank table and the bubble, as `moelab memory --pipeline` prints them; with
+    `measured` (`analysis.pipeline_measure`), a measured row under each rank's plan."""
     mib = 2**20
     lines = ["rank  layers        params MiB  grads MiB  AdamW MiB  activations MiB (in flight)  total MiB"]
     for s in stages:
@@ -106,5 +107,18 @@ def format_stages(stages: list[dict], bubble: float) -> str:
             f"{b['optimizer'] / mib:>10.1f} {b['activations'] / mib:>16.1f} ({s['micro_batches_in_flight']:g})"
             f" {b['total'] / mib:>11.1f}"
         )
-    lines.append(f"bubble: {100 * bubble:.1f}% of each step idle on every rank")
+        if measured:
+            m = measured[s["rank"]]
+            total = sum(m[k] for k in ("params", "grads", "optimizer", "activations"))
+            lines.append(
+                f"{'':>4}  {'measured':<12} {m['params'] / mib:>10.1f} {m['grads'] / mib:>10.1f} "
+                f"{m['optimizer'] / mib:>10.1f} {m['activations'] / mib:>16.1f} {'':>4} {total / mib:>11.1f}"
+                f"   bubble {100 * m['bubble']:.1f}%"
+            )
+    lines.append(f"bubble: {100 * bubble:.1f}% of each step idle on every rank (predicted)")
+    if measured:
+        lines.append(
+            "measured bubble: the share of a step each rank did not spend in its stages' forward and backward "
+            "(waits and sends; a tiny model's is mostly communication)"
+        )
     return "\n".join(lines)

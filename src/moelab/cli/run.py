@@ -177,7 +177,8 @@ def cmd_memory(
         micro_batch: sequences per micro-batch
         seq_len: tokens per sequence; unset: the recipe's data.seq_len
         activation_checkpointing: recompute activations in the backward pass
-        measure: also run real steps here and measure (a run: its weights on its own text, every rank)
+        measure: also run real steps here and measure (a run: its weights on its own text, every rank; with
+            --pipeline: each pipeline rank's bytes and its measured bubble, in P real processes)
         pipeline: pipeline ranks: also the bytes per rank (its stages' weights, gradients, AdamW state and the
             activations of the micro-batches in flight at its peak) and the schedule's bubble
         micro_batches: micro-batches per step in the pipeline; unset: the recipe's train.grad_accum (at least P)
@@ -207,7 +208,8 @@ def cmd_memory(
         zero=zero,
         dtype=dtype,
         activation_checkpointing=activation_checkpointing,
-        measure=measure and run is None,  # a run is measured with its own weights and text, below
+        # a run is measured with its own weights and text, below; a pipeline by its ranks
+        measure=measure and run is None and pipeline == 1,
     )
     skew = None
     if run is not None and cfg.model.moe is not None:
@@ -227,6 +229,15 @@ def cmd_memory(
             "ranks": plan_stages(cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch,
                                  seq_len=seq_len, schedule=schedule, virtual=virtual_stages),
         }  # fmt: skip
+        if measure:
+            from ..analysis.pipeline_measure import measure_pipeline
+
+            require(dtype == "fp32" and not activation_checkpointing, "--measure", "fp32 without activation "
+                    "checkpointing with --pipeline (this machine's CPU)", dtype)  # fmt: skip
+            extra["pipeline"]["measured"] = measure_pipeline(
+                cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch, seq_len=seq_len,
+                schedule=schedule, virtual=virtual_stages,
+            )  # fmt: skip
     if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
         from ..model.quant import planned_bytes
 
@@ -251,7 +262,7 @@ def _print_extra(cfg, extra: dict) -> None:
 
         pp = extra["pipeline"]
         print(f"pipeline: {pp['pipeline']} ranks, {pp['schedule']}, {pp['micro_batches']} micro-batches (fp32, AdamW)")
-        print(format_stages(pp["ranks"], pp["bubble"]))
+        print(format_stages(pp["ranks"], pp["bubble"], pp.get("measured")))
     q = extra.get("quantized_weight_bytes")
     if q is not None:
         print(

@@ -1,0 +1,153 @@
+"""A pipeline's memory and bubble measured in real processes, per rank: what `moelab
+memory --pipeline P --measure` puts beside the plan of `analysis.pipeline_memory`.
+
+Each of P gloo processes builds its stages as `moelab train` does, runs real steps of the
+schedule (fp32, AdamW) and reads:
+  params, grads, optimizer  the bytes of the tensors it holds after a step;
+  activations               the peak, over the step, of the bytes autograd keeps saved
+                            at once (each storage once, weights excluded) - the in-flight
+                            micro-batches of the schedule, not one micro-batch times a
+                            count - plus the logits the last stage's loss reads;
+  bubble                    1 - (time in its stages' forward and backward) / (step time):
+                            what it spent waiting for its neighbours (and on sends).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig
+from ..model import Transformer
+from ..parallel.local import run_local
+from ..parallel.pipeline import build_rank, build_schedule
+from ..train.optim import param_groups
+
+
+class _Live:
+    """Bytes of saved activations alive now, and their peak: a storage counts once while any
+    tensor saved on it is still held by the graph (the graph drops it after its backward)."""
+
+    def __init__(self, weights: set[int]):
+        self.weights, self.now, self.peak = weights, 0, 0
+        self.refs: dict[int, list[int]] = {}  # storage address -> [bytes, holders]
+
+    def pack(self, t: torch.Tensor):
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return t
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self.weights:
+            return t
+        ref = self.refs.setdefault(key, [st.nbytes(), 0])
+        if ref[1] == 0:
+            self.now += ref[0]
+            self.peak = max(self.peak, self.now)
+        ref[1] += 1
+        return _Held(t, key, self)
+
+    @staticmethod
+    def unpack(held):
+        return held.t if isinstance(held, _Held) else held
+
+    def release(self, key: int) -> None:
+        ref = self.refs[key]
+        ref[1] -= 1
+        if ref[1] == 0:
+            self.now -= ref[0]
+            del self.refs[key]
+
+
+class _Held:
+    __slots__ = ("key", "live", "t")
+
+    def __init__(self, t: torch.Tensor, key: int, live: _Live):
+        self.t, self.key, self.live = t, key, live
+
+    def __del__(self):
+        self.live.release(self.key)
+
+
+def _timed(stage, busy: list[float]) -> None:
+    """Add the seconds `stage` computes (forward, backward) to busy[0]; its sends and waits are the schedule's."""
+    for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+        fn = getattr(stage, name, None)
+        if fn is None:
+            continue
+
+        def wrapped(*a, _fn=fn, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                busy[0] += time.perf_counter() - t0
+
+        setattr(stage, name, wrapped)
+
+
+def _nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
+
+
+def _measure_rank(rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, steps):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        rs = build_rank(Transformer(cfg), pipeline, virtual, rank)
+        sched = build_schedule(rs, schedule, micro_batches, (micro_batch, seq_len), torch.device("cpu"))
+        busy = [0.0]
+        for st in getattr(sched, "_stages", None) or [sched._stage]:
+            _timed(st, busy)
+        opt = torch.optim.AdamW(param_groups(rs, 0.1), lr=1e-4)
+        g = torch.Generator().manual_seed(0)  # the same batch on every rank
+        tokens = torch.randint(0, cfg.vocab_size, (micro_batch * micro_batches, seq_len + 1), generator=g)
+        first, last = any(s.first for s in rs.stages), any(s.last for s in rs.stages)
+        kw = {"target": tokens[:, 1:]} if last else {}
+        weights = {p.untyped_storage().data_ptr() for p in rs.parameters()}
+        out: dict = {}
+        for step in range(steps):
+            live = _Live(weights)
+            busy[0] = 0.0
+            dist.barrier()
+            t0 = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(live.pack, live.unpack):
+                sched.step(*((tokens[:, :-1],) if first else ()), **kw)
+            wall = time.perf_counter() - t0
+            grads = _nbytes(p.grad for p in rs.parameters() if p.grad is not None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            logits = micro_batch * seq_len * cfg.vocab_size * 4 if last else 0  # the loss reads them whole, fp32
+            if step == steps - 1 or not out:
+                out = {"activations": live.peak + logits, "grads": grads, "step_s": wall, "busy_s": busy[0]}
+        out.update(
+            params=_nbytes(rs.parameters()),
+            optimizer=_nbytes(t for st in opt.state.values() for t in st.values()),
+            peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            bubble=max(0.0, 1.0 - out["busy_s"] / max(out["step_s"], 1e-9)),
+        )
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_pipeline(
+    cfg: ModelConfig,
+    *,
+    pipeline: int,
+    micro_batches: int,
+    micro_batch: int,
+    seq_len: int,
+    schedule: str = "1f1b",
+    virtual: int = 1,
+    steps: int = 3,
+) -> list[dict]:
+    """Per pipeline rank, measured in `pipeline` real gloo processes on this machine (the
+    last of `steps` steps, after warm-up): bytes of params, grads, optimizer state and
+    peak saved activations, peak RSS, step and busy seconds, and the bubble."""
+    return run_local(
+        pipeline, _measure_rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, steps
+    )
