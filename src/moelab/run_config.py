@@ -144,6 +144,9 @@ class TrainConfig:
             raise ConfigError(f"{p}device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zb")
+
+
 @dataclass
 class ParallelConfig:
     """Layout of a multi-process run (torchrun): the expert-parallel degree, carved out of
@@ -155,18 +158,20 @@ class ParallelConfig:
     data_replicate: int = 0
     # pipeline stages (torch.distributed.pipelining); train.grad_accum micro-batches per step
     pipeline: int = 1
-    pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
-    virtual_stages: int = 1  # stages per rank (interleaved_1f1b: 2 or more)
+    # interleaved_1f1b, looped_bfs and interleaved_zb (zero bubble) run V >= 2 stages per rank
+    pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "looped_bfs", "interleaved_zb"] = "1f1b"
+    virtual_stages: int = 1  # stages per rank
+    pipeline_split: list[int] | None = None  # first layer of stages 1 .. P x V - 1; null: as even as possible
 
     def validate(self, p: str = "parallel.") -> None:
         """Raise ConfigError naming the first field that is not a usable degree."""
         _pos_int(self.expert, p + "expert")
         _pos_int(self.pipeline, p + "pipeline")
         _pos_int(self.virtual_stages, p + "virtual_stages")
-        if (self.virtual_stages > 1) != (self.pipeline_schedule == "interleaved_1f1b"):
+        if (self.virtual_stages > 1) != (self.pipeline_schedule in MULTI_STAGE_SCHEDULES):
             raise ConfigError(
                 f"{p}virtual_stages={self.virtual_stages} with {p}pipeline_schedule={self.pipeline_schedule}: "
-                "interleaved_1f1b needs 2 or more stages per rank, the others one"
+                f"{', '.join(MULTI_STAGE_SCHEDULES)} need 2 or more stages per rank, the others one"
             )
         for name in ("data_shard", "data_replicate"):
             v = getattr(self, name)
@@ -276,6 +281,8 @@ def _words(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         options = typing.get_args(hint)
         return f"one of {list(options)}" if len(options) > 1 else repr(options[0])
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list of integers" if typing.get_args(hint) == (int,) else "a list"
     args = typing.get_args(hint)
     if args:
         return " or ".join(_words(a) for a in args)

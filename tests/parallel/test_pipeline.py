@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from moelab import ConfigError, Transformer
-from moelab.parallel.pipeline import split_layers, stages_of
+from moelab.analysis.pipeline_memory import plan_stages
+from moelab.parallel.pipeline import build_rank, split_layers, stages_of
 from moelab.run_config import load_config
 from moelab.store.checkpoint import check_checkpoint, latest_checkpoint, model_tensors
 from moelab.train import train
@@ -50,36 +51,30 @@ def one_process(cfg):
     return {n: p.grad for n, p in m.named_parameters()}
 
 
-def pipeline_rank(rank, schedule):
+def pipeline_rank(rank, schedule, virtual):
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-    from moelab.parallel.pipeline import lm_loss
+    from moelab.parallel.pipeline import build_rank, build_schedule, pipeline_forward_backward
 
     dist.init_process_group("gloo")
     cfg = config()
     x, y = batch(cfg)
-    virtual = 2 if schedule == "interleaved" else 1
-    stages = stages_of(model(cfg), 2 * virtual)
-    mine = [s for i, s in enumerate(stages) if i % 2 == rank]  # stage i on rank i mod 2 (looped placement)
-    pipe = [PipelineStage(s, i, len(stages), torch.device("cpu")) for i, s in enumerate(stages) if i % 2 == rank]
-    sched = (ScheduleInterleaved1F1B(pipe, M, loss_fn=lm_loss) if virtual > 1
-             else Schedule1F1B(pipe[0], M, loss_fn=lm_loss))
-    losses = []
-    if rank == 0:
-        sched.step(x)
-    else:
-        sched.step(target=y, losses=losses)
-    grads = {n: p.grad.numpy().copy() for s in mine for n, p in s.named_parameters() if p.grad is not None}
+    rs = build_rank(model(cfg), 2, virtual, rank)  # stage i on rank i mod 2 (looped placement)
+    sched = build_schedule(rs, schedule, M, (x.shape[0] // M, x.shape[1]), torch.device("cpu"))
+    _, lm, _ = pipeline_forward_backward(rs, sched, x, y, M)
+    grads = {n: p.grad.numpy().copy() for n, p in rs.named_parameters() if p.grad is not None}
     dist.destroy_process_group()
-    return grads, [float(v) for v in losses]
+    return grads, lm
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
+SCHEDULES = {"1f1b": 1, "gpipe": 1, "interleaved_1f1b": 2, "looped_bfs": 2, "interleaved_zb": 2}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_pipeline_gradients_equal_one_process(schedule):
     cfg = config()
     ref = one_process(cfg)
-    results = spawn(2, pipeline_rank, schedule)
+    results = spawn(2, pipeline_rank, schedule, SCHEDULES[schedule])
     seen = {}
     for grads, _ in results:
         seen |= grads
@@ -90,7 +85,7 @@ def test_pipeline_gradients_equal_one_process(schedule):
     with torch.no_grad():
         m = model(cfg)
         want = [float(m(xm, ym).lm_loss) for xm, ym in zip(x.chunk(M), y.chunk(M), strict=True)]
-    assert results[1][1] == pytest.approx(want, abs=1e-6)  # the last stage's per-micro-batch LM losses
+    assert results[0][1] == results[1][1] == pytest.approx(sum(want) / M, abs=1e-6)  # the same on every rank
     # the first stage's routers: their balance loss is most of their gradient here, so a
     # pipeline that dropped it would be far off
     lm_only = one_process(config(lb_coef=0.0))
@@ -110,6 +105,11 @@ def test_stage_split():
         stages_of(model(tied), 2)
     names = [n for s in stages_of(model(config()), 2) for n in s.state_dict()]
     assert sorted(names) == sorted(model(config()).state_dict())  # the whole model's names, each once
+    # parallel.pipeline_split: the last stage also holds the head, so a recipe may give it fewer layers
+    first = build_rank(model(config()), 2, 1, 0, [3])
+    assert sorted(first.layers) == ["0", "1", "2"] and first.embed is not None and first.lm_head is None
+    plan = plan_stages(config(), pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, points=[3])
+    assert [r["layers"] for r in plan] == [[0, 1, 2], [3]]
 
 
 TRAIN = [*TINY_MOE, "model.n_layers=4", "train.grad_accum=4", "train.log_every=1", "train.eval_every=2",
@@ -154,11 +154,12 @@ PIPELINES = {
 
 def test_pipeline_with_expert_parallelism_equals_one_process(tmp_path, text_file):
     """PP=2 x EP=2 on 4 processes: each stage's 2 data ranks split every micro-batch and
-    exchange tokens between their experts; global balancing counts over both."""
+    exchange tokens between their experts; global balancing counts over both. The dense
+    weights FSDP2-sharded over the 2 (then replicated, for the resharding half)."""
     common = ["model.moe.balance_scope=global", "model.moe.bias_update_rate=0.01"]
     train_run(0, tmp_path / "one", text_file, common, 4, {})
     layout = ["parallel.pipeline=2", "parallel.expert=2", *common]
-    spawn(4, train_run, tmp_path / "four", text_file, layout, 4, {})
+    spawn(4, train_run, tmp_path / "four", text_file, [*layout, "parallel.data_shard=2"], 4, {})
     assert_same_runs(tmp_path / "one", tmp_path / "four")
     saved = check_checkpoint(latest_checkpoint(tmp_path / "four" / "checkpoints"))["layout"]
     assert (saved["pipeline"], saved["expert"], saved["world"]) == (2, 2, 4)
@@ -204,7 +205,13 @@ def test_bad_pipeline_layouts_are_named():
         (["parallel.pipeline=2", "train.grad_accum=2", "train.batch_size=3"], 4,
          "batch_size=3 .* does not split evenly over 2 data-parallel ranks"),
         (["parallel.pipeline=2", "train.grad_accum=2", "model.tie_embeddings=true"], 2, "tie_embeddings=false"),
-        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.virtual_stages=2"], 2, "interleaved_1f1b needs"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.virtual_stages=2"], 2, "interleaved_1f1b, .* need"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.pipeline_split=[4]"], 2,
+         r"parallel.pipeline_split: cannot split 2 layers at \[4\]"),
+        (["parallel.pipeline=2", "train.grad_accum=2", "parallel.pipeline_split=2"], 2,
+         "parallel.pipeline_split: expected a list of integers or null, got 2"),
+        (["parallel.pipeline=2", "train.grad_accum=3", "parallel.pipeline_schedule=interleaved_zb",
+          "parallel.virtual_stages=2", "model.n_layers=4"], 2, "interleaved_zb needs train.grad_accum .* divisible by"),
     ]
     for overrides, world, message in cases:
         with pytest.raises(ConfigError, match=message):  # when the config loads, or when the layout is planned

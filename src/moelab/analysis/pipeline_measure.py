@@ -5,17 +5,19 @@ Each of P gloo processes builds its stages as `moelab train` does, runs real ste
 schedule (fp32, AdamW) and reads:
   params, grads, optimizer  the bytes of the tensors it holds after a step;
   activations               the peak, over the step, of the bytes autograd keeps saved
-                            at once (each storage once, weights excluded) - the in-flight
-                            micro-batches of the schedule, not one micro-batch times a
-                            count - plus the logits the last stage's loss reads;
-  bubble                    1 - (time in its stages' forward and backward) / (step time):
-                            what it spent waiting for its neighbours (and on sends).
+                            at once (each storage once, weights excluded) and of the last
+                            stage's logits the schedule keeps for their backward - the
+                            in-flight micro-batches of the schedule, not one micro-batch
+                            times a count;
+  bubble                    1 - (time in its stages' forward, loss and backward) / (step
+                            time): what it spent waiting for its neighbours (and on sends).
 """
 
 from __future__ import annotations
 
 import resource
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from ..config import ModelConfig
 from ..model import Transformer
 from ..parallel.local import run_local
-from ..parallel.pipeline import build_rank, build_schedule
+from ..parallel.pipeline import build_rank, build_schedule, step_schedule
 from ..train.optim import param_groups
 
 
@@ -32,7 +34,12 @@ class _Live:
     tensor saved on it is still held by the graph (the graph drops it after its backward)."""
 
     def __init__(self, weights: set[int]):
-        self.weights, self.now, self.peak = weights, 0, 0
+        self.weights = weights
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new count (a new step)."""
+        self.now, self.peak = 0, 0
         self.refs: dict[int, list[int]] = {}  # storage address -> [bytes, holders]
 
     def pack(self, t: torch.Tensor):
@@ -49,12 +56,25 @@ class _Live:
         ref[1] += 1
         return _Held(t, key, self)
 
+    def hold(self, t: torch.Tensor) -> None:
+        """Count `t` (not saved by autograd: a stage output the schedule keeps) until it is freed."""
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        ref = self.refs.setdefault(key, [st.nbytes(), 0])
+        if ref[1] == 0:
+            self.now += ref[0]
+            self.peak = max(self.peak, self.now)
+        ref[1] += 1
+        weakref.finalize(t, self.release, key)
+
     @staticmethod
     def unpack(held):
         return held.t if isinstance(held, _Held) else held
 
     def release(self, key: int) -> None:
-        ref = self.refs[key]
+        ref = self.refs.get(key)
+        if ref is None:  # counted before the last reset
+            return
         ref[1] -= 1
         if ref[1] == 0:
             self.now -= ref[0]
@@ -71,10 +91,10 @@ class _Held:
         self.live.release(self.key)
 
 
-def _timed(stage, busy: list[float]) -> None:
-    """Add the seconds `stage` computes (forward, backward) to busy[0]; its sends and waits are the schedule's."""
-    for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
-        fn = getattr(stage, name, None)
+def _timed(obj, names: tuple[str, ...], busy: list[float]) -> None:
+    """Add the seconds `obj`'s methods `names` run to busy[0] (compute: sends and waits are the schedule's)."""
+    for name in names:
+        fn = getattr(obj, name, None)
         if fn is None:
             continue
 
@@ -85,44 +105,47 @@ def _timed(stage, busy: list[float]) -> None:
             finally:
                 busy[0] += time.perf_counter() - t0
 
-        setattr(stage, name, wrapped)
+        setattr(obj, name, wrapped)
 
 
 def _nbytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
 
 
-def _measure_rank(rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, steps):
+def _measure_rank(rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, points, steps):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         torch.manual_seed(0)
-        rs = build_rank(Transformer(cfg), pipeline, virtual, rank)
+        rs = build_rank(Transformer(cfg), pipeline, virtual, rank, points)
         sched = build_schedule(rs, schedule, micro_batches, (micro_batch, seq_len), torch.device("cpu"))
         busy = [0.0]
         for st in getattr(sched, "_stages", None) or [sched._stage]:
-            _timed(st, busy)
+            _timed(st, ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"), busy)
+        _timed(sched, ("_maybe_compute_loss",), busy)
+        live = _Live({p.untyped_storage().data_ptr() for p in rs.parameters()})
+        for st in rs.stages:  # the logits stay cached for their backward, as one process's loss keeps them
+            if st.last:
+                st.register_forward_hook(lambda _m, _i, out: live.hold(out) if torch.is_grad_enabled() else None)
         opt = torch.optim.AdamW(param_groups(rs, 0.1), lr=1e-4)
         g = torch.Generator().manual_seed(0)  # the same batch on every rank
         tokens = torch.randint(0, cfg.vocab_size, (micro_batch * micro_batches, seq_len + 1), generator=g)
         first, last = any(s.first for s in rs.stages), any(s.last for s in rs.stages)
         kw = {"target": tokens[:, 1:]} if last else {}
-        weights = {p.untyped_storage().data_ptr() for p in rs.parameters()}
         out: dict = {}
         for step in range(steps):
-            live = _Live(weights)
+            live.reset()
             busy[0] = 0.0
             dist.barrier()
             t0 = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(live.pack, live.unpack):
-                sched.step(*((tokens[:, :-1],) if first else ()), **kw)
+                step_schedule(sched, *((tokens[:, :-1],) if first else ()), **kw)
             wall = time.perf_counter() - t0
             grads = _nbytes(p.grad for p in rs.parameters() if p.grad is not None)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            logits = micro_batch * seq_len * cfg.vocab_size * 4 if last else 0  # the loss reads them whole, fp32
             if step == steps - 1 or not out:
-                out = {"activations": live.peak + logits, "grads": grads, "step_s": wall, "busy_s": busy[0]}
+                out = {"activations": live.peak, "grads": grads, "step_s": wall, "busy_s": busy[0]}
         out.update(
             params=_nbytes(rs.parameters()),
             optimizer=_nbytes(t for st in opt.state.values() for t in st.values()),
@@ -143,11 +166,12 @@ def measure_pipeline(
     seq_len: int,
     schedule: str = "1f1b",
     virtual: int = 1,
+    points: list[int] | None = None,
     steps: int = 3,
 ) -> list[dict]:
     """Per pipeline rank, measured in `pipeline` real gloo processes on this machine (the
     last of `steps` steps, after warm-up): bytes of params, grads, optimizer state and
     peak saved activations, peak RSS, step and busy seconds, and the bubble."""
     return run_local(
-        pipeline, _measure_rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, steps
+        pipeline, _measure_rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, points, steps
     )

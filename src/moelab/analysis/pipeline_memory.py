@@ -4,12 +4,14 @@ Weights, gradients and AdamW state of a rank are exact: its stages' parameters, 
 on the `meta` device by the same split `parallel.pipeline` trains with. Activations are
 one micro-batch's (the per-token terms of `analysis.memory`, for the rank's layers, the
 head's on the last stage) times the micro-batches in flight at the rank's peak:
-  GPipe            all M forwards before the first backward;
-  1F1B             rank r: min(P - r, M) - the first rank holds the most;
-  interleaved 1F1B rank r: min(V M, 2 (P - r - 1) + (V - 1) P + 1) chunks of 1/V of its
-                   layers (Megatron's warm-up count; approximate).
+  GPipe, looped BFS  all M forwards (of each of its stages) before the first backward;
+  1F1B               rank r: min(P - r, M) - the first rank holds the most;
+  interleaved 1F1B   rank r: min(V M, 2 (P - r - 1) + (V - 1) P + 1) chunks of 1/V of its
+  and zero bubble    layers (Megatron's warm-up count; approximate).
 Bubble: the share of a step a rank idles, (P - 1) / (M + P - 1) for GPipe and 1F1B,
-(P - 1) / (V M + P - 1) interleaved.
+(P - 1) / (V M + P - 1) for the multi-stage schedules (for zero bubble an upper bound:
+it fills part of it with weight-gradient work). `analysis.pipeline_measure` measures both
+in real processes.
 """
 
 from __future__ import annotations
@@ -19,20 +21,21 @@ import torch
 from ..config import ModelConfig
 from ..model import Transformer
 from ..parallel.pipeline import split_layers
+from ..run_config import MULTI_STAGE_SCHEDULES
 from .memory import activation_elements_per_token
 
 
 def bubble_fraction(pipeline: int, micro_batches: int, schedule: str = "1f1b", virtual: int = 1) -> float:
     """The idle share of a step: (P - 1) / (M + P - 1), or (P - 1) / (V M + P - 1) interleaved."""
-    work = micro_batches * (virtual if schedule == "interleaved_1f1b" else 1)
+    work = micro_batches * (virtual if schedule in MULTI_STAGE_SCHEDULES else 1)
     return (pipeline - 1) / (work + pipeline - 1)
 
 
 def in_flight(rank: int, pipeline: int, micro_batches: int, schedule: str, virtual: int = 1) -> float:
     """Micro-batches whose activations rank `rank` holds at its peak (in units of its whole share of layers)."""
-    if schedule == "gpipe":
+    if schedule in ("gpipe", "looped_bfs"):
         return micro_batches
-    if schedule == "interleaved_1f1b":
+    if schedule in ("interleaved_1f1b", "interleaved_zb"):
         chunks = min(virtual * micro_batches, 2 * (pipeline - rank - 1) + (virtual - 1) * pipeline + 1)
         return chunks / virtual
     return min(pipeline - rank, micro_batches)
@@ -47,13 +50,14 @@ def plan_stages(
     seq_len: int,
     schedule: str = "1f1b",
     virtual: int = 1,
+    points: list[int] | None = None,
 ) -> list[dict]:
     """Per pipeline rank (fp32, AdamW): its layers and bytes of params, grads, optimizer,
-    activations and their total."""
+    activations and their total; stages cut at `points` (parallel.pipeline_split) or evenly."""
     with torch.device("meta"):
         model = Transformer(cfg)
     S = pipeline * virtual
-    parts = split_layers(cfg.n_layers, S)
+    parts = split_layers(cfg.n_layers, S, points)
     act = activation_elements_per_token(cfg)
     per_layer = {
         i: act["attention"] / cfg.n_layers
@@ -94,6 +98,17 @@ def plan_stages(
     return out
 
 
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 4, 5] -> "0-1,4-5" (an interleaved rank holds runs of layers apart)."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "-"
+
+
 def format_stages(stages: list[dict], bubble: float, measured: list[dict] | None = None) -> str:
     """The per-rank table and the bubble, as `moelab memory --pipeline` prints them; with
     `measured` (`analysis.pipeline_measure`), a measured row under each rank's plan."""
@@ -101,7 +116,7 @@ def format_stages(stages: list[dict], bubble: float, measured: list[dict] | None
     lines = ["rank  layers        params MiB  grads MiB  AdamW MiB  activations MiB (in flight)  total MiB"]
     for s in stages:
         b = s["bytes"]
-        layers = f"{s['layers'][0]}-{s['layers'][-1]}" if s["layers"] else "-"
+        layers = _ranges(s["layers"])
         lines.append(
             f"{s['rank']:>4}  {layers:<12} {b['params'] / mib:>10.1f} {b['grads'] / mib:>10.1f} "
             f"{b['optimizer'] / mib:>10.1f} {b['activations'] / mib:>16.1f} ({s['micro_batches_in_flight']:g})"

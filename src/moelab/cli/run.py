@@ -161,7 +161,7 @@ def cmd_memory(
     measure: bool = False,
     pipeline: int = 1,
     micro_batches: int | None = None,
-    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b",
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "looped_bfs", "interleaved_zb"] = "1f1b",
     virtual_stages: int = 1,
     as_json: Json = False,
 ):
@@ -182,8 +182,8 @@ def cmd_memory(
         pipeline: pipeline ranks: also the bytes per rank (its stages' weights, gradients, AdamW state and the
             activations of the micro-batches in flight at its peak) and the schedule's bubble
         micro_batches: micro-batches per step in the pipeline; unset: the recipe's train.grad_accum (at least P)
-        schedule: pipeline schedule
-        virtual_stages: stages per rank (interleaved_1f1b)
+        schedule: pipeline schedule (the stages are cut at the recipe's parallel.pipeline_split, or evenly)
+        virtual_stages: stages per rank (interleaved_1f1b, looped_bfs, interleaved_zb)
         as_json: print the plans as JSON
     """
     from ..analysis.memory import format_plans, plan_and_measure
@@ -218,8 +218,11 @@ def cmd_memory(
     extra = {"skewed_activations": skew} if skew is not None else {}
     if pipeline > 1:
         from ..analysis.pipeline_memory import bubble_fraction, plan_stages
+        from ..run_config import MULTI_STAGE_SCHEDULES
 
         positive(micro_batches=micro_batches, virtual_stages=virtual_stages)
+        multi = schedule in MULTI_STAGE_SCHEDULES
+        require((virtual_stages > 1) == multi, "--virtual-stages", "2 or more" if multi else "1", virtual_stages)
         M = micro_batches or max(cfg.train.grad_accum, pipeline)
         require(pipeline * virtual_stages <= cfg.model.n_layers, "--pipeline", "at most model.n_layers stages",
                 pipeline * virtual_stages)  # fmt: skip
@@ -227,7 +230,8 @@ def cmd_memory(
             "pipeline": pipeline, "micro_batches": M, "schedule": schedule, "virtual_stages": virtual_stages,
             "bubble": bubble_fraction(pipeline, M, schedule, virtual_stages),
             "ranks": plan_stages(cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch,
-                                 seq_len=seq_len, schedule=schedule, virtual=virtual_stages),
+                                 seq_len=seq_len, schedule=schedule, virtual=virtual_stages,
+                                 points=cfg.parallel.pipeline_split),
         }  # fmt: skip
         if measure:
             from ..analysis.pipeline_measure import measure_pipeline
@@ -236,7 +240,7 @@ def cmd_memory(
                     "checkpointing with --pipeline (this machine's CPU)", dtype)  # fmt: skip
             extra["pipeline"]["measured"] = measure_pipeline(
                 cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch, seq_len=seq_len,
-                schedule=schedule, virtual=virtual_stages,
+                schedule=schedule, virtual=virtual_stages, points=cfg.parallel.pipeline_split,
             )  # fmt: skip
     if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
         from ..model.quant import planned_bytes

@@ -32,8 +32,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..errors import ConfigError
-from ..run_config import RunConfig
+from ..run_config import MULTI_STAGE_SCHEDULES, RunConfig
 from ..runtime import pick_device
+from .pipeline import split_layers
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,15 @@ def _plan_pipeline(cfg: RunConfig, world: int, rank: int) -> Layout:
     E, shard, rep = _plan_data(cfg, D, f"world size {world} / parallel.pipeline={P}")
     if m.n_layers < P * V:
         raise ConfigError(f"parallel.pipeline={P} x virtual_stages={V} stages exceed model.n_layers={m.n_layers}")
+    split_layers(m.n_layers, P * V, p.pipeline_split)  # ConfigError naming parallel.pipeline_split
     if t.grad_accum < P:
         raise ConfigError(
             f"train.grad_accum={t.grad_accum} micro-batches cannot fill a pipeline of {P} stages: use at least {P}"
         )
-    if p.pipeline_schedule == "interleaved_1f1b" and t.grad_accum % P:
-        raise ConfigError(f"interleaved_1f1b needs train.grad_accum (micro-batches) divisible by parallel.pipeline={P}")
+    if p.pipeline_schedule in MULTI_STAGE_SCHEDULES and t.grad_accum % P:
+        raise ConfigError(
+            f"{p.pipeline_schedule} needs train.grad_accum (micro-batches) divisible by parallel.pipeline={P}"
+        )
     if m.tie_embeddings:
         raise ConfigError("parallel.pipeline > 1 needs model.tie_embeddings=false (embedding and head on two stages)")
     if t.activation_checkpointing and m.moe is not None and m.moe.balance_scope == "global":

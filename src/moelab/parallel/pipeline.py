@@ -24,6 +24,8 @@ statistics summed over the ranks so every rank logs and decides alike) and
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -33,6 +35,15 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from ..model import Transformer
 from ..moe import MoE, MoEStats
+
+# parallel.pipeline_schedule -> torch.distributed.pipelining's schedule class
+SCHEDULES = {
+    "1f1b": "Schedule1F1B",
+    "gpipe": "ScheduleGPipe",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "looped_bfs": "ScheduleLoopedBFS",
+    "interleaved_zb": "ScheduleInterleavedZeroBubble",
+}
 
 
 class _AttachAux(torch.autograd.Function):
@@ -57,14 +68,17 @@ def split_layers(n_layers: int, stages: int, points: list[int] | None = None) ->
     """The decoder blocks of each stage: at `points` (the first block of stages 1..P-1), or
     as even as the layer count allows (earlier stages take the remainder: the last stage
     also holds the head). ConfigError when a stage would be empty."""
+    given = points is not None
     if points is None:
         base, extra = divmod(n_layers, stages)
         sizes = [base + (1 if s < extra else 0) for s in range(stages)]
         points = [sum(sizes[: s + 1]) for s in range(stages - 1)]
     bounds = [0, *points, n_layers]
     if len(bounds) != stages + 1 or any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
+        field = "parallel.pipeline_split" if given else "parallel.pipeline x virtual_stages"
         raise ConfigError(
-            f"parallel.pipeline={stages}: cannot split {n_layers} layers at {points} into {stages} non-empty stages"
+            f"{field}: cannot split {n_layers} layers at {points} into {stages} non-empty stages "
+            f"(expected {stages - 1} increasing layer indices, each the first layer of a stage after the first)"
         )
     return [range(b, c) for b, c in zip(bounds, bounds[1:], strict=False)]
 
@@ -117,6 +131,8 @@ class Stage(nn.Module):
         if self.norm is not None:
             assert self.output_weight is not None
             x = F.linear(self.norm(x), self.output_weight())
+        if x._is_view():  # attach_aux's output: zero-bubble schedules detach_() stage outputs, which a view refuses
+            x = x.clone()
         return x
 
 
@@ -167,11 +183,14 @@ class RankStages(nn.Module):
                 layer.ffn.router.update_bias(loads_all[self.moe_index[int(key)]])
 
 
-def build_rank(model: Transformer, pipeline: int, virtual: int, rank: int) -> RankStages:
-    """The stages rank `rank` holds (stage s lives on rank s mod P: the looped placement the
-    interleaved schedule expects), cut from `model` (identical on every rank)."""
+def build_rank(
+    model: Transformer, pipeline: int, virtual: int, rank: int, points: list[int] | None = None
+) -> RankStages:
+    """The stages pipeline rank `rank` holds (stage s lives on rank s mod P: the looped
+    placement the multi-stage schedules expect), cut from `model` (identical on every rank)
+    at `points` (parallel.pipeline_split) or evenly."""
     S = pipeline * virtual
-    parts = split_layers(model.cfg.n_layers, S)
+    parts = split_layers(model.cfg.n_layers, S, points)
     idx = [s for s in range(S) if s % pipeline == rank]
     stages = [Stage(model, parts[s], s == 0, s == S - 1) for s in idx]
     return RankStages(model, stages, idx, S)
@@ -190,7 +209,7 @@ def build_schedule(
     micro-batches of `micro_shape` (B, S) tokens (this rank's share), between the ranks of
     `group` (this rank's pipeline; None = the world). Each stage's input and output shapes
     are given, so no shape-finding forward runs (it would count as a micro-batch)."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import PipelineStage, schedules
 
     B, S = micro_shape
     cfg = rank_stages.cfg
@@ -213,10 +232,13 @@ def build_schedule(
         )
         for st, i in zip(rank_stages.stages, rank_stages.indices, strict=True)
     ]
-    if kind == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(pipe, micro_batches, loss_fn=lm_loss)
-    cls = Schedule1F1B if kind == "1f1b" else ScheduleGPipe
-    return cls(pipe[0], micro_batches, loss_fn=lm_loss)
+    name = SCHEDULES[kind]
+    cls = getattr(schedules, name, None)
+    if cls is None:
+        raise ConfigError(f"parallel.pipeline_schedule={kind}: this torch ({torch.__version__}) has no {name}")
+    if kind in ("1f1b", "gpipe"):
+        return cls(pipe[0], micro_batches, loss_fn=lm_loss)
+    return cls(pipe, micro_batches, loss_fn=lm_loss)
 
 
 @torch.no_grad()
@@ -244,6 +266,15 @@ def _gather(
     return stats, losses / data
 
 
+def step_schedule(schedule, *args, **kwargs) -> None:
+    """schedule.step without keeping the last stage's outputs: torch keeps every
+    micro-batch's logits to return them merged (M x tokens x vocab floats on the last
+    rank until the next step) unless told not to (`return_outputs`, torch >= 2.8)."""
+    if "return_outputs" in inspect.signature(schedule.step).parameters:
+        kwargs["return_outputs"] = False
+    schedule.step(*args, **kwargs)
+
+
 def pipeline_forward_backward(
     rank_stages: RankStages, schedule, x: torch.Tensor, y: torch.Tensor, micro: int, data: int = 1
 ):
@@ -258,7 +289,7 @@ def pipeline_forward_backward(
     first = any(st.first for st in rank_stages.stages)
     last = any(st.last for st in rank_stages.stages)
     kw = {"target": y, "losses": losses} if last else {}
-    schedule.step(*((x,) if first else ()), **kw)
+    step_schedule(schedule, *((x,) if first else ()), **kw)
     stats, lm = _gather(rank_stages, micro, [float(v.detach()) for v in losses], x.device, data)
     for st in rank_stages.stages:
         st.record = None

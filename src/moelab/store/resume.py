@@ -35,6 +35,7 @@ RESUMABLE = (
     "parallel.pipeline",
     "parallel.pipeline_schedule",
     "parallel.virtual_stages",
+    "parallel.pipeline_split",
 )
 
 

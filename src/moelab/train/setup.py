@@ -219,7 +219,9 @@ def _build_model(cfg: RunConfig, device, init_ckpt: Path | None, prepare_model, 
         prepare_model(model)
     if par is not None and par.layout.pipeline > 1:
         # this rank's stages only; the rest of the model is dropped with `model`
-        stages = build_rank(model, par.layout.pipeline, cfg.parallel.virtual_stages, par.layout.pp_rank)
+        stages = build_rank(
+            model, par.layout.pipeline, cfg.parallel.virtual_stages, par.layout.pp_rank, cfg.parallel.pipeline_split
+        )
         if par.layout.data > 1:
             parallelize_stages(stages, par)
         return stages  # type: ignore[return-value]
