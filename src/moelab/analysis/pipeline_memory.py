@@ -7,7 +7,8 @@ head's on the last stage) times the micro-batches in flight at the rank's peak:
   GPipe, looped BFS  all M forwards (of each of its stages) before the first backward;
   1F1B               rank r: min(P - r, M) - the first rank holds the most;
   interleaved 1F1B   rank r: min(V M, 2 (P - r - 1) + (V - 1) P + 1) chunks of 1/V of its
-  and zero bubble    layers (Megatron's warm-up count; approximate).
+  and zero bubble    layers (Megatron's warm-up count; approximate; for zero bubble a lower
+                     bound: a deferred weight gradient keeps its inputs until it runs).
 Bubble: the share of a step a rank idles, (P - 1) / (M + P - 1) for GPipe and 1F1B,
 (P - 1) / (V M + P - 1) for the multi-stage schedules (for zero bubble an upper bound:
 it fills part of it with weight-gradient work). `analysis.pipeline_measure` measures both

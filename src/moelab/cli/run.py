@@ -267,6 +267,11 @@ def _print_extra(cfg, extra: dict) -> None:
         pp = extra["pipeline"]
         print(f"pipeline: {pp['pipeline']} ranks, {pp['schedule']}, {pp['micro_batches']} micro-batches (fp32, AdamW)")
         print(format_stages(pp["ranks"], pp["bubble"], pp.get("measured")))
+        if pp["schedule"] == "interleaved_zb":
+            print(
+                "interleaved_zb: the activations are a lower bound - the deferred weight gradients keep theirs "
+                "(and the graph) until they run; --measure shows how much more"
+            )
     q = extra.get("quantized_weight_bytes")
     if q is not None:
         print(
