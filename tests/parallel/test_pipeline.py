@@ -178,6 +178,32 @@ def test_pipeline_training_equals_one_process(tmp_path, text_file, name):
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
 
+def poison_third_step(model):
+    """prepare_model: the embedding's gradient is NaN in the third step's first backward
+    (4 micro-batches a step) - on one pipeline rank only, the one that holds the embedding."""
+    calls = {"n": 0}
+
+    def hook(g):
+        calls["n"] += 1
+        return g * float("nan") if calls["n"] == 9 else g
+
+    model.embed.weight.register_hook(hook)
+
+
+def test_a_nan_on_one_stage_is_skipped_by_every_rank(tmp_path, text_file):
+    """The gradient norm sums every rank's squares, so a NaN on the first stage alone makes
+    both ranks skip the same step, as one process does; the runs then go on alike."""
+    skip = ["train.on_nonfinite=skip"]
+    train_run(0, tmp_path / "one", text_file, skip, 5, {"prepare_model": poison_third_step})
+    spawn(2, train_run, tmp_path / "two", text_file, ["parallel.pipeline=2", *skip], 5,
+          {"prepare_model": poison_third_step})
+    for run in ("one", "two"):
+        recs = records(tmp_path / run)
+        assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 1, 1], run
+        assert recs[2]["grad_norm"] == "nan", run
+    assert_same_runs(tmp_path / "one", tmp_path / "two", steps=[1, 2, 4, 5])
+
+
 def test_pipeline_checkpoints_resume_in_one_process_and_back(tmp_path, text_file):
     train_run(0, tmp_path / "ref", text_file, [], 4, {})
     # two pipeline ranks stop at step 2; one process resumes to 4
