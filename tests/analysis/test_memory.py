@@ -147,3 +147,6 @@ def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
     one = runs["1f1b"][1][0]["activations"]
     assert runs["gpipe"][1][0]["activations"] > 1.5 * one  # GPipe keeps every micro-batch's activations
     assert bubble_fraction(2, 4) == pytest.approx(1 / 5) and bubble_fraction(2, 4, "interleaved_1f1b", 2) == 1 / 9
+    # the plan is of pipeline ranks alone: asked to divide them further, it says so instead of ignoring it
+    rc, _, err = run_cli("memory", str(recipe), "--pipeline", "2", "--devices", "2", check=False)
+    assert rc == 2 and "--devices/--zero: expected 1 and 0 with --pipeline" in err

@@ -222,6 +222,9 @@ def cmd_memory(
 
         positive(micro_batches=micro_batches, virtual_stages=virtual_stages)
         multi = schedule in MULTI_STAGE_SCHEDULES
+        # the per-rank plan is of pipeline ranks alone: a silent plan that ignored the other axes would mislead
+        require(devices == 1 and zero == 0, "--devices/--zero", "1 and 0 with --pipeline (the pipeline plan "
+                "does not divide its ranks further yet)", (devices, zero))  # fmt: skip
         require((virtual_stages > 1) == multi, "--virtual-stages", "2 or more" if multi else "1", virtual_stages)
         M = micro_batches or max(cfg.train.grad_accum, pipeline)
         require(pipeline * virtual_stages <= cfg.model.n_layers, "--pipeline", "at most model.n_layers stages",
