@@ -4,6 +4,10 @@ every run on the whole held-out split with `moelab eval`. Finished runs are reus
 
     python benchmarks/quality_sweep.py --data stdlib --out runs/quality/stdlib --steps 1000 --jobs 2
     python benchmarks/quality_sweep.py --data /usr/share/vim/vim90/doc --out runs/quality/vimdoc --steps 1000
+    # the MoE against its dense twin, both with Muon, on three corpora x three seeds, pooled:
+    python benchmarks/quality_sweep.py --data /usr/share/vim/vim90/doc,stdlib,/usr/share/perl/5.36.0 \
+        --out runs/quality/three --steps 1000 --seeds 0,1,2 --variants dense-muon,moe-8x2-lean-muon \
+        --reference dense-muon
 
 A variant is a recipe plus overrides; every MoE variant keeps the dense FFN's active
 width (top_k x d_expert [+ shared] = d_ff), so active parameters per token stay equal
@@ -59,53 +63,69 @@ def run_one(name: str, data: str, out: Path, steps: int, seed: int, threads: int
         raise RuntimeError(f"{name} eval: {r.stderr[-2000:]}")
     ev = json.loads(r.stdout)
     cfg_params = json.loads(moelab("memory", str(run / "config.yaml"), "--json").stdout)[0]
-    return {"name": name, "seed": seed, "val_loss": ev["loss"], "tokens": ev["tokens"],
+    return {"name": name, "seed": seed, "data": data, "val_loss": ev["loss"], "tokens": ev["tokens"],
             "params_total": cfg_params["params_total"], "params_active": cfg_params["params_active"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", required=True, help="a corpus, or several separated by commas (pooled at the end)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--reference", default="dense", help="the variant the others are judged against")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with --threads)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], dest="extra", help="override for every run")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(v, int(s)) for s in a.seeds.split(",") for v in a.variants.split(",")]
+    corpora = a.data.split(",")
+    variants = a.variants.split(",")
+    if a.reference not in variants:
+        variants.insert(0, a.reference)
+    # seed-major, the reference and its variants side by side: a stopped sweep has whole pairs
+    jobs = [(v, int(s), c) for s in a.seeds.split(",") for c in corpora for v in variants]
+
+    def where(corpus: str) -> Path:
+        return out / Path(corpus).name if len(corpora) > 1 else out
+
     with ThreadPoolExecutor(a.jobs) as pool:
-        rows = list(pool.map(lambda j: run_one(j[0], a.data, out, a.steps, j[1], a.threads, a.extra), jobs))
+        rows = list(pool.map(lambda j: run_one(j[0], j[2], where(j[2]), a.steps, j[1], a.threads, a.extra), jobs))
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    dense = {r["seed"]: r["val_loss"] for r in rows if r["name"] == "dense"}
-    print("| variant | seed | held-out loss | vs dense | params total | params active |\n|---|---:|---:|---:|---:|---:|")
+    ref = {(r["data"], r["seed"]): r["val_loss"] for r in rows if r["name"] == a.reference}
+    print(f"| corpus | variant | seed | held-out loss | vs {a.reference} | params total | params active |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        rel = f"{(r['val_loss'] / dense[r['seed']] - 1) * 100:+.2f}%" if r["seed"] in dense else "-"
-        print(f"| {r['name']} | {r['seed']} | {r['val_loss']:.4f} | {rel} | {r['params_total']:,} | "
+        key = (r["data"], r["seed"])
+        rel = f"{(r['val_loss'] / ref[key] - 1) * 100:+.2f}%" if key in ref else "-"
+        print(f"| {r['data']} | {r['name']} | {r['seed']} | {r['val_loss']:.4f} | {rel} | {r['params_total']:,} | "
               f"{r['params_active']:,} |")
-    seeds_summary(rows)
+    for corpus in corpora:
+        seeds_summary([r for r in rows if r["data"] == corpus], a.reference, corpus)
+    if len(corpora) > 1:
+        seeds_summary(rows, a.reference, f"all {len(corpora)} corpora, pooled")
 
 
-def seeds_summary(rows: list[dict]) -> None:
-    """Each variant against dense over the seeds both have: the 95% interval of the paired
-    loss difference and the verdict it gives (moelab compare --seeds's rule)."""
+def seeds_summary(rows: list[dict], reference: str = "dense", title: str = "") -> None:
+    """Each variant against the reference over the (corpus, seed) pairs both have: the 95%
+    interval of the paired loss difference and the verdict it gives (moelab compare
+    --seeds's rule; pooled over corpora when the rows span several)."""
     from moelab.analysis.seeds import paired_interval, verdict
 
-    dense = {r["seed"]: r["val_loss"] for r in rows if r["name"] == "dense"}
-    names = dict.fromkeys(r["name"] for r in rows if r["name"] != "dense")
+    ref = {(r.get("data"), r["seed"]): r["val_loss"] for r in rows if r["name"] == reference}
+    names = dict.fromkeys(r["name"] for r in rows if r["name"] != reference)
     lines = []
     for name in names:
-        mine = {r["seed"]: r["val_loss"] for r in rows if r["name"] == name}
-        seeds = sorted(set(mine) & set(dense))
-        if len(seeds) >= 2:
-            mean, low, high = paired_interval([dense[s] for s in seeds], [mine[s] for s in seeds])
-            lines.append(f"| {name} | {len(seeds)} | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict(low, high)} |")
+        mine = {(r.get("data"), r["seed"]): r["val_loss"] for r in rows if r["name"] == name}
+        pairs = sorted(set(mine) & set(ref), key=str)
+        if len(pairs) >= 2:
+            mean, low, high = paired_interval([ref[p] for p in pairs], [mine[p] for p in pairs])
+            lines.append(f"| {name} | {len(pairs)} | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict(low, high)} |")
     if lines:
-        print("\n| variant | seeds | loss - dense (mean) | 95% interval | verdict |\n|---|---:|---:|---|---|")
-        print("\n".join(lines))
+        print(f"\n{title}\n| variant | pairs | loss - {reference} (mean) | 95% interval | verdict |")
+        print("|---|---:|---:|---|---|\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
