@@ -45,27 +45,23 @@ class _Live:
     def pack(self, t: torch.Tensor):
         if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
             return t
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key in self.weights:
+        if t.untyped_storage().data_ptr() in self.weights:
             return t
-        ref = self.refs.setdefault(key, [st.nbytes(), 0])
-        if ref[1] == 0:
-            self.now += ref[0]
-            self.peak = max(self.peak, self.now)
-        ref[1] += 1
-        return _Held(t, key, self)
+        return _Held(t, self._acquire(t), self)
 
     def hold(self, t: torch.Tensor) -> None:
         """Count `t` (not saved by autograd: a stage output the schedule keeps) until it is freed."""
+        weakref.finalize(t, self.release, self._acquire(t))
+
+    def _acquire(self, t: torch.Tensor) -> int:
+        """One more holder of t's storage (counted in `now` if it is the first); its key."""
         st = t.untyped_storage()
-        key = st.data_ptr()
-        ref = self.refs.setdefault(key, [st.nbytes(), 0])
+        ref = self.refs.setdefault(st.data_ptr(), [st.nbytes(), 0])
         if ref[1] == 0:
             self.now += ref[0]
             self.peak = max(self.peak, self.now)
         ref[1] += 1
-        weakref.finalize(t, self.release, key)
+        return st.data_ptr()
 
     @staticmethod
     def unpack(held):
