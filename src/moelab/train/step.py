@@ -108,10 +108,9 @@ def _update(
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
     if par is None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    elif pipeline:  # loss, tokens and loads are already the whole batch's, on every rank
-        grad_norm = finish_gradients(model, par, clip)  # each rank holds its own weights: the norm sums them
     else:
-        grad_norm = finish_gradients(model, par, clip)
+        grad_norm = finish_gradients(model, par, clip)  # the norm sums every rank's shards and stages
+    if par is not None and not pipeline:  # a pipeline's loss, tokens and loads are the whole batch's already
         loss_sum, lm_sum, tokens_f = all_reduce_floats([loss_sum, lm_sum, float(tokens)], par, op="sum")
         loss_sum, lm_sum, tokens = loss_sum / par.world, lm_sum / par.world, int(tokens_f)
         # every replica of a router must move its bias the same way: global counts
