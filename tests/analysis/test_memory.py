@@ -14,6 +14,22 @@ def test_param_grad_optimizer_bytes_exact(recipe):
         assert plan.bytes[key] == real[key], key
 
 
+@pytest.mark.parametrize("muon_router", [False, True])
+def test_muon_plan_counts_one_moment_for_its_matrices(muon_router):
+    """Under optim.name=muon the plan equals the state the real optimizer keeps after a step: one fp32
+    momentum for the matrices and expert stacks, AdamW's two moments and step for embeddings, norms, head and
+    (unless muon_router) the router - less than AdamW's by about one moment of the model."""
+    from moelab.run_config import OptimConfig
+
+    cfg = load_config("tiny-moe").model
+    optim = OptimConfig(name="muon", muon_router=muon_router)
+    plan = plan_memory(cfg, micro_batch=2, seq_len=32, optim=optim)
+    real = measure_memory(cfg, micro_batch=2, seq_len=32, steps=1, isolated=False, optim=optim)
+    assert plan.bytes["optimizer"] == real["optimizer"]
+    adamw = plan_memory(cfg, micro_batch=2, seq_len=32).bytes["optimizer"]
+    assert 0.3 * adamw < adamw - real["optimizer"] < 0.5 * adamw
+
+
 @pytest.mark.parametrize("recipe", ["small-dense", "small-moe"])
 def test_activation_prediction_within_20_percent(recipe):
     """Measured = bytes of distinct storages autograd saves in one forward + the logits."""
@@ -92,15 +108,24 @@ def test_memory_cli_json_and_measure():
     assert plans[0]["bytes"]["params"] > 2 * plans[1]["bytes"]["params"]  # 8 experts vs one dense FFN
 
 
-@pytest.mark.parametrize("layout", [["--expert-parallel", "2", "--zero", "3"], ["--zero", "0"]])
-def test_plan_per_rank_equals_a_real_two_process_run(layout):
+@pytest.mark.parametrize("layout,optim", [(["--expert-parallel", "2", "--zero", "3"], "adamw"),
+                                          (["--zero", "0"], "adamw"),
+                                          (["--expert-parallel", "2", "--zero", "3"], "muon")])
+def test_plan_per_rank_equals_a_real_two_process_run(layout, optim, tmp_path):
     """`--devices 2 --measure` launches 2 gloo processes that shard the model as a
     distributed run does (FSDP2; experts split over the expert-parallel group) and read
-    rank 0's tensors: params, grads and optimizer equal the plan, activations within 20%."""
+    rank 0's tensors: params, grads and optimizer (AdamW's, or Muon's sharded momentum)
+    equal the plan, activations within 20%."""
     import json
 
+    from moelab.run_config import save_config
+
     from conftest import run_cli
-    _, out, _ = run_cli("memory", "tiny-moe", "--json", "--measure", "--devices", "2", *layout,
+    recipe = tmp_path / "tiny-moe.yaml"
+    cfg = load_config("tiny-moe")
+    cfg.optim.name = optim
+    save_config(cfg, recipe)
+    _, out, _ = run_cli("memory", str(recipe), "--json", "--measure", "--devices", "2", *layout,
                         "--micro-batch", "2", "--seq-len", "32")
     for p in json.loads(out):
         m = p["measured"]
@@ -115,15 +140,15 @@ def test_plan_per_rank_equals_a_real_two_process_run(layout):
 
 def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
     """`moelab memory --pipeline 2 --measure`: 2 real processes run the schedule; each
-    rank's weights, gradients and AdamW state equal the plan's bytes, and the activations
-    it keeps saved at once (the micro-batches in flight, measured at their peak) are
-    within 20% of the plan - under 1F1B the first rank holds two micro-batches, under
-    GPipe all four."""
+    rank's weights, gradients and optimizer state (AdamW's under 1F1B, Muon's under GPipe)
+    equal the plan's bytes, and the activations it keeps saved at once (the micro-batches
+    in flight, measured at their peak) are within 20% of the plan - under 1F1B the first
+    rank holds two micro-batches, under GPipe all four."""
     import json
 
     from moelab.analysis.pipeline_measure import measure_pipeline
     from moelab.analysis.pipeline_memory import bubble_fraction, plan_stages
-    from moelab.run_config import save_config
+    from moelab.run_config import OptimConfig, save_config
 
     from conftest import TINY_MOE, run_cli
 
@@ -134,9 +159,10 @@ def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
                   "--seq-len", "32", "--measure", "--json")[1]
     pp = json.loads(out)[0]["pipeline"]
     runs = {"1f1b": (pp["ranks"], pp["measured"])}
-    plan = plan_stages(cfg.model, pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, schedule="gpipe")
+    muon = OptimConfig(name="muon")  # and with Muon's one moment for the matrices it takes
+    plan = plan_stages(cfg.model, pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, schedule="gpipe", optim=muon)
     runs["gpipe"] = (plan, measure_pipeline(cfg.model, pipeline=2, micro_batches=4, micro_batch=2, seq_len=32,
-                                            schedule="gpipe", steps=2))
+                                            schedule="gpipe", steps=2, optim=muon))
     for schedule, (plan, measured) in runs.items():
         for r, (want, got) in enumerate(zip(plan, measured, strict=True)):
             for key in ("params", "grads", "optimizer"):

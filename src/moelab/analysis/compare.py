@@ -109,7 +109,9 @@ def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
 
     pc = rc.cfg.model.param_counts()
     tps = [r["tokens_per_s"] for r in rc.records if r.get("tokens_per_s")]
-    plan = plan_memory(rc.cfg.model, micro_batch=rc.cfg.train.batch_size, seq_len=rc.cfg.data.seq_len)
+    plan = plan_memory(
+        rc.cfg.model, micro_batch=rc.cfg.train.batch_size, seq_len=rc.cfg.data.seq_len, optim=rc.cfg.optim
+    )
     last_moe = rc.records[-1].get("moe_layers", [])
     return {
         "name": rc.name,

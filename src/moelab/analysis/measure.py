@@ -6,6 +6,7 @@ ZeRO-0 replicates the dense weights (FSDP2 over a replicate mesh)."""
 from __future__ import annotations
 
 import resource
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,8 @@ from ..model import Transformer
 from ..parallel.local import run_local
 from ..parallel.mesh import Layout, build_meshes
 from ..parallel.parallelize import finish_gradients, parallelize
-from ..train.optim import param_groups
+from ..run_config import OptimConfig
+from ..train.optim import build_optimizer
 from .memory import measure_activation_bytes
 
 
@@ -35,6 +37,7 @@ def _measure_rank(
     steps: int,
     state: dict | None = None,
     tokens_RBS: torch.Tensor | None = None,
+    optim: OptimConfig | None = None,
 ):
 
     torch.set_num_threads(1)
@@ -48,7 +51,7 @@ def _measure_rank(
         if state is not None:  # a run's weights: its router's real, uneven routing
             model.load_state_dict(state)
         parallelize(model, par)
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=0.0 if state is not None else 1e-4)
+        opt = build_optimizer(model, replace(optim or OptimConfig(), lr=0.0 if state is not None else 1e-4))
         if tokens_RBS is not None:
             tokens = tokens_RBS[rank]
         else:
@@ -83,9 +86,12 @@ def measure_parallel(
     steps: int = 2,
     state: dict | None = None,
     tokens_RBS: torch.Tensor | None = None,
+    optim: OptimConfig | None = None,
 ) -> list[dict[str, int]]:
     """Each rank's measured bytes (params, grads, optimizer, activations, peak RSS) in a
     real `devices`-process gloo run on this machine: random tokens and a seeded init, or a
     run's weights (`state`, left unchanged: learning rate 0) on its own text, rank r
-    reading `tokens_RBS[r]` (B sequences of S + 1 tokens)."""
-    return run_local(devices, _measure_rank, cfg, micro_batch, seq_len, expert_parallel, zero, steps, state, tokens_RBS)
+    reading `tokens_RBS[r]` (B sequences of S + 1 tokens); `optim` as the run trains (AdamW when None)."""
+    return run_local(
+        devices, _measure_rank, cfg, micro_batch, seq_len, expert_parallel, zero, steps, state, tokens_RBS, optim
+    )

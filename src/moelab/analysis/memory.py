@@ -7,9 +7,11 @@ k top-k, V vocab, a activation bytes per element.
 Parameters are enumerated from a model built on the `meta` device, so counts are exact
 for any config without allocating it (46.7 B for Mixtral-8x7B costs nothing).
 
-Precision (`dtype`): "fp32" = fp32 weights, grads, AdamW moments (what `moelab train`
-does on CPU); "bf16" = bf16 weights and grads with fp32 master weights and moments (the
-usual mixed-precision layout), bf16 activations.
+Precision (`dtype`): "fp32" = fp32 weights, grads, optimizer state (what `moelab train`
+does on CPU); "bf16" = bf16 weights and grads with fp32 master weights and state (the
+usual mixed-precision layout), bf16 activations. Optimizer state: AdamW's two moments and
+a step scalar per tensor, or with `optim.name=muon` one momentum for the matrices and
+expert stacks Muon takes (AdamW's for the rest).
 
 Activations are what autograd keeps for backward at the end of a forward pass, plus the
 fp32 logits the model returns. The per-layer terms below follow moelab's own ops:
@@ -38,24 +40,21 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..model import Transformer
-from ..train.optim import param_groups
+from ..run_config import OptimConfig
+from ..train.optim import build_optimizer, state_bytes
 
 GiB = 1024**3
 
 
-def _param_inventory(cfg: ModelConfig) -> dict:
-    """Counts of expert / non-expert parameters and parameter tensors (exact), and each
-    tensor's shape by kind (for the shard a device holds)."""
-
+def _param_inventory(cfg: ModelConfig, optim: OptimConfig | None = None) -> list[tuple]:
+    """Each parameter tensor's (kind: "expert" or "other", shape, optimizer bytes per element, per tensor), exact for
+    any config: the model is built on the meta device."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    inv: dict = {"expert": 0, "other": 0, "expert_tensors": 0, "other_tensors": 0, "shapes": []}
-    for name, p in model.named_parameters():
-        kind = "expert" if ".experts." in name else "other"
-        inv[kind] += p.numel()
-        inv[kind + "_tensors"] += 1
-        inv["shapes"].append((kind, tuple(p.shape)))
-    return inv
+    return [
+        ("expert" if ".experts." in name else "other", tuple(p.shape), *state_bytes(name, p, optim))
+        for name, p in model.named_parameters()
+    ]
 
 
 def _rank0_numel(shape: tuple[int, ...], ways: int) -> int:
@@ -139,10 +138,12 @@ def plan_memory(
     zero: int = 0,
     dtype: str = "fp32",
     activation_checkpointing: bool = False,
+    optim: OptimConfig | None = None,
 ) -> MemoryPlan:
     """Predict memory per device for `cfg` training with micro-batch x seq_len tokens on `devices` devices, experts
     split `expert_parallel` ways, ZeRO stage `zero`, fp32 or bf16 mixed precision, with or without activation
-    checkpointing. Raises ValueError for a layout that does not fit."""
+    checkpointing, under `optim` (AdamW when None; Muon keeps one moment for the matrices it takes). Raises
+    ValueError for a layout that does not fit."""
     S = seq_len or cfg.max_seq_len
     T = micro_batch * S
     if devices % expert_parallel:
@@ -153,33 +154,30 @@ def plan_memory(
         raise ValueError(f"--zero must be 0, 1, 2 or 3, got {zero}")
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {dtype}")
-    inv = _param_inventory(cfg)
+    inv = _param_inventory(cfg, optim)
     pb, gb = (4, 4) if dtype == "fp32" else (2, 2)
-    ob = 8 if dtype == "fp32" else 12  # AdamW moments (+ fp32 master weights)
+    master = 0 if dtype == "fp32" else 4  # bf16 training keeps an fp32 master copy beside the optimizer state
     ab = 4 if dtype == "fp32" else 2
     ep, dp_expert = expert_parallel, devices // expert_parallel
-    # Per-device parameter counts before ZeRO; experts are split over the EP group and
-    # replicated over the rest, so ZeRO shards them over devices / EP.
-    other, expert = inv["other"], inv["expert"] / ep
-    other_t, expert_t = inv["other_tensors"], inv["expert_tensors"]
 
-    def shard(n_other: float, n_expert: float, stage: int) -> float:
-        if zero < stage:
-            return n_other + n_expert
-        # rank 0's share: each tensor is cut in dim-0 chunks, the first one the largest
+    def shard(stage: int, per_elem=lambda t: 1) -> float:
+        """Elements a device holds (weighted by `per_elem` of each tensor): experts are split over the EP group and
+        replicated over the rest, so from ZeRO `stage` on they are sharded over devices / EP, the rest over all
+        devices - rank 0's share, each tensor cut in dim-0 chunks with the first one the largest."""
         n = 0
-        for kind, shape in inv["shapes"]:
+        for t in inv:
+            kind, shape = t[0], t[1]
             if kind == "expert":
-                n += _rank0_numel((shape[0] // ep, *shape[1:]), dp_expert)
-            else:
-                n += _rank0_numel(shape, devices)
+                shape = (shape[0] // ep, *shape[1:])
+            ways = (dp_expert if kind == "expert" else devices) if zero >= stage else 1
+            n += per_elem(t) * _rank0_numel(shape, ways)
         return n
 
     b = {
-        "params": round(pb * shard(other, expert, 3)),
-        "grads": round(gb * shard(other, expert, 2)),
-        # AdamW also keeps one fp32 `step` scalar per parameter tensor.
-        "optimizer": round(ob * shard(other, expert, 1) + 4 * (other_t + expert_t)),
+        "params": round(pb * shard(3)),
+        "grads": round(gb * shard(2)),
+        # per-tensor state (AdamW's fp32 `step`) is not sharded: every rank keeps its own
+        "optimizer": round(shard(1, lambda t: t[2] + master) + sum(t[3] for t in inv)),
     }
     act = activation_elements_per_token(cfg, expert_parallel)
     logits = 4 * T * cfg.vocab_size
@@ -196,6 +194,7 @@ def plan_memory(
     pc = cfg.param_counts()
     plan = MemoryPlan(name, pc["total"], pc["active"], b)
     if cfg.moe is not None:
+        ob = max(t[2] for t in inv if t[0] == "expert") + master
         plan.notes = moe_notes(cfg, T, ab, pb, gb, ob, ep)
     return plan
 
@@ -214,7 +213,7 @@ def moe_notes(cfg: ModelConfig, T: int, ab: int, pb: int, gb: int, ob: int, ep: 
         f"experts: all {m.n_experts} sit in memory though each token uses {m.top_k}; "
         f"{pc['total'] / pc['active']:.2f}x the parameters of the dense twin "
         f"(+{extra / 1e6:,.1f} M idle per token)",
-        f"gradients and AdamW state scale with total parameters: +{(gb + ob) * extra / GiB:,.2f} GiB "
+        f"gradients and optimizer state scale with total parameters: +{(gb + ob) * extra / GiB:,.2f} GiB "
         f"over the dense twin (before ZeRO sharding)",
         f"dispatch: each token is copied to {m.top_k} experts: {m.top_k}*T*D gathered rows per layer, "
         f"{gathered / GiB:,.3f} GiB over {L} MoE layers",
@@ -255,20 +254,25 @@ def measure_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tu
 
 
 def measure_memory(
-    cfg: ModelConfig, micro_batch: int, seq_len: int, steps: int = 2, isolated: bool = True
+    cfg: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    steps: int = 2,
+    isolated: bool = True,
+    optim: OptimConfig | None = None,
 ) -> dict[str, int]:
-    """Run real fp32 AdamW steps on this machine and read each category off the tensors.
+    """Run real fp32 steps of `optim` (AdamW when None) on this machine and read each category off the tensors.
     `isolated` runs them in a fresh process so its peak RSS belongs to this model alone."""
     if isolated:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(1) as pool:
-            return pool.apply(measure_memory, (cfg, micro_batch, seq_len, steps, False))
+            return pool.apply(measure_memory, (cfg, micro_batch, seq_len, steps, False, optim))
     import resource
 
     torch.manual_seed(0)
     model = Transformer(cfg)
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    opt = build_optimizer(model, optim or OptimConfig())
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1))
     act = 0
     for _ in range(steps):
@@ -301,7 +305,8 @@ def plan_and_measure(
     activation_checkpointing: bool = False,
     measure: bool = False,
 ) -> tuple[list[MemoryPlan], dict[str, dict]]:
-    """Plans for a run config's model and, for an MoE, its dense twin; measured here on request."""
+    """Plans for a run config's model and, for an MoE, its dense twin, both under the config's optimizer; measured
+    here on request."""
     models = [(cfg.name, cfg.model)]
     if cfg.model.moe is not None:
         models.append((f"{cfg.name} dense twin", dense_twin(cfg.model)))
@@ -313,6 +318,7 @@ def plan_and_measure(
         zero=zero,
         dtype=dtype,
         activation_checkpointing=activation_checkpointing,
+        optim=cfg.optim,
     )
     try:
         plans = [plan_memory(m, name=n, **kw) for n, m in models]
@@ -331,13 +337,12 @@ def plan_and_measure(
                     f"{devices} process(es); measure a smaller recipe or batch"
                 )
             if devices == 1:
-                measured[n] = measure_memory(m, micro_batch, seq_len)
+                measured[n] = measure_memory(m, micro_batch, seq_len, optim=cfg.optim)
             else:
                 from .measure import measure_parallel  # it uses this module's activation counter: import when run
 
-                measured[n] = measure_parallel(m, micro_batch, seq_len, devices, expert_parallel if m.moe else 1, zero)[
-                    0
-                ]
+                ep = expert_parallel if m.moe else 1
+                measured[n] = measure_parallel(m, micro_batch, seq_len, devices, ep, zero, optim=cfg.optim)[0]
     return plans, measured
 
 

@@ -2,7 +2,7 @@
 memory --pipeline P --measure` puts beside the plan of `analysis.pipeline_memory`.
 
 Each of P gloo processes builds its stages as `moelab train` does, runs real steps of the
-schedule (fp32, AdamW) and reads:
+schedule (fp32, the run's optimizer) and reads:
   params, grads, optimizer  the bytes of the tensors it holds after a step;
   activations               the peak, over the step, of the bytes autograd keeps saved
                             at once (each storage once, weights excluded) and of the last
@@ -18,6 +18,7 @@ from __future__ import annotations
 import resource
 import time
 import weakref
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,8 @@ from ..config import ModelConfig
 from ..model import Transformer
 from ..parallel.local import run_local
 from ..parallel.pipeline import build_rank, build_schedule, step_schedule
-from ..train.optim import param_groups
+from ..run_config import OptimConfig
+from ..train.optim import build_optimizer
 
 
 class _Live:
@@ -108,7 +110,7 @@ def _nbytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
 
 
-def _measure_rank(rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, points, steps):
+def _measure_rank(rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, points, steps, optim):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
@@ -123,7 +125,7 @@ def _measure_rank(rank, cfg, pipeline, micro_batches, micro_batch, seq_len, sche
         for st in rs.stages:  # the logits stay cached for their backward, as one process's loss keeps them
             if st.last:
                 st.register_forward_hook(lambda _m, _i, out: live.hold(out) if torch.is_grad_enabled() else None)
-        opt = torch.optim.AdamW(param_groups(rs, 0.1), lr=1e-4)
+        opt = build_optimizer(rs, replace(optim or OptimConfig(), lr=1e-4))
         g = torch.Generator().manual_seed(0)  # the same batch on every rank
         tokens = torch.randint(0, cfg.vocab_size, (micro_batch * micro_batches, seq_len + 1), generator=g)
         first, last = any(s.first for s in rs.stages), any(s.last for s in rs.stages)
@@ -164,10 +166,13 @@ def measure_pipeline(
     virtual: int = 1,
     points: list[int] | None = None,
     steps: int = 3,
+    optim: OptimConfig | None = None,
 ) -> list[dict]:
     """Per pipeline rank, measured in `pipeline` real gloo processes on this machine (the
     last of `steps` steps, after warm-up): bytes of params, grads, optimizer state and
-    peak saved activations, peak RSS, step and busy seconds, and the bubble."""
+    peak saved activations, peak RSS, step and busy seconds, and the bubble; `optim` as the run trains (AdamW
+    when None)."""
     return run_local(
-        pipeline, _measure_rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, points, steps
-    )
+        pipeline, _measure_rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, points, steps,
+        optim,
+    )  # fmt: skip

@@ -1,6 +1,6 @@
 """Memory per pipeline rank, and the schedule's bubble (`moelab memory --pipeline P`).
 
-Weights, gradients and AdamW state of a rank are exact: its stages' parameters, counted
+Weights, gradients and optimizer state of a rank are exact: its stages' parameters, counted
 on the `meta` device by the same split `parallel.pipeline` trains with. Activations are
 one micro-batch's (the per-token terms of `analysis.memory`, for the rank's layers, the
 head's on the last stage) times the micro-batches in flight at the rank's peak:
@@ -22,7 +22,8 @@ import torch
 from ..config import ModelConfig
 from ..model import Transformer
 from ..parallel.pipeline import split_layers
-from ..run_config import MULTI_STAGE_SCHEDULES
+from ..run_config import MULTI_STAGE_SCHEDULES, OptimConfig
+from ..train.optim import state_bytes
 from .memory import activation_elements_per_token
 
 
@@ -52,8 +53,9 @@ def plan_stages(
     schedule: str = "1f1b",
     virtual: int = 1,
     points: list[int] | None = None,
+    optim: OptimConfig | None = None,
 ) -> list[dict]:
-    """Per pipeline rank (fp32, AdamW): its layers and bytes of params, grads, optimizer,
+    """Per pipeline rank (fp32, `optim`: AdamW when None): its layers and bytes of params, grads, optimizer,
     activations and their total; stages cut at `points` (parallel.pipeline_split) or evenly."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -77,20 +79,20 @@ def plan_stages(
         names = {f"layers.{i}." for i in layers}
         first, last = 0 in stages, S - 1 in stages
         params = [
-            p
+            (n, p)
             for n, p in model.named_parameters()
             if any(n.startswith(k) for k in names)
             or (first and n.startswith("embed."))
             or (last and n.startswith(("norm.", "lm_head.")))
         ]
-        n = sum(p.numel() for p in params)
+        n = sum(p.numel() for _, p in params)
         per_micro = 4 * T * sum(per_layer[i] for i in layers)
         if last:  # the head's terms and the fp32 logits the loss reads
             per_micro += 4 * T * act["head"] + 4 * T * cfg.vocab_size
         b = {
             "params": 4 * n,
             "grads": 4 * n,
-            "optimizer": 8 * n + 4 * len(params),  # AdamW's two moments and a step scalar per tensor
+            "optimizer": sum(e * p.numel() + t for name, p in params for e, t in [state_bytes(name, p, optim)]),
             "activations": round(per_micro * in_flight(r, pipeline, micro_batches, schedule, virtual)),
         }
         b["total"] = sum(b.values())
@@ -114,7 +116,7 @@ def format_stages(stages: list[dict], bubble: float, measured: list[dict] | None
     """The per-rank table and the bubble, as `moelab memory --pipeline` prints them; with
     `measured` (`analysis.pipeline_measure`), a measured row under each rank's plan."""
     mib = 2**20
-    lines = ["rank  layers        params MiB  grads MiB  AdamW MiB  activations MiB (in flight)  total MiB"]
+    lines = ["rank  layers        params MiB  grads MiB  optim MiB  activations MiB (in flight)  total MiB"]
     for s in stages:
         b = s["bytes"]
         layers = _ranges(s["layers"])

@@ -101,6 +101,7 @@ def measure_skewed(
         1,
         run.model.state_dict(),
         tokens.view(devices, -1, S + 1),
+        cfg.optim,
     )
 
 

@@ -179,7 +179,7 @@ def cmd_memory(
         activation_checkpointing: recompute activations in the backward pass
         measure: also run real steps here and measure (a run: its weights on its own text, every rank; with
             --pipeline: each pipeline rank's bytes and its measured bubble, in P real processes)
-        pipeline: pipeline ranks: also the bytes per rank (its stages' weights, gradients, AdamW state and the
+        pipeline: pipeline ranks: also the bytes per rank (its stages' weights, gradients, optimizer state and the
             activations of the micro-batches in flight at its peak) and the schedule's bubble
         micro_batches: micro-batches per step in the pipeline; unset: the recipe's train.grad_accum (at least P)
         schedule: pipeline schedule (the stages are cut at the recipe's parallel.pipeline_split, or evenly)
@@ -234,7 +234,7 @@ def cmd_memory(
             "bubble": bubble_fraction(pipeline, M, schedule, virtual_stages),
             "ranks": plan_stages(cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch,
                                  seq_len=seq_len, schedule=schedule, virtual=virtual_stages,
-                                 points=cfg.parallel.pipeline_split),
+                                 points=cfg.parallel.pipeline_split, optim=cfg.optim),
         }  # fmt: skip
         if measure:
             from ..analysis.pipeline_measure import measure_pipeline
@@ -243,7 +243,7 @@ def cmd_memory(
                     "checkpointing with --pipeline (this machine's CPU)", dtype)  # fmt: skip
             extra["pipeline"]["measured"] = measure_pipeline(
                 cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch, seq_len=seq_len,
-                schedule=schedule, virtual=virtual_stages, points=cfg.parallel.pipeline_split,
+                schedule=schedule, virtual=virtual_stages, points=cfg.parallel.pipeline_split, optim=cfg.optim,
             )  # fmt: skip
     if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
         from ..model.quant import planned_bytes

@@ -56,7 +56,7 @@ def _orthogonalised(update: torch.Tensor, steps: int) -> torch.Tensor:
     return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
 
 
-def uses_muon(name: str, p: torch.nn.Parameter, router: bool = False) -> bool:
+def uses_muon(name: str, p: torch.Tensor, router: bool = False) -> bool:
     """Whether parameter `name` takes Muon updates: weight matrices and expert stacks; not
     embeddings, the output head, norms, biases, LoRA adapters, the shared-expert gate, or
     (unless `router`) the router."""

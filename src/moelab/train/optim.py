@@ -49,6 +49,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return MuonAdamW(groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps)
 
 
+def state_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:
+    """The fp32 state `build_optimizer` keeps for parameter `name`: (bytes per element, bytes per tensor) - Muon's
+    momentum (4, 0) for the matrices it takes, AdamW's two moments and step scalar (8, 4) for the rest. Memory plans
+    count with it so that a Muon run is not planned as AdamW."""
+    if cfg is not None and cfg.name == "muon" and uses_muon(name, p, cfg.muon_router):
+        return 4, 0
+    return 8, 4
+
+
 def _split_experts(groups: list[dict], names: dict[int, str], mult: float) -> list[dict]:
     """Each group's routed-expert weights as a sibling group whose learning rate (and so
     its decoupled decay) is `mult` times the schedule's: an expert sees about k/E of the
