@@ -169,7 +169,7 @@ def describe(ref: dict, other: dict, sp: dict, time_points: dict[str, float] | N
         else ""
     )
     parts.append(
-        f"Weights, gradients and AdamW state take {tb / tb_ref:.2f}x the bytes "
+        f"Weights, gradients and optimizer state take {tb / tb_ref:.2f}x the bytes "
         f"({tb / 2**20:,.0f} MiB vs {tb_ref / 2**20:,.0f} MiB){mem}."
     )
     if sp["val_loss_at_equal_flops"] is not None:

@@ -99,7 +99,7 @@ def _moe_plots(out: Path, c) -> list[Path]:
 
 
 def _memory_plot(out: Path, runs: list[dict]) -> Path:
-    """Stacked bars of the planner's bytes (parameters, gradients, AdamW, activations) per
+    """Stacked bars of the planner's bytes (parameters, gradients, optimizer state, activations) per
     run, with the measured training memory marked beside each."""
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 3.6))
     keys = ("params", "grads", "optimizer", "activations")
@@ -194,7 +194,7 @@ td:first-child{{text-align:left}}</style></head><body>
 <h1>Dense vs MoE: what the experts cost and what they bought</h1>
 <h2>Summary</h2>{text}
 <h2>Runs</h2><table><tr><th>run</th><th>final val loss</th><th>tokens/s</th><th>params total</th>
-<th>params active</th><th>weights+grads+AdamW (MiB, exact)</th><th>training memory (MiB, measured)</th>
+<th>params active</th><th>weights+grads+optimizer (MiB, exact)</th><th>training memory (MiB, measured)</th>
 <th>process peak (MiB)</th><th>loss spikes</th></tr>{rows}</table>
 <h2>Memory</h2>{_img(_memory_plot(out, summary["runs"]))}
 <h2>Where the time goes</h2>{_img(_time_plot(out, summary["runs"]))}

@@ -268,7 +268,10 @@ def _print_extra(cfg, extra: dict) -> None:
         from ..analysis.pipeline_memory import format_stages
 
         pp = extra["pipeline"]
-        print(f"pipeline: {pp['pipeline']} ranks, {pp['schedule']}, {pp['micro_batches']} micro-batches (fp32, AdamW)")
+        print(
+            f"pipeline: {pp['pipeline']} ranks, {pp['schedule']}, {pp['micro_batches']} micro-batches "
+            f"(fp32, {cfg.optim.name})"
+        )
         print(format_stages(pp["ranks"], pp["bubble"], pp.get("measured")))
         if pp["schedule"] == "interleaved_zb":
             print(

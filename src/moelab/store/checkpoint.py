@@ -2,7 +2,7 @@
 
 RUN/checkpoints/step-NNNNNN/
   model.safetensors       model weights and persistent buffers (router biases)
-  optimizer.safetensors   AdamW moments and step counts, keyed state.<param index>.<name>
+  optimizer.safetensors   AdamW moments and step counts (Muon: momentum), keyed state.<param index>.<name>
   rng.safetensors         torch CPU (and CUDA) generator states
   trainer_state.json      step, data position, health history, param-group settings,
                           and the files above with their sizes and SHA-256 (written last)

@@ -85,7 +85,7 @@ class TrainingMemory:
 
     CUDA: the allocator's peak since creation (max_memory_allocated), exact. CPU: growth of
     resident memory over its value at creation, taken after the first optimizer step,
-    which allocates everything a step needs (weights, gradients, AdamW state, one step's
+    which allocates everything a step needs (weights, gradients, optimizer state, one step's
     activation peak - moelab's allocator tuning keeps freed blocks resident, so the peak
     is still counted). Later growth of resident memory is heap fragmentation and
     evaluation or checkpoint buffers; it varies by tens of MiB from run to run and would

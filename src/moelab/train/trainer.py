@@ -1,4 +1,4 @@
-"""The training loop: data -> model -> AdamW, with evaluation, metrics, health checks
+"""The training loop: data -> model -> optimizer (AdamW or Muon), with evaluation, metrics, health checks
 and atomic checkpoints. Exact resume: a run stopped with `stop_after` and resumed logs
 bitwise the same losses as an uninterrupted one (fp32, same thread count).
 
