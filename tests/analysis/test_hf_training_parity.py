@@ -19,3 +19,10 @@ def test_training_losses_match_transformers(recipe, overrides, arch, text_file):
     assert r["moelab"][-1] < r["moelab"][0] - 0.3  # it really trained
     for ours, theirs in zip(r["moelab"], r["transformers"]):
         assert abs(ours - theirs) < 2e-5, (r["moelab"], r["transformers"])
+
+
+def test_parity_refuses_an_optimizer_the_reference_does_not_run():
+    """The reference loop is torch's AdamW: a Muon config would compare two different optimizers."""
+    cfg = load_config("tiny-dense", TINY + ["optim.name=muon"])
+    with pytest.raises(ValueError, match="optim.name=adamw"):
+        training_parity(cfg, steps=2)

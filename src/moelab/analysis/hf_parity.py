@@ -102,6 +102,8 @@ def training_parity(cfg: RunConfig, steps: int, workdir: str | Path | None = Non
     cfg.train.device, cfg.train.precision = "cpu", "fp32"
     if cfg.model.moe is not None and cfg.model.moe.jitter:
         raise ValueError("parity needs deterministic routing: set model.moe.jitter=0")
+    if cfg.optim.name != "adamw":  # the reference loop below is torch's AdamW
+        raise ValueError(f"parity trains AdamW on both sides: set optim.name=adamw (got {cfg.optim.name!r})")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir or tmp)
         init: dict = {}
