@@ -8,6 +8,9 @@ every run on the whole held-out split with `moelab eval`. Finished runs are reus
     python benchmarks/quality_sweep.py --data /usr/share/vim/vim90/doc,stdlib,/usr/share/perl/5.36.0 \
         --out runs/quality/three --steps 1000 --seeds 0,1,2 --variants dense-muon,moe-8x2-lean-muon \
         --reference dense-muon
+    # the knobs on top of Muon, against the MoE with Muon:
+    python benchmarks/quality_sweep.py --data ... --seeds 0,1,2 --reference moe-8x2-lean-muon \
+        --variants moe-8x2-lean-muon,moe-8x2-lean-muon-router,moe-muon-expert-lr2,moe-muon-global,moe-muon-bias
 
 A variant is a recipe plus overrides; every MoE variant keeps the dense FFN's active
 width (top_k x d_expert [+ shared] = d_ff), so active parameters per token stay equal
@@ -24,7 +27,8 @@ from pathlib import Path
 
 LEAN = ["model.moe.z_coef=0", "model.moe.lb_coef=0.001"]
 FINE = ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=4"]
-VARIANTS: dict[str, tuple[str, list[str]]] = {
+ADAMW, MUON = ["optim.name=adamw"], ["optim.name=muon"]  # named, so a variant's meaning outlives a recipe's default
+_ADAMW_VARIANTS: dict[str, tuple[str, list[str]]] = {  # the settings sweep of docs/quality.md section 2 (AdamW)
     "dense": ("tiny-dense", []),
     "moe-8x2": ("tiny-moe", []),
     "moe-8x2-lean": ("tiny-moe", LEAN),
@@ -36,12 +40,22 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "moe-16x4-lean-norenorm": ("tiny-moe", FINE + LEAN + ["model.moe.renormalize=false"]),
     "moe-16x3+1-lean": ("tiny-moe", LEAN + ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=3",
                                             "model.moe.n_shared_experts=1"]),
-    "dense-muon": ("tiny-dense", ["optim.name=muon"]),
-    "moe-8x2-lean-muon": ("tiny-moe", LEAN + ["optim.name=muon"]),
-    "moe-8x2-lean-muon-router": ("tiny-moe", LEAN + ["optim.name=muon", "optim.muon_router=true"]),
-    "moe-8x2-lean-expert-lr2": ("tiny-moe", LEAN + ["optim.expert_lr_mult=2"]),
-    "moe-8x2-lean-global": ("tiny-moe", LEAN + ["model.moe.balance_scope=global"]),
-    "moe-8x2-lean-bias": ("tiny-moe", ["model.moe.z_coef=0", "model.moe.lb_coef=0", "model.moe.bias_update_rate=0.001"]),
+}
+# Muon (the tiny recipes' default since it won, docs/quality.md section 7) and the knobs to try on top of it
+_MUON_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "dense-muon": ("tiny-dense", []),
+    "moe-8x2-lean-muon": ("tiny-moe", LEAN),
+    "moe-8x2-lean-muon-router": ("tiny-moe", LEAN + ["optim.muon_router=true"]),
+    "moe-muon-expert-lr2": ("tiny-moe", LEAN + ["optim.expert_lr_mult=2"]),
+    "moe-muon-global": ("tiny-moe", LEAN + ["model.moe.balance_scope=global"]),
+    "moe-muon-bias": ("tiny-moe", ["model.moe.z_coef=0", "model.moe.lb_coef=0", "model.moe.bias_update_rate=0.001"]),
+    "moe-muon-shared": ("tiny-moe", LEAN + ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=3",
+                                            "model.moe.n_shared_experts=1"]),
+    "dense-muon-tied": ("tiny-dense", ["model.tie_embeddings=true"]),
+    "moe-muon-tied": ("tiny-moe", LEAN + ["model.tie_embeddings=true"]),
+}
+VARIANTS = {k: (r, ADAMW + o) for k, (r, o) in _ADAMW_VARIANTS.items()} | {
+    k: (r, MUON + o) for k, (r, o) in _MUON_VARIANTS.items()
 }
 
 

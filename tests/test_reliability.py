@@ -359,9 +359,11 @@ def test_export_of_a_quantized_run_writes_its_dequantized_weights(tmp_path, run4
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x).logits, ours(x).logits, atol=1e-4, rtol=1e-4)
+        got, want = theirs(x).logits, ours(x).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         plain = load_run(run4, device="cpu").model(x).logits
-    assert (theirs(x).logits - plain).abs().max() > 1e-3  # the 4-bit values, not the original weights
+    # the 4-bit values, not the original weights: far nearer the quantized model than the plain one
+    assert (got - plain).abs().max() > 10 * (got - want).abs().max()
 
 
 def test_a_closed_pipe_ends_quietly():

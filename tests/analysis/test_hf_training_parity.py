@@ -12,7 +12,7 @@ from moelab.run_config import load_config
     ("tiny-dense", TINY, "llama"),
 ])
 def test_training_losses_match_transformers(recipe, overrides, arch, text_file):
-    cfg = load_config(recipe, overrides + ["train.grad_accum=2", "optim.warmup_steps=2"])
+    cfg = load_config(recipe, overrides + ["train.grad_accum=2", "optim.warmup_steps=2", "optim.name=adamw"])
     cfg.data.source = str(text_file)
     r = training_parity(cfg, steps=8)
     assert r["arch"] == arch and len(r["moelab"]) == len(r["transformers"]) == 8
