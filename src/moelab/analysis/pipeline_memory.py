@@ -92,13 +92,18 @@ def plan_stages(
         b = {
             "params": 4 * n,
             "grads": 4 * n,
-            "optimizer": sum(e * p.numel() + t for name, p in params for e, t in [state_bytes(name, p, optim)]),
+            "optimizer": sum(_state(name, p, optim) for name, p in params),
             "activations": round(per_micro * in_flight(r, pipeline, micro_batches, schedule, virtual)),
         }
         b["total"] = sum(b.values())
         out.append({"rank": r, "stages": stages, "layers": layers, "bytes": b,
                     "micro_batches_in_flight": in_flight(r, pipeline, micro_batches, schedule, virtual)})  # fmt: skip
     return out
+
+
+def _state(name: str, p: torch.Tensor, optim: OptimConfig | None) -> int:
+    per_element, per_tensor = state_bytes(name, p, optim)
+    return per_element * p.numel() + per_tensor
 
 
 def _ranges(layers: list[int]) -> str:

@@ -37,7 +37,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     groups = param_groups(model, cfg.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     if cfg.name == "muon":
-        muon = [p for p in groups[0]["params"] if uses_muon(names[id(p)], p, cfg.muon_router)]
+        muon = [p for p in groups[0]["params"] if takes_muon(names[id(p)], p, cfg)]
         taken = {id(p) for p in muon}
         groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in taken]
         groups.insert(0, {"params": muon, "weight_decay": cfg.weight_decay, "name": "muon", "algo": "muon"})
@@ -49,13 +49,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return MuonAdamW(groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps)
 
 
+def takes_muon(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> bool:
+    """Whether `build_optimizer` gives parameter `name` Muon's update under `cfg` (the one rule the optimizer and the
+    memory plans share)."""
+    return cfg is not None and cfg.name == "muon" and uses_muon(name, p, cfg.muon_router)
+
+
 def state_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:
     """The fp32 state `build_optimizer` keeps for parameter `name`: (bytes per element, bytes per tensor) - Muon's
     momentum (4, 0) for the matrices it takes, AdamW's two moments and step scalar (8, 4) for the rest. Memory plans
     count with it so that a Muon run is not planned as AdamW."""
-    if cfg is not None and cfg.name == "muon" and uses_muon(name, p, cfg.muon_router):
-        return 4, 0
-    return 8, 4
+    return (4, 0) if takes_muon(name, p, cfg) else (8, 4)
 
 
 def _split_experts(groups: list[dict], names: dict[int, str], mult: float) -> list[dict]:
