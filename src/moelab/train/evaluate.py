@@ -15,30 +15,35 @@ def unpack_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.T
     return batch[0], batch[1], batch[2] if len(batch) > 2 else None
 
 
-@torch.no_grad()
-def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, device, ctx, par=None) -> float:
-    """Mean next-token loss (nats) over a fixed subset of batch_size x n_batches validation
-    sequences spread evenly over the whole split: a prefix would be the first few held-out
-    documents only, and rank runs by how they do on those. With `par` (a multi-process
-    run) the ranks split each batch and add up their sums: every rank runs the same
-    number of forwards (expert parallelism exchanges tokens in each), one with no share
-    runs a dummy row that is not counted."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
+def eval_batches(data_val, batch_size: int, n_batches: int, shards: int = 1, shard: int = 0):
+    """Yield (batch, counted) over a fixed subset of batch_size x n_batches validation
+    sequences spread evenly over the whole split (a prefix would be the first few held-out
+    documents only, and rank runs by how they do on those), each batch's rows split over
+    `shards` ranks. Every rank gets the same number of batches - expert parallelism and
+    pipeline stages exchange tensors in each forward - so a rank with no share of one gets
+    a dummy row and `counted` False."""
     n = min(len(data_val), batch_size * n_batches)
     chosen = np.unique(np.linspace(0, len(data_val) - 1, n).round().astype(np.int64))
     for start in range(0, len(chosen), batch_size):
-        idx = chosen[start : start + batch_size]
-        if par is not None:
-            idx = np.array_split(idx, par.world)[par.rank]
-        weight = 1.0 if len(idx) else 0.0
-        x, y, mask = unpack_batch(data_val.batch((idx if len(idx) else chosen[:1]).tolist()))
+        idx = np.array_split(chosen[start : start + batch_size], shards)[shard]
+        yield data_val.batch((idx if len(idx) else chosen[:1]).tolist()), len(idx) > 0
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data_val, batch_size: int, n_batches: int, device, ctx, par=None) -> float:
+    """Mean next-token loss (nats) over `eval_batches`' held-out sequences. With `par` (a
+    multi-process run) the ranks split each batch and add up their sums."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    shards, shard = (par.world, par.rank) if par is not None else (1, 0)
+    for batch, counted in eval_batches(data_val, batch_size, n_batches, shards, shard):
+        x, y, mask = unpack_batch(batch)
         with ctx:
             out = model(x.to(device), y.to(device), mask.to(device) if mask is not None else None)
-        n_targets = int((y != -100).sum()) * weight
+        n_targets = int((y != -100).sum()) if counted else 0
         total += float(out.lm_loss) * n_targets
-        count += int(n_targets)
+        count += n_targets
     if par is not None:
         total, count_f = all_reduce_floats([total, float(count)], par, op="sum")
         count = int(count_f)
@@ -55,16 +60,13 @@ def evaluate_pipeline(run, ctx) -> float:
     tc, data_val = run.cfg.train, run.data.val
     was = run.model.training
     run.model.eval()
-    n = min(len(data_val), tc.batch_size * tc.eval_batches)
-    chosen = np.unique(np.linspace(0, len(data_val) - 1, n).round().astype(np.int64))
     layout = run.par.layout
     total, count = 0.0, 0
-    for start in range(0, len(chosen), tc.batch_size):
-        idx = np.array_split(chosen[start : start + tc.batch_size], layout.data)[layout.dp_rank]
-        x, y, _ = unpack_batch(data_val.batch((idx if len(idx) else chosen[:1]).tolist()))
+    for batch, counted in eval_batches(data_val, tc.batch_size, tc.eval_batches, layout.data, layout.dp_rank):
+        x, y, _ = unpack_batch(batch)
         with ctx:
             s, c = pipeline_loss_sum(
-                run.model, x.to(run.device), y.to(run.device), layout.pipeline, run.par.pp_group, len(idx) > 0
+                run.model, x.to(run.device), y.to(run.device), layout.pipeline, run.par.pp_group, counted
             )
         total, count = total + s, count + c
     run.model.train(was)
