@@ -8,9 +8,12 @@ every run on the whole held-out split with `moelab eval`. Finished runs are reus
     python benchmarks/quality_sweep.py --data /usr/share/vim/vim90/doc,stdlib,/usr/share/perl/5.36.0 \
         --out runs/quality/three --steps 1000 --seeds 0,1,2 --variants dense-muon,moe-8x2-lean-muon \
         --reference dense-muon
-    # the knobs on top of Muon, against the MoE with Muon:
-    python benchmarks/quality_sweep.py --data ... --seeds 0,1,2 --reference moe-8x2-lean-muon \
-        --variants moe-8x2-lean-muon,moe-8x2-lean-muon-router,moe-muon-expert-lr2,moe-muon-global,moe-muon-bias
+    # the knobs on top of Muon, against the MoE with Muon (docs/quality.md section 7 screened them with seed 0):
+    python benchmarks/quality_sweep.py --data ... --seeds 0 --reference moe-8x2-lean-muon \
+        --variants moe-8x2-lean-muon-router,moe-muon-bias,moe-muon-tied,moe-muon-expert-lr0.5,moe-muon-expert-init0.02,\
+moe-muon-expert-lr2,moe-muon-shared
+    # (moe-muon-global counts what moe-8x2-lean-muon counts unless the step has several micro-batches:
+    # data parallelism or train.grad_accum > 1)
 
 A variant is a recipe plus overrides; every MoE variant keeps the dense FFN's active
 width (top_k x d_expert [+ shared] = d_ff), so active parameters per token stay equal
@@ -47,10 +50,14 @@ _MUON_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "moe-8x2-lean-muon": ("tiny-moe", LEAN),
     "moe-8x2-lean-muon-router": ("tiny-moe", LEAN + ["optim.muon_router=true"]),
     "moe-muon-expert-lr2": ("tiny-moe", LEAN + ["optim.expert_lr_mult=2"]),
+    "moe-muon-expert-lr0.5": ("tiny-moe", LEAN + ["optim.expert_lr_mult=0.5"]),
+    # Mixtral's init for the experts' output projections (0.02) instead of GPT-2's 0.02 / sqrt(2 n_layers)
+    "moe-muon-expert-init0.02": ("tiny-moe", LEAN + ["model.moe.expert_out_std=0.02"]),
     "moe-muon-global": ("tiny-moe", LEAN + ["model.moe.balance_scope=global"]),
     "moe-muon-bias": ("tiny-moe", ["model.moe.z_coef=0", "model.moe.lb_coef=0", "model.moe.bias_update_rate=0.001"]),
-    "moe-muon-shared": ("tiny-moe", LEAN + ["model.moe.n_experts=16", "model.moe.d_expert=128", "model.moe.top_k=3",
-                                            "model.moe.n_shared_experts=1"]),
+    # the experts keep their width (finer ones lost at d_model 128, section 2): top-1 of 8 plus one
+    # always-on expert of 256 is the same active FFN width (512) as top-2 of 8
+    "moe-muon-shared": ("tiny-moe", LEAN + ["model.moe.top_k=1", "model.moe.n_shared_experts=1"]),
     "dense-muon-tied": ("tiny-dense", ["model.tie_embeddings=true"]),
     "moe-muon-tied": ("tiny-moe", LEAN + ["model.tie_embeddings=true"]),
 }
