@@ -4,6 +4,9 @@ Full optimizer steps (forward, backward, clipping, AdamW) on random tokens, inte
 in rounds so machine noise hits both alike; reports median tokens/s and the ratio.
 
     python benchmarks/train_throughput.py [--dense small-dense --moe small-moe] [--threads 2] [--rounds 5]
+
+A model may carry overrides after '+', and --moe may name several, comma-separated:
+`--moe tiny-moe,tiny-moe+optim.muon_experts=stacked`.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from moelab.runtime import tune_cpu_allocator
 from moelab.train.optim import build_optimizer
 
 
-def make_step(recipe: str, steps_per_round: int):
-    cfg = load_config(recipe)
+def make_step(spec: str, steps_per_round: int):
+    recipe, *overrides = spec.split("+")
+    cfg = load_config(recipe, overrides)
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     opt = build_optimizer(model, cfg.optim)
@@ -52,7 +56,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.malloc == "tuned":
         tune_cpu_allocator()
-    runs = {name: make_step(name, args.steps_per_round) for name in (args.dense, args.moe)}
+    runs = {name: make_step(name, args.steps_per_round) for name in (args.dense, *args.moe.split(","))}
     for _, run in runs.values():
         run()  # warm-up
     tps = {name: [] for name in runs}

@@ -50,6 +50,12 @@ class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"  # muon: moelab.train.muon, with the same lr and weight decay
     momentum: float = 0.95  # Muon's
     ns_steps: int = 5  # Muon's Newton-Schulz iterations
+    # their quintics: Keller Jordan's fixed one, or Polar Express's per-step optimal ones (moelab.train.polar;
+    # measured in docs/quality.md: more orthogonal, not better at these sizes)
+    ns_coeffs: Literal["jordan", "polar_express"] = "jordan"
+    # the routed experts under Muon: each expert's matrices orthogonalised alone, or each stack as the one wide
+    # matrix the layer is (E*F hidden units; ~E/3x fewer FLOPs at tiny-moe's shapes, measured in docs/quality.md)
+    muon_experts: Literal["per_expert", "stacked"] = "per_expert"
     muon_router: bool = False  # Muon for the router matrices too (else AdamW)
     expert_lr_mult: float = 1.0  # the routed experts' learning rate (and decay) as a multiple of the schedule's
     lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)
@@ -245,6 +251,10 @@ class RunConfig:
         self.optim.validate()
         self.train.validate()
         self.parallel.validate()
+        if self.optim.muon_experts == "stacked" and self.parallel.expert > 1:
+            raise ConfigError(  # a rank holds only its experts: it would orthogonalise a part of the stack
+                "optim.muon_experts: 'stacked' needs every expert on one rank; use per_expert with parallel.expert > 1"
+            )
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 

@@ -3,6 +3,7 @@ written here, scaled as PyTorch's Muon scales it to match AdamW; an expert stack
 expert by expert; the parameters Muon does not take get AdamW's exact update; a stopped
 run resumes bitwise with Muon's state. (Two processes with expert parallelism equal one:
 tests/parallel/test_distributed_training.py.)"""
+
 import math
 
 import pytest
@@ -17,41 +18,54 @@ from moelab.train.muon import MuonAdamW
 from moelab.train.optim import build_optimizer
 
 
-def reference_orthogonalisation(g, steps=5):
-    """Quintic Newton-Schulz as Keller Jordan's Muon writes it, one matrix, float64."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.double() / g.double().norm()
+# Polar Express's degree-5 quintics as the paper prints them (arXiv 2505.16932, Algorithm 1), with its 1.01 safety
+PE = [(8.28721201814563, -23.595886519098837, 17.300387312530933),
+      (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+      (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+      (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+      (2.300652019954817, -1.6689039845747493, 0.4188073119525673)]  # fmt: skip
+REFERENCE = {
+    "jordan": ([(3.4445, -4.7750, 2.0315)] * 5, 1.0),  # Keller Jordan's Muon
+    "polar_express": ([(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in PE], 1.01),  # the paper's X / (1.01 |X|)
+}
+
+
+def reference_orthogonalisation(g, kind="jordan"):
+    """Quintic Newton-Schulz as Muon's and Polar Express's authors write it, one matrix, float64."""
+    coeffs, pad = REFERENCE[kind]
+    x = g.double() / (g.double().norm() * pad)
     tall = x.shape[0] > x.shape[1]
     x = x.T if tall else x
-    for _ in range(steps):
+    for a, b, c in coeffs:
         m = x @ x.T
         x = a * x + b * m @ x + c * m @ m @ x
     return (x.T if tall else x).float()
 
 
-def one_step(shape, grad, lr=0.02, wd=0.0):
+def one_step(shape, grad, lr=0.02, wd=0.0, kind="jordan"):
     p = torch.nn.Parameter(torch.zeros(shape))
-    opt = MuonAdamW([{"params": [p], "algo": "muon", "weight_decay": wd}], lr=lr)
+    opt = MuonAdamW([{"params": [p], "algo": "muon", "weight_decay": wd}], lr=lr, ns_coeffs=kind)
     p.grad = grad.clone()
     opt.step()
     return p.detach()
 
 
-@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
-def test_a_matrix_update_is_the_orthogonalised_gradient_at_adamws_rms(shape):
+@pytest.mark.parametrize("kind", ["jordan", "polar_express"])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 64), (32, 32)])  # plain, transposed, Gram, square
+def test_a_matrix_update_is_the_orthogonalised_gradient_at_adamws_rms(shape, kind):
     torch.manual_seed(0)
     g = torch.randn(shape)
-    step = one_step(shape, g)
+    step = one_step(shape, g, kind=kind)
     s = 0.2 * math.sqrt(max(shape))  # the stated rule: AdamW-like RMS, so AdamW's lr carries over
-    torch.testing.assert_close(step, -0.02 * s * reference_orthogonalisation(g), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step, -0.02 * s * reference_orthogonalisation(g, kind), atol=1e-5, rtol=1e-4)
     sv = torch.linalg.svdvals(step / (-0.02 * s))
     assert 0.6 < float(sv.min()) and float(sv.max()) < 1.25  # orthogonal "enough": every direction moved alike
-    # PyTorch's own Muon with the same scaling rule (it iterates in bf16: close, not equal)
-    q = torch.nn.Parameter(torch.zeros(shape))
-    ref = torch.optim.Muon([q], lr=0.02, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
-    q.grad = g.clone()
-    ref.step()
-    torch.testing.assert_close(step, q.detach(), atol=0.02 * s * 0.03, rtol=0.05)
+    if kind == "jordan":  # PyTorch's own Muon, Jordan's quintic, same scaling rule (bf16 iteration: close, not equal)
+        q = torch.nn.Parameter(torch.zeros(shape))
+        ref = torch.optim.Muon([q], lr=0.02, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+        q.grad = g.clone()
+        ref.step()
+        torch.testing.assert_close(step, q.detach(), atol=0.02 * s * 0.03, rtol=0.05)
 
 
 def test_an_expert_stack_is_updated_expert_by_expert():
@@ -60,6 +74,12 @@ def test_an_expert_stack_is_updated_expert_by_expert():
     stack = one_step((4, 16, 24), g, wd=0.1)
     for e in range(4):
         torch.testing.assert_close(stack[e], one_step((16, 24), g[e], wd=0.1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            stack[e],
+            -0.02 * 0.2 * math.sqrt(24) * reference_orthogonalisation(g[e], "jordan"),
+            atol=1e-5,
+            rtol=1e-4,
+        )
     # and two steps with momentum: still slice by slice
     p3, p2 = torch.nn.Parameter(torch.ones(4, 16, 24)), [torch.nn.Parameter(torch.ones(16, 24)) for _ in range(4)]
     o3 = MuonAdamW([{"params": [p3], "algo": "muon", "weight_decay": 0.1}], lr=0.01)
@@ -89,9 +109,15 @@ def test_muon_takes_matrices_and_experts_and_adamw_the_rest_exactly():
     # the AdamW side: torch.optim.AdamW's update, step for step, on the same gradients
     ref = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     ref_opt = torch.optim.AdamW(
-        [{"params": [ref[n] for n in sorted(by[g])], "weight_decay": wd} for g, wd in (("decay", 0.1),
-                                                                                        ("no_decay", 0.0))],
-        lr=cfg.optim.peak_lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False)
+        [
+            {"params": [ref[n] for n in sorted(by[g])], "weight_decay": wd}
+            for g, wd in (("decay", 0.1), ("no_decay", 0.0))
+        ],
+        lr=cfg.optim.peak_lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        foreach=False,
+    )
     for g in opt.param_groups:
         g["lr"] = cfg.optim.peak_lr
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))

@@ -3,20 +3,25 @@ for the (E, A, B) expert stacks, and AdamW for the rest (embeddings, head, norms
 router) - one optimizer, so checkpoints, resume and consolidation treat it like AdamW.
 
 Update of a matrix W (A, B) with gradient G, momentum mu, Nesterov (Keller Jordan's Muon):
-    M <- mu M + (1 - mu) G;  U = NS5((1 - mu) G + mu M);  W <- W (1 - lr wd) - lr s U
-where NS5 is five quintic Newton-Schulz steps that push every singular value of U/|U|_F
-towards 1 (to about 0.7..1.2: orthogonal "enough"), and s = 0.2 sqrt(max(A, B)) matches
+    M <- mu M + (1 - mu) G;  U = NS((1 - mu) G + mu M);  W <- W (1 - lr wd) - lr s U
+where NS is `optim.ns_steps` quintic Newton-Schulz steps that push every singular value of
+U/|U|_F towards 1 (orthogonal "enough"), and s = 0.2 sqrt(max(A, B)) matches
 the RMS of the update to AdamW's typical ~0.2 (Moonlight, arXiv 2502.16982), so AdamW's
 learning rate and weight decay carry over unchanged. An expert stack (E, A, B) is E
 matrices: the iteration runs batched over E, each expert's update shaped by its own
-gradient, and s is taken from (A, B).
+gradient, and s is taken from (A, B) - or, with `optim.muon_experts=stacked`, the stack
+is the one wide matrix the layer computes with (w_gate and w_up (E*F, D), w_down
+(D, E*F)), orthogonalised whole, s from its shape: an expert's share of the update then
+follows its share of the gradient.
 
-Unlike `torch.optim.Muon` (2-D only, bf16 iteration) the iteration here runs in fp32, so
-the same step taken under another parallel layout (whose gradients differ by summation
-order, ~1e-10) lands on the same weights; and a sharded matrix (an FSDP2 DTensor) is
-gathered whole, orthogonalised, and cut back to its shard, as torchtitan's and
-Megatron's distributed Muon do. Experts under expert parallelism are whole on their rank
-and need no gather.
+The orthogonalisation (moelab.train.polar) runs in fp32 with every Muon matrix of the same shape - all layers'
+expert stacks at once - in one batched call, with Jordan's quintic by default or Polar Express's per-step ones
+(`optim.ns_coeffs`). Unlike
+`torch.optim.Muon` (2-D only, bf16 iteration) the fp32 iteration makes the same step taken under another parallel
+layout (whose gradients differ by summation order, ~1e-10) land on the same weights; and a sharded matrix (an FSDP2
+DTensor) is gathered whole, orthogonalised by one owner rank - the matrices spread over the ranks that share them,
+largest first to the least loaded, as Moonlight's and dion's distributed Muon do - and sent to the others, each
+keeping its shard. Experts under expert parallelism are whole on their rank and need no gather.
 """
 
 from __future__ import annotations
@@ -24,36 +29,103 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+from ..phases import phase
+from .polar import Coeffs, orthogonalise
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """(..., A, B) -> the same shape: each matrix's orthogonalisation (singular values near 1), in fp32."""
-    a, b, c = NS_COEFFS
-    x = g.float()
-    tall = x.size(-2) > x.size(-1)
-    if tall:  # iterate on the wide side: the Gram matrix is the smaller one
-        x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if tall else x
-
-
-def scale(shape: torch.Size) -> float:
+def scale(shape: tuple[int, ...]) -> float:
     """The update scale of a matrix of `shape` (..., A, B): 0.2 sqrt(max(A, B)), AdamW's update RMS."""
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
-def _orthogonalised(update: torch.Tensor, steps: int) -> torch.Tensor:
-    if not isinstance(update, DTensor):
-        return newton_schulz(update, steps).to(update.dtype)
-    # a shard is not the matrix: orthogonalise the whole one, keep this rank's piece
-    full = newton_schulz(update.full_tensor(), steps).to(update.dtype)
-    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
+def _orthogonalised(
+    updates: list[torch.Tensor], axes: list[int | None], steps: int, kind: Coeffs
+) -> tuple[list[torch.Tensor], int]:
+    """Each update orthogonalised (an expert stack along `axes` as one matrix), a sharded one whole and cut back to
+    its shard; and how many matrices this rank iterated. A sharded matrix is iterated by one owner rank of the ranks
+    that share it, chosen to balance the work, and sent to the others: the Newton-Schulz work of a step is divided
+    over the ranks instead of repeated on each."""
+    groups: dict[dist.ProcessGroup | None, list[int]] = {}
+    for i, u in enumerate(updates):
+        groups.setdefault(_sharing_group(u), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(updates)
+    count = 0
+    for group, idx in groups.items():  # the same order on every rank: the collectives below pair up
+        whole = [_stacked(_whole(updates[i]), axes[i]) for i in idx]
+        if group is None:
+            owners, me = [0] * len(idx), 0
+        else:
+            owners, me = _owners([_cost(w) for w in whole], dist.get_world_size(group)), dist.get_rank(group)
+        mine = [k for k, o in enumerate(owners) if o == me]
+        done = dict(zip(mine, orthogonalise([whole[k] for k in mine], steps, kind), strict=True))
+        count += sum(whole[k].numel() // (whole[k].size(-2) * whole[k].size(-1)) for k in mine)
+        for k, (i, o) in enumerate(zip(idx, owners, strict=True)):
+            # contiguous: a collective sends the storage, and a tall matrix comes back as a transposed view
+            full = done[k].contiguous() if o == me else torch.empty(whole[k].shape, device=whole[k].device)
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.broadcast(full, src=dist.get_global_rank(group, o), group=group)
+            u = updates[i]
+            full = _unstacked(full, axes[i], u.shape).to(u.dtype)
+            out[i] = (
+                distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
+                if isinstance(u, DTensor)
+                else full
+            )
+    return [o for o in out if o is not None], count
+
+
+def _whole(u: torch.Tensor) -> torch.Tensor:
+    return u.full_tensor() if isinstance(u, DTensor) else u
+
+
+def _sharing_group(u: torch.Tensor) -> dist.ProcessGroup | None:
+    """The ranks that hold a sharded update (an FSDP2 DTensor) and so could each iterate it; None for a tensor whole on
+    this rank alone (one process, or an expert slice under expert parallelism)."""
+    if not isinstance(u, DTensor):
+        return None
+    mesh = u.device_mesh
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():  # HSDP over the whole world
+        return dist.group.WORLD
+    return mesh.get_group(mesh.ndim - 1)  # (a pipeline stage's HSDP: owners among its shard ranks, replicas repeat)
+
+
+def _cost(x: torch.Tensor) -> int:
+    """Newton-Schulz work of a matrix (or stack), ~ n A^2 B with A <= B."""
+    a, b = sorted(x.shape[-2:])
+    return (x.numel() // (a * b)) * a * a * b
+
+
+def _owners(costs: list[int], ranks: int) -> list[int]:
+    """Each item's owner: the largest first, each to the least loaded rank (the same answer on every rank)."""
+    load, owners = [0] * ranks, [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        owners[k] = min(range(ranks), key=lambda r: (load[r], r))
+        load[owners[k]] += costs[k]
+    return owners
+
+
+def _stacked(u: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """An (E, A, B) expert stack as one matrix: (E*A, B) for axis 0, (A, E*B) for axis 1; others as they are."""
+    if axis is None:
+        return u
+    return u.reshape(-1, u.size(-1)) if axis == 0 else u.transpose(0, 1).reshape(u.size(1), -1)
+
+
+def _unstacked(o: torch.Tensor, axis: int | None, shape: torch.Size) -> torch.Tensor:
+    if axis is None:
+        return o
+    return o.reshape(shape) if axis == 0 else o.reshape(shape[1], shape[0], shape[2]).transpose(0, 1)
+
+
+def _stacked_shape(shape: torch.Size, axis: int | None) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(shape)
+    return (shape[0] * shape[1], shape[2]) if axis == 0 else (shape[1], shape[0] * shape[2])
 
 
 def uses_muon(name: str, p: torch.Tensor, router: bool = False) -> bool:
@@ -66,14 +138,16 @@ def uses_muon(name: str, p: torch.Tensor, router: bool = False) -> bool:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Param groups carry `algo`: "muon" (momentum, nesterov, ns_steps) or "adamw" (betas,
-    eps); both take `lr` and `weight_decay` (decoupled). State: momentum_buffer for Muon,
-    step / exp_avg / exp_avg_sq for AdamW, as torch.optim.AdamW names them."""
+    """Param groups carry `algo`: "muon" (momentum, nesterov, ns_steps, ns_coeffs) or "adamw" (betas, eps); both
+    take `lr` and `weight_decay` (decoupled). State: momentum_buffer for Muon, step / exp_avg / exp_avg_sq for AdamW,
+    as torch.optim.AdamW names them."""
 
-    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5):
+    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5,
+                 ns_coeffs: Coeffs = "jordan"):  # fmt: skip
         defaults = dict(lr=lr, weight_decay=0.0, betas=betas, eps=eps, momentum=momentum, nesterov=True,
-                        ns_steps=ns_steps, algo="adamw")  # fmt: skip
+                        ns_steps=ns_steps, ns_coeffs=ns_coeffs, algo="adamw")  # fmt: skip
         super().__init__(groups, defaults)
+        self.ns_matrices = 0  # matrices this rank has orthogonalised (under FSDP2 each has one owner rank)
 
     def ensure_state(self) -> None:
         """Create every parameter's state now (it is otherwise made at its first step), so a checkpoint can load into it
@@ -98,21 +172,40 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.ensure_state()
+        with phase("adamw"):
+            for group in self.param_groups:
+                if group["algo"] != "muon":
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.mul_(1 - group["lr"] * group["weight_decay"])
+                            self._adamw(p, self.state[p], group, group["lr"])
+        # Muon's matrices are orthogonalised together, one batched call per shape, the expert stacks apart from the
+        # rest so a profile can tell their cost from the dense matrices'
+        pending: dict[tuple[int, Coeffs, bool], list[tuple[torch.Tensor, dict, int | None]]] = {}
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                p.mul_(1 - lr * wd)
-                if group["algo"] == "muon":
-                    buf, mu = st["momentum_buffer"], group["momentum"]
-                    buf.lerp_(p.grad, 1 - mu)
-                    update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                    p.add_(_orthogonalised(update, group["ns_steps"]), alpha=-lr * scale(p.shape))
-                else:
-                    self._adamw(p, st, group, lr)
+            if group["algo"] == "muon":
+                axes = group.get("stack_axes") or [None] * len(group["params"])
+                for p, axis in zip(group["params"], axes, strict=True):
+                    if p.grad is not None:
+                        key = (group["ns_steps"], group["ns_coeffs"], p.ndim == 3)
+                        pending.setdefault(key, []).append((p, group, axis))
+        for (steps, kind, stacks), items in pending.items():
+            with phase("muon, expert stacks" if stacks else "muon, matrices"):
+                updates = [self._momentum(p, group) for p, group, _ in items]
+                done, iterated = _orthogonalised(updates, [a for *_, a in items], steps, kind)
+                self.ns_matrices += iterated
+                for (p, group, axis), o in zip(items, done, strict=True):
+                    p.add_(o, alpha=-group["lr"] * scale(_stacked_shape(p.shape, axis)))
         return loss
+
+    def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Decay the weight, fold the gradient into the momentum; the update to orthogonalise (Nesterov's, or the
+        momentum buffer itself)."""
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        grad, buf, mu = p.grad, self.state[p]["momentum_buffer"], group["momentum"]
+        assert grad is not None
+        buf.lerp_(grad, 1 - mu)
+        return grad.lerp(buf, mu) if group["nesterov"] else buf
 
     @staticmethod
     def _adamw(p: torch.Tensor, st: dict, group: dict, lr: float) -> None:

@@ -44,9 +44,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     if cfg.expert_lr_mult != 1.0:
         groups = _split_experts(groups, names, cfg.expert_lr_mult)
     groups = [g for g in groups if g["params"]]
+    if cfg.name == "muon" and cfg.muon_experts == "stacked":
+        for g in groups:
+            if g.get("algo") == "muon":
+                g["stack_axes"] = [_stack_axis(names[id(p)]) for p in g["params"]]
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    return MuonAdamW(groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps)
+    return MuonAdamW(groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps, cfg.ns_coeffs)
 
 
 def takes_muon(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> bool:
@@ -74,6 +78,14 @@ def _split_experts(groups: list[dict], names: dict[int, str], mult: float) -> li
         if experts:
             out.append(g | {"params": experts, "name": g["name"] + "_experts", "lr_mult": mult})
     return out
+
+
+def _stack_axis(name: str) -> int | None:
+    """How a routed-expert stack joins into the layer's one wide matrix: w_gate and w_up (E, F, D) by their rows
+    (E*F, D), w_down (E, D, F) by its columns (D, E*F); None for any other parameter."""
+    if ".experts." not in name:
+        return None
+    return 1 if name.endswith("w_down") else 0
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -1,0 +1,122 @@
+"""Muon's optimizer step on an MoE recipe and its dense twin: milliseconds per step for each way of orthogonalising,
+side by side in one run, and the singular-value band each leaves on the model's own gradients.
+
+Ways (`--ways`):
+- per-param-jordan: one call per parameter, Jordan's quintic, unfused matmuls (moelab before the batched iteration);
+- jordan: every matrix of one shape in one call, fused products, Gram iteration where cheaper, Jordan's quintic;
+- polar_express: the same with Polar Express's per-step quintics (the default);
+- stacked: polar_express with each expert stack orthogonalised as the layer's one wide matrix
+  (`optim.muon_experts=stacked`).
+
+The gradients are real (one backward of the recipe's batch of random tokens); each round times `--steps` optimizer
+steps of every (recipe, way) in turn, so a slow spell hits all alike; the median round counts.
+
+    python benchmarks/muon_step.py [--moe tiny-moe] [--threads 2] [--rounds 5] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import moelab.train.muon as muon
+from moelab import Transformer
+from moelab.analysis.memory import dense_twin
+from moelab.run_config import load_config
+from moelab.train.optim import _stack_axis, build_optimizer
+
+JORDAN = (3.4445, -4.7750, 2.0315)
+
+
+def per_param_jordan(updates, axes, steps, kind):
+    """moelab's orthogonalisation before batching: each parameter alone, unfused, Jordan's quintic."""
+    out = []
+    for g in updates:
+        x = g.float()
+        tall = x.size(-2) > x.size(-1)
+        x = x.mT if tall else x
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7)
+        a, b, c = JORDAN
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        out.append((x.mT if tall else x).to(g.dtype))
+    return out, sum(g.numel() // (g.size(-1) * g.size(-2)) for g in updates)
+
+
+WAYS = {"per-param-jordan": ("jordan", per_param_jordan), "jordan": ("jordan", None),
+        "polar_express": ("polar_express", None), "stacked": ("polar_express", None)}  # fmt: skip
+
+
+def setup(cfg, model_cfg, kind, stacked):
+    cfg.optim.ns_coeffs = kind
+    cfg.optim.muon_experts = "stacked" if stacked else "per_expert"
+    torch.manual_seed(0)
+    model = Transformer(model_cfg)
+    opt = build_optimizer(model, cfg.optim)
+    x = torch.randint(0, model_cfg.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
+    model(x[:, :-1], x[:, 1:]).loss.backward()
+    return model, opt
+
+
+def time_steps(opt, fn, steps: int) -> float:
+    original = muon._orthogonalised
+    if fn is not None:
+        muon._orthogonalised = fn
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        return (time.perf_counter() - t0) * 1e3 / steps
+    finally:
+        muon._orthogonalised = original
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moe", default="tiny-moe")
+    ap.add_argument("--ways", default=",".join(WAYS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = load_config(args.moe, ["optim.name=muon"])
+    models = {"moe": base.model, "dense twin": dense_twin(base.model)}
+    ways = args.ways.split(",")
+    runs = {}
+    for m, model_cfg in models.items():
+        for w in ways:
+            kind, fn = WAYS[w]
+            model, opt = setup(load_config(args.moe, ["optim.name=muon"]), model_cfg, kind, w == "stacked")
+            runs[(m, w)] = (model, opt, fn)
+            time_steps(opt, fn, 1)  # warm-up
+    ms: dict = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for k, (_, opt, fn) in runs.items():
+            ms[k].append(time_steps(opt, fn, args.steps))
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    print(f"| way | {' | '.join(f'{m} ms' for m in models)} | moe / dense | experts' band | vs {ways[0]} (moe) |")
+    print("|---|" + "---:|" * (len(models) + 3))
+    for w in ways:
+        model = runs[("moe", w)][0]
+        names = [n for n, _ in model.named_parameters() if ".experts." in n]
+        stacks = [dict(model.named_parameters())[n].grad for n in names]
+        kind, fn = WAYS[w]
+        axes = [_stack_axis(n) if w == "stacked" else None for n in names]
+        ortho, _ = (fn or muon._orthogonalised)(stacks, axes, base.optim.ns_steps, kind)
+        sv = torch.cat([torch.linalg.svdvals(muon._stacked(o, a).double()).flatten() for o, a in zip(ortho, axes, strict=True)])
+        cells = " | ".join(f"{med[(m, w)]:.1f}" for m in models)
+        print(f"| {w} | {cells} | {med[('moe', w)] / med[('dense twin', w)]:.2f} | "
+              f"[{float(sv.min()):.2f}, {float(sv.max()):.2f}] | "
+              f"{med[('moe', ways[0])] / med[('moe', w)]:.2f}x |")  # fmt: skip
+    print(f"\n{args.moe}, {args.threads} threads, {args.rounds} rounds x {args.steps} optimizer steps, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+
+
+if __name__ == "__main__":
+    main()
