@@ -9,7 +9,8 @@ import torch
 from conftest import TINY_MOE, run_main
 
 from moelab import phases
-from moelab.analysis.profile import MOE_ROWS, Session, profile_variants
+from moelab.analysis.profile import MOE_ROWS, PhaseTable, Session, profile_variants
+from moelab.analysis.profile_report import moe_overhead
 from moelab.run_config import load_config, read_config
 from moelab.train.setup import run_data
 
@@ -42,6 +43,8 @@ def test_the_phases_add_up_to_the_clock_and_the_dense_twin_has_no_moe_phase(setu
         for row in ("attention", "norm", "head", "loss"):
             assert t.fwd_ms[row] > 0 and t.bwd_ms[row] > 0, (t.name, row)
         assert t.fwd_ms["optimizer"] > 0 and "optimizer" not in t.bwd_ms
+        assert t.fwd_ms["muon, matrices"] > 0 and t.fwd_ms["adamw"] > 0  # the optimizer step's parts, by name
+    assert moe.fwd_ms["muon, expert stacks"] > 0 and "muon, expert stacks" not in dense.fwd_ms
     assert not set(MOE_ROWS) & (set(dense.fwd_ms) | set(dense.bwd_ms)) and dense.fwd_ms["ffn"] > 0
     for t in (moe, forced):
         for row in ("router", "experts", "combine"):
@@ -76,6 +79,25 @@ def test_a_slowed_phase_grows_by_the_injected_time_and_the_others_do_not(setup):
             assert abs(after.fwd_ms.get(row, 0) - before.fwd_ms.get(row, 0)) < 0.25 * injected_ms, row
 
 
+def test_the_sentence_names_every_phase_that_differs_and_the_optimizer_parts():
+    def table(name, rows):
+        ms = sum(rows.values())  # scale 1: the rows are the step
+        return PhaseTable(name, 1, 1000, plain_ms=ms, profiled_ms=ms, phases_ms=ms, fwd_ms=rows)
+
+    both = {"data": 1.0, "attention": 30.0, "head": 10.0, "optimizer": 2.0, "muon, matrices": 8.0, "adamw": 5.0}
+    dense = table("dense twin", {**both, "ffn": 44.0})  # a 100 ms step
+    # a slower optimizer (Muon on the expert stacks), a little more attention and head time, no other change
+    moe = table("moe", {**both, "ffn": 0.0, "experts": 47.0, "router": 2.0, "muon, expert stacks": 40.0,
+                        "attention": 32.5, "head": 11.0})  # fmt: skip
+    res = moe_overhead(moe, dense)
+    assert res["percent"] == pytest.approx(48.5)
+    assert res["text"].split("in points of the dense step: ")[1].startswith("muon, expert stacks +40.0")
+    for named in ("expert matmuls vs the dense FFN +3.0", "attention +2.5", "router +2.0", "head +1.0"):
+        assert named in res["text"], named  # each by its own name: no group hides a phase that differs
+    assert "layers both have" not in res["text"] and "adamw" not in res["text"]  # equal phases are not listed
+    assert sum(res["points"].values()) == pytest.approx(48.5)
+
+
 def test_profile_command_writes_the_table_and_a_chrome_trace(setup, tmp_path, capsys):
     _, _, corpus = setup
     out = tmp_path / "prof"
@@ -85,6 +107,7 @@ def test_profile_command_writes_the_table_and_a_chrome_trace(setup, tmp_path, ca
     res = json.loads((out / "profile.json").read_text())
     assert [t["name"] for t in res["tables"]] == ["moe", "dense twin", "moe, balanced"]
     rows = res["tables"][0]["rows_ms"]
+    assert "muon, expert stacks" in res["overhead"]["text"]  # the MoE-only optimizer work, named
     assert sum(rows.values()) == pytest.approx(res["tables"][0]["plain_ms"], rel=1e-6)  # scaled to the plain step
     trace = json.loads((out / "trace.json").read_text())  # Chrome trace: Perfetto and TensorBoard read it
     names = {e.get("name") for e in trace["traceEvents"]}

@@ -14,6 +14,9 @@ steps, N plain steps (timed with a clock) and N steps under `torch.profiler` wit
 - time inside `moelab/forward`, `moelab/backward` or `moelab/step` but in no finer range
   is reported as "forward, other", "backward, other" (the autograd engine between nodes)
   and "step, other" (host syncs), never dropped, so the rows add up to the step.
+- the optimizer step is split into "muon, matrices" (attention and dense FFN matrices),
+  "muon, expert stacks" and "adamw" (everything AdamW updates); "optimizer" keeps the rest
+  (gradient clipping, reductions, zeroing).
 
 Profiling slows a step (one record per op); the tables are scaled by plain / profiled
 step time, so their totals are the unprofiled step time, and the overhead is reported.
@@ -61,6 +64,9 @@ ROWS = (
     "loss",
     "grad accum",
     "optimizer",
+    "muon, matrices",
+    "muon, expert stacks",
+    "adamw",
     "forward, other",
     "backward, other",
     "step, other",
