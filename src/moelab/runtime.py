@@ -8,6 +8,7 @@ import ctypes
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -106,3 +107,20 @@ def set_cpu_threads(threads: int | None, key: str = "train.threads") -> int:
     auto = DEFAULT_THREADS if idle is None else max(1, min(DEFAULT_THREADS, int(idle + 0.5)))
     torch.set_num_threads(auto)
     return auto
+
+
+def machine_name(device: torch.device) -> str:
+    """What a run's seconds were measured on: the GPU's name, or the CPU's model as the OS reports it (with the
+    threads torch uses)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    n = torch.get_num_threads()
+    return f"{name}, {n} thread{'' if n == 1 else 's'}"

@@ -47,6 +47,30 @@ def test_compare_end_to_end(tmp_path, text_file):
     if need:
         assert sp["tokens_speedup"] == pytest.approx(dense[-1][0] / need)
     assert s["summary"] and "tiny-moe holds" in s["summary"][0]
+    # on the clock, recomputed by hand from the same files: each run's loss where the shorter run's training seconds
+    # end, and the MoE's training seconds to the dense model's final loss over the dense run's
+    def timed(name):
+        recs = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["elapsed_s"], r["val_loss"]) for r in recs if "val_loss" in r]
+
+    def at(points, x):
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if x0 <= x <= x1:
+                return y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+        return points[0][1] if x == points[0][0] else None
+
+    d_t, m_t = timed("tiny-dense"), timed("tiny-moe")
+    t_equal = min(d_t[-1][0], m_t[-1][0])
+    assert sp["equal_seconds"] == pytest.approx(t_equal)
+    assert sp["val_loss_at_equal_seconds"] == pytest.approx(at(m_t, t_equal))
+    assert sp["ref_val_loss_at_equal_seconds"] == pytest.approx(at(d_t, t_equal))
+    if need:
+        s_need = next(x0 + (l0 - target) / (l0 - l1) * (x1 - x0) if i else x1
+                      for i, ((x0, l0), (x1, l1)) in enumerate(zip([(0, float("inf"))] + m_t, m_t)) if l1 <= target)
+        assert sp["seconds_ratio"] == pytest.approx(s_need / d_t[-1][0])
+    first = s["summary"][0]
+    assert first.startswith("tiny-moe vs tiny-dense, held-out loss at equal tokens")
+    assert "at equal seconds" in first and "trained here one after another" in first and s["clock_context"] in first
     # where the time goes: a short profile of each run's last checkpoint
     assert "Where the time goes" in page and "Profiled, its step took" in s["summary"][0]
     dense_t, moe_t = (r["time_ms"] for r in s["runs"])

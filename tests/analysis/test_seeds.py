@@ -31,7 +31,8 @@ def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled
     crippled.write_text("name: crippled\noptim: {lr: 1.0e-12}\n")
     out = tmp_path / "cmp"
     run_main(capsys, "compare", "tiny-dense", str(twin), str(crippled), "--data", text_file, "--out", out,
-             "--steps", "6", "--seeds", "2", "--jobs", "2", "--quiet", *[a for o in TINY for a in ("--set", o)])
+             "--steps", "6", "--seeds", "2", "--jobs", "2", "--quiet",
+             *[a for o in [*TINY, "train.eval_every=1"] for a in ("--set", o)])  # a point each step: the clock's
     s = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in s["runs"]] == [f"{n}-seed{i}" for n in ("tiny-dense", "twin", "crippled")
                                               for i in (0, 1)]
@@ -51,4 +52,29 @@ def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled
     ups, (low, high) = s["seeds"]["twin"]["tokens_speedup"], s["seeds"]["twin"]["tokens_speedup_interval"]
     assert len(ups) == 2 and all(u >= 1.0 for u in ups) and low <= statistics.fmean(ups) <= high
     assert s["seeds"]["crippled"]["tokens_speedup"] == [None, None]
+    # on the clock: each seed's losses where the shorter run's training seconds end, recomputed from metrics.jsonl
+    def timed(name):
+        lines = (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        return [(r["elapsed_s"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
+
+    def at(points, x):
+        return next((y0 + (x - x0) / (x1 - x0) * (y1 - y0) for (x0, y0), (x1, y1) in zip(points, points[1:])
+                     if x0 <= x <= x1), None)
+
+    for name in ("twin", "crippled"):
+        diffs = []
+        for i in (0, 1):
+            ref_pts, pts = timed(f"tiny-dense-seed{i}"), timed(f"{name}-seed{i}")
+            x = min(ref_pts[-1][0], pts[-1][0])
+            if at(pts, x) is not None and at(ref_pts, x) is not None:  # (a run 6x faster leaves no common point)
+                diffs.append(at(pts, x) - at(ref_pts, x))
+        clock = s["seeds"][name]["clock"]
+        assert clock["equal_seconds_diff"] == pytest.approx(diffs)
+        if len(diffs) < 2:
+            assert "interval" not in clock and "no common training-seconds point" in clock["text"]
+            continue
+        half = T_975_DF1 * statistics.stdev(diffs) / math.sqrt(2)
+        assert clock["interval"] == pytest.approx([statistics.fmean(diffs) - half, statistics.fmean(diffs) + half])
+        assert clock["text"] in " ".join(s["summary"]) and "side by side, 2 at a time" in clock["text"]
+    assert all(d > 0.1 for d in s["seeds"]["crippled"]["clock"]["equal_seconds_diff"])  # far behind on the clock
     assert "not every seed reached" in s["seeds"]["crippled"]["text"]

@@ -204,3 +204,29 @@ def test_compile_matches_eager(tmp_path, text_file):
     eager = [r["loss"] for r in records(tmp_path / "eager")]
     assert len(eager) == 3
     assert [r["loss"] for r in records(tmp_path / "compiled")] == pytest.approx(eager, abs=1e-4)
+
+
+def test_a_slow_evaluation_is_not_charged_to_training_seconds(tmp_path, text_file, monkeypatch):
+    """Training seconds (`elapsed_s`, what compare's clock figures read) count optimizer steps only: evaluation and
+    checkpoint writing are timed apart (`eval_s`, `ckpt_s`). An evaluation made 0.25 s slower must land there."""
+    import time
+
+    import moelab.train.trainer as trainer
+
+    real = trainer.evaluate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.25)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", slow)
+    t0 = time.perf_counter()
+    train(cfg_for("tiny-dense", text_file, 8, ["train.eval_every=2"]), tmp_path / "run", quiet=True)
+    wall = time.perf_counter() - t0
+    recs = records(tmp_path / "run")
+    evals = sum("val_loss" in r for r in recs)
+    assert evals == 4
+    last = recs[-1]
+    assert last["eval_s"] >= 0.25 * evals and last["ckpt_s"] > 0  # the sleeps are there, at least
+    assert last["elapsed_s"] + last["eval_s"] + last["ckpt_s"] <= wall  # and nowhere else: three disjoint spans
+    assert last["machine"] and all(r["eval_s"] <= last["eval_s"] for r in recs)  # cumulative, named machine

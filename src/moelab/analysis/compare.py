@@ -24,7 +24,7 @@ from .memory import plan_memory
 from .profile import ROWS
 from .profile_report import imbalance, moe_overhead, profile_runs
 from .report import write_report
-from .seeds import SEED_SUFFIX, recipe_of, seed_verdicts, speedup_interval
+from .seeds import SEED_SUFFIX, clock_verdict, recipe_of, seed_verdicts, speedup_interval
 
 
 @dataclass
@@ -38,6 +38,7 @@ class RunCurves:
     flops: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    machine: str | None = None  # what its seconds were measured on, as the run recorded it
 
     @property
     def is_moe(self) -> bool:
@@ -62,6 +63,7 @@ def read_run(run_dir: Path, name: str | None = None) -> RunCurves:
             rc.flops.append(float(r["tokens"]) * fpt)
             rc.seconds.append(float(r.get("elapsed_s", 0.0)))
             rc.val_loss.append(float(r["val_loss"]))
+        rc.machine = r.get("machine", rc.machine)
     if not rc.val_loss:
         raise ConfigError(f"{run_dir}: metrics.jsonl holds no validation loss")
     return rc
@@ -100,7 +102,53 @@ def speedups(ref: RunCurves, other: RunCurves) -> dict:
         out[f"{axis}_speedup"] = (getattr(ref, axis)[-1] / need) if need else None
     out["reached"] = out["tokens_needed"] is not None
     out["val_loss_at_equal_flops"] = y_at(other.flops, other.val_loss, ref.flops[-1])
+    # each at the other's budget: the shorter run's final point against the longer run's curve there
+    for axis in ("tokens", "seconds"):
+        x = min(getattr(ref, axis)[-1], getattr(other, axis)[-1])
+        out[f"equal_{axis}"] = x
+        out[f"ref_val_loss_at_equal_{axis}"] = y_at(getattr(ref, axis), ref.val_loss, x) if x > 0 else None
+        out[f"val_loss_at_equal_{axis}"] = y_at(getattr(other, axis), other.val_loss, x) if x > 0 else None
+    need_s = out["seconds_needed"]
+    out["seconds_ratio"] = need_s / ref.seconds[-1] if need_s is not None and ref.seconds[-1] > 0 else None
     return out
+
+
+def clock_context(curves: list[RunCurves], trained: str) -> str:
+    """Where and how the runs' seconds were measured, for the sentence beside any figure on the clock: the machine(s)
+    the runs recorded and `trained` (how compare ran them, or that it read them)."""
+    machines = sorted({c.machine for c in curves if c.machine})
+    if not machines:
+        where = "machine not recorded"
+    elif len(machines) == 1:
+        where = machines[0]
+    else:
+        where = f"different machines ({'; '.join(machines)}): seconds not comparable"
+    return f"{where}; {trained}"
+
+
+def head_to_head(ref: RunCurves, other: RunCurves, sp: dict, context: str) -> str:
+    """The first sentence about a run: the equal-tokens result beside the equal-seconds one (training seconds:
+    optimizer steps only, evaluation and checkpoints excluded), and what it took to reach the reference's loss."""
+
+    def at(axis: str, unit: str) -> str:
+        a, b = sp[f"ref_val_loss_at_equal_{axis}"], sp[f"val_loss_at_equal_{axis}"]
+        if a is None or b is None:
+            return f"at equal {unit}: no common point"
+        x = sp[f"equal_{axis}"]
+        amount = f"{x:,.0f} tokens" if axis == "tokens" else f"{x:,.1f} training seconds"
+        return f"at equal {unit} ({amount}) {b:.4f} vs {a:.4f} ({b - a:+.4f} nats/token)"
+
+    if sp["reached"]:
+        ratio = sp["seconds_ratio"]
+        reach = f"to {ref.name}'s final loss {sp['tokens_speedup']:.2f}x fewer tokens" + (
+            f" and {ratio:.2f}x its training seconds" if ratio is not None else ""
+        )
+    else:
+        reach = f"{ref.name}'s final loss not reached"
+    return (
+        f"{other.name} vs {ref.name}, held-out loss {at('tokens', 'tokens')}, {at('seconds', 'seconds')}; "
+        f"{reach} (seconds on {context})."
+    )
 
 
 def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
@@ -333,10 +381,22 @@ def _compare_into(
             r["imbalance"] = imbalance(table, forced)
     ref = runs[ref_i]
     speed = {c.name: speedups(curves[ref_i], c) for i, c in enumerate(curves) if i != ref_i}
+    if not cmds:
+        trained = "read from finished runs: whether they trained side by side is not recorded"
+    elif len(cmds) < len(curves):
+        trained = "some trained here, some read from finished runs: not all trained side by side"
+    elif jobs > 1:
+        threads = next(o for o in train_overrides if o.startswith("train.threads="))
+        trained = f"trained here side by side, {jobs} at a time, {threads}"
+    else:
+        trained = "trained here one after another"
+    context = clock_context(curves, trained)
     text = [
-        describe(ref, r, speed[r["name"]], moe_overhead(times[i][0], times[ref_i][0])["points"])
-        for i, r in enumerate(runs)
-        if r["name"] in speed
+        head_to_head(curves[ref_i], c, speed[c.name], context)
+        + " "
+        + describe(ref, runs[i], speed[c.name], moe_overhead(times[i][0], times[ref_i][0])["points"])
+        for i, c in enumerate(curves)
+        if c.name in speed
     ]
     verdicts = seed_verdicts(final, recipe_of(ref["name"]))
     by_name = {c.name: c for c in curves}
@@ -347,7 +407,9 @@ def _compare_into(
         ]
         v |= speedup_interval([speedups(a, b)["tokens_speedup"] for a, b in pair])
         v["text"] = v["text"][:-1] + f"; {v['speedup_text']}."
-    summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text}
+        v["clock"] = clock_verdict([speedups(a, b) for a, b in pair], recipe, recipe_of(ref["name"]), context)
+        v["text"] += " " + v["clock"]["text"]
+    summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text, "clock_context": context}
     if verdicts:  # first: the one statement that holds across seeds
         summary |= {"seeds": verdicts, "summary": [v["text"] for v in verdicts.values()] + text}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=1))

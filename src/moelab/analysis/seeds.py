@@ -92,3 +92,36 @@ def speedup_interval(ups: list[float | None]) -> dict:
         "speedup_text": f"tokens to the reference's final loss: {mean:.2f}x fewer, 95% interval "
         f"[{mean - half:.2f}, {mean + half:.2f}]",
     }
+
+
+def clock_verdict(pairs: list[dict], recipe: str, reference: str, context: str) -> dict:
+    """The verdict on the clock from each seed's `compare.speedups` (reference, other): the held-out loss at equal
+    training seconds, paired by seed, with its 95% interval and verdict, and the training seconds to the reference's
+    final loss as a ratio of the reference's, with its interval when every seed reached it."""
+    diffs = [
+        p["val_loss_at_equal_seconds"] - p["ref_val_loss_at_equal_seconds"]
+        for p in pairs
+        if p["val_loss_at_equal_seconds"] is not None and p["ref_val_loss_at_equal_seconds"] is not None
+    ]
+    out: dict = {"equal_seconds_diff": diffs, "seconds_ratio": [p["seconds_ratio"] for p in pairs]}
+    if len(diffs) == len(pairs) >= 2:
+        mean, low, high = paired_interval([0.0] * len(diffs), diffs)
+        out |= {"mean": mean, "interval": [low, high], "verdict": verdict(low, high)}
+        loss = f"held-out loss at equal training seconds {mean:+.4f} nats/token, 95% interval [{low:+.4f}, {high:+.4f}]"
+        loss += f" (paired by seed): {out['verdict']}"
+    else:
+        loss = "no common training-seconds point in every seed"
+    ratios = out["seconds_ratio"]
+    if len(ratios) >= 2 and all(r is not None for r in ratios):
+        vals = [float(r) for r in ratios]
+        mean = statistics.fmean(vals)
+        half = t975(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
+        out["seconds_ratio_interval"] = [mean - half, mean + half]
+        reach = (
+            f"training seconds to {reference}'s final loss {mean:.2f}x {reference}'s, 95% interval "
+            f"[{mean - half:.2f}, {mean + half:.2f}]"
+        )
+    else:
+        reach = f"not every seed reached {reference}'s final loss"
+    out["text"] = f"On the clock ({context}): {recipe}'s {loss}; {reach}."
+    return out

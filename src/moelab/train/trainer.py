@@ -23,6 +23,7 @@ from ..parallel.checkpoint import save_distributed
 from ..parallel.mesh import close_parallel, init_parallel
 from ..parallel.parallelize import all_reduce_floats, reduce_window
 from ..run_config import RunConfig
+from ..runtime import machine_name
 from ..store import checkpoint as ck
 from ..store.outputs import restore
 from .evaluate import evaluate, evaluate_pipeline
@@ -118,9 +119,11 @@ class _Tally:
 
     step: int = 0
     tokens: int = 0
-    elapsed: float = 0.0  # training wall-clock, summed over resumes
+    elapsed: float = 0.0  # training wall-clock (optimizer steps only), summed over resumes
     skipped: int = 0
     val_loss: float | None = None
+    eval_s: float = 0.0  # held-out evaluation and checkpoint writing, kept apart from training seconds
+    ckpt_s: float = 0.0
 
     @classmethod
     def resumed(cls, state: dict) -> _Tally:
@@ -130,6 +133,8 @@ class _Tally:
             float(state.get("elapsed_s", 0.0)),
             int(state.get("skipped_steps", 0)),
             state.get("val_loss"),
+            float(state.get("eval_s", 0.0)),
+            float(state.get("ckpt_s", 0.0)),
         )
 
 
@@ -144,6 +149,7 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
     metrics = MetricsWriter(run.run_dir) if run.is_main else None  # written once, by rank 0
     window = MoEWindow()
     ctx = autocast_ctx(cfg, run.device)
+    machine = machine_name(run.device)  # whose seconds these are: compare says so beside any figure on the clock
     # tokens/s counts optimizer-step time only (evaluation and checkpoints excluded)
     t_window, tok_window = t.elapsed, 0
     start = (t.elapsed, t.tokens)
@@ -174,14 +180,17 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
 
             evaluated = t.step % tc.eval_every == 0 or t.step == tc.steps
             if evaluated:
+                t_eval = time.perf_counter()
                 if run.schedule is not None:
                     t.val_loss = evaluate_pipeline(run, ctx)
                 else:
                     t.val_loss = evaluate(run.model, run.data.val, tc.batch_size, tc.eval_batches, run.device, ctx, par)
+                t.eval_s += time.perf_counter() - t_eval
             if t.step % tc.log_every == 0 or t.step == end or evaluated:
                 tps = tok_window / max(t.elapsed - t_window, 1e-9)
                 t_window, tok_window = t.elapsed, 0
                 last_summary, record = _record(run, window, t, res, lr, tps, health)
+                record["machine"] = machine
                 if evaluated:
                     record["val_loss"] = t.val_loss
                 for w in health.check_router(t.step, [m["max_violation"] for m in last_summary]):
@@ -192,7 +201,9 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
                     metrics.write(_json_safe(record))
                 progress.log(t.step, res.loss, t.val_loss, tps)
             if t.step % tc.ckpt_every == 0 or t.step == end:
+                t_ckpt = time.perf_counter()
                 _save(run, t, sampler, health)
+                t.ckpt_s += time.perf_counter() - t_ckpt
     finally:
         progress.close()
         if metrics is not None:
@@ -240,6 +251,8 @@ def _record(run: Run, window: MoEWindow, t: _Tally, res, lr: float, tps: float, 
         "step": t.step,
         "tokens": t.tokens,
         "elapsed_s": t.elapsed,
+        "eval_s": t.eval_s,
+        "ckpt_s": t.ckpt_s,
         "loss": res.loss,
         "lm_loss": res.lm_loss,
         "lb_loss": _mean([m["lb_loss"] for m in summary]),
@@ -265,6 +278,8 @@ def _save(run: Run, t: _Tally, sampler: Sampler, health: HealthMonitor) -> None:
         "val_loss": t.val_loss,
         "total_steps": tc.steps,
         "elapsed_s": t.elapsed,
+        "eval_s": t.eval_s,
+        "ckpt_s": t.ckpt_s,
         "skipped_steps": t.skipped,
     }
     if run.par is None:
