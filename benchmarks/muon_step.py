@@ -5,8 +5,10 @@ Ways (`--ways`):
 - per-param-jordan: one call per parameter, Jordan's quintic, unfused matmuls (moelab before the batched iteration);
 - jordan: every matrix of one shape in one call, fused products, Gram iteration where cheaper, Jordan's quintic;
 - polar_express: the same with Polar Express's per-step quintics (the default);
-- stacked: polar_express with each expert stack orthogonalised as the layer's one wide matrix
-  (`optim.muon_experts=stacked`).
+- stacked: jordan with each expert stack orthogonalised as the layer's one wide matrix
+  (`optim.muon_experts=stacked`);
+- bf16-jordan: the batched iteration in bf16 (measured only: it pays where the hardware computes bf16 fast);
+- adamw-experts: AdamW's update for the routed experts, Muon for the rest (`optim.muon_experts=adamw`).
 
 The gradients are real (one backward of the recipe's batch of random tokens); each round times `--steps` optimizer
 steps of every (recipe, way) in turn, so a slow spell hits all alike; the median round counts.
@@ -30,6 +32,7 @@ from moelab.run_config import load_config
 from moelab.train.optim import _stack_axis, build_optimizer
 
 JORDAN = (3.4445, -4.7750, 2.0315)
+ORTHOGONALISED = muon._orthogonalised  # moelab's own, whatever a way puts in its place
 
 
 def per_param_jordan(updates, axes, steps, kind):
@@ -48,13 +51,32 @@ def per_param_jordan(updates, axes, steps, kind):
     return out, sum(g.numel() // (g.size(-1) * g.size(-2)) for g in updates)
 
 
+def bf16_jordan(updates, axes, steps, kind):
+    """The batched iteration in bf16 (what GPUs and AMX CPUs run fast): measured here, not offered."""
+    import moelab.train.polar as polar
+
+    real = polar.orthogonalise_batch
+
+    def low(x, steps, kind="jordan"):
+        x = polar._normalised(x.bfloat16(), kind)
+        return polar._plain(x, polar.coefficients(kind, steps)).float()
+
+    polar.orthogonalise_batch = low
+    try:
+        return ORTHOGONALISED(updates, axes, steps, kind)
+    finally:
+        polar.orthogonalise_batch = real
+
+
 WAYS = {"per-param-jordan": ("jordan", per_param_jordan), "jordan": ("jordan", None),
-        "polar_express": ("polar_express", None), "stacked": ("polar_express", None)}  # fmt: skip
+        "polar_express": ("polar_express", None), "stacked": ("jordan", None), "bf16-jordan": ("jordan", bf16_jordan),
+        "adamw-experts": ("jordan", None)}  # fmt: skip
 
 
-def setup(cfg, model_cfg, kind, stacked):
+def setup(cfg, model_cfg, kind, experts):
+    """The model with one backward's gradients, and its optimizer."""
     cfg.optim.ns_coeffs = kind
-    cfg.optim.muon_experts = "stacked" if stacked else "per_expert"
+    cfg.optim.muon_experts = experts
     torch.manual_seed(0)
     model = Transformer(model_cfg)
     opt = build_optimizer(model, cfg.optim)
@@ -64,6 +86,7 @@ def setup(cfg, model_cfg, kind, stacked):
 
 
 def time_steps(opt, fn, steps: int) -> float:
+    """Milliseconds per optimizer step, with `fn` in place of moelab's orthogonalisation if given."""
     original = muon._orthogonalised
     if fn is not None:
         muon._orthogonalised = fn
@@ -77,6 +100,7 @@ def time_steps(opt, fn, steps: int) -> float:
 
 
 def main(argv=None):
+    """Time every way on the MoE and its dense twin, side by side; print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moe", default="tiny-moe")
     ap.add_argument("--ways", default=",".join(WAYS))
@@ -92,7 +116,8 @@ def main(argv=None):
     for m, model_cfg in models.items():
         for w in ways:
             kind, fn = WAYS[w]
-            model, opt = setup(load_config(args.moe, ["optim.name=muon"]), model_cfg, kind, w == "stacked")
+            experts = {"stacked": "stacked", "adamw-experts": "adamw"}.get(w, "per_expert")
+            model, opt = setup(load_config(args.moe, ["optim.name=muon"]), model_cfg, kind, experts)
             runs[(m, w)] = (model, opt, fn)
             time_steps(opt, fn, 1)  # warm-up
     ms: dict = {k: [] for k in runs}
@@ -107,8 +132,13 @@ def main(argv=None):
         names = [n for n, _ in model.named_parameters() if ".experts." in n]
         stacks = [dict(model.named_parameters())[n].grad for n in names]
         kind, fn = WAYS[w]
+        if w == "adamw-experts":
+            cells = " | ".join(f"{med[(m, w)]:.1f}" for m in models)
+            print(f"| {w} | {cells} | {med[('moe', w)] / med[('dense twin', w)]:.2f} | (AdamW) | "
+                  f"{med[('moe', ways[0])] / med[('moe', w)]:.2f}x |")  # fmt: skip
+            continue
         axes = [_stack_axis(n) if w == "stacked" else None for n in names]
-        ortho, _ = (fn or muon._orthogonalised)(stacks, axes, base.optim.ns_steps, kind)
+        ortho, _ = (fn or ORTHOGONALISED)(stacks, axes, base.optim.ns_steps, kind)
         sv = torch.cat([torch.linalg.svdvals(muon._stacked(o, a).double()).flatten() for o, a in zip(ortho, axes, strict=True)])
         cells = " | ".join(f"{med[(m, w)]:.1f}" for m in models)
         print(f"| {w} | {cells} | {med[('moe', w)] / med[('dense twin', w)]:.2f} | "

@@ -53,9 +53,10 @@ class OptimConfig:
     # their quintics: Keller Jordan's fixed one, or Polar Express's per-step optimal ones (moelab.train.polar;
     # measured in docs/quality.md: more orthogonal, not better at these sizes)
     ns_coeffs: Literal["jordan", "polar_express"] = "jordan"
-    # the routed experts under Muon: each expert's matrices orthogonalised alone, or each stack as the one wide
-    # matrix the layer is (E*F hidden units; ~E/3x fewer FLOPs at tiny-moe's shapes, measured in docs/quality.md)
-    muon_experts: Literal["per_expert", "stacked"] = "per_expert"
+    # the routed experts under Muon: each expert's matrices orthogonalised alone, each stack as the one wide matrix
+    # the layer is (E*F hidden units; ~E/3x fewer FLOPs at tiny-moe's shapes), or AdamW's update for them
+    # (measured in docs/quality.md)
+    muon_experts: Literal["per_expert", "stacked", "adamw"] = "per_expert"
     muon_router: bool = False  # Muon for the router matrices too (else AdamW)
     expert_lr_mult: float = 1.0  # the routed experts' learning rate (and decay) as a multiple of the schedule's
     lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)

@@ -192,8 +192,9 @@ def _share(rank: dict, row: str) -> float:
 def format_tables(res: dict) -> str:
     """The variants side by side: forward, backward and total ms per step and share, by phase."""
     tables = res["tables"]
-    head = f"{'phase':<17}" + "".join(f" | {t['name'][:22]:>22} {'':>6}" for t in tables)
-    sub = f"{'':<17}" + "".join(f" | {'fwd':>6} {'bwd':>6} {'ms':>7} {'%':>6}" for _ in tables)
+    w = max(len(r) for r in ROWS)
+    head = f"{'phase':<{w}}" + "".join(f" | {t['name'][:22]:>22} {'':>6}" for t in tables)
+    sub = f"{'':<{w}}" + "".join(f" | {'fwd':>6} {'bwd':>6} {'ms':>7} {'%':>6}" for _ in tables)
     lines = [head, sub, "-" * len(sub)]
     for row in ROWS:
         if not any(row in t["rows_ms"] for t in tables):
@@ -205,9 +206,9 @@ def format_tables(res: dict) -> str:
                 continue
             f, b = t["fwd_ms"].get(row, 0.0) * t["scale"], t["bwd_ms"].get(row, 0.0) * t["scale"]
             cells += f" | {f:6.1f} {b:6.1f} {f + b:7.1f} {100 * (f + b) / t['plain_ms']:5.1f}%"
-        lines.append(f"{row:<17}{cells}")
-    lines.append(f"{'step':<17}" + "".join(f" | {'':>6} {'':>6} {t['plain_ms']:7.1f} {100:5.1f}%" for t in tables))
-    lines.append(f"{'tokens/s':<17}" + "".join(f" | {'':>6} {'':>6} {t['tokens_per_s']:7.0f} {'':>6}" for t in tables))
+        lines.append(f"{row:<{w}}{cells}")
+    lines.append(f"{'step':<{w}}" + "".join(f" | {'':>6} {'':>6} {t['plain_ms']:7.1f} {100:5.1f}%" for t in tables))
+    lines.append(f"{'tokens/s':<{w}}" + "".join(f" | {'':>6} {'':>6} {t['tokens_per_s']:7.0f} {'':>6}" for t in tables))
     if tables[0]["ranks"]:  # under torchrun: how far the ranks' own steps spread
         per = [f"{t['name']} " + ", ".join(f"{r['phases_ms']:.1f}" for r in t["ranks"]) for t in tables]
         lines.append(f"(profiled ms/step rank by rank: {'; '.join(per)}; the table is rank 0's)")

@@ -56,7 +56,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 def takes_muon(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> bool:
     """Whether `build_optimizer` gives parameter `name` Muon's update under `cfg` (the one rule the optimizer and the
     memory plans share)."""
-    return cfg is not None and cfg.name == "muon" and uses_muon(name, p, cfg.muon_router)
+    if cfg is None or cfg.name != "muon" or (cfg.muon_experts == "adamw" and ".experts." in name):
+        return False
+    return uses_muon(name, p, cfg.muon_router)
 
 
 def state_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:
