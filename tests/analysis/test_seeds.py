@@ -78,3 +78,26 @@ def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled
         assert clock["text"] in " ".join(s["summary"]) and "side by side, 2 at a time" in clock["text"]
     assert all(d > 0.1 for d in s["seeds"]["crippled"]["clock"]["equal_seconds_diff"])  # far behind on the clock
     assert "not every seed reached" in s["seeds"]["crippled"]["text"]
+
+
+def test_the_loss_figures_are_labelled_by_their_axis_whatever_the_seeds(tmp_path):
+    """Each loss plot's title and x axis name its axis (tokens, FLOPs, seconds), not the last run's legend label (the
+    bug once seeds drew one line per recipe); the legend names each recipe with its seeds."""
+    from moelab.analysis.compare import RunCurves
+    from moelab.analysis.report import LOSS_AXES, loss_figure
+    from moelab.run_config import load_config
+
+    cfg = load_config("tiny-dense", TINY)
+
+    def curves(name, shift):
+        return RunCurves(name, cfg, [], tokens=[1.0, 2.0], flops=[10.0, 20.0], seconds=[0.5, 1.0],
+                         val_loss=[5.0 + shift, 4.0 + shift])  # fmt: skip
+
+    runs = [curves("tiny-dense-seed0", 0), curves("tiny-dense-seed1", 0.1), curves("tiny-moe-seed0", -0.1),
+            curves("tiny-moe-seed1", -0.2)]  # fmt: skip
+    expected = {"tokens": "training tokens", "flops": "training FLOPs", "seconds": "training seconds"}
+    for axis, _ in LOSS_AXES:
+        ax = loss_figure(runs, axis, dict(LOSS_AXES)[axis]).axes[0]
+        assert ax.get_title() == f"validation loss vs {expected[axis]}", ax.get_title()
+        assert ax.get_xlabel().startswith(expected[axis]) and ax.get_ylabel() == "validation loss (nats/token)"
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tiny-dense (2 seeds)", "tiny-moe (2 seeds)"]

@@ -24,33 +24,43 @@ MOE_CURVES = [
 ]
 
 
+LOSS_AXES = (
+    ("tokens", "training tokens"),
+    ("flops", "training FLOPs"),
+    ("seconds", "training seconds (optimizer steps; evaluation and checkpoints excluded)"),
+)
+
+
+def loss_figure(curves, axis: str, axis_label: str):
+    """Validation loss against `axis` ("tokens", "flops" or "seconds") for every recipe: one line each (the mean of its
+    seeds, in a min..max band); the figure, titled and labelled by the axis."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[str, list] = {}
+    for c in curves:  # a recipe's seeds: one line (their mean) in a band (their min..max)
+        groups.setdefault(recipe_of(c.name), []).append(c)
+    for name, runs in groups.items():
+        n = min(len(c.val_loss) for c in runs)
+        xs = np.mean([getattr(c, axis)[:n] for c in runs], axis=0)
+        ys = np.array([c.val_loss[:n] for c in runs])
+        legend = name if len(runs) == 1 else f"{name} ({len(runs)} seeds)"
+        line = ax.plot(xs, ys.mean(0), marker="o", ms=3, label=legend)[0]
+        if len(runs) > 1:
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(axis_label)
+    ax.set_ylabel("validation loss (nats/token)")
+    if axis == "flops":
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"validation loss vs {axis_label.split(' (')[0]}")
+    fig.tight_layout()
+    return fig
+
+
 def _loss_plots(out: Path, curves) -> list[Path]:
     paths = []
-    for axis, label in (
-        ("tokens", "training tokens"),
-        ("flops", "training FLOPs"),
-        ("seconds", "training wall-clock (s)"),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        groups: dict[str, list] = {}
-        for c in curves:  # a recipe's seeds: one line (their mean) in a band (their min..max)
-            groups.setdefault(recipe_of(c.name), []).append(c)
-        for name, runs in groups.items():
-            n = min(len(c.val_loss) for c in runs)
-            xs = np.mean([getattr(c, axis)[:n] for c in runs], axis=0)
-            ys = np.array([c.val_loss[:n] for c in runs])
-            label = name if len(runs) == 1 else f"{name} ({len(runs)} seeds)"
-            line = ax.plot(xs, ys.mean(0), marker="o", ms=3, label=label)[0]
-            if len(runs) > 1:
-                ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss (nats/token)")
-        if axis == "flops":
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_title(f"validation loss vs {label}")
-        fig.tight_layout()
+    for axis, axis_label in LOSS_AXES:
+        fig = loss_figure(curves, axis, axis_label)
         p = out / f"loss_vs_{axis}.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
