@@ -393,3 +393,31 @@ def test_eval_and_generate_take_a_thread_count_and_auto_leaves_busy_cores_alone(
             assert runtime.set_cpu_threads(None) == expected == torch.get_num_threads(), idle
     finally:
         torch.set_num_threads(1)
+
+
+def test_flags_that_would_do_nothing_are_refused_and_a_default_that_cannot_fit_is_not_taken(tmp_path, run4, corpus,
+                                                                                         capsys):
+    """Settings accepted before and then ignored without a word: each is one line now, and no folder is left."""
+    out = str(tmp_path / "r")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  d_model: 64\n  n_layers: 2\n  d_model: 96\n")
+    assert "'d_model' is given twice (lines 2 and 4): keep one" in cli_error(capsys, "train", str(twice), "--out", out)
+    assert "optim.expert_lr_mult=2.0: the model has no routed experts" in cli_error(
+        capsys, "train", "tiny-dense", "--out", out, "optim.expert_lr_mult=2")
+    assert "optim.muon_experts=adamw: the model has no routed experts" in cli_error(
+        capsys, "train", "tiny-dense", "--out", out, "optim.muon_experts=adamw")
+    for flags, said in ((["--pipeline", "0"], "--pipeline: expected a positive number, got 0"),
+                        (["--pipeline", "-1"], "--pipeline: expected a positive number, got -1"),
+                        (["--virtual-stages", "0"], "--virtual-stages: expected a positive number, got 0"),
+                        (["--virtual-stages", "2"], "--virtual-stages: expected 1 without --pipeline, got 2")):
+        assert said in cli_error(capsys, "memory", "tiny-moe", *flags)
+    for flags in (["--seeds", "2"], ["--steps", "50"], ["--jobs", "2"]):  # finished runs are read, not trained
+        msg = cli_error(capsys, "compare", str(run4), str(run4), "--out", out, *flags)
+        assert f"{flags[0]}: every item is a finished run" in msg
+    assert not (tmp_path / "r").exists()
+    # quantize's default group size on a model 32 wide with experts 16 wide (w_down's input): 64 fits neither, 16
+    # divides both, said in its line
+    assert main(["quantize", str(run4), "--bits", "4", "--out", str(tmp_path / "q")]) == 0
+    assert "(groups of 16)" in capsys.readouterr().out
+    assert "--group-size: 64 does not divide the input size 32" in cli_error(
+        capsys, "quantize", str(run4), "--bits", "4", "--out", str(tmp_path / "q2"), "--group-size", "64")

@@ -252,6 +252,11 @@ class RunConfig:
         self.optim.validate()
         self.train.validate()
         self.parallel.validate()
+        if self.model.n_moe_layers == 0:  # a dense model: an experts' setting would do nothing, silently
+            if self.optim.expert_lr_mult != 1.0:
+                raise ConfigError(f"optim.expert_lr_mult={self.optim.expert_lr_mult}: the model has no routed experts")
+            if self.optim.muon_experts != "per_expert":
+                raise ConfigError(f"optim.muon_experts={self.optim.muon_experts}: the model has no routed experts")
         if self.optim.muon_experts == "stacked" and self.parallel.expert > 1:
             raise ConfigError(  # a rank holds only its experts: it would orthogonalise a part of the stack
                 "optim.muon_experts: 'stacked' needs every expert on one rank; use per_expert with parallel.expert > 1"
@@ -366,13 +371,31 @@ def read_recipe(recipe_or_yaml: str) -> dict:
     if not path.exists():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.constructor.ConstructorError as e:  # a repeated key: one line, the lines named in it
+        raise ConfigError(f"{path}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     d.setdefault("name", path.stem)
     return d
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        """The mapping; a ConstructorError naming the repeated key and its lines."""
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
+                    "keep one", key_node.start_mark)  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:

@@ -61,10 +61,10 @@ def worker(rank, layout):
 
 
 LAYOUTS = {
-    "fsdp2, 2 ranks": (2, ["parallel.data_shard=2"]),
-    "ep=2, 2 ranks": (2, ["parallel.expert=2"]),
-    "hsdp 2x2, 4 ranks": (4, ["parallel.data_shard=2", "parallel.data_replicate=2"]),
-    "ep=2 x fsdp2, 4 ranks": (4, ["parallel.expert=2", "parallel.data_shard=2"]),
+    # dense weights FSDP2-sharded over 2 ranks (owners among them); experts split 2 ways, each whole on its rank
+    "ep=2 x fsdp2, 2 ranks": (2, ["parallel.expert=2", "parallel.data_shard=2"]),
+    # dense weights HSDP 2 x 2 (owners among all 4); each expert slice sharded over its 2 edp ranks (owners there)
+    "ep=2 x hsdp 2x2, 4 ranks": (4, ["parallel.expert=2", "parallel.data_shard=2", "parallel.data_replicate=2"]),
 }
 
 

@@ -282,6 +282,14 @@ def compare(
         raise ConfigError(f"--seeds: expected a positive number of seeds, got {seeds}")
     if jobs < 1:
         raise ConfigError(f"--jobs: expected a positive number of trainings at once, got {jobs}")
+    finished = [i for i in items if Path(i).is_dir() and (Path(i) / "metrics.jsonl").exists()]
+    if len(finished) == len(items):  # nothing to train: a training flag would be ignored without a word
+        given = [f for f, on in (("--seeds", seeds > 1), ("--steps", steps is not None),
+                                 ("--tokens", tokens is not None), ("--jobs", jobs > 1)) if on]  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"{given[0]}: every item is a finished run, read as it is; {given[0]} applies to recipes compare trains"
+            )
     if data is not None and data != "stdlib":
         check_source(data)  # before any training process starts
     with staged_output(out, overwrite=overwrite, protect=[*items, data]) as tmp:

@@ -35,7 +35,7 @@ def cmd_quantize(
     ckpt: Checkpoint,
     bits: int,
     out: str,
-    group_size: int = 64,
+    group_size: int | None = None,
     what: Literal["experts", "all"] = "experts",
     overwrite: bool = False,
 ):
@@ -45,13 +45,14 @@ def cmd_quantize(
         ckpt: run folder or checkpoint
         bits: 8, 4, 3 or 2
         out: new run folder
-        group_size: inputs sharing one scale and zero point
+        group_size: inputs sharing one scale and zero point; unset: 64, or the largest divisor of 64 that divides
+            every quantized weight's input size
         what: the experts' weights, or every matmul weight
         overwrite: replace an existing --out
     """
     from ..compress.quantize import quantize_checkpoint
 
-    path, before, after = quantize_checkpoint(ckpt, out, bits, group_size, what, overwrite)
+    path, before, after, group_size = quantize_checkpoint(ckpt, out, bits, group_size, what, overwrite)
     print(
         f"quantized {ckpt} -> {path}: {'expert' if what == 'experts' else 'all matmul'} weights to {bits} bits "
         f"(groups of {group_size}); resident weights "

@@ -191,8 +191,10 @@ def cmd_memory(
     from ..run_config import load_config
     from ..store.run import read_run_config
 
-    positive(devices=devices, expert_parallel=expert_parallel, micro_batch=micro_batch, seq_len=seq_len)
+    positive(devices=devices, expert_parallel=expert_parallel, micro_batch=micro_batch, seq_len=seq_len,
+             pipeline=pipeline, virtual_stages=virtual_stages)  # fmt: skip
     require(devices % expert_parallel == 0, "--expert-parallel", f"a divisor of --devices {devices}", expert_parallel)
+    require(pipeline > 1 or virtual_stages == 1, "--virtual-stages", "1 without --pipeline", virtual_stages)
     run = Path(recipe) if Path(recipe).is_dir() else None
     cfg = read_run_config(run)[1] if run is not None else load_config(recipe)
     seq_len = seq_len or cfg.data.seq_len
@@ -220,7 +222,7 @@ def cmd_memory(
         from ..analysis.pipeline_memory import bubble_fraction, plan_stages
         from ..run_config import MULTI_STAGE_SCHEDULES
 
-        positive(micro_batches=micro_batches, virtual_stages=virtual_stages)
+        positive(micro_batches=micro_batches)
         multi = schedule in MULTI_STAGE_SCHEDULES
         # the per-rank plan is of pipeline ranks alone: a silent plan that ignored the other axes would mislead
         require(devices == 1 and zero == 0, "--devices/--zero", "1 and 0 with --pipeline (the pipeline plan "

@@ -22,6 +22,8 @@ lines keep moelab on any torch >= 2.6.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -118,6 +120,12 @@ def targets(model: nn.Module, what: str) -> list[tuple[nn.Module, str, str]]:
         elif what == "all" and isinstance(mod, nn.Linear) and not name.endswith("router") and "gate" not in name:
             out.append((mod, "weight", f"{name}.weight"))
     return out
+
+
+def default_group_size(model: nn.Module, what: str = "experts", largest: int = 64) -> int:
+    """The group size `quantize_model` takes when none is given: the largest divisor of `largest` that divides the
+    input size of every weight it quantizes (64 for most models; 32 for one 32 wide)."""
+    return math.gcd(largest, *(getattr(mod, attr).shape[-1] for mod, attr, _ in targets(model, what)))
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int, what: str = "experts") -> int:
