@@ -29,9 +29,13 @@ def paired_interval(ref: list[float], other: list[float]) -> tuple[float, float,
     """(mean, low, high) of other - ref over paired seeds, a 95% interval (needs 2 or more)."""
     if len(ref) != len(other) or len(ref) < 2:
         raise ValueError(f"paired seeds: expected two or more pairs, got {len(ref)} and {len(other)}")
-    d = [b - a for a, b in zip(ref, other, strict=True)]
-    mean = statistics.fmean(d)
-    half = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return mean_interval([b - a for a, b in zip(ref, other, strict=True)])
+
+
+def mean_interval(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of 2 or more values with its 95% interval (Student's t)."""
+    mean = statistics.fmean(xs)
+    half = t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
     return mean, mean - half, mean + half
 
 
@@ -84,13 +88,12 @@ def speedup_interval(ups: list[float | None]) -> dict:
     if any(u is None for u in ups) or len(ups) < 2:
         return {"tokens_speedup": ups, "speedup_text": "not every seed reached the reference's final loss"}
     vals = [float(u) for u in ups if u is not None]
-    mean = statistics.fmean(vals)
-    half = t975(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
+    mean, low, high = mean_interval(vals)
     return {
         "tokens_speedup": vals,
-        "tokens_speedup_interval": [mean - half, mean + half],
+        "tokens_speedup_interval": [low, high],
         "speedup_text": f"tokens to the reference's final loss: {mean:.2f}x fewer, 95% interval "
-        f"[{mean - half:.2f}, {mean + half:.2f}]",
+        f"[{low:.2f}, {high:.2f}]",
     }
 
 
@@ -105,7 +108,7 @@ def clock_verdict(pairs: list[dict], recipe: str, reference: str, context: str) 
     ]
     out: dict = {"equal_seconds_diff": diffs, "seconds_ratio": [p["seconds_ratio"] for p in pairs]}
     if len(diffs) == len(pairs) >= 2:
-        mean, low, high = paired_interval([0.0] * len(diffs), diffs)
+        mean, low, high = mean_interval(diffs)
         out |= {"mean": mean, "interval": [low, high], "verdict": verdict(low, high)}
         loss = f"held-out loss at equal training seconds {mean:+.4f} nats/token, 95% interval [{low:+.4f}, {high:+.4f}]"
         loss += f" (paired by seed): {out['verdict']}"
@@ -113,13 +116,11 @@ def clock_verdict(pairs: list[dict], recipe: str, reference: str, context: str) 
         loss = "no common training-seconds point in every seed"
     ratios = out["seconds_ratio"]
     if len(ratios) >= 2 and all(r is not None for r in ratios):
-        vals = [float(r) for r in ratios]
-        mean = statistics.fmean(vals)
-        half = t975(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
-        out["seconds_ratio_interval"] = [mean - half, mean + half]
+        mean, low, high = mean_interval([float(r) for r in ratios])
+        out["seconds_ratio_interval"] = [low, high]
         reach = (
             f"training seconds to {reference}'s final loss {mean:.2f}x {reference}'s, 95% interval "
-            f"[{mean - half:.2f}, {mean + half:.2f}]"
+            f"[{low:.2f}, {high:.2f}]"
         )
     else:
         reach = f"not every seed reached {reference}'s final loss"

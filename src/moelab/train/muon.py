@@ -14,14 +14,13 @@ is the one wide matrix the layer computes with (w_gate and w_up (E*F, D), w_down
 (D, E*F)), orthogonalised whole, s from its shape: an expert's share of the update then
 follows its share of the gradient.
 
-The orthogonalisation (moelab.train.polar) runs in fp32 with every Muon matrix of the same shape - all layers'
-expert stacks at once - in one batched call, with Jordan's quintic by default or Polar Express's per-step ones
-(`optim.ns_coeffs`). Unlike
-`torch.optim.Muon` (2-D only, bf16 iteration) the fp32 iteration makes the same step taken under another parallel
-layout (whose gradients differ by summation order, ~1e-10) land on the same weights; and a sharded matrix (an FSDP2
-DTensor) is gathered whole, orthogonalised by one owner rank - the matrices spread over the ranks that share them,
-largest first to the least loaded, as Moonlight's and dion's distributed Muon do - and sent to the others, each
-keeping its shard. Experts under expert parallelism are whole on their rank and need no gather.
+The orthogonalisation (moelab.train.polar) runs in fp32 with every Muon matrix of the same shape - all layers' expert
+stacks at once - in batched calls, with Jordan's quintic by default or Polar Express's per-step ones
+(`optim.ns_coeffs`). Unlike `torch.optim.Muon` (2-D only, bf16 iteration) the fp32 iteration makes the same step taken
+under another parallel layout (whose gradients differ by summation order, ~1e-10) land on the same weights; and a
+sharded matrix (an FSDP2 DTensor) is gathered whole, orthogonalised by one owner rank - the matrices spread over the
+ranks that share them, largest first to the least loaded, as Moonlight's and dion's distributed Muon do - and sent to
+the others, each keeping its shard. Experts under expert parallelism are whole on their rank and need no gather.
 """
 
 from __future__ import annotations
@@ -46,28 +45,31 @@ def _orthogonalised(
 ) -> tuple[list[torch.Tensor], int]:
     """Each update orthogonalised (an expert stack along `axes` as one matrix), a sharded one whole and cut back to
     its shard; and how many matrices this rank iterated. A sharded matrix is iterated by one owner rank of the ranks
-    that share it, chosen to balance the work, and sent to the others: the Newton-Schulz work of a step is divided
-    over the ranks instead of repeated on each."""
+    that share it, chosen by shape to balance the work, and sent to the others: the Newton-Schulz work of a step is
+    divided over the ranks instead of repeated on each, and a rank holds whole only the matrices it owns."""
     groups: dict[dist.ProcessGroup | None, list[int]] = {}
     for i, u in enumerate(updates):
         groups.setdefault(_sharing_group(u), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(updates)
     count = 0
     for group, idx in groups.items():  # the same order on every rank: the collectives below pair up
-        whole = [_stacked(_whole(updates[i]), axes[i]) for i in idx]
-        if group is None:
-            owners, me = [0] * len(idx), 0
-        else:
-            owners, me = _owners([_cost(w) for w in whole], dist.get_world_size(group)), dist.get_rank(group)
-        mine = [k for k, o in enumerate(owners) if o == me]
-        done = dict(zip(mine, orthogonalise([whole[k] for k in mine], steps, kind), strict=True))
-        count += sum(whole[k].numel() // (whole[k].size(-2) * whole[k].size(-1)) for k in mine)
+        shapes = [_stacked_shape(updates[i].shape, axes[i]) for i in idx]
+        ranks = 1 if group is None else dist.get_world_size(group)
+        owners, me = _owners([_cost(s) for s in shapes], ranks), (0 if group is None else dist.get_rank(group))
+        mine = {}
+        for k, i in enumerate(idx):
+            whole = _whole(updates[i])  # a collective for a shard: every rank takes part, the owner keeps it
+            if owners[k] == me:
+                mine[k] = _stacked(whole, axes[i])
+        done = dict(zip(mine, orthogonalise(list(mine.values()), steps, kind), strict=True))
+        count += sum(math.prod(shapes[k][:-2]) for k in mine)
+        del mine
         for k, (i, o) in enumerate(zip(idx, owners, strict=True)):
-            # contiguous: a collective sends the storage, and a tall matrix comes back as a transposed view
-            full = done[k].contiguous() if o == me else torch.empty(whole[k].shape, device=whole[k].device)
-            if group is not None and dist.get_world_size(group) > 1:
-                dist.broadcast(full, src=dist.get_global_rank(group, o), group=group)
             u = updates[i]
+            # contiguous: a collective sends the storage, and a tall matrix comes back as a transposed view
+            full = done.pop(k).contiguous() if o == me else torch.empty(shapes[k], device=u.device)
+            if group is not None and ranks > 1:
+                dist.broadcast(full, src=dist.get_global_rank(group, o), group=group)
             full = _unstacked(full, axes[i], u.shape).to(u.dtype)
             out[i] = (
                 distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
@@ -94,10 +96,10 @@ def _sharing_group(u: torch.Tensor) -> dist.ProcessGroup | None:
     return mesh.get_group(mesh.ndim - 1)  # (a pipeline stage's HSDP: owners among its shard ranks, replicas repeat)
 
 
-def _cost(x: torch.Tensor) -> int:
-    """Newton-Schulz work of a matrix (or stack), ~ n A^2 B with A <= B."""
-    a, b = sorted(x.shape[-2:])
-    return (x.numel() // (a * b)) * a * a * b
+def _cost(shape: tuple[int, ...]) -> int:
+    """Newton-Schulz work of a matrix (or stack) of `shape`, ~ n A^2 B with A <= B."""
+    a, b = sorted(shape[-2:])
+    return math.prod(shape[:-2]) * a * a * b
 
 
 def _owners(costs: list[int], ranks: int) -> list[int]:
@@ -123,6 +125,7 @@ def _unstacked(o: torch.Tensor, axis: int | None, shape: torch.Size) -> torch.Te
 
 
 def _stacked_shape(shape: torch.Size, axis: int | None) -> tuple[int, ...]:
+    """The shape `_stacked` gives a tensor of `shape`."""
     if axis is None:
         return tuple(shape)
     return (shape[0] * shape[1], shape[2]) if axis == 0 else (shape[1], shape[0] * shape[2])

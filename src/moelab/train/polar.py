@@ -51,6 +51,7 @@ _SAFETY = 1.01  # shrinks each quintic slightly so rounding cannot push a singul
 POLAR_EXPRESS = tuple((a / _SAFETY, b / _SAFETY**3, c / _SAFETY**5) for a, b, c in _PE_PUBLISHED)
 GRAM_ASPECT = 1.5  # B / A above which the Gram iteration takes fewer FLOPs (see the module docstring)
 CPU_BATCH_BYTES = 4 << 20  # on a CPU, batches of about this much fp32 input (measured: benchmarks/muon_step.py)
+DEVICE_BATCH_BYTES = 256 << 20  # on a GPU (not measured yet: benchmarks/gpu_check.sh has no Muon row)
 
 
 def coefficients(kind: Coeffs, steps: int) -> list[tuple[float, float, float]]:
@@ -116,11 +117,11 @@ def orthogonalise(mats: list[torch.Tensor], steps: int = 5, kind: Coeffs = "jord
     out: list[torch.Tensor | None] = [None] * len(mats)
     for idx in groups.values():
         x_NAB = torch.cat([oriented[i] for i in idx])
-        if x_NAB.device.type == "cpu":  # a batch whose matrices stay in cache: 1.3-1.6x faster than one of 12 MiB
-            per = max(1, CPU_BATCH_BYTES // (4 * x_NAB.size(-2) * x_NAB.size(-1)))
-            done = torch.cat([orthogonalise_batch(x, steps, kind) for x in x_NAB.split(per)])
-        else:
-            done = orthogonalise_batch(x_NAB, steps, kind)
+        # on a CPU a batch whose matrices stay in cache (1.3-1.6x faster than one of 12 MiB); elsewhere batches
+        # large enough to fill the device but bounded, so the iteration's working copies stay a fraction of memory
+        budget = CPU_BATCH_BYTES if x_NAB.device.type == "cpu" else DEVICE_BATCH_BYTES
+        per = max(1, budget // (4 * x_NAB.size(-2) * x_NAB.size(-1)))
+        done = torch.cat([orthogonalise_batch(x, steps, kind) for x in x_NAB.split(per)])
         for i, piece in zip(idx, done.split([oriented[i].size(0) for i in idx]), strict=True):
             m = mats[i]
             out[i] = (piece.mT if m.size(-2) > m.size(-1) else piece).reshape(m.shape)
