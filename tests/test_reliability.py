@@ -421,3 +421,23 @@ def test_flags_that_would_do_nothing_are_refused_and_a_default_that_cannot_fit_i
     assert "(groups of 16)" in capsys.readouterr().out
     assert "--group-size: 64 does not divide the input size 32" in cli_error(
         capsys, "quantize", str(run4), "--bits", "4", "--out", str(tmp_path / "q2"), "--group-size", "64")
+
+
+def test_a_resume_that_would_train_nothing_says_so_and_absurd_sizes_are_refused(tmp_path, run4, corpus, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)  # a finished 4-step run
+    args = ["train", "tiny-moe", "--data", str(corpus), "--out", str(run), "--resume", "--quiet", *TINY_MOE,
+            "train.log_every=1", "train.ckpt_every=2"]  # fmt: skip
+    msg = cli_error(capsys, *args, "--steps", "2")
+    assert "train.steps=2 (--steps): the run is already at step 4" in msg and "not steps to add" in msg
+    before = (run / "metrics.jsonl").read_text()
+    assert main([*args, "--steps", "4"]) == 0
+    assert "nothing to train: the run already ended at step 4" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+    assert "train.batch_size: expected at most 65,536 sequences" in cli_error(
+        capsys, "train", "tiny-moe", "--data", str(corpus), "--out", str(tmp_path / "b"), "train.batch_size=1000000000")
+    one = tmp_path / "one.txt"
+    one.write_text("a single short document\n")
+    msg = cli_error(capsys, "tokenize", str(one), "--out", str(tmp_path / "ds"), "--vocab-size", "300")
+    assert "has 1 document; at least 2 are needed" in msg
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "b").exists()  # a failed fresh output leaves nothing

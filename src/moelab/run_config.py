@@ -103,6 +103,9 @@ class OptimConfig:
             raise ConfigError(f"{p}ns_steps: expected 1..20 Newton-Schulz iterations, got {self.ns_steps!r}")
 
 
+MAX_MICRO_BATCH = 65536
+
+
 @dataclass
 class TrainConfig:
     """The loop: length, batch, accumulation, seed, precision, device, logging, evaluation, checkpoints and health
@@ -139,6 +142,11 @@ class TrainConfig:
         counts = "steps batch_size grad_accum log_every eval_every ckpt_every eval_batches keep_checkpoints"
         for name in (*counts.split(), "spike_window", "collapse_window", "max_skipped_steps"):
             _pos_int(getattr(self, name), p + name)
+        if self.batch_size > MAX_MICRO_BATCH:  # past any device's memory; the sampler would spin for minutes first
+            raise ConfigError(
+                f"{p}batch_size: expected at most {MAX_MICRO_BATCH:,} sequences per micro-batch, got "
+                f"{self.batch_size:,} (a larger batch is train.grad_accum micro-batches)"
+            )
         if self.threads is not None:
             _pos_int(self.threads, p + "threads")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32):

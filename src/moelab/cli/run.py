@@ -63,6 +63,10 @@ def cmd_train(
         return res
     vl = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
     state = "stopped early (resume with --resume)" if res.stopped_early else "finished"
+    if res.ran == 0:
+        print(f"{cfg.name}: nothing to train: the run already ended at step {res.step} (its --steps); raise --steps "
+              f"to continue it; run folder {res.run_dir}", file=sys.stderr)  # fmt: skip
+        return res
     print(
         f"{cfg.name}: {state} at step {res.step}; val loss {vl}; {res.tokens_per_s:,.0f} tokens/s; "
         f"run folder {res.run_dir}",

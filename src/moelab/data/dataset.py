@@ -176,10 +176,12 @@ def tokenize_source(
     existed, was_empty = out.exists(), not out.exists() or not any(out.iterdir())
     try:
         _tokenize_into(out, source, tok, progress, text_field, val_fraction, chunk_bytes, quiet)
-    except BaseException:
+    except BaseException as e:
         if aside is not None:
             restore(out, aside)
-        elif was_empty and not progress["chunks"]:  # nothing to resume: leave no half-made dataset behind
+        # nothing to resume, or a source that fails the same way every time (too few documents, no text): a fresh
+        # output leaves no half-made dataset behind
+        elif was_empty and (not progress["chunks"] or isinstance(e, ConfigError)):
             shutil.rmtree(out, ignore_errors=True)
             if existed:
                 out.mkdir()

@@ -50,6 +50,7 @@ class TrainResult:
     expert_load: list[list[float]]  # last window's load fractions per MoE layer
     stopped_early: bool
     skipped_steps: int = 0
+    ran: int = 0  # optimizer steps this invocation took (0: a resumed run already at its length)
 
 
 def train(
@@ -141,6 +142,12 @@ class _Tally:
 def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
     cfg, tc, state, par = run.cfg, run.cfg.train, run.state, run.par
     t = _Tally.resumed(state)
+    if t.step > tc.steps:  # --steps is the run's length: a smaller one would end the run "finished" having done nothing
+        raise ConfigError(
+            f"train.steps={tc.steps} (--steps): the run is already at step {t.step}; --steps is the run's total "
+            "length, not steps to add"
+        )
+    first = t.step
     sampler = Sampler(len(run.data.train), tc.batch_size, tc.seed, SamplerState(**state.get("sampler", {})))
     health = HealthMonitor(
         tc.spike_factor, tc.spike_window, tc.collapse_max_violation, tc.collapse_window, state.get("health")
@@ -218,6 +225,7 @@ def _loop(run: Run, stop_after: int | None, quiet: bool) -> TrainResult:
         [m["load"] for m in last_summary],
         stopped_early=t.step < tc.steps,
         skipped_steps=t.skipped,
+        ran=t.step - first,
     )
 
 
