@@ -216,3 +216,57 @@ def test_bad_data_is_one_line_naming_it(inputs, bad_sources, tmp_path, capfd, co
             assert EXPECTED[kind] in line, (kind, line)
         assert not out.exists(), kind
     assert tree_hash(bad_sources["interrupted_dataset"]) == bad_sources["interrupted_hash"]  # left to resume
+
+
+def test_staging_left_by_a_killed_command_is_removed_by_the_next_one(tmp_path):
+    """A kill -9 mid-command leaves its hidden staging folder; the next command writing the same output removes it -
+    only a dead process's, of this host: a live process's staging and another host's are left alone."""
+    import socket
+
+    from moelab.store.outputs import staged_output
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    out = tmp_path / "report"
+    stale = tmp_path / f".report.tmp-{host}-{int(dead.stdout)}"
+    live = tmp_path / f".report.tmp-{host}-{os.getppid()}"  # the test runner's parent: alive
+    elsewhere = tmp_path / f".report.tmp-another-host-{int(dead.stdout)}"
+    for d in (stale, live, elsewhere):
+        (d / "half").mkdir(parents=True)
+        (d / "half" / "part.bin").write_bytes(b"x" * 1000)
+    with staged_output(out) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (out / "done.txt").read_text() == "ok"
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+
+
+def test_a_killed_compare_takes_its_trainings_with_it(tmp_path, text_file):
+    """kill -9 of `moelab compare` while it trains: the training it started ends too (it watches its parent), instead
+    of running on as an orphan on the cores."""
+    import signal
+    import time
+
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "moelab", "compare", "tiny-dense", "--data", str(text_file), "--out", str(out),
+           "--steps", "100000", "--quiet", *[a for o in TINY for a in ("--set", o)]]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 120
+    kids: list[int] = []
+    while not kids and time.monotonic() < deadline:  # the training has started once compare has a child
+        time.sleep(0.2)
+        kids = [int(k) for k in children.read_text().split()] if children.exists() else []
+    assert kids, "compare started no training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60  # it polls its parent once a second; a minute is generous on any host
+    while time.monotonic() < deadline and any(Path(f"/proc/{k}").exists() and "Z" not in _state(k) for k in kids):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{k}").exists() and "Z" not in _state(k) for k in kids), "the training outlived compare"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

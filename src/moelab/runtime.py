@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,3 +126,24 @@ def machine_name(device: torch.device) -> str:
         pass
     n = torch.get_num_threads()
     return f"{name}, {n} thread{'' if n == 1 else 's'}"
+
+
+PARENT_ENV = "MOELAB_PARENT_PID"  # set by a moelab command for the trainings it starts
+
+
+def exit_with_parent() -> None:
+    """In a training a moelab command started (PARENT_ENV set): end this process once that command is gone, so a
+    killed `compare` leaves no training running on the cores (a poll of the parent id, which works wherever Python
+    runs). The variable is taken out of the environment: this process's own children are not watched."""
+    pid = os.environ.pop(PARENT_ENV, None)
+    if pid is None or not pid.isdigit():
+        return
+    parent = int(pid)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        print(f"moelab: the command that started this training (pid {parent}) is gone; stopping", file=sys.stderr)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -19,6 +19,7 @@ from typing import Any
 from ..config import ConfigError
 from ..data.sources import check_source
 from ..run_config import RunConfig, load_config, read_config
+from ..runtime import PARENT_ENV
 from ..store.outputs import staged_output
 from .memory import plan_memory
 from .profile import ROWS
@@ -315,7 +316,8 @@ def _run_all(cmds: list[tuple[str, list[str]]], jobs: int) -> None:
     while pending or running:
         while pending and len(running) < jobs and not failed:
             job = pending.pop(0)
-            running.append((job, subprocess.Popen(job[1])))
+            env = {**os.environ, PARENT_ENV: str(os.getpid())}  # each training ends if this command is killed
+            running.append((job, subprocess.Popen(job[1], env=env)))
         job, proc = running.pop(0)
         if proc.wait() != 0:
             failed.append(job)

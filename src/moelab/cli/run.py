@@ -45,8 +45,10 @@ def cmd_train(
         quiet: no progress bar
     """
     from ..run_config import load_config, read_config
+    from ..runtime import exit_with_parent
     from ..train import train
 
+    exit_with_parent()
     positive(steps=steps, stop_after=stop_after)
     cfg = load_config(recipe, list(overrides))
     if data is not None:

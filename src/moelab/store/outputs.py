@@ -15,10 +15,12 @@ that code's I/O errors back into `OSError`, which the CLI prints as one line
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,9 +124,10 @@ def staged_output(
     """Yield a temporary folder to write into; on success it replaces `out` atomically
     (a rename); on failure it is removed and `out` is left as it was."""
     out = check_output(out, overwrite=overwrite, protect=protect, flag=flag)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
@@ -136,6 +139,32 @@ def staged_output(
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging folders of `out` that processes of this host no longer running left behind (a kill -9 mid
+    command): each holds a half-made output that looked like nothing, but took its size on disk. Folders of live
+    processes and of other hosts (a shared file system) are left alone. Returns what was removed."""
+    removed = []
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-{glob.escape(_HOST)}-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def set_aside(folder: Path) -> Path | None:
