@@ -311,7 +311,16 @@ def test_bad_input_gets_one_line(trained, tmp_path, capsys):
     other = tmp_path / "other"
     run_main(capsys, "train", "tiny-moe", "--data", data / "mix.jsonl", "--out", other, "--steps", "1", "--quiet",
              *MODEL[:-1], "model.moe.n_experts=4")
+    # a second domain that is one document the run's split keeps for training: under --split val it has no text to
+    # route, and the report must say so instead of speaking of one domain
+    from moelab.data.sources import iter_documents, is_validation
+
+    single = next(tmp_path / f"glosses{i}.txt" for i in range(100)
+                  if not is_validation(str(tmp_path / f"glosses{i}.txt"), 0.05))  # fmt: skip
+    single.write_text((data / "digits.txt").read_text().splitlines()[0] + "\n")
+    assert len(list(iter_documents(str(single), "text"))) == 1
     cases = [
+        ((root / "run", "--data", f"{data / 'mix.jsonl'},{single}"), f"{single} has no held-out documents"),
         ((dense, "--data", data / "words.txt"), "is a dense model (no MoE layer)"),
         ((root / "run", other, "--data", data / "words.txt"), "differ in architecture (n_experts 2 vs 4)"),
         ((root / "run", "--data", f"{data / 'words.txt'},{tmp_path / 'missing.txt'}"), "does not exist"),
@@ -322,3 +331,7 @@ def test_bad_input_gets_one_line(trained, tmp_path, capsys):
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert rc != 0 and len(lines) == 1 and words in lines[0], err
         assert not (tmp_path / "x").exists()
+    # with --split all the same two sources are two domains
+    run_main(capsys, "experts", root / "run", "--data", f"{data / 'words.txt'},{single}", "--split", "all", "--out",
+             tmp_path / "y", "--tokens", "500")
+    assert json.loads((tmp_path / "y" / "experts.json").read_text())["domains"] == ["words.txt", single.name]

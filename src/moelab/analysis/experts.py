@@ -59,6 +59,7 @@ def domain_batches(
     buf: dict[int, list[np.ndarray]] = {}
     seen: dict[int, int] = {}
     origin: dict[int, str] = {}
+    per_source: dict[str, int] = dict.fromkeys(sources, 0)  # a source that adds no token is named, never dropped
 
     def emit(g: int, final: bool) -> Iterator[Batch]:
         flat = np.concatenate(buf[g]) if buf[g] else np.zeros(0, np.int64)
@@ -83,6 +84,7 @@ def domain_batches(
             return
         ids = ids[:room]
         seen[g] += len(ids)
+        per_source[src] += len(ids)
         buf[g].append(ids)
         if sum(len(a) for a in buf[g]) >= BATCH * seq_len:
             yield from emit(g, final=False)
@@ -110,11 +112,34 @@ def domain_batches(
     for g in range(len(domains)):
         yield from emit(g, final=True)
     empty = [f"{domains[g]} (from {origin[g]})" for g in range(len(domains)) if seen[g] == 0]
+    empty += [src for src, n in per_source.items() if n == 0 and src not in origin.values()]
     if not domains or empty:
         raise ConfigError(
             f"--data: no text to route in {', '.join(empty) or ', '.join(sources)} "
             f"with --split {split} (the split rule holds out data.val_fraction={vf} of the documents): "
             "pass --split all, or more text"
+        )
+
+
+def check_held_out(sources: Sequence[str], run: LoadedRun, split: str) -> None:
+    """Before any routing: under --split val every source must hold at least one document the run's split kept out
+    of training (a source of one document often has none); ConfigError naming each that does not."""
+    if split != "val":
+        return
+    tok, vf, field = run.need_tokenizer(), run.cfg.data.val_fraction, run.cfg.data.text_field
+    missing = []
+    for src in sources:
+        if src != "stdlib" and is_dataset(check_source(src)):
+            found = next(iter(dataset_for(src, tok).documents("val")), None) is not None
+        else:
+            found = any(is_validation(doc.name, vf) for doc in iter_documents(src, field))
+        if not found:
+            missing.append(src)
+    if missing:
+        raise ConfigError(
+            f"--data: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no held-out documents under "
+            f"--split val (the run's split holds out data.val_fraction={vf} of each source's documents by name): use "
+            "--split all to route text the run did not train on, or give more documents"
         )
 
 

@@ -20,6 +20,7 @@ from ..store.run import load_run  # noqa: E402
 from . import experts_findings as findings  # noqa: E402
 from .experts import (  # noqa: E402
     analyse,
+    check_held_out,
     check_same_architecture,
     load_for_experts,
     similarity_over_training,
@@ -54,6 +55,7 @@ def run_experts(
             check_same_architecture(base, model)
         earlier_ckpt = stability_checkpoint(model, since) if base is None else None
         earlier = load_run(earlier_ckpt) if earlier_ckpt is not None else None
+        check_held_out(data, model, split)
         findings_note = f"routing {', '.join(data)} ({split} split, up to {max_tokens:,} tokens per domain)"
         print(f"experts: {findings_note} through {model.checkpoint}", file=sys.stderr, flush=True)
         res = analyse(model, data, base=base, earlier=earlier, split=split, max_tokens=max_tokens)
