@@ -107,3 +107,29 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, text_file, monkeypat
         train(cfg_for(text_file, 10), tmp_path / "run", quiet=True)
     last = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert last.name == "step-000004" and check_checkpoint(last)["step"] == 4
+
+
+def test_a_run_records_its_threads_and_a_rerun_or_resume_of_what_it_records_computes_the_same(tmp_path, text_file):
+    """train.threads unset (auto: the idle cores at start) is recorded as the count in force - it sets the matmuls'
+    summation order - so the recorded config rerun, and a --resume that does not name threads, train bitwise alike."""
+    from moelab.run_config import load_config, read_config
+
+    def cfg(recipe="tiny-moe"):
+        c = load_config(recipe, [o for o in TINY_MOE if not o.startswith("train.threads")] + ["train.log_every=1"])
+        c.data.source, c.train.steps = str(text_file), 6
+        return c
+
+    assert cfg().train.threads is None
+    train(cfg(), tmp_path / "a", quiet=True)
+    recorded = read_config(tmp_path / "a" / "config.yaml").train.threads
+    assert isinstance(recorded, int) and recorded >= 1
+    again = cfg(str(tmp_path / "a" / "config.yaml"))  # the run's own settings, as a recipe
+    assert again.train.threads == recorded
+    train(again, tmp_path / "b", quiet=True)
+    train(cfg(), tmp_path / "c", stop_after=3, quiet=True)
+    resumed = cfg()
+    resumed.train.threads = None  # the command names no thread count: the run's recorded one is used
+    train(resumed, tmp_path / "c", resume=True, quiet=True)
+    assert read_config(tmp_path / "c" / "config.yaml").train.threads == recorded
+    a, b, c = losses(tmp_path / "a"), losses(tmp_path / "b"), losses(tmp_path / "c")
+    assert a == b == c, (a, b, c)

@@ -95,6 +95,8 @@ def resume_config(saved: RunConfig, command: RunConfig, run_dir: Path) -> RunCon
     out = copy.deepcopy(saved)
     for key in RESUMABLE:
         section, name = key.split(".")
-        setattr(getattr(out, section), name, getattr(getattr(command, section), name))
+        value = getattr(getattr(command, section), name)
+        if value is not None:  # not given (train.threads unset): the run's own, as recorded
+            setattr(getattr(out, section), name, value)
     out.validate()
     return out

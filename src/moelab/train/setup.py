@@ -153,7 +153,9 @@ def setup(
     device = par.device if par is not None else pick_device(cfg.train.device)
     if device.type == "cpu":
         tune_cpu_allocator()
-        set_cpu_threads(cfg.train.threads)
+        # the count in force is recorded (config.yaml): it sets the matmuls' summation order, so a rerun of the
+        # recorded config, or a --resume, computes the same losses to the bit on the same machine
+        cfg.train.threads = set_cpu_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)  # the same on every rank: each builds the same full model
 
     tok_file = run_dir / "tokenizer.json"
