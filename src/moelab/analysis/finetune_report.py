@@ -44,7 +44,7 @@ from ..store.outputs import write_json  # noqa: E402
 from ..store.run import load_run  # noqa: E402
 from ..train import train  # noqa: E402
 from ..train.evaluate import evaluate  # noqa: E402
-from .compare import read_run  # noqa: E402
+from .curves import read_run  # noqa: E402
 from .experts import routing_drift  # noqa: E402
 
 BEGIN, END = "<!-- finetune-report:begin -->", "<!-- finetune-report:end -->"
