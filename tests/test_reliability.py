@@ -391,6 +391,14 @@ def test_eval_and_generate_take_a_thread_count_and_auto_leaves_busy_cores_alone(
         for idle, expected in [(1.2, 1), (2.6, 3), (3.7, 4), (9.0, 4), (0.1, 1), (None, 4)]:
             monkeypatch.setattr(runtime, "idle_cores", lambda window_s=0.2, v=idle: v)
             assert runtime.set_cpu_threads(None) == expected == torch.get_num_threads(), idle
+        # a pinned count above the idle cores is kept (it was asked for) but said, once, with what to do
+        capsys.readouterr()
+        for idle, warned in [(1.0, True), (2.0, False), (None, False)]:
+            monkeypatch.setattr(runtime, "idle_cores", lambda window_s=0.2, v=idle: v)
+            assert runtime.set_cpu_threads(2) == 2 == torch.get_num_threads()
+            err = capsys.readouterr().err
+            assert ("warning: train.threads=2 but about 1 of the cores is idle now" in err) == warned, (idle, err)
+            assert err.count("\n") == (1 if warned else 0)
     finally:
         torch.set_num_threads(1)
 

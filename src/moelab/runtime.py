@@ -104,6 +104,13 @@ def set_cpu_threads(threads: int | None, key: str = "train.threads") -> int:
         if not (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0):
             raise ConfigError(f"{key}: expected a positive integer, got {threads!r}")
         torch.set_num_threads(threads)
+        if threads > 1 and (idle := idle_cores()) is not None and threads > idle + 0.5:
+            print(
+                f"warning: {key}={threads} but about {idle:.0f} of the cores {'is' if round(idle) == 1 else 'are'} "
+                "idle now: threads on a busy core spin and slow both processes down several times (docs/benchmarks.md, "
+                f"'A busy neighbour'); leave {key} unset (auto) or lower it",
+                file=sys.stderr,
+            )
         return threads
     idle = idle_cores()
     auto = DEFAULT_THREADS if idle is None else max(1, min(DEFAULT_THREADS, int(idle + 0.5)))
