@@ -449,3 +449,18 @@ def test_a_resume_that_would_train_nothing_says_so_and_absurd_sizes_are_refused(
     msg = cli_error(capsys, "tokenize", str(one), "--out", str(tmp_path / "ds"), "--vocab-size", "300")
     assert "has 1 document; at least 2 are needed" in msg
     assert not (tmp_path / "ds").exists() and not (tmp_path / "b").exists()  # a failed fresh output leaves nothing
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_says_how_to_start_again(tmp_path, corpus, capsys):
+    """Its folder stays (the metrics are the diagnosis), so a rerun and --resume both stop - each now says the one
+    thing that works, --overwrite, instead of pointing at the other."""
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="start again with --overwrite"):
+        train(tiny_cfg(corpus, 4, ["train.ckpt_every=4"]), run, quiet=True, prepare_model=poison_grads_at({1}))
+    assert (run / "metrics.jsonl").exists() and not list((run / "checkpoints").glob("step-*"))
+    args = ["train", "tiny-moe", "--data", str(corpus), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE]
+    msg = cli_error(capsys, *args)
+    assert "holds no checkpoint to resume" in msg and "--overwrite" in msg and "--resume" not in msg
+    msg = cli_error(capsys, *args, "--resume")
+    assert "stopped before its first one" in msg and "start it again with --overwrite" in msg
+    assert main([*args, "--overwrite"]) == 0

@@ -139,15 +139,27 @@ def setup(
     if resume:
         start_ckpt = ck.latest_checkpoint(ckpt_root, warn=main)
         if start_ckpt is None:
-            raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
+            why = (
+                " (it stopped before its first one: its metrics.jsonl says why)"
+                if (run_dir / "config.yaml").exists()
+                else ""
+            )
+            raise CheckpointError(
+                f"--resume: {run_dir} holds no complete checkpoint to resume from{why}; start it again with --overwrite"
+            )
         cfg = resume_config(read_config(run_dir / "config.yaml"), cfg, run_dir)
         guard_output(run_dir, in_place=True)  # resuming adds to the run: its own config.yaml may be the recipe
     else:
+        # (looked up only where the answer is shown: an existing folder without --overwrite)
+        resumable = overwrite or not run_dir.is_dir() or ck.latest_checkpoint(ckpt_root, warn=False) is not None
         check_output(
             run_dir,
             overwrite=overwrite,
             protect=inputs,
-            hint="pass --resume to continue it or --overwrite to start over",
+            hint="pass --resume to continue it or --overwrite to start over"
+            if resumable
+            else "it holds no checkpoint to resume (a run that stopped before its first one keeps its metrics.jsonl "
+            "for the diagnosis): pass --overwrite to start over",
         )
 
     device = par.device if par is not None else pick_device(cfg.train.device)

@@ -131,7 +131,7 @@ def nonfinite_message(res: StepResult, step: int, ckpt_root: Path, skipped: int 
     where = (
         f"the last good checkpoint is {last} (weights unchanged since; continue with --resume)"
         if last
-        else "no checkpoint has been written yet"
+        else "no checkpoint has been written yet (the run folder keeps its metrics; start again with --overwrite)"
     )
     lead = (
         f"{what} at step {step}: stopping before the update"
