@@ -98,8 +98,8 @@ def speedups(ref: RunCurves, other: RunCurves) -> dict:
         out[f"equal_{axis}"] = x
         out[f"ref_val_loss_at_equal_{axis}"] = y_at(getattr(ref, axis), ref.val_loss, x) if x > 0 else None
         out[f"val_loss_at_equal_{axis}"] = y_at(getattr(other, axis), other.val_loss, x) if x > 0 else None
-    need_s = out["seconds_needed"]
-    out["seconds_ratio"] = need_s / ref.seconds[-1] if need_s is not None and ref.seconds[-1] > 0 else None
+    # the clock's figure as the targets state it: the other run's seconds over the reference's
+    out["seconds_ratio"] = 1 / out["seconds_speedup"] if out["seconds_speedup"] else None
     return out
 
 
