@@ -4,8 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # torch is pinned here (a CPU wheel is available locally); the library itself asks only torch>=2.6.
 TORCH_PIN ?= torch==2.13.0
+# llama-cpp-python (the llama.cpp client the GGUF tests run) compiles llama.cpp on its first install
+# (~5 min on 2 cores; pip caches the wheel for later installs): only the library, not the multimodal part
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install client demo test lint bench clean
 LINT_PATHS ?= src/moelab
 
 install: $(VENV)/.installed
@@ -17,10 +21,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
 	touch $@
 
+# the llama.cpp client the GGUF tests run: compiled on the first install, then served by pip's wheel cache
+client: $(VENV)/.client
+
+$(VENV)/.client: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(BUILD_JOBS) \
+		$(PY) -m pip install -q -e ".[client]" "$(TORCH_PIN)"
+	touch $@
+
 demo: install
 	$(PY) -m moelab demo
 
-test: install
+test: install client
 	$(PY) -m pytest -n 2 --dist loadfile
 
 # ruff (lint + format) and mypy, configured in pyproject.toml

@@ -3,7 +3,7 @@ other. Run by `make lint` (`python tests/layers.py [SRC]`) and by tests/test_lay
 
 Layers, bottom up (docs: shared DESIGN, "Proposed layout"): errors/config -> model (ffn,
 moe, transformer, lora, quant) -> store (checkpoint formats, run folder, staged
-outputs) -> data -> parallel -> train -> convert / finetune / compress / analysis -> cli.
+outputs) -> data -> parallel -> train -> convert / finetune / compress / analysis / serve -> cli.
 An import inside a function counts like one at the top: running up the layers at call
 time is still running up them.
 """
@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"data"},
     {"parallel"},
     {"train", "inference"},
-    {"convert", "finetune", "compress", "analysis", "demo"},
+    {"convert", "finetune", "compress", "analysis", "serve", "demo"},
     {"cli", "__main__", ""},  # "" = the package root, the public API
 ]
 

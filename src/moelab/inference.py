@@ -1,4 +1,4 @@
-"""Evaluating a loaded run on a source, and generating text (loading lives in `moelab.runs`)."""
+"""Evaluating a loaded run on a source (loading lives in `moelab.store.run`; generating in `moelab.serve`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .data.tokenizer import token_byte_lengths
 from .errors import NonFiniteError
 from .store.run import LoadedRun
 
-__all__ = ["evaluate_source", "generate"]
+__all__ = ["evaluate_source"]
 
 
 @torch.no_grad()
@@ -54,28 +54,3 @@ def evaluate_source(
         "bits_per_byte": nats / math.log(2) / max(bytes_, 1),
         "tokens": tokens,
     }
-
-
-@torch.no_grad()
-def generate(
-    run: LoadedRun, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 50, seed: int = 0
-) -> str:
-    """Sample a continuation (temperature 0 = greedy). No KV cache: fine at these sizes."""
-    g = torch.Generator().manual_seed(seed)
-    tok = run.need_tokenizer()
-    ids = tok.encode(prompt, add_special_tokens=False).ids or [0]
-    device = next(run.model.parameters()).device
-    limit = run.cfg.model.max_seq_len
-    for _ in range(max_new_tokens):
-        x = torch.tensor([ids[-limit:]], device=device)
-        logits = run.model(x).logits[0, -1].float().cpu()
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=g))
-        ids.append(nxt)
-    return tok.decode(ids)

@@ -3,7 +3,6 @@ merge-experts, distill, import, export, upcycle (torch imported inside each, as 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -178,51 +177,35 @@ def cmd_import(hf_dir: Annotated[str, Positional, arg(metavar="HF_DIR")], out: s
     return path
 
 
-def cmd_export(run: Run, out: str, arch: str | None = None, peft: bool = False, overwrite: bool = False):
-    """Export a run or checkpoint as a Hugging Face folder that transformers loads.
+def cmd_export(
+    run: Run,
+    out: str,
+    format: Literal["hf", "gguf"] = "hf",
+    outtype: Literal["f32", "f16", "q8_0"] = "f32",
+    arch: Literal["llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] | None = None,
+    peft: bool = False,
+    overwrite: bool = False,
+):
+    """Export a run or checkpoint as a Hugging Face folder that transformers loads, or a GGUF file for llama.cpp.
 
     Args:
         run: run folder or checkpoint
-        out: new Hugging Face folder
-        arch: force a target (llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe, olmoe)
+        out: new Hugging Face folder, or the .gguf file to write
+        format: hf (a folder for transformers) or gguf (one file for llama.cpp)
+        outtype: GGUF weight type: f32, f16 or q8_0 (norms and routers stay f32)
+        arch: Hugging Face target (unset: the one that computes this model)
         peft: LoRA runs: write OUT/base and a peft adapter in OUT/adapter
-        overwrite: replace an existing non-empty --out
+        overwrite: replace an existing --out
     """
-    from ..convert.io import export_hf
-    from ..store.outputs import check_output, staged_output
-    from ..store.run import load_run
+    from ..convert.export import export_run
 
-    check_output(out, overwrite=overwrite, protect=[run])
-    r = load_run(run, device="cpu")
-    run_dir = r.checkpoint.parent.parent
-    if r.cfg.quant.bits:  # (--peft is refused below: a quantized run holds merged weights, no adapters)
-        from ..model.quant import dequantize_model
-
-        dequantize_model(r.model)
-        print(
-            f"note: {run} holds {r.cfg.quant.bits}-bit weights ({r.cfg.quant.what}); exporting them dequantized "
-            "to fp32 (the values the quantized model computes with)",
-            file=sys.stderr,
-        )
-    if peft:
-        if r.cfg.finetune.recipe != "lora":
-            raise ConfigError("--peft: this run was not fine-tuned with --recipe lora")
-        from ..finetune.peft_export import export_peft
-        from ..store.checkpoint import model_tensors
-
-        with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
-            export_peft(r.cfg, model_tensors(r.checkpoint), run_dir / "tokenizer.json", tmp)
-        base, adapter = Path(out) / "base", Path(out) / "adapter"
-        print(
-            f"exported base model -> {base}\nexported peft adapter -> {adapter}\n"
-            f"load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base}'), '{adapter}')"
-        )
-        return adapter
-    with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
-        export_hf(r.model, tmp, run_dir / "tokenizer.json", arch)
-    path = Path(out)
-    print(f"exported {r.checkpoint} -> {path} ({json.loads((path / 'config.json').read_text())['model_type']})")
-    return path
+    if peft and format != "hf":
+        raise ConfigError("--peft: writes a Hugging Face base and adapter; it does not combine with --format gguf")
+    done = export_run(run, out, format="peft" if peft else format, arch=arch, outtype=outtype, overwrite=overwrite)
+    for note in done.notes:
+        print(note, file=sys.stderr)
+    print(done.summary)
+    return done.path
 
 
 def cmd_upcycle(

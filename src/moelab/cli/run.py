@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from tyro.conf import Positional, arg
+from tyro.conf import Positional, UseAppendAction, arg
 
 from .args import Fresh, Json, Overrides, Recipe, Run, positive, require
 
@@ -122,25 +122,35 @@ def cmd_eval(
 
 def cmd_generate(
     run: Run,
-    prompt: str,
+    prompt: str | None = None,
+    prompts: str | None = None,
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: int = 50,
     seed: int = 0,
+    stop: Annotated[tuple[str, ...], UseAppendAction] = (),
+    ignore_eos: bool = False,
+    no_cache: bool = False,
+    as_json: Json = False,
     threads: int | None = None,
 ):
-    """Continue a prompt with a trained model.
+    """Continue prompts with a trained model (a KV cache; several prompts decode as one batch).
 
     Args:
         run: run folder or checkpoint folder
         prompt: the text to continue
-        max_new_tokens: tokens to add
+        prompts: a file of prompts, one per line ("\\n" for a newline), or a .jsonl with a "prompt" field
+        max_new_tokens: at most this many tokens per prompt
         temperature: sampling temperature; 0 = greedy
         top_k: sample among the k likeliest tokens; 0 = no limit
         seed: sampling seed
+        stop: end a continuation at this text (not printed; "\\n" for a newline)
+        ignore_eos: go on past the end-of-text token
+        no_cache: no KV cache: one prompt at a time, the whole context again for each token (the reference)
+        as_json: one JSON object per prompt (prompt, completion, tokens, finish)
         threads: torch CPU threads; unset: the run's train.threads, else the cores this process may use
     """
-    from ..inference import generate
+    from ..serve.generate import generate, read_prompts
     from ..store.run import load_run
 
     positive(max_new_tokens=max_new_tokens, threads=threads)
@@ -148,11 +158,26 @@ def cmd_generate(
     require(
         math.isfinite(temperature) and temperature >= 0, "--temperature", "0 (greedy) or a positive number", temperature
     )
+    require((prompt is None) != (prompts is None), "--prompt/--prompts", "exactly one of them", "both or neither")
+    texts = [prompt] if prompt is not None else read_prompts(str(prompts))
+    stop = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop)
     loaded = load_run(run)
     _threads(threads, loaded)
-    text = generate(loaded, prompt, max_new_tokens, temperature, top_k, seed)
-    print(text)
-    return text
+    done = generate(
+        loaded, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+        stop=stop, ignore_eos=ignore_eos, use_cache=not no_cache,
+    )  # fmt: skip
+    for i, c in enumerate(done):
+        if as_json:
+            print(json.dumps({"prompt": c.prompt, "completion": c.text, "tokens": c.tokens, "finish": c.finish}))
+            continue
+        if len(done) > 1:
+            print(f"--- prompt {i + 1} ({c.tokens} tokens, {c.finish})")
+        print(c.prompt + c.text)
+        if c.finish == "context":
+            print(f"moelab generate: prompt {i + 1} stopped at the model's context of "
+                  f"{loaded.cfg.model.max_seq_len} tokens (model.max_seq_len)", file=sys.stderr)  # fmt: skip
+    return done[0].prompt + done[0].text if len(done) == 1 else done
 
 
 def cmd_memory(

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ffn import SwiGLU
+from .cache import KVCache
 
 __all__ = ["RMSNorm", "SwiGLU", "Attention", "rope_cache", "apply_rope"]
 
@@ -75,10 +76,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(kd, norm_eps) if kd else None
 
     def forward(
-        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
-        """Causal grouped-query self-attention: (B, S, D) -> (B, S, D); `mask` (B, S) marks real tokens (padding is
-        right-side, so causality already hides it)."""
+        """Causal grouped-query self-attention: (B, S, D) -> (B, S, D). Padding is right-side, so causality
+        already hides it. cos/sin are (max_seq_len, Dh) from position 0, or (B, 1, S, Dh) at each token's
+        own position when decoding with `cache` (which this call reads and extends as layer `layer`)."""
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "full":
@@ -89,9 +97,14 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|G, S, Dh)
-        q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
+        if cos.dim() == 2:
+            cos, sin = cos[:S], sin[:S]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if attn_mask is None:
+        if cache is not None:
+            k, v, attn_mask = cache.update(layer, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        elif attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)

@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..moe import MoE, MoEStats
 from ..phases import phase
 from .blocks import Attention, RMSNorm, SwiGLU, rope_cache
+from .cache import KVCache
 
 
 @dataclass
@@ -51,16 +52,17 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         self.ffn: MoE | SwiGLU = MoE(cfg.moe) if cfg.moe is not None and self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x, cos, sin, mask=None):
-        """(B, S, D) -> ((B, S, D), MoEStats or None); `mask` (B, S) marks real tokens."""
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        """(B, S, D) -> ((B, S, D), MoEStats or None); `mask` (B, S) marks real tokens; `cache` is read and
+        extended when decoding."""
         with phases.layer(self.layer_idx):
-            return self._forward(x, cos, sin, mask)
+            return self._forward(x, cos, sin, mask, cache)
 
-    def _forward(self, x, cos, sin, mask):
+    def _forward(self, x, cos, sin, mask, cache):
         with phase("norm"):
             h = self.attn_norm(x)
         with phase("attention"):
-            x = x + self.attn(h, cos, sin)
+            x = x + self.attn(h, cos, sin, cache=cache, layer=self.layer_idx)
         with phase("norm"):
             h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
@@ -117,6 +119,10 @@ class Transformer(nn.Module):
             nn.init.normal_(a.wo.weight, std=out_std)
             layer.ffn.reset_parameters(std, out_std)
 
+    def rope_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (max_seq_len, Dh) of the rotary embedding, from position 0."""
+        return self.get_buffer("rope_cos"), self.get_buffer("rope_sin")
+
     @property
     def output_weight(self) -> torch.Tensor:
         """The output projection (V, D): lm_head.weight, or the embedding when tied."""
@@ -127,21 +133,30 @@ class Transformer(nn.Module):
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
         """tokens (B, S) int64 -> ModelOutput. With `targets` (B, S; -100 = no loss) the losses are filled in; `mask`
-        (B, S) marks real tokens so padding is neither routed nor counted."""
+        (B, S) marks real tokens so padding is neither routed nor counted. With `cache` the tokens continue each
+        cached sequence (right-padded, `mask` marking the real ones) and the cache grows by them."""
         B, S = tokens.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cache()
+        if cache is not None:
+            pos_BS = cache.begin(S, self.cfg.max_seq_len, mask).to(tokens.device)
+            cos, sin = cos[pos_BS].unsqueeze(1), sin[pos_BS].unsqueeze(1)  # (B, 1, S, Dh)
         with phase("embedding"):
             x = self.embed(tokens)
         stats: list[MoEStats] = []
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x, st = checkpoint(layer, x, self.rope_cos, self.rope_sin, mask, use_reentrant=False)
+                x, st = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x, st = layer(x, self.rope_cos, self.rope_sin, mask)
+                x, st = layer(x, cos, sin, mask, cache)
             if st is not None:
                 stats.append(st)
         with phase("norm"):
@@ -149,6 +164,8 @@ class Transformer(nn.Module):
         with phase("head"):
             logits = F.linear(x, self.output_weight)
         out = ModelOutput(logits=logits, moe_stats=stats)
+        if cache is not None:
+            cache.advance(mask, S)
         if targets is not None:
             with phase("loss"):
                 out.lm_loss = F.cross_entropy(

@@ -144,6 +144,52 @@ def staged_output(
 _HOST = socket.gethostname().replace("/", "_")
 
 
+def check_file_output(
+    out: str | Path, *, overwrite: bool = False, protect: Sequence[str | Path | None] = (), flag: str = "--out"
+) -> Path:
+    """For an output that is one file: not a folder, not an input nor inside one, an existing file only with
+    `overwrite`, in a writable folder. Returns it resolved; OutputExists otherwise."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputExists(f"{flag} {out} is a folder; expected a file path")
+    if out.is_symlink() and not out.exists():
+        raise OutputExists(f"{flag} {out} is a symbolic link to {os.readlink(out)}, which does not exist")
+    real = out.resolve()
+    for src in protect:
+        if src is not None and _is_path(src) and _within(real, Path(src).resolve()):
+            raise OutputExists(f"{flag} {out} would overwrite or sit inside the input {src}; choose a path outside it")
+    if out.exists() and not overwrite:
+        raise OutputExists(f"{flag} {out} already exists: choose a new file, or pass --overwrite to replace it")
+    guard_output(real.parent, flag=flag, in_place=True)  # the folder it goes in: writable, not under a file
+    return real
+
+
+@contextmanager
+def staged_file(
+    out: str | Path, *, overwrite: bool = False, protect: Sequence[str | Path | None] = (), flag: str = "--out"
+) -> Iterator[Path]:
+    """Yield a hidden sibling path of the file `out` to write; on success it replaces `out` (a rename), on
+    failure it is removed and `out` is left as it was. Checked first as `check_file_output`."""
+    real = check_file_output(out, overwrite=overwrite, protect=protect, flag=flag)
+    out = Path(out)
+    tmp = real.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        for stale in real.parent.glob(f".{glob.escape(out.name)}.tmp-{glob.escape(_HOST)}-*"):
+            pid = stale.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, real)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (not e.filename or str(e.filename) == str(tmp)):
+            e.filename = str(out)
+        raise
+
+
 def remove_stale_staging(out: Path) -> list[Path]:
     """Remove the staging folders of `out` that processes of this host no longer running left behind (a kill -9 mid
     command): each holds a half-made output that looked like nothing, but took its size on disk. Folders of live

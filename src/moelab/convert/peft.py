@@ -18,9 +18,9 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..config import ConfigError
-from ..convert.io import export_hf
 from ..model import Transformer
 from ..model.lora import LoRADelta, apply_lora
+from .io import export_hf
 
 ATTN_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 
