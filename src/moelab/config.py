@@ -275,6 +275,23 @@ class ModelConfig:
             return False
         return self.moe_pattern == "all" or i % 2 == 1
 
+    def dense_twin(self) -> ModelConfig:
+        """The dense model with the same active FFN width (d_ff = k*F + S*F_s): equal active parameters but for the
+        router. A dense config is its own twin."""
+        if self.moe is None:
+            return self
+        return self._dense(self.moe.top_k * self.moe.d_expert + self.moe.d_shared_total)
+
+    def dense_total_twin(self) -> ModelConfig:
+        """The dense model with the same total parameters, built the way `dense_twin` is: every FFN as wide as all
+        of an MoE layer's experts (d_ff = E*F + S*F_s; the router's E*D weights are left out)."""
+        if self.moe is None:
+            return self
+        return self._dense(self.moe.n_experts * self.moe.d_expert + self.moe.d_shared_total)
+
+    def _dense(self, d_ff: int) -> ModelConfig:
+        return ModelConfig(**{**self.__dict__, "moe": None, "d_ff": d_ff, "moe_pattern": "none"})
+
     @property
     def n_moe_layers(self) -> int:
         """How many layers have an MoE FFN."""

@@ -79,6 +79,15 @@ def test_compare_end_to_end(tmp_path, text_file):
     for r in s["runs"]:
         assert sum(r["time_ms"].values()) == pytest.approx(r["step_ms"], rel=1e-6)
     assert "routing imbalance costs" in s["runs"][1]["imbalance"]["text"] and "imbalance" not in s["runs"][0]
+    # serving: each run decoding with its KV cache, and the MoE's dense total twin (equal total parameters)
+    inf = s["inference"]
+    assert [r["name"] for r in inf["rows"]] == ["tiny-dense", "tiny-moe", "tiny-moe dense total twin"]
+    dense_r, moe_r, total_r = inf["rows"]
+    assert total_r["params_total"] == moe_r["params_total"] - 2 * 8 * 32  # all but the routers (2 layers, 8 x 32)
+    assert total_r["params_active"] == total_r["params_total"] and moe_r["params_active"] < moe_r["params_total"]
+    assert inf["context"] == 32 and all(r["decode_tokens_per_s"]["1"] > 0 for r in inf["rows"])
+    assert "tiny-moe decodes" in inf["text"][0] and "x tiny-dense's" in inf["text"][0]
+    assert "<h2>Inference</h2>" in page and "tiny-moe dense total twin" in page
 
     # Finished run folders can be compared again without training.
     _, stdout, _ = run_cli("compare", str(out / "runs" / "tiny-dense"), str(out / "runs" / "tiny-moe"),

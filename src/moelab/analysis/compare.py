@@ -18,6 +18,7 @@ from ..config import ConfigError
 from ..data.sources import check_source
 from ..run_config import load_config
 from ..runtime import PARENT_ENV
+from ..serve.bench import bench_runs
 from ..store.outputs import staged_output
 from .curves import RunCurves, clock_context, head_to_head, read_run, speedups, x_to_reach, y_at
 from .memory import plan_memory
@@ -296,7 +297,13 @@ def _compare_into(
         v["text"] = v["text"][:-1] + f"; {v['speedup_text']}."
         v["clock"] = clock_verdict([speedups(a, b) for a, b in pair], recipe, recipe_of(ref["name"]), context)
         v["text"] += " " + v["clock"]["text"]
-    summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text, "clock_context": context}
+    # serving: each recipe's first run decoding with the KV cache, beside the first MoE's dense total twin
+    first: dict[str, Path] = {}
+    for c, h in zip(curves, here, strict=True):
+        first.setdefault(recipe_of(c.name), h)
+    inference = bench_runs(list(first.items()))
+    summary = {"reference": ref["name"], "runs": runs, "speedup": speed, "summary": text, "clock_context": context,
+               "inference": inference}  # fmt: skip
     if verdicts:  # first: the one statement that holds across seeds
         summary |= {"seeds": verdicts, "summary": [v["text"] for v in verdicts.values()] + text}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -64,11 +64,8 @@ def _rank0_numel(shape: tuple[int, ...], ways: int) -> int:
 
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
-    """The dense model with the same active FFN width: d_ff = k*F + S*F_s."""
-    if cfg.moe is None:
-        return cfg
-    d_ff = cfg.moe.top_k * cfg.moe.d_expert + cfg.moe.d_shared_total
-    return ModelConfig(**{**cfg.__dict__, "moe": None, "d_ff": d_ff, "moe_pattern": "none"})
+    """The dense model with the same active FFN width: `ModelConfig.dense_twin`."""
+    return cfg.dense_twin()
 
 
 def activation_elements_per_token(cfg: ModelConfig, expert_parallel: int = 1) -> dict[str, float]:

@@ -172,6 +172,28 @@ def _fmt(v, spec=",.0f"):
     return "—" if v is None else format(v, spec)
 
 
+def _inference_section(inf: dict) -> str:
+    """Decode and prefill speed, and resident memory, of the trained runs and the MoE's dense total twin."""
+    bs = inf["batches"]
+    head = "".join(f"<th>decode, batch {b} (tokens/s)</th>" for b in bs)
+    rows = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td>{r['params_total']:,}</td><td>{r['params_active']:,}</td>"
+        f"<td>{r['prefill_tokens_per_s']:,.0f}</td>"
+        + "".join(f"<td>{r['decode_tokens_per_s'][str(b)]:,.0f}</td>" for b in bs)
+        + f"<td>{r['resident_bytes'] / 2**20:,.1f}</td></tr>"
+        for r in inf["rows"]
+    )
+    text = "".join(f"<p>{html.escape(t)}</p>" for t in inf["text"])
+    return f"""<h2>Inference</h2>{text}
+<p>Each model decodes from a one-token prompt to its full context ({inf["context"]} tokens) through the KV cache;
+prefill is one prompt filling the context; median of {inf["rounds"]} rounds, models in turn,
+{html.escape(inf["machine"])}.
+Resident memory is the weights plus the KV cache at batch {max(bs)}. The dense total twin has random weights
+(decode speed does not depend on their values).</p>
+<table><tr><th>model</th><th>params total</th><th>params active</th><th>prefill (tokens/s)</th>{head}
+<th>resident (MiB)</th></tr>{rows}</table>"""
+
+
 def write_report(out: Path, curves, summary: dict) -> Path:
     """Write OUT/report.html (self-contained, PNGs embedded) from the runs' curves and the summary; returns its path."""
     out = Path(out)
@@ -197,6 +219,7 @@ def write_report(out: Path, curves, summary: dict) -> Path:
         if pngs:
             moe_sections += f"<h3>{html.escape(c.name)}: routing over training</h3>" + "".join(_img(p) for p in pngs)
     text = "".join(f"<p>{html.escape(t)}</p>" for t in summary["summary"])
+    inference = _inference_section(summary["inference"]) if "inference" in summary else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>moelab compare</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
@@ -213,6 +236,7 @@ td:first-child{{text-align:left}}</style></head><body>
 loss, interpolated on the stored curves (— = not reached within the budget).</p>
 <table><tr><th>run</th><th>target loss</th><th>tokens</th><th>FLOPs</th><th>seconds</th>
 <th>loss at equal FLOPs</th></tr>{sp_rows}</table>
+{inference}
 <h2>Validation loss</h2>{"".join(_img(p) for p in loss_pngs)}
 <h2>MoE layers</h2>{moe_sections or "<p>No MoE runs.</p>"}
 </body></html>"""

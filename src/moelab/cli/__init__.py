@@ -23,7 +23,8 @@ from .convert import (
     cmd_quantize,
     cmd_upcycle,
 )
-from .run import cmd_demo, cmd_eval, cmd_experts, cmd_generate, cmd_memory, cmd_profile, cmd_train
+from .run import cmd_demo, cmd_eval, cmd_experts, cmd_memory, cmd_profile, cmd_train
+from .serve import cmd_bench_infer, cmd_generate
 from .study import cmd_compare, cmd_finetune, cmd_finetune_report, cmd_lr_fit, cmd_lr_sweep, cmd_tokenize
 
 COMMANDS: dict[str, Callable[..., Any]] = {
@@ -47,11 +48,12 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "memory": cmd_memory,
     "profile": cmd_profile,
     "experts": cmd_experts,
+    "bench-infer": cmd_bench_infer,
     "demo": cmd_demo,
 }
 # Commands whose positional `overrides` may also come after the options (`moelab train
 # tiny-moe --out r model.d_model=64`), as users write them.
-TAKES_OVERRIDES = ("train", "finetune", "distill", "profile")
+TAKES_OVERRIDES = ("train", "finetune", "distill", "profile", "bench-infer")
 DESCRIPTION = "Train, measure and convert MoE language models."
 
 

@@ -1,5 +1,4 @@
-"""Commands that train, evaluate, sample, size and inspect one model: train, eval, generate, memory, profile,
-experts, demo.
+"""Commands that train, evaluate, size and inspect one model: train, eval, memory, profile, experts, demo.
 
 Each imports what it needs inside its function, on purpose: `moelab --help`, a bad flag
 or a refused output answer without importing torch (seconds on a small machine)."""
@@ -7,13 +6,12 @@ or a refused output answer without importing torch (seconds on a small machine).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from tyro.conf import Positional, UseAppendAction, arg
+from tyro.conf import Positional, arg
 
 from .args import Fresh, Json, Overrides, Recipe, Run, positive, require
 
@@ -77,7 +75,7 @@ def cmd_train(
     return res
 
 
-def _threads(threads: int | None, run) -> None:
+def threads_for(threads: int | None, run) -> None:
     """--threads, else the run's train.threads, else auto (the cores idle now)."""
     from ..runtime import set_cpu_threads
 
@@ -108,7 +106,7 @@ def cmd_eval(
 
     positive(max_tokens=max_tokens, threads=threads)
     loaded = load_run(run)
-    _threads(threads, loaded)
+    threads_for(threads, loaded)
     r = evaluate_source(loaded, data, split=split, max_tokens=max_tokens)
     if as_json:
         print(json.dumps(r))
@@ -118,66 +116,6 @@ def cmd_eval(
             f"{r['bits_per_byte']:.4f} bits/byte | {r['tokens']:,} tokens"
         )
     return r
-
-
-def cmd_generate(
-    run: Run,
-    prompt: str | None = None,
-    prompts: str | None = None,
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    seed: int = 0,
-    stop: Annotated[tuple[str, ...], UseAppendAction] = (),
-    ignore_eos: bool = False,
-    no_cache: bool = False,
-    as_json: Json = False,
-    threads: int | None = None,
-):
-    """Continue prompts with a trained model (a KV cache; several prompts decode as one batch).
-
-    Args:
-        run: run folder or checkpoint folder
-        prompt: the text to continue
-        prompts: a file of prompts, one per line ("\\n" for a newline), or a .jsonl with a "prompt" field
-        max_new_tokens: at most this many tokens per prompt
-        temperature: sampling temperature; 0 = greedy
-        top_k: sample among the k likeliest tokens; 0 = no limit
-        seed: sampling seed
-        stop: end a continuation at this text (not printed; "\\n" for a newline)
-        ignore_eos: go on past the end-of-text token
-        no_cache: no KV cache: one prompt at a time, the whole context again for each token (the reference)
-        as_json: one JSON object per prompt (prompt, completion, tokens, finish)
-        threads: torch CPU threads; unset: the run's train.threads, else the cores this process may use
-    """
-    from ..serve.generate import generate, read_prompts
-    from ..store.run import load_run
-
-    positive(max_new_tokens=max_new_tokens, threads=threads)
-    require(top_k >= 0, "--top-k", "0 (no limit) or a positive number", top_k)
-    require(
-        math.isfinite(temperature) and temperature >= 0, "--temperature", "0 (greedy) or a positive number", temperature
-    )
-    require((prompt is None) != (prompts is None), "--prompt/--prompts", "exactly one of them", "both or neither")
-    texts = [prompt] if prompt is not None else read_prompts(str(prompts))
-    stop = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop)
-    loaded = load_run(run)
-    _threads(threads, loaded)
-    done = generate(
-        loaded, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-        stop=stop, ignore_eos=ignore_eos, use_cache=not no_cache,
-    )  # fmt: skip
-    for i, c in enumerate(done):
-        if as_json:
-            print(json.dumps({"prompt": c.prompt, "completion": c.text, "tokens": c.tokens, "finish": c.finish}))
-            continue
-        if len(done) > 1:
-            print(f"--- prompt {i + 1} ({c.tokens} tokens, {c.finish})")
-        print(c.prompt + c.text)
-        if c.finish == "context":
-            print(f"moelab generate: prompt {i + 1} stopped at the model's context of "
-                  f"{loaded.cfg.model.max_seq_len} tokens (model.max_seq_len)", file=sys.stderr)  # fmt: skip
-    return done[0].prompt + done[0].text if len(done) == 1 else done
 
 
 def cmd_memory(

@@ -31,6 +31,8 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * n_layers
         self.pos_BS: torch.Tensor | None = None  # positions of this forward's tokens
         self._span = 0  # L: positions any query of this forward may attend
+        self._index: torch.Tensor | None = None  # scatter index (B, G, S, Dh) of this forward's positions
+        self._mask: torch.Tensor | None = None  # attention mask (B, 1, S, L) of this forward
 
     @property
     def batch(self) -> int:
@@ -49,6 +51,7 @@ class KVCache:
             )
         self.pos_BS = (self.lengths.unsqueeze(1) + torch.arange(n_new)).clamp_max(self.capacity - 1)
         self._span = int(self.pos_BS.max()) + 1
+        self._index = self._mask = None  # made once per forward, on the first layer's device
         return self.pos_BS
 
     def update(self, layer: int, k_BGSDh: torch.Tensor, v_BGSDh: torch.Tensor):
@@ -62,14 +65,15 @@ class KVCache:
             self.v[layer] = v_BGSDh.new_zeros(shape)
         k_all, v_all = self.k[layer], self.v[layer]
         assert k_all is not None and v_all is not None
-        pos = self.pos_BS.to(k_BGSDh.device)
-        index = pos[:, None, :, None].expand(B, G, S, Dh)
-        k_all.scatter_(2, index, k_BGSDh)
-        v_all.scatter_(2, index, v_BGSDh.to(v_all.dtype))
+        if self._index is None or self._mask is None:
+            pos = self.pos_BS.to(k_BGSDh.device)
+            self._index = pos[:, None, :, None].expand(B, G, S, Dh)
+            keys_L = torch.arange(self._span, device=pos.device)
+            self._mask = (keys_L.view(1, 1, -1) <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, S, L)
+        k_all.scatter_(2, self._index, k_BGSDh)
+        v_all.scatter_(2, self._index, v_BGSDh.to(v_all.dtype))
         L = self._span
-        keys_L = torch.arange(L, device=pos.device)
-        mask_BSL = keys_L.view(1, 1, L) <= pos.unsqueeze(-1)
-        return k_all[:, :, :L], v_all[:, :, :L], mask_BSL.unsqueeze(1)
+        return k_all[:, :, :L], v_all[:, :, :L], self._mask
 
     def advance(self, mask_BS: torch.Tensor | None, n_new: int) -> None:
         """After a forward: each sequence grows by its real new tokens."""

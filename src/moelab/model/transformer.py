@@ -66,7 +66,7 @@ class Block(nn.Module):
         with phase("norm"):
             h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, stats = self.ffn(h, mask)  # the MoE layer marks its own phases
+            y, stats = self.ffn(h, mask, stats=cache is None)  # marks its own phases; decoding needs no stats
             with phase("combine"):  # the dense FFN's residual add is in "ffn": the same work here
                 return x + y, stats
         with phase("ffn"):

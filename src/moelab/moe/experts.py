@@ -115,3 +115,31 @@ class GroupedExperts(nn.Module):
                     y_ND = y_ND * w_N.unsqueeze(-1)
             with phase("combine"):
                 return torch.zeros_like(x_TD).index_add(0, token_idx_N, y_ND)
+
+    def forward_few(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """The same weighted sum for a few tokens at inference (decoding): each chosen expert runs once on
+        the rows that chose it, straight from its weight views - no dispatch, no empty groups, no copy of
+        the expert stacks. (T, D) -> (T, D)."""
+        T, K = expert_idx_TK.shape
+        if T == 1:  # one token (batch-1 decoding): its K experts, with the fewest ops - each op costs microseconds
+            y_1D: torch.Tensor | None = None
+            for e, w in zip(expert_idx_TK[0].tolist(), weights_TK[0].tolist(), strict=True):
+                h_1F = F.silu(F.linear(x_TD, self.w_gate[e])) * F.linear(x_TD, self.w_up[e])
+                o_1D = F.linear(h_1F, self.w_down[e])
+                y_1D = o_1D * w if y_1D is None else torch.add(y_1D, o_1D, alpha=w)
+            assert y_1D is not None
+            return y_1D
+        flat_N = expert_idx_TK.reshape(-1)
+        order_N = flat_N.argsort(stable=True)
+        token_N = order_N // K
+        w_N = weights_TK.reshape(-1).index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
+        x_ND = x_TD.index_select(0, token_N)
+        chosen, sizes = flat_N.index_select(0, order_N).unique_consecutive(return_counts=True)
+        outs, start = [], 0
+        for e, n in zip(chosen.tolist(), sizes.tolist(), strict=True):
+            x_nD = x_ND[start : start + n]
+            h_nF = F.silu(F.linear(x_nD, self.w_gate[e])) * F.linear(x_nD, self.w_up[e])
+            outs.append(F.linear(h_nF, self.w_down[e]))
+            start += n
+        y_ND = torch.cat(outs) * w_N
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)

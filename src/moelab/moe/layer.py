@@ -123,9 +123,11 @@ class MoE(nn.Module):
         dropless)."""
         return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, stats: bool = True
+    ) -> tuple[torch.Tensor, MoEStats | None]:
         """x (..., D) -> (y of the same shape, MoEStats). `mask` (...) marks real tokens: padding is not routed and not
-        counted in the losses or statistics."""
+        counted in the losses or statistics. `stats=False` (decoding) skips the losses and statistics (None)."""
         cfg = self.cfg
         shape = x.shape
         with phase("permute"):
@@ -139,10 +141,14 @@ class MoE(nn.Module):
 
         with phase("router"):
             r = self.router(x_TD)
-        with phase("permute"):
-            d = dispatch(r.expert_idx_TK, r.weights_TK, cfg.n_experts, self.capacity_factor)
-            w_N = r.weights_TK.reshape(-1).index_select(0, d.slot_idx_N)
-        y_TD = self.experts(x_TD, d.token_idx_N, w_N, d.counts_E)  # permute, experts, combine inside
+        d = None
+        if self._few(T):
+            y_TD = self.experts.forward_few(x_TD, r.expert_idx_TK, r.weights_TK)
+        else:
+            with phase("permute"):
+                d = dispatch(r.expert_idx_TK, r.weights_TK, cfg.n_experts, self.capacity_factor)
+                w_N = r.weights_TK.reshape(-1).index_select(0, d.slot_idx_N)
+            y_TD = self.experts(x_TD, d.token_idx_N, w_N, d.counts_E)  # permute, experts, combine inside
         if self.shared is not None:
             with phase("shared experts"):
                 y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
@@ -152,10 +158,24 @@ class MoE(nn.Module):
                 y_full = torch.zeros((shape.numel() // cfg.d_model, cfg.d_model), dtype=y_TD.dtype, device=x.device)
                 y_TD = y_full.index_copy(0, valid_idx, y_TD)
 
-        with phase("aux losses"):
-            stats = self._stats(r, d, T, x.device)
+        out = None
+        if stats:
+            if d is None:
+                d = dispatch(r.expert_idx_TK, r.weights_TK, cfg.n_experts, self.capacity_factor)
+            with phase("aux losses"):
+                out = self._stats(r, d, T, x.device)
         with phase("combine"):
-            return y_TD.reshape(shape).to(x.dtype), stats
+            return y_TD.reshape(shape).to(x.dtype), out
+
+    def _few(self, T: int) -> bool:
+        """Decoding: no gradient, no capacity, and fewer assignments than experts - each chosen expert runs
+        on its own rows (the grouped matmul's fixed cost is for many tokens)."""
+        return (
+            not torch.is_grad_enabled()
+            and self.capacity_factor is None
+            and T * self.cfg.top_k <= self.cfg.n_experts
+            and self.experts.dropout == 0
+        )
 
     def _stats(self, r, d, T: int, device: torch.device) -> MoEStats:
         """The auxiliary losses (in the graph) and the routing statistics of one forward."""
