@@ -56,7 +56,7 @@ class Decoded:
 StopCheck = Callable[[int, list[int]], bool]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -115,7 +115,7 @@ def decode(
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_uncached(
     model: Transformer,
     prompt: Sequence[int],
