@@ -28,10 +28,15 @@ def sft_file(tmp_path):
     return p
 
 
-@pytest.fixture
-def base_run(tmp_path, text_file):
-    run = tmp_path / "base"
-    run_cli("train", "tiny-moe", "--data", str(text_file), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE,
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """One trained base for the module: every test reads it and writes its fine-tune elsewhere."""
+    root = tmp_path_factory.mktemp("base")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}.\n"
+                              for i in range(1200)))
+    run = root / "base"
+    run_cli("train", "tiny-moe", "--data", str(corpus), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE,
             "model.max_seq_len=64", "data.seq_len=64")
     return run
 
