@@ -63,10 +63,14 @@ def with_out(args: list[str], out: Path, overwrite: bool) -> list[str]:
     return [str(out) if a == "{OUT}" else a for a in args] + (["--overwrite"] if overwrite else [])
 
 
-def earlier(folder: Path) -> str | None:
-    """An earlier output: a folder the command would replace with --overwrite."""
+def earlier(folder: Path, marker: str | None = None) -> str | None:
+    """An earlier output: a folder the command would replace with --overwrite (it holds the file that marks
+    that command's kind of output)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "keep.txt").write_text("an earlier result\n" * 200)
+    if marker:
+        (folder / marker).parent.mkdir(parents=True, exist_ok=True)
+        (folder / marker).write_text("{}\n")
     return tree_hash(folder)
 
 
@@ -80,7 +84,7 @@ def sh(*cmd: str) -> None:
 
 def read_only_cases(name: str, spec: dict, work: Path) -> dict:
     ro = work / f"ro-{name}"
-    before = earlier(ro / "earlier")
+    before = earlier(ro / "earlier", spec.get("marker"))
     if can_namespace():
         sh("mount", "--bind", str(ro), str(ro))
         sh("mount", "-o", "remount,ro,bind", str(ro))
@@ -134,7 +138,7 @@ def full_disk_cases(name: str, spec: dict, work: Path) -> dict:
     full.mkdir()
     res: dict = {}
     with full_disk(full) as fill:
-        before = earlier(full / "earlier") if spec["overwrite"] else None
+        before = earlier(full / "earlier", spec.get("marker")) if spec["overwrite"] else None
         fill()
         res["full_new"] = call(with_out(spec["args"], full / "new", False))
         res["full_new_exists"] = os.path.lexists(full / "new")

@@ -95,7 +95,12 @@ def writer_specs(i) -> dict:
         "experts": (["experts", run, "--data", corpus, "--split", "all", "--tokens", "500", "--out", "{OUT}"], run),
     }
     assert sorted(specs) == sorted(WRITERS)
-    return {name: {"args": a, "self": s, "overwrite": name != "lr-sweep"} for name, (a, s) in specs.items()}
+    # the file that marks each command's kind of output: --overwrite replaces only an earlier output of that kind
+    runs = "config.yaml"
+    markers = {"export": "config.json", "compare": "summary.json", "experts": "experts.json",
+               "tokenize": "manifest.json", "lr-sweep": None}  # fmt: skip
+    return {name: {"args": a, "self": s, "overwrite": name != "lr-sweep", "marker": markers.get(name, runs)}
+            for name, (a, s) in specs.items()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

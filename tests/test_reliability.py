@@ -206,8 +206,27 @@ def test_folder_writing_commands_refuse_existing_output(tmp_path, run4, capsys):
     (hf / "stale.safetensors").write_text("old shard")
     assert main(["export", str(run4), "--out", str(hf), "--overwrite"]) == 0
     assert sorted(p.name for p in hf.iterdir()) == before
-    assert main(["import", str(hf), "--out", str(victim), "--overwrite"]) == 0
-    assert not (victim / "keep.txt").exists() and (victim / "config.yaml").is_file()
+    # --overwrite replaces only an earlier output of the same kind: not a folder of one's own files, not a run with
+    # a Hugging Face folder or a report
+    assert "holds files moelab did not write" in cli_error(capsys, "import", str(hf), "--out", str(victim),
+                                                           "--overwrite")  # fmt: skip
+    assert (victim / "keep.txt").read_text() == "precious"
+    shutil.copytree(run4, tmp_path / "r2")
+    assert "holds a run folder" in cli_error(capsys, "export", str(run4), "--out", str(tmp_path / "r2"), "--overwrite")
+    shutil.copytree(hf, tmp_path / "h2")
+    assert "holds a Hugging Face folder" in cli_error(capsys, "import", str(hf), "--out", str(tmp_path / "h2"),
+                                                      "--overwrite")  # fmt: skip
+    assert (tmp_path / "r2" / "config.yaml").is_file() and (tmp_path / "h2" / "config.json").is_file()
+    # the case that lost a run: a compare report over a training run, and a training over a report
+    assert "holds a run folder" in cli_error(capsys, "compare", "tiny-dense", "tiny-moe", "--out", str(tmp_path / "r2"),
+                                             "--overwrite")  # fmt: skip
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "summary.json").write_text("{}")
+    assert "holds a compare report" in cli_error(capsys, "train", "tiny-moe", "--out", str(tmp_path / "rep"),
+                                                 "--overwrite", *TINY_MOE)  # fmt: skip
+    assert latest_checkpoint(tmp_path / "r2" / "checkpoints").name == "step-000004"
+    assert main(["import", str(hf), "--out", str(tmp_path / "imp")]) == 0
+    assert main(["import", str(hf), "--out", str(tmp_path / "imp"), "--overwrite"]) == 0  # an earlier import: replaced
     assert not list(tmp_path.glob(".*tmp-*"))
 
 

@@ -316,7 +316,12 @@ def test_bad_input_is_one_line_and_a_full_disk_leaves_nothing(runs, tmp_path, ca
         text=True,
     ).returncode
     assert rc == 2
-    (tmp_path / "earlier.gguf").write_bytes(b"earlier")
+    (tmp_path / "notes.gguf").write_bytes(b"my notes")  # --overwrite replaces a GGUF file, nothing else
+    rc, _, err = run_main(capsys, "export", str(run), "--format", "gguf", "--out", str(tmp_path / "notes.gguf"),
+                          "--overwrite", check=False)  # fmt: skip
+    assert rc == 2 and "does not start with b'GGUF'" in err and (tmp_path / "notes.gguf").read_bytes() == b"my notes"
+    earlier = b"GGUF" + b"\0" * 60  # an earlier export (its header is all --overwrite looks at)
+    (tmp_path / "earlier.gguf").write_bytes(earlier)
 
     def small_disk():  # writes past 64 KiB fail as on a full disk (EFBIG instead of ENOSPC)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -329,5 +334,5 @@ def test_bad_input_is_one_line_and_a_full_disk_leaves_nothing(runs, tmp_path, ca
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and str(tmp_path / out) in lines[0], r.stderr[-2000:]
         assert "too large" in lines[0].lower()
-    assert not (tmp_path / "new.gguf").exists() and (tmp_path / "earlier.gguf").read_bytes() == b"earlier"
+    assert not (tmp_path / "new.gguf").exists() and (tmp_path / "earlier.gguf").read_bytes() == earlier
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -171,7 +171,7 @@ def compare(
             )
     if data is not None and data != "stdlib":
         check_source(data)  # before any training process starts
-    with staged_output(out, overwrite=overwrite, protect=[*items, data]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[*items, data], kind="compare") as tmp:
         return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet, seeds, jobs)
 
 

@@ -48,7 +48,7 @@ def run_experts(
         if src != "stdlib":
             check_source(src)
     run_dirs = [resolve_checkpoint(r).parent.parent for r in runs]  # a checkpoint's whole run is an input too
-    with staged_output(out, overwrite=overwrite, protect=[*runs, *run_dirs, *data]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[*runs, *run_dirs, *data], kind="experts") as tmp:
         model = load_for_experts(runs[-1], "RUN" if len(runs) == 1 else "TUNED")
         base = load_for_experts(runs[0], "BASE") if len(runs) == 2 else None
         if base is not None:

@@ -74,7 +74,7 @@ def _profile(cfg, src, state, tok, steps, warmup, rounds, out, overwrite, par: P
         print(f"profiling {cfg.name} (a fresh init: its routing is not a trained router's)", file=sys.stderr)
     if out is None or not main:
         return _result(cfg, src, profile_variants(cfg, state, data, device, steps, warmup, rounds, None, par), par)
-    with staged_output(out, overwrite=overwrite, protect=[src, cfg.data.source]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[src, cfg.data.source], kind="profile") as tmp:
         result = _result(cfg, src, profile_variants(cfg, state, data, device, steps, warmup, rounds, tmp, par), par)
         write_json(tmp / "profile.json", result)
     return result

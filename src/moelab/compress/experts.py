@@ -169,7 +169,7 @@ def reduce_checkpoint(
 ) -> tuple[Path, Transformer]:
     """Prune or merge the experts of run `src` on calibration source `calib` into a run folder `out`."""
 
-    check_output(out, overwrite=overwrite, protect=[src, calib])
+    check_output(out, overwrite=overwrite, protect=[src, calib], kind="run")
     r = load_run(src, device="cpu")
     if r.cfg.quant.bits:
         raise ConfigError(f"{src} is quantized; prune or merge the original run, then quantize")
@@ -183,7 +183,7 @@ def reduce_checkpoint(
     cfg.model = new.cfg
     cfg.name = f"{r.cfg.name}-{method}{n_experts}"
     run_dir = r.checkpoint.parent.parent
-    with staged_output(out, overwrite=overwrite, protect=[run_dir, calib]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[run_dir, calib], kind="run") as tmp:
         write_model_folder(tmp, cfg, new, run_dir / "tokenizer.json", {f"{method}_from": str(r.checkpoint)})
         copy_tokenizer_extras(run_dir, tmp)
     return Path(out), new

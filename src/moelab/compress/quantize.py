@@ -21,7 +21,7 @@ def quantize_checkpoint(
     export-free inference load; `group_size` None: `default_group_size`. Returns (folder, bytes before, after, the
     group size)."""
 
-    check_output(out, overwrite=overwrite, protect=[src])
+    check_output(out, overwrite=overwrite, protect=[src], kind="run")
     r = load_run(src, device="cpu")
     if r.cfg.quant.bits:
         raise ConfigError(f"{src} is already quantized ({r.cfg.quant.bits} bits); quantize the original run")
@@ -33,7 +33,7 @@ def quantize_checkpoint(
     cfg.finetune.recipe = "none"  # LoRA adapters were merged on load
     cfg.name = f"{r.cfg.name}-int{bits}"
     run_dir = r.checkpoint.parent.parent
-    with staged_output(out, overwrite=overwrite, protect=[src, run_dir]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[src, run_dir], kind="run") as tmp:
         write_model_folder(tmp, cfg, r.model, run_dir / "tokenizer.json", {"quantized_from": str(r.checkpoint)})
         copy_tokenizer_extras(run_dir, tmp)
     return Path(out), before, resident_bytes(r.model), group_size

@@ -27,7 +27,7 @@ def consolidate(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     a single-process checkpoint, with SRC's config, tokenizer and metrics; returns the
     new checkpoint's path. ConfigError when SRC is already single-process."""
 
-    check_output(out, overwrite=overwrite, protect=[src])  # before the checkpoint is read: fail in seconds
+    check_output(out, overwrite=overwrite, protect=[src], kind="run")  # before the checkpoint is read: fail in seconds
     ckpt = ck.resolve_checkpoint(src)
     if not ck.is_distributed(ckpt):
         raise ConfigError(f"{ckpt} is already a single-process checkpoint (model.safetensors): nothing to do")
@@ -39,7 +39,7 @@ def consolidate(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     opt = build_optimizer(model, cfg.optim)
     ck.load_optimizer(opt, ck.optimizer_state(ckpt, optimizer_names(model, opt)), state["param_groups"])
     trainer_state = {k: v for k, v in state.items() if k not in _NOT_CARRIED}
-    with staged_output(out, overwrite=overwrite, protect=[src, run_dir]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[src, run_dir], kind="run") as tmp:
         for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, tmp / name)

@@ -26,7 +26,7 @@ class Exported:
 def _hf(r: LoadedRun, run_dir: Path, out: Path, overwrite: bool, arch: str | None, **_) -> Exported:
     from .io import export_hf
 
-    with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[run_dir], kind="hf") as tmp:
         export_hf(r.model, tmp, run_dir / "tokenizer.json", arch)
     model_type = json.loads((out / "config.json").read_text())["model_type"]
     return Exported(out, f"exported {r.checkpoint} -> {out} ({model_type})")
@@ -40,7 +40,7 @@ def _peft(r: LoadedRun, run_dir: Path, out: Path, overwrite: bool, **_) -> Expor
     from ..store.checkpoint import model_tensors
     from .peft import export_peft
 
-    with staged_output(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[run_dir], kind="peft") as tmp:
         export_peft(r.cfg, model_tensors(r.checkpoint), run_dir / "tokenizer.json", tmp)
     base, adapter = out / "base", out / "adapter"
     return Exported(
@@ -54,7 +54,7 @@ def _gguf(r: LoadedRun, run_dir: Path, out: Path, overwrite: bool, outtype: str 
     from .gguf import gguf_arch, write_gguf
 
     gguf_arch(r.model)  # refuse before any file is made
-    with staged_file(out, overwrite=overwrite, protect=[run_dir]) as tmp:
+    with staged_file(out, overwrite=overwrite, protect=[run_dir], magic=GGUF_MAGIC) as tmp:
         arch = write_gguf(r.model, run_dir / "tokenizer.json", tmp, outtype, name=run_dir.name)
     size = out.stat().st_size / 2**20
     return Exported(
@@ -62,6 +62,7 @@ def _gguf(r: LoadedRun, run_dir: Path, out: Path, overwrite: bool, outtype: str 
     )
 
 
+GGUF_MAGIC = b"GGUF"  # a file's first bytes: --overwrite replaces only a GGUF file
 FORMATS: dict[str, Callable[..., Exported]] = {"hf": _hf, "peft": _peft, "gguf": _gguf}
 
 
@@ -83,14 +84,14 @@ def export_run(
 
         if outtype not in OUTTYPES:
             raise ConfigError(f"--outtype: expected one of {list(OUTTYPES)}, got {outtype!r}")
-        check_file_output(out, overwrite=overwrite, protect=[run])
+        check_file_output(out, overwrite=overwrite, protect=[run], magic=GGUF_MAGIC)
     elif outtype != "f32":
         raise ConfigError(f"--outtype {outtype}: only --format gguf writes other types (Hugging Face: fp32)")
     if arch is not None and format != "hf":
         raise ConfigError(f"--arch: a Hugging Face target; --format {format} picks its own architecture")
     out = Path(out)
     if format != "gguf":
-        check_output(out, overwrite=overwrite, protect=[run])
+        check_output(out, overwrite=overwrite, protect=[run], kind=format)
     r = load_run(run, device="cpu")
     run_dir = r.checkpoint.parent.parent
     notes = []

@@ -104,11 +104,11 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> P
     """Write a moelab run folder (config, tokenizer, checkpoint step 0) from an HF folder.
     `out` must be new or empty unless `overwrite`; it appears only when complete."""
     hf_dir = Path(hf_dir)
-    check_output(out, overwrite=overwrite, protect=[hf_dir])
+    check_output(out, overwrite=overwrite, protect=[hf_dir], kind="run")
     model, mt = read_hf(hf_dir)
     cfg = RunConfig(name=f"{hf_dir.name}-{mt}", model=model.cfg)
     cfg.data.seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
-    with staged_output(out, overwrite=overwrite, protect=[hf_dir]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[hf_dir], kind="run") as tmp:
         write_model_folder(tmp, cfg, model, hf_dir / "tokenizer.json", {"source": str(hf_dir), "model_type": mt})
         copy_tokenizer_extras(hf_dir, tmp)  # chat template and special tokens, for fine-tuning and export
     return Path(out)

@@ -182,7 +182,7 @@ def upcycle_to_folder(
     dense run's hyper-parameters. `prompts_file`: one prompt per expert, for router_init
     "hidden". `out` must be new or empty unless `overwrite`. Returns (folder, model)."""
 
-    check_output(out, overwrite=overwrite, protect=[src, prompts_file])
+    check_output(out, overwrite=overwrite, protect=[src, prompts_file], kind="run")
     src_path = Path(src)
     if (src_path / "config.json").is_file():
         dense, _ = read_hf(src_path)
@@ -201,7 +201,7 @@ def upcycle_to_folder(
         lines = [ln for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
         prompts = [torch.tensor(tok.encode(ln).ids[: dense.cfg.max_seq_len] or [0]) for ln in lines]
     moe = upcycle(dense, experts, top_k, prompts=prompts, **kw)
-    with staged_output(out, overwrite=overwrite, protect=[src, prompts_file]) as tmp:
+    with staged_output(out, overwrite=overwrite, protect=[src, prompts_file], kind="run") as tmp:
         write_model_folder(tmp, carry_over(run_cfg, moe.cfg), moe, tok_file, {"upcycled_from": str(src)})
     return Path(out), moe
 

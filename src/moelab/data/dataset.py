@@ -113,14 +113,16 @@ def _check_out(out: Path, key: dict, overwrite: bool) -> dict | None:
         if progress.get("key") == key:
             return progress
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = (
-                "another dataset (another source, changed source files, or another tokenizer)"
-                if (out / "manifest.json").is_file() or (out / PROGRESS_FILE).is_file()
-                else "files that are not a dataset"
-            )
+        dataset = (out / "manifest.json").is_file() or (out / PROGRESS_FILE).is_file()
+        if not dataset:  # --overwrite replaces only an earlier dataset, never a run or one's own files
             raise OutputExists(
-                f"--out {out} already holds {what}: choose a new folder, or pass --overwrite to replace it"
+                f"--out {out} holds files that are not a dataset: choose a new folder"
+                + (" (--overwrite replaces only an earlier dataset)" if overwrite else "")
+            )
+        if not overwrite:
+            raise OutputExists(
+                f"--out {out} already holds another dataset (another source, changed source files, or another "
+                "tokenizer): choose a new folder, or pass --overwrite to replace it"
             )
         return {"replace": True}
     return None

@@ -89,6 +89,23 @@ def _read_only(path: Path) -> bool:
         return False
 
 
+# What an output folder is, read off the file that only that kind of output holds (earlier outputs included):
+# --overwrite replaces an earlier output of the same kind, never a run with a report or a folder of one's own files.
+KINDS = {
+    "run": ("config.yaml", "run folder", "train, finetune, distill, import, upcycle, quantize, ..."),
+    "hf": ("config.json", "Hugging Face folder", "moelab export"),
+    "peft": ("adapter/adapter_config.json", "base model and peft adapter", "moelab export --peft"),
+    "compare": ("summary.json", "compare report", "moelab compare"),
+    "profile": ("profile.json", "profile", "moelab profile"),
+    "experts": ("experts.json", "experts report", "moelab experts"),
+}
+
+
+def output_kind(folder: Path) -> str | None:
+    """The kind of moelab output `folder` holds (a key of KINDS), or None: files moelab did not write."""
+    return next((k for k, (marker, _, _) in KINDS.items() if (folder / marker).is_file()), None)
+
+
 def check_output(
     out: str | Path,
     *,
@@ -96,11 +113,21 @@ def check_output(
     protect: Sequence[str | Path | None] = (),
     flag: str = "--out",
     hint: str = "choose a new folder, or pass --overwrite to replace it",
+    kind: str | None = None,
 ) -> Path:
-    """`guard_output`, and an existing non-empty folder refused unless `overwrite`; return it as a Path."""
+    """`guard_output`, and an existing non-empty folder refused unless `overwrite` - and, when the command says what
+    `kind` of output it writes, unless the folder holds an earlier output of that kind; return it as a Path."""
     out = guard_output(out, protect=protect, flag=flag)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExists(f"{flag} {out} already exists and is not empty: {hint}")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExists(f"{flag} {out} already exists and is not empty: {hint}")
+        found = output_kind(out)
+        if kind is not None and found != kind:
+            held = f"a {KINDS[found][1]} ({KINDS[found][2]})" if found else "files moelab did not write"
+            raise OutputExists(
+                f"{flag} {out} holds {held}, not an earlier {KINDS[kind][1]}: --overwrite replaces only an output "
+                "of the same kind; choose another folder, or remove it yourself"
+            )
     return out
 
 
@@ -119,11 +146,16 @@ def _public_path(e: BaseException, tmp: Path, out: Path) -> None:
 
 @contextmanager
 def staged_output(
-    out: str | Path, *, overwrite: bool = False, protect: Sequence[str | Path | None] = (), flag: str = "--out"
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    protect: Sequence[str | Path | None] = (),
+    flag: str = "--out",
+    kind: str | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary folder to write into; on success it replaces `out` atomically
-    (a rename); on failure it is removed and `out` is left as it was."""
-    out = check_output(out, overwrite=overwrite, protect=protect, flag=flag)
+    (a rename); on failure it is removed and `out` is left as it was. `kind`: as `check_output`."""
+    out = check_output(out, overwrite=overwrite, protect=protect, flag=flag, kind=kind)
     tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,10 +177,16 @@ _HOST = socket.gethostname().replace("/", "_")
 
 
 def check_file_output(
-    out: str | Path, *, overwrite: bool = False, protect: Sequence[str | Path | None] = (), flag: str = "--out"
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    protect: Sequence[str | Path | None] = (),
+    flag: str = "--out",
+    magic: bytes | None = None,
 ) -> Path:
     """For an output that is one file: not a folder, not an input nor inside one, an existing file only with
-    `overwrite`, in a writable folder. Returns it resolved; OutputExists otherwise."""
+    `overwrite` (and, given its format's `magic` first bytes, only a file of that format), in a writable folder.
+    Returns it resolved; OutputExists otherwise."""
     out = Path(out)
     if out.is_dir():
         raise OutputExists(f"{flag} {out} is a folder; expected a file path")
@@ -160,17 +198,27 @@ def check_file_output(
             raise OutputExists(f"{flag} {out} would overwrite or sit inside the input {src}; choose a path outside it")
     if out.exists() and not overwrite:
         raise OutputExists(f"{flag} {out} already exists: choose a new file, or pass --overwrite to replace it")
+    if out.exists() and magic is not None and out.open("rb").read(len(magic)) != magic:
+        raise OutputExists(
+            f"{flag} {out} is not an earlier output of this command (it does not start with {magic!r}): "
+            "--overwrite replaces only an output of the same kind; choose another path"
+        )
     guard_output(real.parent, flag=flag, in_place=True)  # the folder it goes in: writable, not under a file
     return real
 
 
 @contextmanager
 def staged_file(
-    out: str | Path, *, overwrite: bool = False, protect: Sequence[str | Path | None] = (), flag: str = "--out"
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    protect: Sequence[str | Path | None] = (),
+    flag: str = "--out",
+    magic: bytes | None = None,
 ) -> Iterator[Path]:
     """Yield a hidden sibling path of the file `out` to write; on success it replaces `out` (a rename), on
     failure it is removed and `out` is left as it was. Checked first as `check_file_output`."""
-    real = check_file_output(out, overwrite=overwrite, protect=protect, flag=flag)
+    real = check_file_output(out, overwrite=overwrite, protect=protect, flag=flag, magic=magic)
     out = Path(out)
     tmp = real.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
     try:

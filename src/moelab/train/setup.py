@@ -156,6 +156,7 @@ def setup(
             run_dir,
             overwrite=overwrite,
             protect=inputs,
+            kind="run",
             hint="pass --resume to continue it or --overwrite to start over"
             if resumable
             else "it holds no checkpoint to resume (a run that stopped before its first one keeps its metrics.jsonl "
