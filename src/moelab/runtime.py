@@ -11,8 +11,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 from .errors import ConfigError
 
@@ -154,3 +158,10 @@ def exit_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def is_dtensor(t) -> TypeGuard[DTensor]:
+    """Whether `t` is a DTensor, without importing torch.distributed.tensor (about a second of every command's
+    start-up, with torch.distributed.checkpoint): no DTensor exists before that module is imported."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)

@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from ..model import Transformer
@@ -18,12 +17,13 @@ from ..parallel.local import run_local
 from ..parallel.mesh import Layout, build_meshes
 from ..parallel.parallelize import finish_gradients, parallelize
 from ..run_config import OptimConfig
+from ..runtime import is_dtensor
 from ..train.optim import build_optimizer
 from .memory import measure_activation_bytes
 
 
 def _local_bytes(t: torch.Tensor) -> int:
-    t = t.to_local() if isinstance(t, DTensor) else t
+    t = t.to_local() if is_dtensor(t) else t
     return t.numel() * t.element_size()
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError, NonFiniteError
+from ..runtime import is_dtensor
 from ..store import checkpoint as ck
 from ..store.dcp import by_name
 from .mesh import Parallel
@@ -58,6 +57,8 @@ def save_distributed(
             f"refusing to write checkpoint step {step}: non-finite values in {bad[:5] or 'another rank'}"
         )
     par.barrier()  # the folder exists before anyone writes into it
+    import torch.distributed.checkpoint as dcp  # here: a second of start-up for commands that never save one
+
     dcp.save(state, checkpoint_id=str(tmp / "dcp"))
     par.barrier()
     if par.is_main:
@@ -74,7 +75,7 @@ def save_distributed(
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
-    local = t.to_local() if isinstance(t, DTensor) else t
+    local = t.to_local() if is_dtensor(t) else t
     return torch.isfinite(local).all()
 
 
@@ -88,6 +89,8 @@ def load_distributed(
     pipeline rank)."""
     state = training_state(model, opt, par)
     if ck.is_distributed(ckpt):
+        import torch.distributed.checkpoint as dcp
+
         try:
             dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
         except Exception as e:  # DCP wraps per-rank failures in its own exception types

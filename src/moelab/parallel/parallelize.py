@@ -20,11 +20,10 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from ..model.transformer import compile_block
 from ..moe import MoE
+from ..runtime import is_dtensor
 from .expert_parallel import ExpertParallelExperts, shard_experts
 from .mesh import Parallel
 
@@ -49,11 +48,19 @@ def parallelize(model: nn.Module, par: Parallel, compile_blocks: bool = False) -
         if isinstance(moe, MoE):
             moe.count_reducer = sum_over_ranks  # every rank is a data-parallel rank
     _shard_blocks(model.layers, par, compile_blocks)
-    fully_shard(model, mesh=par.dense_mesh)
+    _fully_shard()(model, mesh=par.dense_mesh)
+
+
+def _fully_shard():
+    # imported when used: FSDP2 and DTensor cost a second of start-up to every command, most of which never shard
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard
 
 
 def _shard_blocks(blocks, par: Parallel, compile_blocks: bool = False) -> None:
     edp = par.edp_mesh if par.edp_mesh is not None else par.expert_mesh["edp"]
+    fully_shard = _fully_shard()
     for block in blocks:
         if isinstance(block.ffn, MoE) and isinstance(block.ffn.experts, ExpertParallelExperts):
             fully_shard(block.ffn.experts.local, mesh=edp)
@@ -74,11 +81,11 @@ def parallelize_stages(rank_stages, par: Parallel) -> None:
         moe.count_reducer = functools.partial(sum_over_ranks, group=par.dp_group)
     _shard_blocks(rank_stages.layers.values(), par)
     for stage in rank_stages.stages:
-        fully_shard(stage, mesh=par.dense_mesh)
+        _fully_shard()(stage, mesh=par.dense_mesh)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from ..runtime import is_dtensor
 from .mesh import Parallel
 from .parallelize import EXPERT_PREFIX
 
@@ -27,7 +27,9 @@ def canonical_name(name: str) -> str:
 def _global(name: str, t: torch.Tensor, par: Parallel | None) -> torch.Tensor:
     if par is None or par.layout.expert == 1 or EXPERT_PREFIX not in name or t.dim() == 0:
         return t
-    local = t.to_local() if isinstance(t, DTensor) else t
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = t.to_local() if is_dtensor(t) else t
     shape = torch.Size((t.shape[0] * par.layout.expert, *t.shape[1:]))
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, par.expert_mesh, [Shard(0), Shard(0)], shape=shape, stride=stride)
@@ -73,7 +75,9 @@ def fill_state(state: dict, full: dict[str, torch.Tensor]) -> None:
     copies the chunk its DTensor holds. Raises KeyError naming a missing key."""
     for k, target in state.items():
         src = full[k]
-        if isinstance(target, DTensor):
+        if is_dtensor(target):
+            from torch.distributed.tensor import distribute_tensor
+
             piece = distribute_tensor(
                 src.to(target.device), target.device_mesh, target.placements, src_data_rank=None
             ).to_local()

@@ -10,8 +10,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 
 def by_index(optim_by_name: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
@@ -37,6 +35,9 @@ def by_name(optim_by_index: dict[str, torch.Tensor], names: list[str]) -> dict[s
 def read_full(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under `prefix` in a DCP folder, whole, read in this process alone
     (no process group): how one process reads a checkpoint written by many."""
+
+    import torch.distributed.checkpoint as dcp  # here: a second of start-up for commands that never read one
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = dcp.FileSystemReader(str(path)).read_metadata()
     out = {

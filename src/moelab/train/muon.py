@@ -29,9 +29,9 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..phases import phase
+from ..runtime import is_dtensor
 from .polar import Coeffs, orthogonalise
 
 
@@ -71,22 +71,22 @@ def _orthogonalised(
             if group is not None and ranks > 1:
                 dist.broadcast(full, src=dist.get_global_rank(group, o), group=group)
             full = _unstacked(full, axes[i], u.shape).to(u.dtype)
-            out[i] = (
-                distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
-                if isinstance(u, DTensor)
-                else full
-            )
+            if is_dtensor(u):
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
+            out[i] = full
     return [o for o in out if o is not None], count
 
 
 def _whole(u: torch.Tensor) -> torch.Tensor:
-    return u.full_tensor() if isinstance(u, DTensor) else u
+    return u.full_tensor() if is_dtensor(u) else u
 
 
 def _sharing_group(u: torch.Tensor) -> dist.ProcessGroup | None:
     """The ranks that hold a sharded update (an FSDP2 DTensor) and so could each iterate it; None for a tensor whole on
     this rank alone (one process, or an expert slice under expert parallelism)."""
-    if not isinstance(u, DTensor):
+    if not is_dtensor(u):
         return None
     mesh = u.device_mesh
     if mesh.ndim == 1:
