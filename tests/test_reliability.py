@@ -483,3 +483,16 @@ def test_a_run_that_diverged_before_its_first_checkpoint_says_how_to_start_again
     msg = cli_error(capsys, *args, "--resume")
     assert "stopped before its first one" in msg and "start it again with --overwrite" in msg
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_a_pipe_as_data_is_refused_by_name_before_it_is_read(tmp_path, capsys):
+    """`--data <(cat f)` is a pipe: read once for the tokenizer it would leave nothing for the tokens ("no text")."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nothing writes to it: opening it would block, so a refusal proves it was not opened
+    for args in (["tokenize", str(fifo), "--out", str(tmp_path / "ds"), "--vocab-size", "300", "--quiet"],
+                 ["train", "tiny-moe", "--data", str(fifo), "--out", str(tmp_path / "run"), "--quiet", *TINY_MOE]):
+        msg = cli_error(capsys, *args)
+        assert "is a pipe or device" in msg and "save it to a file first" in msg, msg
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "run").exists()

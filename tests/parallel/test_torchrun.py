@@ -143,3 +143,5 @@ def test_gpu_check_dry_run(tmp_path, text_file):
     assert "tokens/s" in (tmp_path / "out" / "train.txt").read_text()
     profile = (tmp_path / "out" / "profile.txt").read_text()
     assert "routing imbalance costs" in profile and (tmp_path / "out" / "profile" / "trace.json").is_file()
+    inference = (tmp_path / "out" / "inference.txt").read_text()
+    assert "its dense twin's tokens/s" in inference and "dense total twin" in inference

@@ -133,3 +133,22 @@ def test_a_run_records_its_threads_and_a_rerun_or_resume_of_what_it_records_comp
     assert read_config(tmp_path / "c" / "config.yaml").train.threads == recorded
     a, b, c = losses(tmp_path / "a"), losses(tmp_path / "b"), losses(tmp_path / "c")
     assert a == b == c, (a, b, c)
+
+
+def test_a_relative_data_path_is_recorded_absolute_and_resume_works_from_another_folder(tmp_path, text_file,
+                                                                                       monkeypatch, capsys):
+    from conftest import run_main
+    from moelab.run_config import read_config
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "work" / "corpus.txt").write_text(text_file.read_text())
+    monkeypatch.chdir(tmp_path / "work")
+    run_main(capsys, "train", "tiny-moe", "--data", "corpus.txt", "--out", "run", "--steps", "4", "--stop-after", "2",
+             "--quiet", *TINY_MOE)  # fmt: skip
+    recorded = read_config(tmp_path / "work" / "run" / "config.yaml").data.source
+    assert recorded == str(tmp_path / "work" / "corpus.txt")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # "corpus.txt" means nothing here: the recorded path still does
+    run_main(capsys, "train", "tiny-moe", "--out", str(tmp_path / "work" / "run"), "--steps", "4", "--resume",
+             "--quiet", *TINY_MOE)  # fmt: skip
+    assert latest_checkpoint(tmp_path / "work" / "run" / "checkpoints").name == "step-000004"

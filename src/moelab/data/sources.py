@@ -261,6 +261,11 @@ def check_source(source: str) -> Path:
             f"data source '{source}' does not exist (expected 'stdlib', a text file, a folder, a .jsonl, a .parquet, "
             "a .gz/.zst of those, a tokenized dataset, or a datasets folder)"
         )
+    if not path.is_file() and not path.is_dir():  # a pipe (`<(cat f)`), a socket, a device: readable once
+        raise ConfigError(
+            f"data source '{source}' is a pipe or device, which can be read only once; moelab reads a source more "
+            "than once (the tokenizer's training, then the tokens; the two splits): save it to a file first"
+        )
     if path.is_dir() and _unfinished_dataset(path / PROGRESS_FILE):
         raise ConfigError(
             f"data source '{source}' is an incomplete tokenized dataset (its `moelab tokenize` was interrupted): "

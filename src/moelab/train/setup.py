@@ -111,6 +111,13 @@ def _init_tokenizer(init_ckpt: Path) -> Path:
     return tok
 
 
+def _resolved(source: str) -> str:
+    """A data source that is a file or folder, made absolute; `stdlib` and anything else (missing, a pipe) as given:
+    the data layer names what is wrong with it."""
+    path = Path(source)
+    return str(path.resolve()) if source != "stdlib" and (path.is_file() or path.is_dir()) else source
+
+
 def setup(
     cfg: RunConfig,
     run_dir: Path,
@@ -129,6 +136,8 @@ def setup(
     `records` are JSON files (name -> object) written beside config.yaml in a new run folder."""
     ckpt_root = run_dir / "checkpoints"
     main = par is None or par.is_main
+    # recorded as an absolute path: `profile RUN`, `experts RUN` and `--resume` from another folder read the same data
+    cfg.data.source = _resolved(cfg.data.source)
     init_ckpt = ck.resolve_checkpoint(init) if init is not None and not resume else None
     inputs = [*protect, cfg.data.source, cfg.data.tokenizer]
     if init_ckpt is not None:
@@ -147,7 +156,9 @@ def setup(
             raise CheckpointError(
                 f"--resume: {run_dir} holds no complete checkpoint to resume from{why}; start it again with --overwrite"
             )
-        cfg = resume_config(read_config(run_dir / "config.yaml"), cfg, run_dir)
+        saved = read_config(run_dir / "config.yaml")
+        saved.data.source = _resolved(saved.data.source)  # a run recorded before sources were resolved
+        cfg = resume_config(saved, cfg, run_dir)
         guard_output(run_dir, in_place=True)  # resuming adds to the run: its own config.yaml may be the recipe
     else:
         # (looked up only where the answer is shown: an existing folder without --overwrite)
