@@ -496,3 +496,11 @@ def test_a_pipe_as_data_is_refused_by_name_before_it_is_read(tmp_path, capsys):
         msg = cli_error(capsys, *args)
         assert "is a pipe or device" in msg and "save it to a file first" in msg, msg
     assert not (tmp_path / "ds").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_model_that_cannot_fit_is_one_line_before_any_allocation(tmp_path, capsys):
+    """Without the check, an absurd width dies in the allocator or is killed by the kernel (seen: SIGKILL)."""
+    msg = cli_error(capsys, "train", "tiny-moe", "--out", str(tmp_path / "run"), "--quiet", *TINY_MOE,
+                    "model.d_model=131072")  # fmt: skip
+    assert "needs at least" in msg and "GiB available" in msg and "model.d_model" in msg, msg
+    assert not (tmp_path / "run").exists()

@@ -165,3 +165,32 @@ def is_dtensor(t) -> TypeGuard[DTensor]:
     start-up, with torch.distributed.checkpoint): no DTensor exists before that module is imported."""
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and isinstance(t, mod.DTensor)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can have now: the GPU's free memory, or Linux's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(params: int, bytes_per_param: int, device: torch.device, what: str) -> None:
+    """A ConfigError, before any allocation, when `params` parameters at `bytes_per_param` cannot fit in the memory
+    `device` has available: without it an absurd model dies in the allocator or the kernel's OOM killer."""
+    from .errors import ConfigError
+
+    need, have = params * bytes_per_param, available_bytes(device)
+    if have is not None and need > have:
+        gib = 2**30
+        raise ConfigError(
+            f"the model ({params / 1e9:,.2f} B parameters) needs at least {need / gib:,.1f} GiB for {what} and "
+            f"{device.type} has {have / gib:,.1f} GiB available: make it smaller (model.d_model, model.n_layers, "
+            "model.moe.n_experts, ...); `moelab memory RECIPE` shows the whole plan"
+        )

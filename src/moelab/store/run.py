@@ -19,7 +19,7 @@ from ..model import Transformer
 from ..model.lora import apply_lora, merge_lora
 from ..model.quant import quantize_model
 from ..run_config import RunConfig, read_config
-from ..runtime import pick_device
+from ..runtime import check_fits, pick_device
 from .checkpoint import model_tensors, resolve_checkpoint
 
 __all__ = ["LoadedRun", "load_run", "load_model_weights", "load_tokenizer"]
@@ -74,6 +74,7 @@ def load_run(run_or_ckpt: str | Path, device: str = "auto") -> LoadedRun:
     runs are merged. Raises CheckpointError naming what is missing or damaged."""
     ckpt, cfg = read_run_config(run_or_ckpt)
     tok_file = ckpt.parent.parent / "tokenizer.json"
+    check_fits(cfg.model.param_counts()["total"], 4, pick_device(device), "its fp32 weights")
     model = Transformer(cfg.model)
     if cfg.quant.bits:  # packed weights: rebuild the same parametrizations, then load them
         quantize_model(model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)

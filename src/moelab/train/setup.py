@@ -26,7 +26,7 @@ from ..parallel.parallelize import parallelize, parallelize_stages
 from ..parallel.pipeline import build_rank, build_schedule
 from ..parallel.state import optimizer_names
 from ..run_config import RunConfig, read_config, save_config
-from ..runtime import pick_device, set_cpu_threads, tune_cpu_allocator
+from ..runtime import check_fits, pick_device, set_cpu_threads, tune_cpu_allocator
 from ..store import checkpoint as ck
 from ..store.outputs import check_output, guard_output, restore, save_tokenizer, set_aside, write_json
 from ..store.resume import resume_config
@@ -175,6 +175,8 @@ def setup(
         )
 
     device = par.device if par is not None else pick_device(cfg.train.device)
+    if par is None:  # (sharded layouts hold a part per rank: `moelab memory` plans them)
+        check_fits(cfg.model.param_counts()["total"], 12, device, "fp32 weights, gradients and one optimizer moment")
     if device.type == "cpu":
         tune_cpu_allocator()
         # the count in force is recorded (config.yaml): it sets the matmuls' summation order, so a rerun of the
