@@ -143,3 +143,27 @@ def test_train_takes_the_router_override_only_by_name(tmp_path, text_file, capsy
     run_main(capsys, *args, "--out", tmp_path / "b", "model.moe.router_override=balanced")
     assert read_config(tmp_path / "b" / "config.yaml").model.moe.router_override == "none"  # never kept
     assert "router_override" not in (tmp_path / "b" / "config.yaml").read_text()
+
+
+def test_no_percentage_is_stated_where_the_timing_rounds_disagree():
+    def table(name, rounds, ffn):
+        rows = {"attention": 2.0, "ffn": ffn}
+        ms = sorted(rounds)[len(rounds) // 2]
+        return PhaseTable(name, 1, 1000, plain_ms=ms, profiled_ms=ms, phases_ms=sum(rows.values()), fwd_ms=rows,
+                          round_ms=sorted(rounds))  # fmt: skip
+
+    dense = table("dense twin", [10.0, 10.1, 10.2], 8.0)
+    steady = moe_overhead(table("moe", [12.0, 12.1, 12.2], 10.0), dense)
+    assert steady["reliable"] and "takes 20% more time" in steady["text"] and "rounds within 2%" in steady["text"]
+    close = moe_overhead(table("moe", [9.6, 10.3, 11.5], 8.3), dense)  # 2% apart, rounds 19% apart
+    assert not close["reliable"] and "%" not in close["text"].split("differ by")[0] and "no difference" in close["text"]
+    busy = moe_overhead(table("moe", [12.0, 40.0, 300.0], 30.0), dense)  # the "2561%" of a busy machine
+    assert not busy["reliable"] and "disagree by" in busy["text"] and "more time" not in busy["text"]
+    from moelab.analysis.compare import describe
+
+    ref = {"name": "dense", "step_ms": 10.1, "params_total": 1, "params_active": 1, "tokens_per_s": 0,
+           "tensor_bytes": {"w": 1}, "final_val_loss": 1.0}
+    other = {**ref, "name": "moe", "step_ms": 40.0, "final_val_loss": 0.9, "final_max_violation": []}
+    sp = {"val_loss_at_equal_flops": None, "reached": False}
+    text = describe(ref, other, sp, busy)
+    assert "cannot be told apart" in text and "took" not in text

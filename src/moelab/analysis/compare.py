@@ -64,9 +64,10 @@ def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
     }
 
 
-def describe(ref: dict, other: dict, sp: dict, time_points: dict[str, float] | None = None) -> str:
-    """Plain words from the numbers: what the MoE cost and what it bought. `time_points`:
-    the other run's step time beyond the reference's, by phase, in points of its step."""
+def describe(ref: dict, other: dict, sp: dict, overhead: dict | None = None) -> str:
+    """Plain words from the numbers: what the MoE cost and what it bought. `overhead`: `moe_overhead` of the other
+    run's profile against the reference's (points by phase, the rounds' spread, whether a figure may be stated)."""
+    time_points = overhead["points"] if overhead else None
     a, b = ref["name"], other["name"]
     parts = [
         f"{b} holds {other['params_total'] / ref['params_total']:.2f}x the parameters of {a} "
@@ -78,7 +79,13 @@ def describe(ref: dict, other: dict, sp: dict, time_points: dict[str, float] | N
             f"It trained at {other['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s "
             f"({other['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f})."
         )
-    if other.get("step_ms") and ref.get("step_ms") and time_points:
+    if overhead and not overhead.get("reliable", True):
+        s = overhead["spread_percent"]
+        parts.append(
+            f"Profiled, its step ({other['step_ms']:.1f} ms) and {ref['name']}'s ({ref['step_ms']:.1f} ms) cannot be "
+            f"told apart here: their timing rounds disagree by up to {s:.0f}%, so no percentage is stated."
+        )
+    elif other.get("step_ms") and ref.get("step_ms") and time_points:
         d = (other["step_ms"] - ref["step_ms"]) / ref["step_ms"] * 100
         big = sorted(time_points.items(), key=lambda kv: -abs(kv[1]))
         shown = ", ".join(f"{k} {v:+.1f}" for k, v in big if abs(v) >= 0.5) or "no phase above half a point"
@@ -282,7 +289,7 @@ def _compare_into(
     text = [
         head_to_head(curves[ref_i], c, speed[c.name], context)
         + " "
-        + describe(ref, runs[i], speed[c.name], moe_overhead(times[i][0], times[ref_i][0])["points"])
+        + describe(ref, runs[i], speed[c.name], moe_overhead(times[i][0], times[ref_i][0]))
         for i, c in enumerate(curves)
         if c.name in speed
     ]

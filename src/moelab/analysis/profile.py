@@ -93,6 +93,14 @@ class PhaseTable:
     layers: list[dict[str, float]] = field(default_factory=list)  # per block: {row: forward + backward ms}
     # under torchrun: every rank's {"plain_ms", "fwd_ms", "bwd_ms"} (this table is rank 0's, the step the slowest's)
     ranks: list[dict] = field(default_factory=list)
+    round_ms: list[float] = field(default_factory=list)  # each clock-timed round's step; plain_ms is their median
+
+    @property
+    def spread_pct(self) -> float | None:
+        """How far the timing rounds disagree: (slowest - fastest) / median, in percent; None with one round."""
+        if len(self.round_ms) < 2:
+            return None
+        return (max(self.round_ms) - min(self.round_ms)) / self.plain_ms * 100
 
     @property
     def scale(self) -> float:
@@ -107,6 +115,7 @@ class PhaseTable:
         """The table as plain types, with the scaled rows and the tokens/s."""
         d = asdict(self)
         d["scale"] = self.scale
+        d["spread_pct"] = self.spread_pct
         d["tokens_per_s"] = self.tokens_per_step / (self.plain_ms / 1e3)
         d["rows_ms"] = {r: self.row_ms(r) for r in ROWS if r in self.fwd_ms or r in self.bwd_ms}
         return d
@@ -281,6 +290,7 @@ def profile_variants(
         if par is not None and not par.is_main:
             trace = None
         table = s.profile(steps, sorted(timed[s.name])[rounds // 2], tokens[s.name], trace)
+        table.round_ms = sorted(timed[s.name])
         if par is not None:
             table.ranks = _every_rank(table, par)
         tables.append(table)

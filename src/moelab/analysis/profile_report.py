@@ -80,14 +80,15 @@ def _profile(cfg, src, state, tok, steps, warmup, rounds, out, overwrite, par: P
     return result
 
 
-def profile_runs(run_dirs: list[Path], steps: int = 3) -> list[tuple[PhaseTable, PhaseTable | None]]:
+def profile_runs(run_dirs: list[Path], steps: int = 3, rounds: int = 3) -> list[tuple[PhaseTable, PhaseTable | None]]:
     """A short profile of each run's last checkpoint for the compare report: (its table,
     the same weights with balanced routing for an MoE, else None), one process each."""
     out = []
     for run_dir in run_dirs:
         cfg, state, tok = _inputs(str(run_dir), None, [])
         device = pick_device(cfg.train.device)
-        tables = profile_variants(cfg, state, run_data(cfg, tok), device, steps, warmup=1, rounds=1, twin=False)
+        # three rounds: a figure carries its spread, and none is stated where the rounds disagree beyond it
+        tables = profile_variants(cfg, state, run_data(cfg, tok), device, steps, warmup=1, rounds=rounds, twin=False)
         out.append((tables[0], tables[1] if len(tables) > 1 else None))
     return out
 
@@ -124,14 +125,52 @@ def moe_overhead(moe: PhaseTable, dense: PhaseTable) -> dict:
     other = pts(OTHER_ROWS)
     total = (moe.plain_ms - dense.plain_ms) / base * 100
     explained = sum(terms.values()) / total if abs(total) > 1e-9 else 1.0
-    shown = ", ".join(f"{k} {v:+.1f}" for k, v in sorted(terms.items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 0.5)
-    lead = f"the MoE step takes {abs(total):.0f}% {'more' if total >= 0 else 'less'} time than the dense twin's"
-    sentence = (
-        f"{lead} ({moe.plain_ms:.1f} vs {dense.plain_ms:.1f} ms); in points of the dense step: {shown or 'none'}"
-        f"; outside any phase {other:+.1f}"
-    )
+    spread, reliable, why = _agreement(total, moe, dense)
+    if not reliable:
+        sentence = f"the MoE step ({moe.plain_ms:.1f} ms) against the dense twin's ({dense.plain_ms:.1f} ms): {why}"
+    else:
+        shown = ", ".join(
+            f"{k} {v:+.1f}" for k, v in sorted(terms.items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 0.5
+        )
+        lead = f"the MoE step takes {abs(total):.0f}% {'more' if total >= 0 else 'less'} time than the dense twin's"
+        rounds = f"; timing rounds within {spread:.0f}%" if spread is not None else "; one timing round"
+        sentence = (
+            f"{lead} ({moe.plain_ms:.1f} vs {dense.plain_ms:.1f} ms{rounds}); in points of the dense step: "
+            f"{shown or 'none'}; outside any phase {other:+.1f}"
+        )
     terms = {k: v for k, v in terms.items() if v != 0.0}
-    return {"percent": total, "points": terms, "unattributed_points": other, "explained": explained, "text": sentence}
+    return {"percent": total, "points": terms, "unattributed_points": other, "explained": explained, "text": sentence,
+            "spread_percent": spread, "reliable": reliable}  # fmt: skip
+
+
+NOISY_ROUNDS_PCT = 50.0  # rounds further apart than this: the machine was busy, no figure of the step is stated
+
+
+def _agreement(total_pct: float, *tables: PhaseTable) -> tuple[float | None, bool, str]:
+    """(the tables' widest round spread in percent or None, whether a percentage may be stated, why not)."""
+    spreads = [t.spread_pct for t in tables if t.spread_pct is not None]
+    spread = max(spreads) if spreads else None
+    if spread is None:
+        return None, True, ""
+    if spread > NOISY_ROUNDS_PCT:
+        return (
+            spread,
+            False,
+            (
+                f"the timing rounds disagree by {spread:.0f}% (a busy machine?), so no percentage is stated; "
+                "profile again with nothing else running"
+            ),
+        )
+    if abs(total_pct) <= spread:
+        return (
+            spread,
+            False,
+            (
+                f"they differ by {abs(total_pct):.0f}%, within the {spread:.0f}% their timing rounds disagree by, "
+                "so no difference is stated"
+            ),
+        )
+    return spread, True, ""
 
 
 def _max_over_mean(xs: list[float]) -> float:
@@ -214,4 +253,7 @@ def format_tables(res: dict) -> str:
         lines.append(f"(profiled ms/step rank by rank: {'; '.join(per)}; the table is rank 0's)")
     over = [f"{t['name']} {t['profiled_ms'] / t['plain_ms']:.2f}x" for t in tables]
     lines.append(f"(profiled step / plain step: {', '.join(over)}; rows scaled to the plain step)")
+    spreads = [f"{t['name']} {t['spread_pct']:.0f}%" for t in tables if t.get("spread_pct") is not None]
+    if spreads:
+        lines.append(f"(the plain step is the median round; rounds' spread, slowest - fastest: {', '.join(spreads)})")
     return "\n".join(lines)
