@@ -42,12 +42,16 @@ class DataConfig:
             raise ConfigError(f"{p}val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
 
 
+# optim.name's choices: moelab.train.optim.register_optimizer adds to them (a new optimizer is one registration)
+OPTIMIZERS: list[str] = ["adamw", "muon"]
+
+
 @dataclass
 class OptimConfig:
     """The optimizer (AdamW, or Muon with AdamW beside it) and the learning-rate schedule: peak lr (or 'auto'),
     weight decay, betas, eps, grad clipping, cosine/WSD/constant schedule with warmup."""
 
-    name: Literal["adamw", "muon"] = "adamw"  # muon: moelab.train.muon, with the same lr and weight decay
+    name: str = "adamw"  # one of OPTIMIZERS: muon is moelab.train.muon, with the same lr and weight decay
     momentum: float = 0.95  # Muon's
     ns_steps: int = 5  # Muon's Newton-Schulz iterations
     # their quintics: Keller Jordan's fixed one, or Polar Express's per-step optimal ones (moelab.train.polar;
@@ -81,6 +85,8 @@ class OptimConfig:
 
     def validate(self, p: str = "optim.") -> None:
         """Raise ConfigError naming the first out-of-range field (as optim.FIELD)."""
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"{p}name: expected one of {OPTIMIZERS}, got {self.name!r}")
         if self.lr != "auto" and not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"{p}lr: expected a positive number, got {self.lr!r}")
         for name in ("beta1", "beta2", "momentum"):

@@ -35,18 +35,13 @@ def _global(name: str, t: torch.Tensor, par: Parallel | None) -> torch.Tensor:
     return DTensor.from_local(local, par.expert_mesh, [Shard(0), Shard(0)], shape=shape, stride=stride)
 
 
-def _ensure_adamw_state(opt: torch.optim.Optimizer) -> None:
-    # AdamW creates its state lazily at the first step; a checkpoint loads into it in place.
-    if hasattr(opt, "ensure_state"):  # Muon with AdamW: its own kinds of state per group
-        opt.ensure_state()
-        return
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state[p]
-            if not st:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+def _ensure_state(opt: torch.optim.Optimizer) -> None:
+    # optimizers make their state lazily, at each parameter's first step; a checkpoint loads into it in place, so every
+    # moelab optimizer creates it on demand (moelab.train.optim.OptimizerKind)
+    ensure = getattr(opt, "ensure_state", None)
+    if ensure is None:
+        raise TypeError(f"{type(opt).__name__} has no ensure_state(): a checkpoint cannot be loaded into its state")
+    ensure()
 
 
 def optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
@@ -61,7 +56,7 @@ def training_state(model: nn.Module, opt: torch.optim.Optimizer | None, par: Par
     for k, v in model.state_dict().items():
         out["model." + canonical_name(k)] = _global(k, v, par)
     if opt is not None:
-        _ensure_adamw_state(opt)
+        _ensure_state(opt)
         names = {id(p): n for n, p in model.named_parameters()}
         for p in (p for g in opt.param_groups for p in g["params"]):
             for k, v in opt.state[p].items():

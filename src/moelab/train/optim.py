@@ -4,9 +4,13 @@ groups, and learning-rate schedules."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+from ..run_config import OPTIMIZERS as OPTIMIZER_NAMES
 from ..run_config import OptimConfig
 from .muon import MuonAdamW, uses_muon
 
@@ -30,10 +34,68 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW with the state protocol every moelab optimizer keeps: `ensure_state()` creates the state a
+    checkpoint loads into (torch makes it lazily, at each parameter's first step)."""
+
+    def ensure_state(self) -> None:
+        """Every parameter's step, exp_avg and exp_avg_sq, created now where missing."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    """What moelab needs of an optimizer: `build(groups, cfg)` makes it over the parameter groups (decayed and not,
+    routed experts split off when optim.expert_lr_mult is set); `state_bytes(name, param, cfg)` is the fp32 state it
+    keeps per parameter as (bytes per element, bytes per tensor), which memory plans count with. The optimizer it
+    builds has `ensure_state()` (create its state now, so a checkpoint - DCP under any layout - loads into it)."""
+
+    build: Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
+    state_bytes: Callable[[str, torch.Tensor, OptimConfig | None], tuple[int, int]]
+
+
+def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _muon(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return MuonAdamW(groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps, cfg.ns_coeffs)
+
+
+def _adamw_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:
+    return 8, 4  # two fp32 moments per element, one step scalar per tensor
+
+
+def _muon_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:
+    return (4, 0) if takes_muon(name, p, cfg) else (8, 4)  # one momentum for what Muon takes, AdamW's for the rest
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "adamw": OptimizerKind(_adamw, _adamw_bytes),
+    "muon": OptimizerKind(_muon, _muon_bytes),
+}
+
+
+def register_optimizer(name: str, kind: OptimizerKind) -> None:
+    """Make `optim.name=NAME` build `kind`: the memory plans, checkpoints and resumes under any layout follow from
+    its `state_bytes` and its optimizer's `ensure_state`."""
+    OPTIMIZERS[name] = kind
+    if name not in OPTIMIZER_NAMES:
+        OPTIMIZER_NAMES.append(name)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """`optim.name`: AdamW over `param_groups(model)`, or Muon (moelab.train.muon) for the
-    matrices and expert stacks it takes with AdamW over the rest, by the same groups; the
-    config's lr, betas, eps and weight decay either way."""
+    """`optim.name`'s optimizer over `param_groups(model)`: AdamW, or Muon (moelab.train.muon) for the matrices and
+    expert stacks it takes with AdamW over the rest, by the same groups, or a registered one; the config's lr, betas,
+    eps and weight decay either way."""
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name: expected one of {sorted(OPTIMIZERS)}, got {cfg.name!r}")
     groups = param_groups(model, cfg.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     if cfg.name == "muon":
@@ -48,9 +110,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         for g in groups:
             if g.get("algo") == "muon":
                 g["stack_axes"] = [_stack_axis(names[id(p)]) for p in g["params"]]
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    return MuonAdamW(groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps, cfg.ns_coeffs)
+    return OPTIMIZERS[cfg.name].build(groups, cfg)
 
 
 def takes_muon(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> bool:
@@ -62,10 +122,9 @@ def takes_muon(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> bool:
 
 
 def state_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:
-    """The fp32 state `build_optimizer` keeps for parameter `name`: (bytes per element, bytes per tensor) - Muon's
-    momentum (4, 0) for the matrices it takes, AdamW's two moments and step scalar (8, 4) for the rest. Memory plans
-    count with it so that a Muon run is not planned as AdamW."""
-    return (4, 0) if takes_muon(name, p, cfg) else (8, 4)
+    """The fp32 state `build_optimizer` keeps for parameter `name`: (bytes per element, bytes per tensor), as
+    optim.name's kind declares it (no config: AdamW's). Memory plans count with it."""
+    return OPTIMIZERS[cfg.name if cfg is not None else "adamw"].state_bytes(name, p, cfg)
 
 
 def _split_experts(groups: list[dict], names: dict[int, str], mult: float) -> list[dict]:
