@@ -5,7 +5,9 @@ Layers, bottom up (docs: shared DESIGN, "Proposed layout"): errors/config -> mod
 moe, transformer, lora, quant) -> store (checkpoint formats, run folder, staged
 outputs) -> data -> parallel -> train -> convert / finetune / compress / analysis / serve -> cli.
 An import inside a function counts like one at the top: running up the layers at call
-time is still running up them.
+time is still running up them. Inside analysis/, an instrument (measures one model, never
+trains) never imports a study (runs trainings: compare, seeds, lr sweep, ...); and no two
+modules of one package import each other, directly or round a loop.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ LAYERS: list[set[str]] = [
     {"convert", "finetune", "compress", "analysis", "serve", "demo"},
     {"cli", "__main__", ""},  # "" = the package root, the public API
 ]
+
+
+# Inside analysis/: instruments measure one model and never train; studies run trainings and use the instruments.
+# An instrument never imports a study.
+STUDIES = {"compare", "curves", "seeds", "report", "lr_sweep", "lr_scaling", "finetune_report", "hf_parity"}
+
+
+def _is_study(module: str) -> bool:
+    parts = module.split(".")
+    return parts[0] == "analysis" and len(parts) > 1 and parts[1] in STUDIES
+
+
+def _is_instrument(module: str) -> bool:
+    parts = module.split(".")
+    return parts[0] == "analysis" and len(parts) > 1 and parts[1] not in STUDIES
 
 
 def layer_of(module: str) -> int:
@@ -74,12 +91,37 @@ def problems(src: Path) -> list[str]:
     for me, target, line in imports(src):
         if layer_of(target) > layer_of(me):
             out.append(f"moelab/{me.replace('.', '/') or '__init__'}.py:{line}: imports moelab.{target}, a higher layer")
+        elif _is_instrument(me) and _is_study(target):
+            out.append(f"moelab/{me.replace('.', '/')}.py:{line}: an instrument imports moelab.{target}, a study")
         a, b = me.split(".")[0], target.split(".")[0]
         if a != b:
             edges.add((a, b))
     for a, b in combinations(sorted({x for e in edges for x in e}), 2):
         if (a, b) in edges and (b, a) in edges:
             out.append(f"moelab.{a} and moelab.{b} import each other")
+    return out + module_cycles(src)
+
+
+def module_cycles(src: Path) -> list[str]:
+    """Modules of one package that import each other, directly or round a longer loop (at the top or in a function):
+    one line per loop, its modules in order."""
+    graph: dict[str, set[str]] = {}
+    for me, target, _ in imports(src):
+        if me != target and me.rpartition(".")[0] == target.rpartition(".")[0] and "." in me:
+            graph.setdefault(me, set()).add(target)
+    out, seen = [], set()
+    for start in sorted(graph):
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph.get(node, ())):
+                if nxt == start and len(path) > 1:
+                    loop = frozenset(path)
+                    if loop not in seen:
+                        seen.add(loop)
+                        out.append("module cycle: " + " -> ".join(f"moelab.{m}" for m in [*path, start]))
+                elif nxt not in path and nxt > start:  # each loop found once, from its smallest module
+                    stack.append((nxt, [*path, nxt]))
     return out
 
 

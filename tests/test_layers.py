@@ -37,3 +37,18 @@ def test_a_planted_upward_import_or_package_cycle_is_found(tmp_path):
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "layers.py"), str(src)], capture_output=True,
                        text=True)
     assert r.returncode == 1 and "5 problem(s)" in r.stdout  # what `make lint` runs fails too
+
+
+def test_an_instrument_importing_a_study_and_a_module_cycle_are_found(tmp_path):
+    src = tmp_path / "moelab"
+    shutil.copytree(SRC, src, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(src / "analysis" / "skew.py", "a") as f:  # an instrument reaching into a study, at call time
+        f.write("\n\ndef _planted():\n    from .compare import compare\n\n    return compare\n")
+    with open(src / "moe" / "router.py", "a") as f:  # router -> layer -> router: a loop inside one package
+        f.write("\nfrom .layer import MoE  # noqa\n")
+    found = problems(src)
+    assert any(p.startswith("moelab/analysis/skew.py:") and "an instrument imports moelab.analysis.compare" in p
+               for p in found), found
+    assert [p for p in found if p.startswith("module cycle:")] == [
+        "module cycle: moelab.moe.layer -> moelab.moe.router -> moelab.moe.layer"], found
+    assert len(found) == 2, found

@@ -26,7 +26,8 @@ from .experts import (  # noqa: E402
     similarity_over_training,
     stability_checkpoint,
 )
-from .report import _img  # noqa: E402
+from .html import img  # noqa: E402
+from .html import page as html_page  # noqa: E402
 from .routes import CLASSES, CONF_BINS, percent  # noqa: E402
 
 MAX_PLOTTED_LAYERS = 6
@@ -239,18 +240,14 @@ def write_page(out: Path, res: dict) -> Path:
     diff = _diff_table(res) if res.get("stability") or res.get("drift") else ""
     tokens = ", ".join(f"{html.escape(d)}: {n:,}" for d, n in res["tokens"].items())
     shown = "" if len(pick) == len(res["layers"]) else f"<p>Layers shown: {len(pick)} of {len(res['layers'])}.</p>"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>moelab experts</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:last-child{{text-align:left}}</style></head><body>
-<h1>What the experts learned: {html.escape(res["model"])}</h1>
+    body = f"""<h1>What the experts learned: {html.escape(res["model"])}</h1>
 <p>Tokens routed ({html.escape(res["split"])} split): {tokens}. {res["n_experts"]} experts, top-{res["top_k"]}.</p>
 <h2>Summary</h2>{text}{drift}
-<h2>Experts</h2>{shown}{"".join(_img(p) for p in figs)}
+<h2>Experts</h2>{shown}{"".join(img(p) for p in figs)}
 {"".join(_layer_table(res, i) for i in pick)}
 <h2>Routing changes</h2>{diff or "<p>One checkpoint and no base model: nothing to compare.</p>"}
-{_img(changes) if changes else ""}{_img(sim) if sim else ""}
-</body></html>"""
+{img(changes) if changes else ""}{img(sim) if sim else ""}"""
+    page = html_page("moelab experts", body, width=1200, text_column="last")
     path = out / "report.html"
     path.write_text(page)
     return path

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
 from ..model import Transformer
 from ..run_config import OptimConfig
 from ..train.optim import build_optimizer, state_bytes
@@ -288,59 +288,6 @@ def measure_memory(
         "activations": act,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-
-
-def plan_and_measure(
-    cfg,
-    *,
-    micro_batch: int,
-    seq_len: int,
-    devices: int = 1,
-    expert_parallel: int = 1,
-    zero: int = 0,
-    dtype: str = "fp32",
-    activation_checkpointing: bool = False,
-    measure: bool = False,
-) -> tuple[list[MemoryPlan], dict[str, dict]]:
-    """Plans for a run config's model and, for an MoE, its dense twin, both under the config's optimizer; measured
-    here on request."""
-    models = [(cfg.name, cfg.model)]
-    if cfg.model.moe is not None:
-        models.append((f"{cfg.name} dense twin", dense_twin(cfg.model)))
-    kw: dict[str, Any] = dict(
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        devices=devices,
-        expert_parallel=expert_parallel,
-        zero=zero,
-        dtype=dtype,
-        activation_checkpointing=activation_checkpointing,
-        optim=cfg.optim,
-    )
-    try:
-        plans = [plan_memory(m, name=n, **kw) for n, m in models]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    measured = {}
-    if measure:
-        if dtype != "fp32" or activation_checkpointing:
-            raise ConfigError("--measure runs on this machine's CPU: use --dtype fp32, no activation checkpointing")
-        if devices > 1 and zero not in (0, 3):
-            raise ConfigError(f"--measure with --devices {devices}: FSDP2 runs ZeRO 0 (replicated) or 3, not {zero}")
-        for (n, m), p in zip(models, plans, strict=True):
-            if p.bytes["total"] * devices > 8 * 1024**3:
-                raise ConfigError(
-                    f"--measure: {n} needs about {p.bytes['total'] * devices / 1024**3:.0f} GiB over "
-                    f"{devices} process(es); measure a smaller recipe or batch"
-                )
-            if devices == 1:
-                measured[n] = measure_memory(m, micro_batch, seq_len, optim=cfg.optim)
-            else:
-                from .measure import measure_parallel  # it uses this module's activation counter: import when run
-
-                ep = expert_parallel if m.moe else 1
-                measured[n] = measure_parallel(m, micro_batch, seq_len, devices, ep, zero, optim=cfg.optim)[0]
-    return plans, measured
 
 
 def _fmt_bytes(n: float) -> str:

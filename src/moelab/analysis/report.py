@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 
@@ -12,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .html import img  # noqa: E402
+from .html import page as html_page  # noqa: E402
 from .profile import ROWS  # noqa: E402
 from .seeds import recipe_of  # noqa: E402
 
@@ -159,11 +160,6 @@ def _time_plot(out: Path, runs: list[dict]) -> Path:
     return path
 
 
-def _img(p: Path) -> str:
-    data = base64.b64encode(p.read_bytes()).decode()
-    return f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}" style="max-width:100%">'
-
-
 def _mib(v: int | None) -> float | None:
     return None if v is None else v / 2**20
 
@@ -217,29 +213,25 @@ def write_report(out: Path, curves, summary: dict) -> Path:
     for c in curves:
         pngs = _moe_plots(out, c)
         if pngs:
-            moe_sections += f"<h3>{html.escape(c.name)}: routing over training</h3>" + "".join(_img(p) for p in pngs)
+            moe_sections += f"<h3>{html.escape(c.name)}: routing over training</h3>" + "".join(img(p) for p in pngs)
     text = "".join(f"<p>{html.escape(t)}</p>" for t in summary["summary"])
     inference = _inference_section(summary["inference"]) if "inference" in summary else ""
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>moelab compare</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:first-child{{text-align:left}}</style></head><body>
-<h1>Dense vs MoE: what the experts cost and what they bought</h1>
+    body = f"""<h1>Dense vs MoE: what the experts cost and what they bought</h1>
 <h2>Summary</h2>{text}
 <h2>Runs</h2><table><tr><th>run</th><th>final val loss</th><th>tokens/s</th><th>params total</th>
 <th>params active</th><th>weights+grads+optimizer (MiB, exact)</th><th>training memory (MiB, measured)</th>
 <th>process peak (MiB)</th><th>loss spikes</th></tr>{rows}</table>
-<h2>Memory</h2>{_img(_memory_plot(out, summary["runs"]))}
-<h2>Where the time goes</h2>{_img(_time_plot(out, summary["runs"]))}
+<h2>Memory</h2>{img(_memory_plot(out, summary["runs"]))}
+<h2>Where the time goes</h2>{img(_time_plot(out, summary["runs"]))}
 <h2>Speed-up against {html.escape(summary["reference"])}</h2>
 <p>How many times fewer tokens, FLOPs and seconds each run needed to reach the reference's final validation
 loss, interpolated on the stored curves (— = not reached within the budget).</p>
 <table><tr><th>run</th><th>target loss</th><th>tokens</th><th>FLOPs</th><th>seconds</th>
 <th>loss at equal FLOPs</th></tr>{sp_rows}</table>
 {inference}
-<h2>Validation loss</h2>{"".join(_img(p) for p in loss_pngs)}
-<h2>MoE layers</h2>{moe_sections or "<p>No MoE runs.</p>"}
-</body></html>"""
+<h2>Validation loss</h2>{"".join(img(p) for p in loss_pngs)}
+<h2>MoE layers</h2>{moe_sections or "<p>No MoE runs.</p>"}"""
+    page = html_page("moelab compare", body)
     path = out / "report.html"
     path.write_text(page)
     return path

@@ -155,7 +155,8 @@ def cmd_memory(
         virtual_stages: stages per rank (interleaved_1f1b, looped_bfs, interleaved_zb)
         as_json: print the plans as JSON
     """
-    from ..analysis.memory import format_plans, plan_and_measure
+    from ..analysis.measure import plan_and_measure
+    from ..analysis.memory import format_plans
     from ..analysis.skew import skew_report
     from ..run_config import load_config
     from ..store.run import read_run_config
