@@ -120,6 +120,7 @@ def score(r, cfg, data_src: str) -> tuple[float, float, int]:
 def run_report(
     out: Path,
     bases: list[str],
+    *,
     data: str = "stdlib-docstrings",
     pretrain_data: str = "stdlib",
     pretrain_steps: int | None = None,

@@ -29,6 +29,7 @@ def run_name(d_model: int, lr: float) -> str:
 
 def lr_sweep(
     recipe: str,
+    *,
     sizes: list[int],
     lrs: list[float],
     data: str | None,

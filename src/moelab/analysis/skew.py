@@ -109,6 +109,7 @@ def skew_report(
     run_dir: Path,
     cfg: RunConfig,
     uniform_bytes: int,
+    *,
     micro_batch: int,
     seq_len: int,
     devices: int,

@@ -51,7 +51,9 @@ def cmd_quantize(
     """
     from ..compress.quantize import quantize_checkpoint
 
-    path, before, after, group_size = quantize_checkpoint(ckpt, out, bits, group_size, what, overwrite)
+    path, before, after, group_size = quantize_checkpoint(
+        ckpt, out, bits, group_size=group_size, what=what, overwrite=overwrite
+    )
     print(
         f"quantized {ckpt} -> {path}: {'expert' if what == 'experts' else 'all matmul'} weights to {bits} bits "
         f"(groups of {group_size}); resident weights "
@@ -64,7 +66,9 @@ def _reduce(ckpt: str, out: str, n_experts: int, calib: str, method: str, max_to
     from ..compress.experts import reduce_checkpoint
 
     positive(max_tokens=max_tokens)
-    path, model = reduce_checkpoint(ckpt, out, n_experts, calib, method, max_tokens, overwrite)
+    path, model = reduce_checkpoint(
+        ckpt, out, n_experts=n_experts, calib=calib, method=method, max_tokens=max_tokens, overwrite=overwrite
+    )
     assert model.cfg.moe is not None
     pc = model.cfg.param_counts()
     print(

@@ -186,7 +186,10 @@ def cmd_memory(
     skew = None
     if run is not None and cfg.model.moe is not None:
         uniform = plans[0].bytes["activations"]
-        skew = skew_report(run, cfg, uniform, micro_batch, seq_len, devices, expert_parallel, zero, dtype, measure)
+        skew = skew_report(
+            run, cfg, uniform, micro_batch=micro_batch, seq_len=seq_len, devices=devices,
+            expert_parallel=expert_parallel, zero=zero, dtype=dtype, measure=measure,
+        )  # fmt: skip
     extra = {"skewed_activations": skew} if skew is not None else {}
     if pipeline > 1:
         from ..analysis.pipeline_memory import bubble_fraction, plan_stages
@@ -291,8 +294,9 @@ def cmd_profile(
     positive(steps=steps, rounds=rounds)
     require(warmup >= 0, "--warmup", "0 or a positive number of steps", warmup)
     res = run_profile(
-        src, data, steps, warmup, rounds, Path(out) if out else None, overwrite=overwrite, overrides=list(overrides)
-    )
+        src, data=data, steps=steps, warmup=warmup, rounds=rounds, out=Path(out) if out else None,
+        overwrite=overwrite, overrides=list(overrides),
+    )  # fmt: skip
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return res
     if as_json:

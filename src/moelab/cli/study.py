@@ -85,14 +85,14 @@ def cmd_lr_sweep(
     positive(steps=steps, tokens_per_param=tokens_per_param)
     rows = lr_sweep(
         recipe,
-        number_list(sizes, int, "--sizes"),
-        number_list(lrs, float, "--lrs"),
-        data,
-        Path(out),
-        steps,
-        tokens_per_param,
-        list(overrides),
-        quiet,
+        sizes=number_list(sizes, int, "--sizes"),
+        lrs=number_list(lrs, float, "--lrs"),
+        data=data,
+        out=Path(out),
+        steps=steps,
+        tokens_per_param=tokens_per_param,
+        overrides=list(overrides),
+        quiet=quiet,
     )
     print(f"{len(rows)} runs in {Path(out) / 'sweep.jsonl'}; fit them with: moelab lr-fit {out}")
     return rows
@@ -208,19 +208,19 @@ def cmd_finetune_report(
     res = run_report(
         Path(out),
         [b.strip() for b in bases.split(",") if b.strip()],
-        data,
-        pretrain_data,
-        pretrain_steps,
-        list(overrides),
-        steps,
-        train_examples,
-        lr,
-        lora_lr,
-        batch_size,
-        list(ft_overrides),
-        Path(doc) if doc else None,
-        shlex.join(["moelab", *INVOCATION]),  # recorded in the report, to rerun it
-        quiet,
+        data=data,
+        pretrain_data=pretrain_data,
+        pretrain_steps=pretrain_steps,
+        pretrain_overrides=list(overrides),
+        steps=steps,
+        train_examples=train_examples,
+        lr=lr,
+        lora_lr=lora_lr,
+        batch_size=batch_size,
+        ft_overrides=list(ft_overrides),
+        doc=Path(doc) if doc else None,
+        command=shlex.join(["moelab", *INVOCATION]),  # recorded in the report, to rerun it
+        quiet=quiet,
     )
     print(markdown(res, f"{out}/heldout_loss.png"))
     return res

@@ -165,7 +165,7 @@ def reduce_experts(model: Transformer, tokens_BS: torch.Tensor, n_experts: int, 
 
 
 def reduce_checkpoint(
-    src: str, out: str, n_experts: int, calib: str, method: str, max_tokens: int = 32768, overwrite: bool = False
+    src: str, out: str, *, n_experts: int, calib: str, method: str, max_tokens: int = 32768, overwrite: bool = False
 ) -> tuple[Path, Transformer]:
     """Prune or merge the experts of run `src` on calibration source `calib` into a run folder `out`."""
 

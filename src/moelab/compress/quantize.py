@@ -15,7 +15,7 @@ from ..store.run import load_run
 
 
 def quantize_checkpoint(
-    src: str, out: str, bits: int, group_size: int | None = None, what: str = "experts", overwrite: bool = False
+    src: str, out: str, bits: int, *, group_size: int | None = None, what: str = "experts", overwrite: bool = False
 ) -> tuple[Path, int, int, int]:
     """Write a quantized copy of run or checkpoint `src` as a run folder `out` (step 0) that eval, generate and
     export-free inference load; `group_size` None: `default_group_size`. Returns (folder, bytes before, after, the

@@ -83,10 +83,10 @@ def generate(
     model = run.model.eval()
     eos_stop = None if ignore_eos else eos
     if use_cache:
-        decoded = decode(model, ids, max_new_tokens, sampler, eos_stop, stopped if stops else None)
+        decoded = decode(model, ids, max_new_tokens, sampler=sampler, eos=eos_stop, stop=stopped if stops else None)
     else:
         check = stopped if stops else None
-        decoded = [decode_uncached(model, p, max_new_tokens, sampler, eos_stop, check) for p in ids]
+        decoded = [decode_uncached(model, p, max_new_tokens, sampler=sampler, eos=eos_stop, stop=check) for p in ids]
     out = []
     for prompt, d in zip(prompts, decoded, strict=True):
         text = tok.decode(d.tokens)
