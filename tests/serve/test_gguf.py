@@ -19,7 +19,7 @@ import torch
 from llama_cpp import Llama
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from conftest import TINY_MOE, run_main
+from conftest import TINY, TINY_MOE, run_main
 from moelab import ModelConfig, MoEConfig, Transformer
 from moelab.cli import main
 from moelab.convert.gguf import _QWEN2_SPLIT
@@ -90,6 +90,8 @@ def runs(tmp_path_factory):
         ]
     )
     assert rc == 0
+    dense = ["train", "tiny-dense", "--data", str(data), "--out", str(root / "dense"), "--steps", "30", "--quiet"]
+    assert main([*dense, *TINY, *LONG, "train.eval_every=30", "train.ckpt_every=30"]) == 0
     tok = root / "moe" / "tokenizer.json"
     V = Tokenizer.from_file(str(tok)).get_vocab_size()
     base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
@@ -103,7 +105,7 @@ def runs(tmp_path_factory):
         "whole q/k norms, tied (olmoe)": ModelConfig(**{**base, "n_kv_heads": 4}, qk_norm="full", tie_embeddings=True,
                                                      moe=MoEConfig(**moe, renormalize=False)),
     }  # fmt: skip
-    out = {"trained MoE (llama)": root / "moe"}
+    out = {"trained MoE (llama)": root / "moe", "trained dense (llama)": root / "dense"}
     for i, (name, cfg) in enumerate(built.items()):
         out[name] = built_run(root, f"b{i}", cfg, tok, seed=i)
     out["imported HF Qwen2-MoE (qwen2moe)"] = imported_qwen2_moe(root, data)
@@ -163,6 +165,7 @@ def exported(runs, tmp_path_factory):
     "name",
     [
         "trained MoE (llama)",
+        "trained dense (llama)",
         "dense, tied (llama)",
         "dense, q/k/v biases (qwen2)",
         "gated shared experts (qwen2moe)",
