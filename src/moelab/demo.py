@@ -40,6 +40,8 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
     print("\n(a uniform expert load is 1/8 = 0.125)\n")
     for line in summary["summary"]:
         print(line)
+    for line in summary.get("inference", {}).get("text", []):  # serving: each run decoding with its KV cache
+        print(line)
     print(f"\nReport: {out / 'report.html'} (plots embedded; open it in a browser)")
     print(f"Run folders: {', '.join(r['run_dir'] for r in runs)} (metrics.jsonl, tb/ for TensorBoard, checkpoints/)")
     return summary
