@@ -339,3 +339,13 @@ def test_bad_input_is_one_line_and_a_full_disk_leaves_nothing(runs, tmp_path, ca
         assert "too large" in lines[0].lower()
     assert not (tmp_path / "new.gguf").exists() and (tmp_path / "earlier.gguf").read_bytes() == earlier
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_killed_exports_staged_file_is_removed_by_the_next_export(runs, tmp_path):
+    from moelab.store.outputs import _HOST
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".m.gguf.tmp-{_HOST}-{int(dead.stdout)}"  # what a kill -9 mid-write leaves
+    stale.write_bytes(b"GGUF half")
+    assert main(["export", str(runs["trained MoE (llama)"]), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

@@ -223,10 +223,7 @@ def staged_file(
     tmp = real.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        for stale in real.parent.glob(f".{glob.escape(out.name)}.tmp-{glob.escape(_HOST)}-*"):
-            pid = stale.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)):
-                stale.unlink(missing_ok=True)
+        remove_stale_staging(real)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -239,14 +236,17 @@ def staged_file(
 
 
 def remove_stale_staging(out: Path) -> list[Path]:
-    """Remove the staging folders of `out` that processes of this host no longer running left behind (a kill -9 mid
-    command): each holds a half-made output that looked like nothing, but took its size on disk. Folders of live
-    processes and of other hosts (a shared file system) are left alone. Returns what was removed."""
+    """Remove the staging folders (or files) of `out` that processes of this host no longer running left behind (a
+    kill -9 mid command): each holds a half-made output that looked like nothing, but took its size on disk. Those of
+    live processes and of other hosts (a shared file system) are left alone. Returns what was removed."""
     removed = []
     for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-{glob.escape(_HOST)}-*"):
         pid = stale.name.rsplit("-", 1)[1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:  # a staged file (`staged_file`)
+                stale.unlink(missing_ok=True)
             removed.append(stale)
     return removed
 
