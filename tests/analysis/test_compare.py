@@ -72,7 +72,9 @@ def test_compare_end_to_end(tmp_path, text_file):
     assert first.startswith("tiny-moe vs tiny-dense, held-out loss at equal tokens")
     assert "at equal seconds" in first and "trained here one after another" in first and s["clock_context"] in first
     # where the time goes: a short profile of each run's last checkpoint
-    assert "Where the time goes" in page and "Profiled, its step took" in s["summary"][0]
+    assert "Where the time goes" in page
+    # a percentage where the 3 timing rounds agree; where they do not (tiny models, a busy host), it says so instead
+    assert ("Profiled, its step took" in s["summary"][0]) != ("cannot be told apart here" in s["summary"][0])
     dense_t, moe_t = (r["time_ms"] for r in s["runs"])
     assert "ffn" in dense_t and not {"router", "experts", "combine"} & set(dense_t)
     assert {"router", "experts", "combine"} <= set(moe_t) and "ffn" not in moe_t
