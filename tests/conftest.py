@@ -21,13 +21,17 @@ def _cache_dir(tmp_path_factory):
     os.environ["MOELAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "moelab-cache")
 
 
+def write_corpus(p: Path) -> Path:
+    """The tests' small corpus at `p`: enough lines for a few documents."""
+    p.write_text("".join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}.\n"
+                         for i in range(1200)))
+    return p
+
+
 @pytest.fixture
 def text_file(tmp_path) -> Path:
     """A small corpus written by the test: enough lines for a few documents."""
-    lines = [f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}.\n" for i in range(1200)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("".join(lines))
-    return p
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def run_cli(*args: str, check: bool = True):

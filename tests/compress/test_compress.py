@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, TINY_MOE, run_cli, run_main
+from conftest import write_corpus, TINY, TINY_MOE, run_cli, run_main
 from moelab import ConfigError, ModelConfig, MoEConfig, Transformer
 from moelab.cli import main
 from moelab.compress.distill import attach_teacher, distill_kl
@@ -19,9 +19,7 @@ MOE8 = [*TINY_MOE, "model.moe.n_experts=8", "model.moe.d_expert=32"]
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     d = tmp_path_factory.mktemp("teacher")
-    corpus = d / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}.\n"
-                              for i in range(1200)))
+    corpus = write_corpus(d / "corpus.txt")
     run_cli("train", "tiny-moe", "--data", str(corpus), "--out", str(d / "run"), "--steps", "40", "--quiet", *MOE8)
     return d / "run", corpus
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_MOE, run_cli, run_main
+from conftest import write_corpus, TINY_MOE, run_cli, run_main
 from moelab import ConfigError
 from moelab.data.sft import SFTExamples, load_sft, read_sft_jsonl
 from moelab.finetune import apply_recipe
@@ -32,9 +32,7 @@ def sft_file(tmp_path):
 def base_run(tmp_path_factory):
     """One trained base for the module: every test reads it and writes its fine-tune elsewhere."""
     root = tmp_path_factory.mktemp("base")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}.\n"
-                              for i in range(1200)))
+    corpus = write_corpus(root / "corpus.txt")
     run = root / "base"
     run_cli("train", "tiny-moe", "--data", str(corpus), "--out", str(run), "--steps", "4", "--quiet", *TINY_MOE,
             "model.max_seq_len=64", "data.seq_len=64")
