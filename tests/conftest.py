@@ -34,6 +34,17 @@ def text_file(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus.txt")
 
 
+def namespaces_work() -> bool:
+    """Whether `unshare -rm` (a user and mount namespace) works here: a read-only bind mount and a
+    small tmpfs give the tests a read-only folder and a full disk, even as root."""
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def run_cli(*args: str, check: bool = True):
     """Run `python -m moelab ...` in a fresh process and return (rc, stdout, stderr)."""
     import subprocess

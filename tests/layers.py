@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
 
 # Inside analysis/: instruments measure one model and never train; studies run trainings and use the instruments.
 # An instrument never imports a study.
-STUDIES = {"compare", "curves", "seeds", "report", "lr_sweep", "lr_scaling", "finetune_report", "hf_parity"}
+STUDIES = {"compare", "curves", "seeds", "report", "lr_sweep", "lr_scaling", "finetune_report", "hf_parity", "scaling"}
 
 
 def _is_study(module: str) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, TINY_MOE
+from conftest import TINY, TINY_MOE, namespaces_work
 from faults import tree_hash
 from moelab.cli import main
 from moelab.run_config import load_config
@@ -29,13 +29,6 @@ DISK_CASES = ["readonly_new", "readonly_earlier", "full_new", "full_earlier"]
 TINY_SETS = [a for o in TINY for a in ("--set", o)]
 WRITERS = ["train", "finetune", "distill", "upcycle", "import", "export", "quantize", "prune-experts",
            "merge-experts", "consolidate", "tokenize", "compare", "lr-sweep", "experts"]
-
-
-def namespaces_work() -> bool:
-    try:
-        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def tiny_run(path: Path, recipe: str, data: Path, steps: int = 4) -> Path:

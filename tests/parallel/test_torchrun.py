@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import TINY_MOE, run_cli
+from conftest import TINY_MOE, namespaces_work, run_cli
 from moelab.cli import main
 from moelab.store.run import load_run
 
@@ -65,14 +65,52 @@ def test_bad_layout_is_one_line_on_every_rank(tmp_path, text_file, layout, messa
     r = torchrun("train", "tiny-moe", "--data", str(text_file), "--out", str(tmp_path / "run"), "--steps", "2",
                  *TINY_MOE, *layout, timeout=120)
     assert r.returncode == 1  # torchrun's own code for a failed worker; each worker exited 2
+    assert_short_report(r, message)
+    assert not (tmp_path / "run").exists()
+
+
+def assert_short_report(r: subprocess.CompletedProcess, message: str) -> None:
+    """torchrun's report of a failure moelab expected: every rank printed moelab's line and
+    no traceback of its own, and the launcher's summary names that line for every rank."""
     lines = [line for line in r.stderr.splitlines() if line.startswith("moelab train: error:")]
     assert len(lines) == 2 and all(message in line for line in lines), r.stderr[-3000:]
-    # the launcher's summary reads each worker's error file: its root cause is moelab's line
-    root = r.stderr.split("Root Cause (first observed failure):", 1)[1]
-    # (its exit code may read -15: torchrun stops the others as soon as one worker has exited)
-    assert f"traceback : moelab train: error: {message}" in root, r.stderr[-3000:]
+    assert not any(line.startswith("[rank") for line in r.stderr.splitlines()), r.stderr[-3000:]
+    summary = r.stderr.split("moelab FAILED", 1)[1]
+    named = [line for line in summary.splitlines() if line.strip().startswith("traceback : moelab train: error:")]
+    assert len(named) == 2 and all(message in line for line in named), summary
     assert "To enable traceback" not in r.stderr
+    # what remains is torchrun's: three log lines, its ChildFailedError traceback and its summary
+    assert len(r.stderr.splitlines()) <= 50, r.stderr
+
+
+def test_a_failure_one_rank_finds_ends_every_rank_with_its_line(tmp_path):
+    """Rank 0 prepares the data while rank 1 waits in a collective: a source with one
+    document fails on rank 0 only. Rank 1 exits with rank 0's line, not with a traceback
+    from the collective rank 0 left."""
+    one = tmp_path / "one.txt"
+    one.write_text("a single document of a few words, " * 40)
+    r = torchrun("train", "tiny-moe", "--data", str(one), "--out", str(tmp_path / "run"), "--steps", "2",
+                 *TINY_MOE, "parallel.expert=2", timeout=120)
+    assert r.returncode == 1
+    assert_short_report(r, "has 1 document")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_under_expert_parallelism_is_one_line(tmp_path, text_file):
+    """EP=2 with --out on a file system that fills at the first checkpoint: DCP's nested
+    per-rank tracebacks become the one line naming the full disk, on every rank."""
+    if not namespaces_work():
+        pytest.fail("a full disk needs `unshare -rm` (user namespaces) to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    launch = " ".join([*TORCHRUN, "-m", "moelab", "train", "tiny-moe", "--data", str(text_file), "--out",
+                       str(disk / "run"), "--steps", "4", "--quiet", *TINY_MOE, "train.ckpt_every=2",
+                       "parallel.expert=2"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOELAB_DIST_TIMEOUT_S="120")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=400k tmpfs {disk} && {launch}"],
+                       capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 1
+    assert_short_report(r, "no space left on the device")
 
 
 def test_parallel_layout_without_torchrun_says_how_to_launch(tmp_path, text_file):

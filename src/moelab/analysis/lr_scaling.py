@@ -25,12 +25,12 @@ __all__ = ["MM1_A", "MM1_B", "mm1_lr", "predict_lr", "resolve_auto_lr", "scale_m
 COUNTS = ("non_embedding", "active", "total")
 
 
-def scale_model(base: ModelConfig, d_model: int) -> ModelConfig:
+def scale_model(base: ModelConfig, d_model: int, flag: str = "--sizes") -> ModelConfig:
     """The recipe's model at width `d_model`: head dimension kept, FFN and expert widths in proportion, depth by the
     fixed aspect ratio (at least 2 layers)."""
     hd = base.head_dim
     if d_model % hd:
-        raise ConfigError(f"--sizes: d_model {d_model} is not a multiple of the recipe's head dim {hd}")
+        raise ConfigError(f"{flag}: d_model {d_model} is not a multiple of the recipe's head dim {hd}")
     r = d_model / base.d_model
     n_heads = d_model // hd
     kv = max(1, round(base.kv_heads * r))

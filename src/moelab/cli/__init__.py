@@ -25,7 +25,15 @@ from .convert import (
 )
 from .run import cmd_demo, cmd_eval, cmd_experts, cmd_memory, cmd_profile, cmd_train
 from .serve import cmd_bench_infer, cmd_generate
-from .study import cmd_compare, cmd_finetune, cmd_finetune_report, cmd_lr_fit, cmd_lr_sweep, cmd_tokenize
+from .study import (
+    cmd_compare,
+    cmd_finetune,
+    cmd_finetune_report,
+    cmd_lr_fit,
+    cmd_lr_sweep,
+    cmd_scaling,
+    cmd_tokenize,
+)
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "train": cmd_train,
@@ -34,6 +42,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "compare": cmd_compare,
     "lr-sweep": cmd_lr_sweep,
     "lr-fit": cmd_lr_fit,
+    "scaling": cmd_scaling,
     "finetune": cmd_finetune,
     "finetune-report": cmd_finetune_report,
     "tokenize": cmd_tokenize,
@@ -121,14 +130,13 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(command: str, e: MoelabError | OSError, out: str | None = None) -> int:
     """An expected failure: one line on stderr, exit code 2. Under torchrun the line also goes
     to the launcher's error file, so its summary names it as the root cause."""
-    from ..parallel.mesh import record_for_launcher, wait_for_peers_to_fail
+    from ..parallel.failures import report_failure
     from ..store.outputs import describe_os_error
 
     text = describe_os_error(e, out) if isinstance(e, OSError) else str(e)
     line = f"moelab {command}: error: {text}"
     print(line, file=sys.stderr, flush=True)
-    record_for_launcher(line)
-    wait_for_peers_to_fail()  # under torchrun: let every rank say it before any is stopped
+    report_failure(line)  # under torchrun: for the launcher's summary and the other ranks
     return 2
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from tyro.conf import Positional, UseAppendAction, arg
 
+from ..errors import ConfigError
 from .args import INVOCATION, Budget, Overrides, Run, SetEach, Source, number_list, positive, require
 
 FinetuneRecipe = Literal["full", "freeze-experts", "freeze-router", "experts-only", "lora"]
@@ -287,3 +288,85 @@ def cmd_tokenize(
         f"train with --data {path}"
     )
     return path
+
+
+def cmd_scaling(
+    folder: Annotated[str | None, Positional, arg(metavar="DIR")] = None,
+    dense: str | None = None,
+    moe: str | None = None,
+    data: str | None = None,
+    out: str | None = None,
+    widths: str | None = None,
+    tokens: str | None = None,
+    seeds: int = 1,
+    jobs: int = 1,
+    predict: str | None = None,
+    overrides: SetEach = (),
+    quiet: bool = False,
+):
+    """Fit loss laws for dense and MoE on a grid of small runs; the MoE's efficiency leverage with intervals.
+
+    `moelab scaling --dense R --moe R --out DIR --widths ... --tokens ...` trains the grid (rerun it to resume) and
+    writes DIR/report.html and DIR/scaling.json; `moelab scaling DIR` refits a finished grid; `moelab scaling DIR
+    --predict WIDTH,TOKENS` prints each family's predicted loss outside the grid, then trains it and compares.
+
+    Args:
+        folder: a scaling folder to refit, or to check with --predict
+        dense: dense recipe (or YAML) whose d_model is varied
+        moe: MoE recipe (or YAML) whose d_model is varied
+        data: training data for both; unset: each recipe's
+        out: scaling folder to create (or continue: the same flags resume it)
+        widths: comma-separated d_model values, e.g. 32,48,64,96
+        tokens: comma-separated training-token budgets, e.g. 100000,200000,400000
+        seeds: seeds per grid point (train.seed=0..N-1)
+        jobs: trainings at once, each in a process of its own with an equal share of the cores
+        predict: WIDTH,TOKENS outside the grid: predicted, then trained and measured
+        overrides: override applied to every run (repeatable)
+        quiet: no progress bars
+    """
+    from ..analysis.scaling.fit import fit_scaling
+    from ..analysis.scaling.grid import Grid, scaling_grid
+    from ..analysis.scaling.predict import predict_and_check
+    from ..analysis.scaling.report import write_report
+
+    if folder is not None:
+        given = [f for f, v in (("--dense", dense), ("--moe", moe), ("--data", data), ("--out", out),
+                                ("--widths", widths), ("--tokens", tokens), ("--set", overrides)) if v]  # fmt: skip
+        if given:
+            raise ConfigError(f"{', '.join(given)}: not taken with DIR (the grid is the folder's: {folder}/grid.json)")
+        require(seeds == 1 and jobs == 1, "--seeds/--jobs", "their defaults with DIR", f"{seeds}/{jobs}")
+        if predict is not None:
+            point = number_list(predict, int, "--predict")
+            require(len(point) == 2 and min(point) > 0, "--predict", "WIDTH,TOKENS (two positive integers)", predict)
+            return predict_and_check(Path(folder), point[0], point[1])
+        summary = fit_scaling(Path(folder))
+    else:
+        missing = [f for f, v in (("--dense", dense), ("--moe", moe), ("--out", out), ("--widths", widths),
+                                  ("--tokens", tokens)) if not v]  # fmt: skip
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: needed to train a grid (or give a scaling folder as DIR)")
+        require(predict is None, "--predict", "a finished scaling folder as DIR", predict)
+        positive(seeds=seeds, jobs=jobs)
+        grid = Grid(
+            dense=dense,  # type: ignore[arg-type]
+            moe=moe,  # type: ignore[arg-type]
+            data=data,
+            widths=tuple(number_list(widths, int, "--widths")),  # type: ignore[arg-type]
+            tokens=tuple(number_list(tokens, int, "--tokens")),  # type: ignore[arg-type]
+            seeds=seeds,
+            overrides=tuple(overrides),
+        )
+        folder = str(out)
+        rows = scaling_grid(grid, Path(folder), jobs=jobs, quiet=quiet)
+        print(f"{len(rows)} runs in {Path(folder) / 'runs.jsonl'}")
+        summary = fit_scaling(Path(folder))
+    for name, law in summary["laws"].items():
+        fixed = f" ({'; '.join(law['fixed'])} fixed at the prior)" if law["fixed"] else ""
+        print(
+            f"{name}: L = {law['E']:.3f} + {law['A']:.3g}/N^{law['alpha']:.3f} + {law['B']:.3g}/D^{law['beta']:.3f}"
+            f"   rms residual {100 * law['rms_log']:.2f}%{fixed}"
+        )
+    for s in summary["sentences"]:
+        print(s[0].upper() + s[1:])
+    print(f"report: {write_report(Path(folder), summary)}")
+    return summary

@@ -18,7 +18,6 @@ not implement identically is refused.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model import Transformer
+from ..store.outputs import probe_write
 from .hf import choose_arch
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -250,22 +250,10 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    except OSError as e:
-        raise _with_errno(e, path) from None
+    except OSError as e:  # numpy's tofile reports a full disk without errno: one more write says why
+        reason = probe_write(path) if e.errno is None else e
+        if reason is None:
+            raise
+        reason.filename = str(path)
+        raise reason from None
     return arch
-
-
-def _with_errno(e: OSError, path: Path) -> OSError:
-    """numpy's tofile reports a failed write (a full disk) as an OSError without errno: one more write to
-    the same file gets the system's own reason."""
-    if e.errno is not None:
-        return e
-    try:
-        with open(path, "ab") as f:
-            f.write(b"\0" * 65536)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as real:
-        real.filename = str(path)
-        return real
-    return e

@@ -20,6 +20,7 @@ from ..errors import CheckpointError, NonFiniteError
 from ..runtime import is_dtensor
 from ..store import checkpoint as ck
 from ..store.dcp import by_name
+from ..store.outputs import probe_write
 from .mesh import Parallel
 from .state import fill_state, optimizer_names, training_state
 
@@ -59,7 +60,14 @@ def save_distributed(
     par.barrier()  # the folder exists before anyone writes into it
     import torch.distributed.checkpoint as dcp  # here: a second of start-up for commands that never save one
 
-    dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    try:
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    except dcp.api.CheckpointException as e:  # every rank raises it, holding every rank's failure
+        reason = _first_os_error(e) or probe_write(ckpt_root)
+        par.barrier()  # every rank has probed before the partial folder goes (freeing space)
+        if par.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise reason or e from None
     par.barrier()
     if par.is_main:
         ck._save(ck.rng_tensors(), tmp / "rng.safetensors")
@@ -72,6 +80,16 @@ def save_distributed(
         ck.commit_checkpoint(tmp, final, dict(trainer_state, format="dcp", param_groups=groups, layout=layout), keep)
     par.barrier()
     return final
+
+
+def _first_os_error(e: BaseException) -> OSError | None:
+    """The first OSError (a full disk, a read-only folder) among a DCP save's failures: the
+    one line every rank reports instead of DCP's nested tracebacks."""
+    for failure in getattr(e, "failures", {}).values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, OSError):
+            return exc
+    return None
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,7 @@ layout is one clear error on every rank, never a hang.
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..errors import ConfigError
 from ..run_config import MULTI_STAGE_SCHEDULES, RunConfig
 from ..runtime import pick_device
+from .failures import torchrun_world, watch_for_peer_failures
 from .pipeline import split_layers
 
 
@@ -67,18 +66,6 @@ class Layout:
     def ep_rank(self) -> int:
         """This rank's position in its expert-parallel group: it holds expert slice ep_rank."""
         return self.rank % self.expert
-
-
-def torchrun_world() -> tuple[int, int, int] | None:
-    """(rank, local rank, world size) when launched by torchrun (or any launcher setting the
-    same environment), else None."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    env = {k: os.environ.get(k, "0") for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    try:
-        return int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
-    except ValueError:
-        raise ConfigError(f"RANK/LOCAL_RANK/WORLD_SIZE: expected integers, got {env}") from None
 
 
 def plan_layout(cfg: RunConfig, world: int, rank: int) -> Layout:
@@ -261,6 +248,7 @@ def init_parallel(cfg: RunConfig) -> Parallel | None:
         return None
     rank, local_rank, world = env
     layout = plan_layout(cfg, world, rank)
+    watch_for_peer_failures()  # a rank another rank's failure leaves waiting exits with that rank's line
     if cfg.train.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(
             f"train.device={cfg.train.device}: under torchrun each process takes cuda:LOCAL_RANK; use auto, cuda or cpu"
@@ -284,44 +272,3 @@ def close_parallel(par: Parallel | None) -> None:
     (a caller that created the group keeps it)."""
     if par is not None and par.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def wait_for_peers_to_fail(timeout_s: float = 15.0) -> None:
-    """Before a torchrun rank exits on an error found before the process group exists (a
-    layout that does not fit, a bad argument: every rank finds it), wait until every
-    rank has reported it, or `timeout_s`: torchrun stops the other ranks as soon as one
-    exits, which would otherwise cut their own report short. Uses torchrun's agent
-    store; does nothing outside torchrun or once the process group exists."""
-    env = torchrun_world()
-    if env is None or env[2] < 2 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return
-    try:
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-        key = f"moelab/failed-before-start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        store.add(key, 1)
-        deadline = time.monotonic() + timeout_s
-        while int(store.add(key, 0)) < env[2] and time.monotonic() < deadline:
-            time.sleep(0.05)
-    except (RuntimeError, KeyError, ValueError):  # no agent store to reach: exit as before
-        pass
-
-
-def record_for_launcher(line: str) -> None:
-    """Write an expected failure's one line into torchrun's error file
-    (TORCHELASTIC_ERROR_FILE, the convention of torch.distributed.elastic's `record`), so
-    that the launcher's failure summary shows it as the root cause instead of "To enable
-    traceback see ...". The line stands where a traceback would: it is the whole story."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
-    try:
-        with open(path, "w") as f:
-            json.dump(data, f)
-    except OSError:  # the report on stderr stands on its own
-        pass

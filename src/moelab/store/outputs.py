@@ -14,6 +14,7 @@ that code's I/O errors back into `OSError`, which the CLI prints as one line
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -318,6 +319,30 @@ def native_os_error(e: Exception, path: str | Path) -> OSError | None:
         return None
     code = int(m.group(1))
     return OSError(code, os.strerror(code), str(path))
+
+
+def probe_write(target: Path) -> OSError | None:
+    """The OSError a write meets now (a full disk, a quota, the file-size limit), or None: the
+    reason behind a library's failed write that lost the system's errno (numpy's tofile,
+    torch's zip writer, which reports a full disk as "unexpected pos"). A file is probed by
+    appending to it (then cut back), a folder by a new file in it (then removed)."""
+    probe = target if target.is_file() else target / f".moelab-probe-{os.getpid()}"
+    size = probe.stat().st_size if probe.is_file() else None
+    try:
+        with open(probe, "ab") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        e.filename = str(target)
+        return e
+    finally:
+        with contextlib.suppress(OSError):
+            if size is None:
+                probe.unlink()
+            else:
+                os.truncate(probe, size)
+    return None
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -1,0 +1,137 @@
+"""`moelab scaling`: the law fit recovers a known law and its efficiency leverage from
+noisy synthetic losses, refuses grids it cannot fit, and the command trains a micro-grid
+end to end, resumes after a kill and refuses a changed grid."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from moelab.analysis.scaling.law import Law, bootstrap, fit_law, interval
+from moelab.analysis.scaling.leverage import Family, leverage
+from moelab.errors import ConfigError
+
+TRUE = {"E": 1.7, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}  # Hoffmann et al.'s fitted law
+
+
+def synthetic(law: dict, seed: int, noise: float = 0.005):
+    """Losses of a 5 sizes x 4 budgets grid drawn from `law` with multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    n = np.repeat(np.geomspace(1e5, 1e7, 5), 4)
+    d = np.tile(np.geomspace(1e7, 1e9, 4), 5)
+    loss = law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
+    return n, d, loss * np.exp(rng.normal(0, noise, len(n)))
+
+
+def test_the_fit_recovers_a_known_law_and_its_leverage_within_their_intervals():
+    n, d, loss = synthetic(TRUE, seed=0)
+    law = fit_law(n, d, loss)
+    boots = bootstrap(n, d, loss, law, samples=120)
+    assert len(boots) > 90 and not law.fixed
+    for k in ("E", "alpha", "beta"):
+        lo, hi = interval([getattr(b, k) for b in boots])
+        assert lo <= TRUE[k] <= hi, (k, lo, TRUE[k], hi)
+    assert abs(law.alpha - 0.34) < 0.03 and abs(law.beta - 0.28) < 0.03
+    # an MoE whose size term is 3/4 of dense's: it matches dense at (4/3)^(1/alpha) the compute, at every C
+    moe_true = dict(TRUE, A=0.75 * TRUE["A"])
+    mn, md, mloss = synthetic(moe_true, seed=1)
+    moe = fit_law(mn, md, mloss)
+    moe_boots = bootstrap(mn, md, mloss, moe, samples=120, seed=1)
+    expected = (4 / 3) ** (1 / 0.34)
+    for c in (1e18, 1e20):  # inside the grid's compute and two decades above it
+        els = [leverage(Family(a, 6.0, 1.0, 1.0), Family(b, 6.0, 1.0, 1.0), c)
+               for a, b in zip(boots, moe_boots, strict=False)]  # fmt: skip
+        lo, hi = interval(els)
+        assert lo <= expected <= hi, (c, lo, expected, hi)
+        assert lo <= leverage(Family(law, 6.0, 1.0, 1.0), Family(moe, 6.0, 1.0, 1.0), c) <= hi
+
+
+def test_leverage_matches_the_closed_form():
+    """With equal exponents, a size coefficient k times dense's gives EL = (1/k)^(1/alpha)."""
+    dense = Family(Law(**TRUE), 6.0, 1.0, 2e-9)
+    moe = Family(Law(**dict(TRUE, A=TRUE["A"] / 2)), 6.0, 1.0, 3e-9)
+    assert leverage(dense, moe, 1e21) == pytest.approx(2 ** (1 / 0.34), rel=1e-6)
+    # the compute-optimal split minimises the loss: a neighbouring split is worse
+    n, dd, best = dense.frontier(1e21)
+    for f in (0.8, 1.25):
+        assert float(dense.law.loss(n * f, 1e21 / (6 * n * f))) > best
+
+
+def test_grids_the_law_cannot_be_read_from_are_refused_with_one_line():
+    n, d, loss = synthetic(TRUE, seed=2)
+    with pytest.raises(ConfigError, match="at least 2 model sizes and 2 token budgets"):
+        fit_law(n[:4], d[:4], loss[:4])  # one size
+    with pytest.raises(ConfigError, match="3 runs for 3 free parameters"):
+        fit_law([1e5, 1e6, 1e6], [1e7, 1e7, 1e8], [3.0, 2.9, 2.8])
+    rng = np.random.default_rng(3)  # losses that do not fall with size: no power law of N to find
+    flat = 3.0 + 0.5 / d[:] ** 0.2 + rng.normal(0, 0.02, len(d))
+    with pytest.raises(ConfigError, match="did not converge"):
+        fit_law(n, d, flat)
+
+
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory) -> Path:
+    """A corpus varied enough that tiny models do not exhaust it within the grid: the first 80
+    modules of this Python's standard library, as text files."""
+    root = tmp_path_factory.mktemp("corpus")
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:80]:
+        shutil.copy(f, root / f"{f.stem}.txt")
+    return root
+
+
+def grid_args(data: Path, out: Path, tokens: str = "8192,32768") -> list[str]:
+    small = ["model.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32", "train.batch_size=8",
+             "train.eval_batches=8", "data.tokenizer_train_bytes=300000", "train.threads=1"]  # fmt: skip
+    return ["scaling", "--dense", "tiny-dense", "--moe", "tiny-moe", "--data", str(data), "--out", str(out),
+            "--widths", "32,64", "--tokens", tokens, "--quiet", *(a for s in small for a in ("--set", s))]  # fmt: skip
+
+
+def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
+    out = tmp_path / "scaling"
+    args = grid_args(prose, out)
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    rows, deadline = out / "runs.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (rows.is_file() and rows.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert rows.is_file() and len(rows.read_text().splitlines()) < 8, "the grid was not caught half-way"
+    first = rows.read_text().splitlines()[0]
+
+    _, stdout, _ = run_cli(*args)  # resumes: finished runs are kept, the rest trained
+    lines = rows.read_text().splitlines()
+    assert lines[0] == first and len(lines) == 8
+    assert len({json.loads(x)["name"] for x in lines}) == 8
+    summary = json.loads((out / "scaling.json").read_text())
+    assert (out / "report.html").is_file() and all((out / f).is_file() for f in ("laws.png", "leverage.png"))
+    for fam in ("dense", "moe"):  # 2 sizes x 2 budgets: both exponents fixed at the prior, and said so
+        law = summary["laws"][fam]
+        assert set(law["fixed"]) == {"alpha", "beta"} and law["alpha"] == 0.34 and law["beta"] == 0.28
+    assert "fixed at the prior" in stdout
+    assert stdout.count("the MoE matches a dense model trained on") + stdout.count("never reaches") == 2
+
+    # --predict at a grid point reads back the fitted law there (no training)
+    law = summary["laws"]["dense"]
+    row = next(json.loads(x) for x in lines if json.loads(x)["name"] == "dense-d64-t32768-s0")
+    n, d = row["params"]["active_non_embedding"], row["tokens"]
+    expected = law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
+    _, said, _ = run_cli("scaling", str(out), "--predict", "64,32768")
+    assert f"predicted held-out loss {expected:.4f}" in said.splitlines()[0], said
+    assert "not a check" in said and not (out / "predict").exists()
+
+    # a continued grid with other settings is refused, naming the setting, and nothing changes
+    before = rows.read_text()
+    rc, _, err = run_cli(*grid_args(prose, out, tokens="8192,65536"), check=False)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "tokens" in err, err
+    assert rows.read_text() == before
+    assert math.isfinite(summary["leverage"][0]["flops"])
