@@ -99,6 +99,7 @@ KINDS = {
     "compare": ("summary.json", "compare report", "moelab compare"),
     "profile": ("profile.json", "profile", "moelab profile"),
     "experts": ("experts.json", "experts report", "moelab experts"),
+    "scaling": ("grid.json", "scaling grid", "moelab scaling"),
 }
 
 
