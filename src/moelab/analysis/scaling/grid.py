@@ -29,6 +29,7 @@ from ...train import train
 from ..curves import read_run
 from ..lr_scaling import scale_model
 
+DIVERGED = 3  # the exit code of a point trained apart whose loss went non-finite
 SETTINGS_FILE = "grid.json"  # the grid a folder was started with, compared when it is continued
 ROWS_FILE = "runs.jsonl"
 FAMILIES = ("dense", "moe")
@@ -153,20 +154,16 @@ def _train_apart(out: Path, todo: list, configs: dict, jobs: int, bar, pinned: b
                 cfg.train.threads = threads
             yaml_path = out / "configs" / f"{cfg.name}.yaml"
             save_config(cfg, yaml_path)
-            run_dir = out / "runs" / cfg.name
-            resume = latest_checkpoint(run_dir / "checkpoints") is not None
-            cmd = [sys.executable, "-m", "moelab", "train", str(yaml_path), "--out", str(run_dir), "--quiet",
-                   "--resume" if resume else "--overwrite"]  # fmt: skip
+            cmd = [sys.executable, "-m", "moelab.analysis.scaling.grid", str(yaml_path), str(out / "runs" / cfg.name)]
             env = {**os.environ, PARENT_ENV: str(os.getpid())}
-            proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-            running.append((p, proc))
+            running.append((p, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)))
         p, proc = running.pop(0)
         _, err = proc.communicate()
-        diverged = "non-finite" in (err or "")
-        if proc.returncode != 0 and not diverged:
+        if proc.returncode not in (0, DIVERGED):
             for _, other in running:
                 other.kill()
-            raise ConfigError(f"scaling: training {configs[p].name} failed: {(err or '').strip().splitlines()[-1:]}")
+            last = (err or "").strip().splitlines()[-1:] or ["no message"]
+            raise ConfigError(f"scaling: training {configs[p].name} failed: {last[0]}")
         _record(out, p, configs[p], proc.returncode == 0)
         bar.update()
 
@@ -224,3 +221,16 @@ def read_grid(out: Path) -> Grid:
         raise ConfigError(f"{out}: not a scaling folder ({SETTINGS_FILE} is missing): run `moelab scaling` first")
     d = json.loads(path.read_text())
     return Grid(**{**d, "widths": tuple(d["widths"]), "tokens": tuple(d["tokens"]), "overrides": tuple(d["overrides"])})
+
+
+if __name__ == "__main__":  # one point trained apart (--jobs): python -m moelab.analysis.scaling.grid CONFIG RUN
+    from ...errors import MoelabError
+    from ...run_config import read_config
+    from ...runtime import exit_with_parent
+
+    exit_with_parent()
+    try:
+        sys.exit(0 if train_point(read_config(Path(sys.argv[1])), Path(sys.argv[2])) else DIVERGED)
+    except MoelabError as e:
+        print(f"moelab scaling: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -117,9 +117,9 @@ def _design(n, d, where: str) -> dict[str, str]:
 
 
 def _init_grid(fixed: dict[str, str]) -> np.ndarray:
-    es, ab = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5), (0.0, 5.0, 10.0, 15.0)
-    al = (PRIOR["alpha"],) if "alpha" in fixed else (0.1, 0.3, 0.6, 1.0)
-    be = (PRIOR["beta"],) if "beta" in fixed else (0.1, 0.3, 0.6, 1.0)
+    es, ab = (-1.0, 0.0, 0.5, 1.5), (0.0, 6.0, 12.0)
+    al = (PRIOR["alpha"],) if "alpha" in fixed else (0.1, 0.4, 1.0)
+    be = (PRIOR["beta"],) if "beta" in fixed else (0.1, 0.4, 1.0)
     return np.array(list(itertools.product(es, ab, al, ab, be)), dtype=float)
 
 
