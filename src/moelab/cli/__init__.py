@@ -135,8 +135,7 @@ def _fail(command: str, e: MoelabError | OSError, out: str | None = None) -> int
 
     text = describe_os_error(e, out) if isinstance(e, OSError) else str(e)
     line = f"moelab {command}: error: {text}"
-    print(line, file=sys.stderr, flush=True)
-    report_failure(line)  # under torchrun: for the launcher's summary and the other ranks
+    report_failure(line)  # on stderr; under torchrun also for the launcher's summary and the other ranks
     return 2
 
 

@@ -84,14 +84,16 @@ def _exit_2(signum: int, frame: object) -> None:
 
 
 def report_failure(line: str) -> None:
-    """After this rank printed its expected failure `line`: tell torchrun and the other ranks,
-    and wait for them to say it. Does nothing more than record it in a single process."""
-    record_for_launcher(line)
+    """Print this rank's expected failure `line` on stderr; under torchrun also tell the
+    launcher and the other ranks, and wait for them to say it. Each rank prints one line:
+    its own, or - when its watcher saw a peer's first - the peer's."""
     env = torchrun_world()
-    if env is None or env[2] < 2:
+    if env is not None and env[2] > 1 and not _reporting.acquire(blocking=False):
+        time.sleep(SAID_WAIT_S + 5)  # the watcher is printing a peer's line and ends the process
         return
-    if not _reporting.acquire(blocking=False):  # the watcher is reporting a peer's failure and ends the process
-        time.sleep(SAID_WAIT_S + 5)
+    print(line, file=sys.stderr, flush=True)
+    record_for_launcher(line)
+    if env is None or env[2] < 2:
         return
     store = _agent_store(SAID_WAIT_S)
     if store is None:
