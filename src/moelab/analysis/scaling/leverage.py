@@ -28,10 +28,6 @@ class Family:
     v: float
     s_per_flop: float
 
-    def flops(self, n, d):
-        """Training FLOPs of N parameters on D tokens."""
-        return self.u * np.asarray(n, dtype=float) ** self.v * np.asarray(d, dtype=float)
-
     def frontier(self, c: float) -> tuple[float, float, float]:
         """The compute-optimal (N, D, loss) at compute `c`: with D = c / (u N^v), dL/dN = 0 at
         N^(alpha + v beta) = alpha A c^beta / (beta v B u^beta)."""
