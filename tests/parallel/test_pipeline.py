@@ -107,7 +107,7 @@ def test_stage_split():
     assert sorted(names) == sorted(model(config()).state_dict())  # the whole model's names, each once
     # parallel.pipeline_split: the last stage also holds the head, so a recipe may give it fewer layers
     first = build_rank(model(config()), 2, 1, 0, [3])
-    assert sorted(first.layers) == ["0", "1", "2"] and first.embed is not None and first.lm_head is None
+    assert sorted(first.layers.keys()) == ["0", "1", "2"] and first.embed is not None and first.lm_head is None
     plan = plan_stages(config(), pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, points=[3])
     assert [r["layers"] for r in plan] == [[0, 1, 2], [3]]
 
@@ -175,6 +175,29 @@ def test_pipeline_training_equals_one_process(tmp_path, text_file, name):
     train_run(0, tmp_path / "one", text_file, common, 4, {})
     spawn(2, train_run, tmp_path / "two", text_file, ["parallel.pipeline=2", *layout, *common], 4, {})
     assert len(records(tmp_path / "two")) == 4  # written once, by rank 0
+    assert_same_runs(tmp_path / "one", tmp_path / "two")
+
+
+def finetune_run(rank, base, sft, out, overrides):
+    from moelab.finetune.run import finetune
+
+    finetune(str(base), str(sft), out, "full", steps=3, overrides=overrides, quiet=True)
+
+
+def test_padded_fine_tuning_under_a_pipeline_equals_one_process(tmp_path, text_file):
+    """SFT rows of different lengths are padded: the padding mask reaches every stage's MoE layers
+    (padding is neither routed nor counted in the balance) and the held-out evaluation, so the
+    losses, expert loads, token counts and weights are one process's."""
+    train_run(0, tmp_path / "base", text_file, [], 2, {})
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"repeat {'x ' * (i % 7)}{i}:", "completion": f" {i} " * (1 + i % 3)})
+                           + "\n" for i in range(60)))
+    common = ["train.eval_every=2", "train.ckpt_every=3"]
+    finetune_run(0, tmp_path / "base", sft, tmp_path / "one", common)
+    spawn(2, finetune_run, tmp_path / "base", sft, tmp_path / "two", ["parallel.pipeline=2", *common])
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    assert all(r["tokens"] % (4 * 4 * 32) for r in one)  # padding was there, and not counted
     assert_same_runs(tmp_path / "one", tmp_path / "two")
 
 

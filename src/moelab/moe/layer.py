@@ -37,6 +37,22 @@ class MoEStats:
     router_entropy: torch.Tensor
     max_violation: torch.Tensor
 
+    # the scalar fields, in the order `pack` lays them out before the E expert loads
+    SCALARS = ("lb_loss", "z_loss", "aux_loss", "dropped_fraction", "router_entropy", "max_violation")
+
+    def pack(self) -> torch.Tensor:
+        """(6 + E,) float64, detached: the scalars in SCALARS order, then tokens_per_expert - one row to reduce over
+        ranks."""
+        scalars = torch.stack([getattr(self, f).detach().double().reshape(()) for f in self.SCALARS])
+        return torch.cat([scalars, self.tokens_per_expert.detach().double()])
+
+    @classmethod
+    def unpack(cls, row: torch.Tensor) -> MoEStats:
+        """The MoEStats `pack` made `row` from (fp32 scalars, int64 loads)."""
+        n = len(cls.SCALARS)
+        scalars = {f: row[i].float() for i, f in enumerate(cls.SCALARS)}
+        return cls(**scalars, tokens_per_expert=row[n:].to(torch.long))
+
 
 class SharedExperts(SwiGLU):
     """S always-on experts fused into one SwiGLU of hidden S*F_s, optionally scaled by

@@ -1,10 +1,11 @@
 """Pipeline stages of a Transformer for `torch.distributed.pipelining`, and the MoE's
 auxiliary losses carried through a pipeline's backward pass.
 
-A stage holds a contiguous run of decoder blocks - the embedding with the first, the
-final norm and the head with the last - under their names in the whole model
-(`layers.5.attn.wq.weight` stays that), so checkpoints and FSDP/EP plans see the same
-names in any layout.
+A stage is the model with the other stages' layers removed (`Transformer.part`): a
+contiguous run of decoder blocks - the embedding with the first, the final norm and the
+head with the last - under their names in the whole model (`layers.5.attn.wq.weight`
+stays that), so checkpoints and FSDP/EP plans see the same names in any layout, and the
+stage runs the model's own forward (padding masks, activation checkpointing, the loss).
 
 The pitfall this module exists for: a pipeline's schedule calls the loss function on the
 last stage only, so the balance and z losses of MoE layers on earlier stages never reach
@@ -28,13 +29,11 @@ import inspect
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from ..model import Transformer
-from ..moe import MoE, MoEStats
+from ..model.transformer import lm_loss
+from ..moe import MoEStats
 
 # parallel.pipeline_schedule -> torch.distributed.pipelining's schedule class
 SCHEDULES = {
@@ -83,104 +82,76 @@ def split_layers(n_layers: int, stages: int, points: list[int] | None = None) ->
     return [range(b, c) for b, c in zip(bounds, bounds[1:], strict=False)]
 
 
-class Stage(nn.Module):
-    """Blocks `layers` of `model` (shared, not copied), with the embedding if first and the
-    final norm and head if last. forward: tokens (first) or hidden states -> hidden
-    states, or logits (last). Each MoE layer's aux loss is attached to the activations
-    with weight 1 / (MoE layers in the whole model): the model's aux loss is their mean."""
+class Stage(Transformer):
+    """One pipeline stage: the model with the other stages' layers removed (`Transformer.part`, the modules shared,
+    under the whole model's names), run by torch's PipelineStage. Its forward takes tokens (first stage) or
+    activations and returns activations, or logits (last); it counts the step's micro-batches (global balancing and
+    the padding mask are per micro-batch), gives each its rows' padding mask (`masks`, set for the step: the schedule
+    passes a stage its input tensor only) and ties each MoE layer's aux loss to the activations with weight
+    1 / (MoE layers in the whole model): the model's aux loss is their mean."""
 
-    def __init__(self, model: Transformer, layers: range, first: bool, last: bool):
-        super().__init__()
+    first: bool
+    last: bool
+    aux_weight: float
+    micro: int  # micro-batches this stage has run in the current step
+    masks: list[torch.Tensor] | None  # each micro-batch's padding mask (B, S), or None: no padding
+    record: list | None  # (layer index, micro-batch, MoEStats) while a step records
+
+    @classmethod
+    def cut(cls, model: Transformer, layers: range, first: bool, last: bool) -> Stage:
+        """Stage holding blocks `layers` of `model`, the embedding if `first`, the final norm and head if `last`."""
         if model.cfg.tie_embeddings and not (first and last):
             # the head would train a copy of the first stage's embedding that nothing syncs back
             raise ConfigError(
                 "parallel.pipeline > 1 needs model.tie_embeddings=false (the embedding and the head "
                 "live on different stages)"
             )
-        self.first, self.last, self.cfg = first, last, model.cfg
-        self.embed = model.embed if first else None
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
-        self.norm = model.norm if last else None
-        self.lm_head = model.lm_head if last else None
-        self.output_weight = (lambda: model.output_weight) if last else None
-        cos, sin = model.rope_cos, model.rope_sin
-        assert isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.aux_weight = 1.0 / max(1, len(model.moe_layers()))
-        self.activation_checkpointing = model.activation_checkpointing
-        self.micro = 0  # micro-batches this stage has run in the current step
-        self.record: list | None = None  # (layer index, micro-batch, MoEStats) while a step records
+        st = model.part(layers, first, last, cls=cls)
+        st.first, st.last = first, last
+        st.aux_weight = 1.0 / max(1, len(model.moe_layers()))
+        st.micro, st.masks, st.record = 0, None, None
+        return st
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def block_output(self, block, x: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
+        """x, with the block's aux loss attached when gradients flow; the block's statistics recorded."""
+        if stats is None:
+            return x
+        if self.record is not None:
+            self.record.append((block.layer_idx, self.micro, stats))
+        return attach_aux(x, stats.aux_loss, self.aux_weight) if torch.is_grad_enabled() else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """(B, S) tokens on the first stage, (B, S, D) activations after; (B, S, V) logits from the last."""
-        if self.embed is not None:
-            x = self.embed(x)
-        for layer in self.layers.values():
-            if isinstance(layer.ffn, MoE):
-                layer.ffn.start_micro_batch(self.micro)  # global balancing counts over the step's micro-batches
-            if self.activation_checkpointing and self.training:
-                x, st = checkpoint(layer, x, self.rope_cos, self.rope_sin, None, use_reentrant=False)
-            else:
-                x, st = layer(x, self.rope_cos, self.rope_sin)
-            if st is not None and torch.is_grad_enabled():
-                x = attach_aux(x, st.aux_loss, self.aux_weight)
-            if st is not None and self.record is not None:
-                self.record.append((layer.layer_idx, self.micro, st))
+        for moe in self.moe_layers():
+            moe.start_micro_batch(self.micro)  # global balancing counts over the step's micro-batches
+        mask = self.masks[self.micro] if self.masks is not None else None
+        y = super().forward(x, mask=mask).logits
         self.micro += 1
-        if self.norm is not None:
-            assert self.output_weight is not None
-            x = F.linear(self.norm(x), self.output_weight())
-        if x._is_view():  # attach_aux's output: zero-bubble schedules detach_() stage outputs, which a view refuses
-            x = x.clone()
-        return x
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The last stage's loss of one micro-batch: mean next-token cross-entropy (targets -100 = none)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        if y._is_view():  # attach_aux's output: zero-bubble schedules detach_() stage outputs, which a view refuses
+            y = y.clone()
+        return y
 
 
 def stages_of(model: Transformer, stages: int, points: list[int] | None = None) -> list[Stage]:
     """The model as `stages` pipeline stages (for one process to inspect; a rank builds only its own)."""
     parts = split_layers(model.cfg.n_layers, stages, points)
-    return [Stage(model, r, s == 0, s == stages - 1) for s, r in enumerate(parts)]
+    return [Stage.cut(model, r, s == 0, s == stages - 1) for s, r in enumerate(parts)]
 
 
-class RankStages(nn.Module):
+class RankStages(Transformer):
     """What one pipeline rank holds - its stages' blocks, the embedding and head where its
-    stages have them - as one module under the whole model's names (so the optimizer,
-    checkpoints and `training_state` treat it like the model), and the stages themselves
+    stages have them - as one part of the model under the whole model's names (so the optimizer,
+    checkpoints, `training_state` and the router updates treat it like the model), and the stages themselves
     (`stages`, not registered twice) for the schedule."""
 
-    def __init__(self, model: Transformer, stages: list[Stage], indices: list[int], n_stages: int):
-        super().__init__()
-        self.cfg = model.cfg
-        self.indices, self.n_stages = indices, n_stages
-        self.stages = stages  # a plain list: their modules are registered below, once
-        self.embed = model.embed if any(st.first for st in stages) else None
-        self.layers = nn.ModuleDict({k: v for st in stages for k, v in st.layers.items()})
-        last = any(st.last for st in stages)
-        self.norm = model.norm if last else None
-        self.lm_head = model.lm_head if last else None
-        moe_idx = [layer.layer_idx for layer in model.layers if layer.is_moe]
-        self.moe_index = {i: n for n, i in enumerate(moe_idx)}  # layer index -> position among all MoE layers
+    stages: list[Stage]
+    indices: list[int]
+    n_stages: int
 
-    @property
-    def activation_checkpointing(self) -> bool:
-        """Whether the stages recompute their blocks in the backward pass."""
-        return bool(self.stages and self.stages[0].activation_checkpointing)
-
-    def moe_layers(self) -> list[MoE]:
-        """This rank's MoE layers, in layer order."""
-        return [layer.ffn for layer in self.layers.values() if isinstance(layer.ffn, MoE)]
-
-    @torch.no_grad()
-    def update_router_biases(self, loads_all: list[torch.Tensor]) -> None:
-        """Aux-loss-free balancing of this rank's routers, from the loads of all MoE layers of the model."""
-        for key, layer in self.layers.items():
-            if isinstance(layer.ffn, MoE):
-                layer.ffn.router.update_bias(loads_all[self.moe_index[int(key)]])
+    def set_masks(self, mask: torch.Tensor | None, micro: int) -> None:
+        """The step's padding mask (micro x B, S) for every stage, cut into its `micro` micro-batches."""
+        for st in self.stages:
+            st.masks = None if mask is None else list(mask.chunk(micro))
 
 
 def build_rank(
@@ -192,8 +163,10 @@ def build_rank(
     S = pipeline * virtual
     parts = split_layers(model.cfg.n_layers, S, points)
     idx = [s for s in range(S) if s % pipeline == rank]
-    stages = [Stage(model, parts[s], s == 0, s == S - 1) for s in idx]
-    return RankStages(model, stages, idx, S)
+    stages = [Stage.cut(model, parts[s], s == 0, s == S - 1) for s in idx]
+    rs = model.part([i for s in idx for i in parts[s]], 0 in idx, S - 1 in idx, cls=RankStages)
+    rs.stages, rs.indices, rs.n_stages = stages, idx, S  # a plain list: the modules are registered once, above
+    return rs
 
 
 def build_schedule(
@@ -245,24 +218,23 @@ def build_schedule(
 def _gather(
     rank_stages: RankStages, micro: int, lm: list[float], device, data: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's per-micro-batch MoE statistics (M, L, 6 + E) and LM losses (M,) of the
-    whole batch: summed over the pipeline ranks (each layer and the head live on exactly
-    one), expert loads summed and the rest averaged over the `data` ranks of each stage."""
-    L = len(rank_stages.moe_index)
+    """Every rank's per-micro-batch MoE statistics (M, L, 6 + E; MoEStats.pack's rows) and LM
+    losses (M,) of the whole batch: summed over the pipeline ranks (each layer and the head
+    live on exactly one), expert loads summed and the rest averaged over the `data` ranks of
+    each stage."""
+    where = rank_stages.moe_index()
     E = rank_stages.cfg.moe.n_experts if rank_stages.cfg.moe is not None else 0
-    stats = torch.zeros(micro, L, 6 + E, dtype=torch.float64, device=device)
+    n = len(MoEStats.SCALARS)
+    stats = torch.zeros(micro, len(where), n + E, dtype=torch.float64, device=device)
     for st in rank_stages.stages:
         for layer_idx, m, s in st.record or []:
-            j = rank_stages.moe_index[layer_idx]
-            vals = [s.lb_loss, s.z_loss, s.aux_loss, s.dropped_fraction, s.router_entropy, s.max_violation]
-            stats[m, j, :6] = torch.stack([v.detach().double().reshape(()) for v in vals])
-            stats[m, j, 6:] = s.tokens_per_expert.detach().double()
+            stats[m, where[layer_idx]] = s.pack()
     losses = torch.zeros(micro, dtype=torch.float64, device=device)
     if lm:
         losses += torch.tensor(lm, dtype=torch.float64, device=device)
     dist.all_reduce(stats)
     dist.all_reduce(losses)
-    stats[:, :, :6] /= data  # per-layer means of equal shares of the batch
+    stats[:, :, :n] /= data  # per-layer means of equal shares of the batch
     return stats, losses / data
 
 
@@ -276,13 +248,20 @@ def step_schedule(schedule, *args, **kwargs) -> None:
 
 
 def pipeline_forward_backward(
-    rank_stages: RankStages, schedule, x: torch.Tensor, y: torch.Tensor, micro: int, data: int = 1
+    rank_stages: RankStages,
+    schedule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro: int,
+    data: int = 1,
+    mask: torch.Tensor | None = None,
 ):
     """One step's forward and backward through the pipeline over `micro` micro-batches of
-    (x, y) (every rank of a pipeline passes the same rows: its data rank's share of the
-    batch, of `data` equal shares). Returns (loss, lm loss) means over the micro-batches
-    and, per micro-batch, the MoEStats of every MoE layer of the model, of the whole
-    batch - the same on every rank."""
+    (x, y) and their padding `mask` (every rank of a pipeline passes the same rows: its data
+    rank's share of the batch, of `data` equal shares). Returns (loss, lm loss) means over
+    the micro-batches and, per micro-batch, the MoEStats of every MoE layer of the model, of
+    the whole batch - the same on every rank."""
+    rank_stages.set_masks(mask, micro)
     for st in rank_stages.stages:
         st.micro, st.record = 0, []
     losses: list[torch.Tensor] = []
@@ -291,25 +270,12 @@ def pipeline_forward_backward(
     kw = {"target": y, "losses": losses} if last else {}
     step_schedule(schedule, *((x,) if first else ()), **kw)
     stats, lm = _gather(rank_stages, micro, [float(v.detach()) for v in losses], x.device, data)
+    rank_stages.set_masks(None, micro)
     for st in rank_stages.stages:
         st.record = None
-    per_micro = []
-    for m in range(micro):
-        per_micro.append(
-            [
-                MoEStats(
-                    lb_loss=row[0].float(),
-                    z_loss=row[1].float(),
-                    aux_loss=row[2].float(),
-                    tokens_per_expert=row[6:].to(torch.long),
-                    dropped_fraction=row[3].float(),
-                    router_entropy=row[4].float(),
-                    max_violation=row[5].float(),
-                )
-                for row in stats[m]
-            ]
-        )
-    aux = stats[:, :, 2].mean(1) if stats.shape[1] else torch.zeros(micro, dtype=torch.float64)
+    per_micro = [[MoEStats.unpack(row) for row in stats[m]] for m in range(micro)]
+    aux_col = MoEStats.SCALARS.index("aux_loss")
+    aux = stats[:, :, aux_col].mean(1) if stats.shape[1] else torch.zeros(micro, dtype=torch.float64)
     return float((lm + aux).mean()), float(lm.mean()), per_micro
 
 
@@ -321,12 +287,16 @@ def pipeline_loss_sum(
     pipeline: int,
     group: dist.ProcessGroup | None = None,
     counted: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> tuple[float, int]:
-    """(sum of next-token losses, targets) of one batch through the pipeline without a
-    schedule - each stage in order, activations sent to the rank of the next in `group`
-    (this rank's pipeline; None = the world) - summed over every pipeline (each passes its
-    own rows; `counted=False`: a placeholder row that keeps collectives in step) and the
-    same on every rank. For evaluation."""
+    """(sum of next-token losses, targets) of one batch (and its padding `mask`) through the
+    pipeline without a schedule - each stage in order, activations sent to the rank of the
+    next in `group` (this rank's pipeline; None = the world) - summed over every pipeline
+    (each passes its own rows; `counted=False`: a placeholder row that keeps collectives in
+    step) and the same on every rank. For evaluation."""
+    rank_stages.set_masks(mask, 1)
+    for st in rank_stages.stages:
+        st.micro = 0
     me = dist.get_rank(group)
     mine = dict(zip(rank_stages.indices, rank_stages.stages, strict=True))
 
@@ -344,6 +314,7 @@ def pipeline_loss_sum(
             cfg = rank_stages.cfg
             h = torch.empty(x.shape[0], x.shape[1], cfg.d_model, dtype=torch.float32, device=x.device)
             dist.recv(h, src=peer(owner))
+    rank_stages.set_masks(None, 1)
     out = torch.zeros(2, dtype=torch.float64, device=x.device)
     if (rank_stages.n_stages - 1) % pipeline == me and counted:
         assert h is not None

@@ -63,10 +63,16 @@ def evaluate_pipeline(run, ctx) -> float:
     layout = run.par.layout
     total, count = 0.0, 0
     for batch, counted in eval_batches(data_val, tc.batch_size, tc.eval_batches, layout.data, layout.dp_rank):
-        x, y, _ = unpack_batch(batch)
+        x, y, mask = unpack_batch(batch)
         with ctx:
             s, c = pipeline_loss_sum(
-                run.model, x.to(run.device), y.to(run.device), layout.pipeline, run.par.pp_group, counted
+                run.model,
+                x.to(run.device),
+                y.to(run.device),
+                layout.pipeline,
+                run.par.pp_group,
+                counted,
+                mask=mask.to(run.device) if mask is not None else None,
             )
         total, count = total + s, count + c
     run.model.train(was)

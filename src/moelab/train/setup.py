@@ -252,7 +252,7 @@ def _build_model(cfg: RunConfig, device, init_ckpt: Path | None, prepare_model, 
         )
         if par.layout.data > 1:
             parallelize_stages(stages, par)
-        return stages  # type: ignore[return-value]
+        return stages
     if par is not None:
         parallelize(model, par, compile_blocks=cfg.train.compile)
     elif cfg.train.compile:

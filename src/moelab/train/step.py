@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..data import Sampler
 from ..data.loader import rank_slice
-from ..errors import ConfigError
 from ..parallel.parallelize import all_reduce_floats, all_reduce_loads, finish_gradients
-from ..parallel.pipeline import pipeline_forward_backward
+from ..parallel.pipeline import RankStages, pipeline_forward_backward
 from ..phases import phase
 from ..store import checkpoint as ck
 from .evaluate import unpack_batch
@@ -84,19 +84,38 @@ def _pipeline_step(run: Run, sampler: Sampler, window: MoEWindow) -> StepResult:
     D, dp_rank = run.par.layout.data, run.par.layout.dp_rank
     with phase("data"):
         parts = [unpack_batch(run.data.train.batch(rank_slice(sampler.next(), dp_rank, D))) for _ in range(M)]
-        if any(mask is not None for _, _, mask in parts):
-            raise ConfigError("parallel.pipeline > 1 does not take padded (SFT) batches yet")
+        mask = None
+        if any(p[2] is not None for p in parts):  # SFT rows: every micro-batch padded to the schedule's shape
+            parts = [_padded(*p, run.cfg.data.seq_len) for p in parts]
+            # padding is neither routed nor counted as work, as in one process
+            mask = torch.cat([p[2] for p in parts if p[2] is not None]).to(run.device)
         x = torch.cat([p[0] for p in parts]).to(run.device)
         y = torch.cat([p[1] for p in parts]).to(run.device)
+        tokens = float(mask.sum()) if mask is not None else float(x.numel() * D)
+    assert isinstance(run.model, RankStages)
     with phase("forward"):  # forward and backward interleave inside the schedule
-        loss, lm, per_micro = pipeline_forward_backward(run.model, run.schedule, x, y, M, D)  # type: ignore[arg-type]
+        loss, lm, per_micro = pipeline_forward_backward(run.model, run.schedule, x, y, M, D, mask)
     loads = None
     for stats in per_micro:
         window.add(stats)
         step_loads = [s.tokens_per_expert for s in stats]
         loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads, strict=True)]
+    if mask is not None:  # real tokens differ between data ranks; each pipeline's ranks hold the same rows
+        tokens = all_reduce_floats([tokens], run.par, op="sum")[0] / run.par.layout.pipeline
     with phase("optimizer"):
-        return _update(run, loss, lm, x.numel() * D, loads, pipeline=True)
+        return _update(run, loss, lm, int(tokens), loads, pipeline=True)
+
+
+def _padded(
+    x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch right-padded to `length` positions (a pipeline's stages exchange tensors of one shape): padding has
+    no target and is masked, so - attention being causal - the real tokens' results are those of the shorter batch."""
+    S = x.shape[1]
+    if mask is None:
+        mask = torch.ones_like(x, dtype=torch.bool)
+    grow = (0, length - S)
+    return F.pad(x, grow), F.pad(y, grow, value=-100), F.pad(mask, grow, value=False)
 
 
 def _update(
