@@ -27,7 +27,7 @@ import torch
 
 import moelab.train.muon as muon
 from moelab import Transformer
-from moelab.analysis.memory import dense_twin
+from moelab.analysis.memory.plan import dense_twin
 from moelab.run_config import load_config
 from moelab.train.optim import _stack_axis, build_optimizer
 

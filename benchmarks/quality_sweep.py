@@ -133,7 +133,7 @@ def seeds_summary(rows: list[dict], reference: str = "dense", title: str = "") -
     """Each variant against the reference over the (corpus, seed) pairs both have: the 95%
     interval of the paired loss difference and the verdict it gives (moelab compare
     --seeds's rule; pooled over corpora when the rows span several)."""
-    from moelab.analysis.seeds import paired_interval, verdict
+    from moelab.analysis.studies.seeds import paired_interval, verdict
 
     ref = {(r.get("data"), r["seed"]): r["val_loss"] for r in rows if r["name"] == reference}
     names = dict.fromkeys(r["name"] for r in rows if r["name"] != reference)

@@ -71,7 +71,7 @@ def main() -> None:
         d = loss["dense", s]
         print(f"| {s} | {d:.4f} | " + " | ".join(f"{loss[v, s]:.4f} ({loss[v, s] - d:+.4f})" for v in variants) + " |")
     if len(seeds) > 1:
-        from moelab.analysis.seeds import paired_interval, verdict
+        from moelab.analysis.studies.seeds import paired_interval, verdict
 
         print("\n| variant | minus dense (mean) | 95% interval | verdict |\n|---|---:|---|---|")
         for v in variants:

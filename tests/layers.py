@@ -29,9 +29,9 @@ LAYERS: list[set[str]] = [
 ]
 
 
-# Inside analysis/: instruments measure one model and never train; studies run trainings and use the instruments.
-# An instrument never imports a study.
-STUDIES = {"compare", "curves", "seeds", "report", "lr_sweep", "lr_scaling", "finetune_report", "hf_parity", "scaling"}
+# Inside analysis/: instruments (memory/, profile/, experts/) measure one model and never train; studies (studies/)
+# run trainings and use the instruments. An instrument never imports a study.
+STUDIES = {"studies"}
 
 
 def _is_study(module: str) -> bool:

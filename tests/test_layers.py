@@ -23,7 +23,7 @@ def test_a_planted_upward_import_or_package_cycle_is_found(tmp_path):
     with open(src / "store" / "run.py", "a") as f:  # the store reaching up into data, absolute import
         f.write("\nimport moelab.data.sources  # noqa\n")
     with open(src / "convert" / "io.py", "a") as f:  # same layer, but analysis already imports convert
-        f.write("\nfrom ..analysis import compare  # noqa\n")
+        f.write("\nfrom ..analysis.studies import compare  # noqa\n")
     found = problems(src)
     assert any(p.startswith("moelab/moe/layer.py:") and "moelab.train.trainer" in p for p in found), found
     assert any(p.startswith("moelab/store/run.py:") and "moelab.data.sources" in p for p in found), found
@@ -42,12 +42,12 @@ def test_a_planted_upward_import_or_package_cycle_is_found(tmp_path):
 def test_an_instrument_importing_a_study_and_a_module_cycle_are_found(tmp_path):
     src = tmp_path / "moelab"
     shutil.copytree(SRC, src, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(src / "analysis" / "skew.py", "a") as f:  # an instrument reaching into a study, at call time
-        f.write("\n\ndef _planted():\n    from .compare import compare\n\n    return compare\n")
+    with open(src / "analysis" / "memory" / "skew.py", "a") as f:  # an instrument reaching into a study, at call time
+        f.write("\n\ndef _planted():\n    from ..studies.compare import compare\n\n    return compare\n")
     with open(src / "moe" / "router.py", "a") as f:  # router -> layer -> router: a loop inside one package
         f.write("\nfrom .layer import MoE  # noqa\n")
     found = problems(src)
-    assert any(p.startswith("moelab/analysis/skew.py:") and "an instrument imports moelab.analysis.compare" in p
+    assert any(p.startswith("moelab/analysis/memory/skew.py:") and "an instrument imports moelab.analysis.studies.compare" in p
                for p in found), found
     assert [p for p in found if p.startswith("module cycle:")] == [
         "module cycle: moelab.moe.layer -> moelab.moe.router -> moelab.moe.layer"], found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis.compare import compare
+from .analysis.studies.compare import compare
 
 
 def _spread(load: list[float]) -> str:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import TINY, run_cli
-from moelab.analysis.compare import x_to_reach, y_at
+from moelab.analysis.studies.compare import x_to_reach, y_at
 
 
 def test_interpolation_on_synthetic_curves():
@@ -101,7 +101,7 @@ def test_measured_training_memory_shows_the_experts(tmp_path, text_file):
     """The demo's setting (full tiny recipes, 16 x 128 tokens): the measured training
     memory of tiny-moe exceeds tiny-dense's by at least half of what its extra weights,
     gradients and AdamW state need (2.16x the parameters), each run in its own process."""
-    from moelab.analysis.memory import plan_memory
+    from moelab.analysis.memory.plan import plan_memory
     from moelab.run_config import load_config
 
     measured, planned = {}, {}

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import TINY, TINY_MOE, run_main
 
 from moelab import ModelConfig, MoEConfig, Transformer
-from moelab.analysis.experts import analyse, domain_batches
-from moelab.analysis.routes import CLASSES, LayerDiff, TokenTable, domain_dependence, expert_similarity
+from moelab.analysis.experts.analyse import analyse, domain_batches
+from moelab.analysis.experts.routes import CLASSES, LayerDiff, TokenTable, domain_dependence, expert_similarity
 from moelab.convert.upcycle import upcycle
 from moelab.data.tokenizer import train_tokenizer
 from moelab.finetune.recipes import apply_recipe

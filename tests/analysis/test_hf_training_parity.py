@@ -1,10 +1,15 @@
 """moelab's trainer and a plain transformers loop, from the same exported initial
 weights on the same batches, produce the same losses step by step (fp32, CPU)."""
+import sys
+from pathlib import Path
+
 import pytest
 
 from conftest import TINY, TINY_MOE
-from moelab.analysis.hf_parity import training_parity
 from moelab.run_config import load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from hf_parity import training_parity  # noqa: E402  (a verification harness, not part of the package)
 
 
 @pytest.mark.parametrize("recipe,overrides,arch", [

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, run_cli
-from moelab.analysis.lr_scaling import (MM1_A, MM1_B, fit_power_law, quadratic_optimum,
+from moelab.analysis.studies.lr_scaling import (MM1_A, MM1_B, fit_power_law, quadratic_optimum,
                                         resolve_auto_lr, scale_model)
 from moelab.run_config import load_config
 

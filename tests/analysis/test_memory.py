@@ -1,7 +1,7 @@
 """The memory planner against real tensors, and against published parameter counts."""
 import pytest
 
-from moelab.analysis.memory import dense_twin, measure_memory, plan_memory
+from moelab.analysis.memory.plan import dense_twin, measure_memory, plan_memory
 from moelab.run_config import load_config
 
 
@@ -146,8 +146,8 @@ def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
     rank holds two micro-batches, under GPipe all four."""
     import json
 
-    from moelab.analysis.pipeline_measure import measure_pipeline
-    from moelab.analysis.pipeline_memory import bubble_fraction, plan_stages
+    from moelab.analysis.memory.pipeline_measure import measure_pipeline
+    from moelab.analysis.memory.pipeline_plan import bubble_fraction, plan_stages
     from moelab.run_config import OptimConfig, save_config
 
     from conftest import TINY_MOE, run_cli

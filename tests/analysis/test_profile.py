@@ -9,8 +9,8 @@ import torch
 from conftest import TINY_MOE, run_main
 
 from moelab import phases
-from moelab.analysis.profile import MOE_ROWS, PhaseTable, Session, profile_variants
-from moelab.analysis.profile_report import moe_overhead
+from moelab.analysis.profile.timing import MOE_ROWS, PhaseTable, Session, profile_variants
+from moelab.analysis.profile.report import moe_overhead
 from moelab.run_config import load_config, read_config
 from moelab.train.setup import run_data
 
@@ -159,7 +159,7 @@ def test_no_percentage_is_stated_where_the_timing_rounds_disagree():
     assert not close["reliable"] and "%" not in close["text"].split("differ by")[0] and "no difference" in close["text"]
     busy = moe_overhead(table("moe", [12.0, 40.0, 300.0], 30.0), dense)  # the "2561%" of a busy machine
     assert not busy["reliable"] and "disagree by" in busy["text"] and "more time" not in busy["text"]
-    from moelab.analysis.compare import describe
+    from moelab.analysis.studies.compare import describe
 
     ref = {"name": "dense", "step_ms": 10.1, "params_total": 1, "params_active": 1, "tokens_per_s": 0,
            "tensor_bytes": {"w": 1}, "final_val_loss": 1.0}

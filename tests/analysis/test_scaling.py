@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from moelab.analysis.scaling.law import Law, bootstrap, fit_law, interval
-from moelab.analysis.scaling.leverage import Family, leverage
+from moelab.analysis.studies.scaling.law import Law, bootstrap, fit_law, interval
+from moelab.analysis.studies.scaling.leverage import Family, leverage
 from moelab.errors import ConfigError
 
 TRUE = {"E": 1.7, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}  # Hoffmann et al.'s fitted law

@@ -7,7 +7,7 @@ import statistics
 import pytest
 from conftest import TINY, run_main
 
-from moelab.analysis.seeds import paired_interval, recipe_of, verdict
+from moelab.analysis.studies.seeds import paired_interval, recipe_of, verdict
 from moelab.run_config import RECIPES_DIR
 
 T_975_DF1 = 12.706  # Student's t, two-sided 95%, one degree of freedom (two seeds)
@@ -83,8 +83,8 @@ def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled
 def test_the_loss_figures_are_labelled_by_their_axis_whatever_the_seeds(tmp_path):
     """Each loss plot's title and x axis name its axis (tokens, FLOPs, seconds), not the last run's legend label (the
     bug once seeds drew one line per recipe); the legend names each recipe with its seeds."""
-    from moelab.analysis.compare import RunCurves
-    from moelab.analysis.report import LOSS_AXES, loss_figure
+    from moelab.analysis.studies.compare import RunCurves
+    from moelab.analysis.studies.report import LOSS_AXES, loss_figure
     from moelab.run_config import load_config
 
     cfg = load_config("tiny-dense", TINY)

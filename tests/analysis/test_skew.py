@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import TINY_MOE, run_main
 
-from moelab.analysis.skew import rank_shares, skewed_activation_bytes
+from moelab.analysis.memory.skew import rank_shares, skewed_activation_bytes
 from moelab.config import ModelConfig, MoEConfig
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moelab.analysis.memory import measure_memory, plan_memory
+from moelab.analysis.memory.plan import measure_memory, plan_memory
 from moelab.run_config import OptimConfig, load_config
 from moelab.train import train
 from moelab.train.optim import OptimizerKind, register_optimizer

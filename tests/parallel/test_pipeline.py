@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moelab import ConfigError, Transformer
-from moelab.analysis.pipeline_memory import plan_stages
+from moelab.analysis.memory.pipeline_plan import plan_stages
 from moelab.parallel.pipeline import build_rank, split_layers, stages_of
 from moelab.run_config import load_config
 from moelab.store.checkpoint import check_checkpoint, latest_checkpoint, model_tensors

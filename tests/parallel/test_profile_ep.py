@@ -12,8 +12,8 @@ def profile_biased(rank, corpus):
     import torch
     from conftest import TINY_MOE
 
-    from moelab.analysis.profile import profile_variants
-    from moelab.analysis.profile_report import _result
+    from moelab.analysis.profile.timing import profile_variants
+    from moelab.analysis.profile.report import _result
     from moelab.model import Transformer
     from moelab.parallel.mesh import close_parallel, init_parallel
     from moelab.run_config import load_config

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Annotated, Any, Union
 
+from ..cli import args as _args
 from ..errors import MoelabError
-from . import args as _args
 from .convert import (
     cmd_consolidate,
     cmd_distill,

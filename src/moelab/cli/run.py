@@ -155,9 +155,9 @@ def cmd_memory(
         virtual_stages: stages per rank (interleaved_1f1b, looped_bfs, interleaved_zb)
         as_json: print the plans as JSON
     """
-    from ..analysis.measure import plan_and_measure
-    from ..analysis.memory import format_plans
-    from ..analysis.skew import skew_report
+    from ..analysis.memory.measure import plan_and_measure
+    from ..analysis.memory.plan import format_plans
+    from ..analysis.memory.skew import skew_report
     from ..run_config import load_config
     from ..store.run import read_run_config
 
@@ -192,7 +192,7 @@ def cmd_memory(
         )  # fmt: skip
     extra = {"skewed_activations": skew} if skew is not None else {}
     if pipeline > 1:
-        from ..analysis.pipeline_memory import bubble_fraction, plan_stages
+        from ..analysis.memory.pipeline_plan import bubble_fraction, plan_stages
         from ..run_config import MULTI_STAGE_SCHEDULES
 
         positive(micro_batches=micro_batches)
@@ -212,7 +212,7 @@ def cmd_memory(
                                  points=cfg.parallel.pipeline_split, optim=cfg.optim),
         }  # fmt: skip
         if measure:
-            from ..analysis.pipeline_measure import measure_pipeline
+            from ..analysis.memory.pipeline_measure import measure_pipeline
 
             require(dtype == "fp32" and not activation_checkpointing, "--measure", "fp32 without activation "
                     "checkpointing with --pipeline (this machine's CPU)", dtype)  # fmt: skip
@@ -240,7 +240,7 @@ def cmd_memory(
 def _print_extra(cfg, extra: dict) -> None:
     """What `moelab memory` adds for a quantized checkpoint, a run's measured loads and a pipeline."""
     if "pipeline" in extra:
-        from ..analysis.pipeline_memory import format_stages
+        from ..analysis.memory.pipeline_plan import format_stages
 
         pp = extra["pipeline"]
         print(
@@ -289,7 +289,7 @@ def cmd_profile(
         overwrite: replace an existing --out
         as_json: print profile.json's content instead of the tables
     """
-    from ..analysis.profile_report import format_tables, run_profile
+    from ..analysis.profile.report import format_tables, run_profile
 
     positive(steps=steps, rounds=rounds)
     require(warmup >= 0, "--warmup", "0 or a positive number of steps", warmup)
@@ -334,7 +334,7 @@ def cmd_experts(
         overwrite: replace an existing --out
         threads: torch CPU threads; unset: the run's train.threads, else the cores this process may use
     """
-    from ..analysis.experts_report import run_experts
+    from ..analysis.experts.report import run_experts
     from ..runtime import set_cpu_threads
 
     require(len(runs) in (1, 2), "RUN", "one run, or two (BASE TUNED)", list(runs))

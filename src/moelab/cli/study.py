@@ -44,7 +44,7 @@ def cmd_compare(
         overwrite: replace an existing --out once the new report is done
         quiet: no progress bars
     """
-    from ..analysis.compare import compare
+    from ..analysis.studies.compare import compare
 
     require(len(items) > 0, "RECIPE_OR_RUN", "at least one recipe or run", list(items))
     summary = compare(
@@ -81,7 +81,7 @@ def cmd_lr_sweep(
         overrides: override applied to every run (repeatable)
         quiet: no progress bars
     """
-    from ..analysis.lr_sweep import lr_sweep
+    from ..analysis.studies.lr_sweep import lr_sweep
 
     positive(steps=steps, tokens_per_param=tokens_per_param)
     rows = lr_sweep(
@@ -111,7 +111,7 @@ def cmd_lr_fit(
         target_params: predict the LR for a model of this many parameters
         count: which parameters N counts
     """
-    from ..analysis.lr_scaling import fit_sweep
+    from ..analysis.studies.lr_scaling import fit_sweep
 
     positive(target_params=target_params)
     res = fit_sweep(Path(sweep_dir), count.replace("-", "_"), target_params)
@@ -202,7 +202,7 @@ def cmd_finetune_report(
         doc: markdown file whose report section is replaced (e.g. docs/finetuning.md)
         quiet: no progress bars
     """
-    from ..analysis.finetune_report import markdown, run_report
+    from ..analysis.studies.finetune_report import markdown, run_report
 
     positive(pretrain_steps=pretrain_steps, steps=steps, train_examples=train_examples, lr=lr, lora_lr=lora_lr)
     positive(batch_size=batch_size)
@@ -324,10 +324,10 @@ def cmd_scaling(
         overrides: override applied to every run (repeatable)
         quiet: no progress bars
     """
-    from ..analysis.scaling.fit import fit_scaling
-    from ..analysis.scaling.grid import Grid, scaling_grid
-    from ..analysis.scaling.predict import predict_and_check
-    from ..analysis.scaling.report import write_report
+    from ..analysis.studies.scaling.fit import fit_scaling
+    from ..analysis.studies.scaling.grid import Grid, scaling_grid
+    from ..analysis.studies.scaling.predict import predict_and_check
+    from ..analysis.studies.scaling.report import write_report
 
     if folder is not None:
         given = [f for f, v in (("--dense", dense), ("--moe", moe), ("--data", data), ("--out", out),

@@ -1,5 +1,5 @@
 """`optim.lr=auto`: a peak learning rate from a power law in the parameter count, either
-MM1's published rule or one fitted by `moelab lr-fit` (moelab.analysis.lr_scaling writes
+MM1's published rule or one fitted by `moelab lr-fit` (moelab.analysis.studies.lr_scaling writes
 those fits; this module only evaluates them, so the trainer needs nothing from analysis).
 
 MM1 (McKinney et al. 2024): log(eta*) = a * log(N) + b over non-embedding parameters,

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
-from ..model import Transformer
-from ..run_config import OptimConfig
-from ..train.optim import build_optimizer, state_bytes
+from ...config import ModelConfig
+from ...model import Transformer
+from ...run_config import OptimConfig
+from ...train.optim import build_optimizer, state_bytes
 
 GiB = 1024**3
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, ModelConfig, MoEConfig
-from ..train.lr_rule import MM1_A, MM1_B, mm1_lr, predict_lr, resolve_auto_lr
+from ...config import ConfigError, ModelConfig, MoEConfig
+from ...train.lr_rule import MM1_A, MM1_B, mm1_lr, predict_lr, resolve_auto_lr
 
 __all__ = ["MM1_A", "MM1_B", "mm1_lr", "predict_lr", "resolve_auto_lr", "scale_model", "fit_sweep", "fit_power_law"]
 COUNTS = ("non_embedding", "active", "total")

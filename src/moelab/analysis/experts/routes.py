@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..model import Transformer
-from ..moe.router import Routing
+from ...model import Transformer
+from ...moe.router import Routing
 
 CLASSES = ("whitespace", "punctuation", "digits", "word start", "word continuation", "other")
 WS, PUNCT, DIGITS, START, CONT, OTHER = range(len(CLASSES))

@@ -7,14 +7,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..parallel.mesh import Parallel, close_parallel, init_parallel
-from ..run_config import apply_overrides, config_from_dict, load_config
-from ..runtime import pick_device, set_cpu_threads
-from ..store.outputs import staged_output, write_json
-from ..store.run import load_run
-from ..train.setup import run_data
-from .profile import ROWS, PhaseTable, profile_variants
+from ...errors import ConfigError
+from ...parallel.mesh import Parallel, close_parallel, init_parallel
+from ...run_config import apply_overrides, config_from_dict, load_config
+from ...runtime import pick_device, set_cpu_threads
+from ...store.outputs import staged_output, write_json
+from ...store.run import load_run
+from ...train.setup import run_data
+from .timing import ROWS, PhaseTable, profile_variants
 
 OTHER_ROWS = ("forward, other", "backward, other", "step, other")
 

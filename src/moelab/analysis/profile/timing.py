@@ -33,18 +33,18 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
-from ..data import Data, Sampler
-from ..model import Transformer
-from ..parallel.mesh import Parallel
-from ..parallel.parallelize import all_reduce_floats, parallelize
-from ..phases import LAYER, PREFIX, phase, recording
-from ..run_config import RunConfig
-from ..train.metrics import MoEWindow, TrainingMemory
-from ..train.optim import build_optimizer
-from ..train.setup import Run, autocast_ctx
-from ..train.step import run_step
-from .memory import dense_twin
+from ...config import ModelConfig
+from ...data import Data, Sampler
+from ...model import Transformer
+from ...parallel.mesh import Parallel
+from ...parallel.parallelize import all_reduce_floats, parallelize
+from ...phases import LAYER, PREFIX, phase, recording
+from ...run_config import RunConfig
+from ...train.metrics import MoEWindow, TrainingMemory
+from ...train.optim import build_optimizer
+from ...train.setup import Run, autocast_ctx
+from ...train.step import run_step
+from ..memory.plan import dense_twin
 
 # Row order of the tables: the step's pipeline, MoE phases where the dense FFN would be.
 ROWS = (

@@ -13,12 +13,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..data.sources import check_source  # noqa: E402
-from ..store.checkpoint import resolve_checkpoint  # noqa: E402
-from ..store.outputs import staged_output, write_json  # noqa: E402
-from ..store.run import load_run  # noqa: E402
-from . import experts_findings as findings  # noqa: E402
-from .experts import (  # noqa: E402
+from ...data.sources import check_source  # noqa: E402
+from ...store.checkpoint import resolve_checkpoint  # noqa: E402
+from ...store.outputs import staged_output, write_json  # noqa: E402
+from ...store.run import load_run  # noqa: E402
+from ..html import img  # noqa: E402
+from ..html import page as html_page  # noqa: E402
+from . import findings  # noqa: E402
+from .analyse import (  # noqa: E402
     analyse,
     check_held_out,
     check_same_architecture,
@@ -26,8 +28,6 @@ from .experts import (  # noqa: E402
     similarity_over_training,
     stability_checkpoint,
 )
-from .html import img  # noqa: E402
-from .html import page as html_page  # noqa: E402
 from .routes import CLASSES, CONF_BINS, percent  # noqa: E402
 
 MAX_PLOTTED_LAYERS = 6

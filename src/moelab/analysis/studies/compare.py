@@ -14,16 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
-from ..data.sources import check_source
-from ..run_config import load_config
-from ..runtime import PARENT_ENV
-from ..serve.bench import bench_runs
-from ..store.outputs import staged_output
+from ...config import ConfigError
+from ...data.sources import check_source
+from ...run_config import load_config
+from ...runtime import PARENT_ENV
+from ...serve.bench import bench_runs
+from ...store.outputs import staged_output
+from ..memory.plan import plan_memory
+from ..profile.report import imbalance, moe_overhead, profile_runs
+from ..profile.timing import ROWS
 from .curves import RunCurves, clock_context, head_to_head, read_run, speedups, x_to_reach, y_at
-from .memory import plan_memory
-from .profile import ROWS
-from .profile_report import imbalance, moe_overhead, profile_runs
 from .report import write_report
 from .seeds import SEED_SUFFIX, clock_verdict, recipe_of, seed_verdicts, speedup_interval
 

@@ -12,15 +12,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, ModelConfig
-from ..model import Transformer
-from ..parallel.local import run_local
-from ..parallel.mesh import Layout, build_meshes
-from ..parallel.parallelize import finish_gradients, parallelize
-from ..run_config import OptimConfig
-from ..runtime import is_dtensor
-from ..train.optim import build_optimizer
-from .memory import MemoryPlan, measure_activation_bytes, measure_memory, plan_memory
+from ...config import ConfigError, ModelConfig
+from ...model import Transformer
+from ...parallel.local import run_local
+from ...parallel.mesh import Layout, build_meshes
+from ...parallel.parallelize import finish_gradients, parallelize
+from ...run_config import OptimConfig
+from ...runtime import is_dtensor
+from ...train.optim import build_optimizer
+from .plan import MemoryPlan, measure_activation_bytes, measure_memory, plan_memory
 
 
 def _local_bytes(t: torch.Tensor) -> int:

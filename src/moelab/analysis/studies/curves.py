@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from ..run_config import RunConfig, read_config
+from ...config import ConfigError
+from ...run_config import RunConfig, read_config
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...store.outputs import write_json
-from ..html import img, page
+from ....store.outputs import write_json
+from ...html import img, page
 from .grid import COUNT, FAMILIES
 from .law import Law
 

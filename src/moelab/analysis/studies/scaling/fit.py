@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import ConfigError
+from ....errors import ConfigError
 from .grid import COUNT, FAMILIES, Grid, read_grid, read_rows, run_name
 from .law import Law, bootstrap, fit_law, interval
 from .leverage import Family, clock_leverage, fit_cost, leverage

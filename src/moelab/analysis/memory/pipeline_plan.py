@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
-from ..model import Transformer
-from ..parallel.pipeline import split_layers
-from ..run_config import MULTI_STAGE_SCHEDULES, OptimConfig
-from ..train.optim import state_bytes
-from .memory import activation_elements_per_token
+from ...config import ModelConfig
+from ...model import Transformer
+from ...parallel.pipeline import split_layers
+from ...run_config import MULTI_STAGE_SCHEDULES, OptimConfig
+from ...train.optim import state_bytes
+from .plan import activation_elements_per_token
 
 
 def bubble_fraction(pipeline: int, micro_batches: int, schedule: str = "1f1b", virtual: int = 1) -> float:

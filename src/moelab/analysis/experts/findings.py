@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..run_config import RunConfig
+from ...run_config import RunConfig
 from .routes import percent
 
 DEAD = 0.1  # below this fraction of a uniform share an expert counts as dead

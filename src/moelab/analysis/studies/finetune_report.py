@@ -36,16 +36,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..config import ConfigError  # noqa: E402
-from ..finetune.run import finetune, finetune_data  # noqa: E402
-from ..run_config import load_config, read_config  # noqa: E402
-from ..store.checkpoint import check_checkpoint, latest_checkpoint  # noqa: E402
-from ..store.outputs import write_json  # noqa: E402
-from ..store.run import load_run  # noqa: E402
-from ..train import train  # noqa: E402
-from ..train.evaluate import evaluate  # noqa: E402
+from ...config import ConfigError  # noqa: E402
+from ...finetune.run import finetune, finetune_data  # noqa: E402
+from ...run_config import load_config, read_config  # noqa: E402
+from ...store.checkpoint import check_checkpoint, latest_checkpoint  # noqa: E402
+from ...store.outputs import write_json  # noqa: E402
+from ...store.run import load_run  # noqa: E402
+from ...train import train  # noqa: E402
+from ...train.evaluate import evaluate  # noqa: E402
+from ..experts.analyse import routing_drift  # noqa: E402
 from .curves import read_run  # noqa: E402
-from .experts import routing_drift  # noqa: E402
 
 BEGIN, END = "<!-- finetune-report:begin -->", "<!-- finetune-report:end -->"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...errors import ConfigError
+from ....errors import ConfigError
 
 NAMES = ("e", "a", "alpha", "b", "beta")  # E = exp(e), A = exp(a), B = exp(b)
 PRIOR = {"alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022, approach 3

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ModelConfig
-from ..data import Sampler
-from ..run_config import RunConfig
-from ..store.run import load_run
-from ..train.evaluate import unpack_batch
-from ..train.setup import run_data
+from ...config import ConfigError, ModelConfig
+from ...data import Sampler
+from ...run_config import RunConfig
+from ...store.run import load_run
+from ...train.evaluate import unpack_batch
+from ...train.setup import run_data
 from .measure import measure_parallel
-from .memory import expert_row_elements
+from .plan import expert_row_elements
 
 
 def run_loads(run_dir: Path) -> list[list[float]]:

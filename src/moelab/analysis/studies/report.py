@@ -11,9 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .html import img  # noqa: E402
-from .html import page as html_page  # noqa: E402
-from .profile import ROWS  # noqa: E402
+from ..html import img  # noqa: E402
+from ..html import page as html_page  # noqa: E402
+from ..profile.timing import ROWS  # noqa: E402
 from .seeds import recipe_of  # noqa: E402
 
 MOE_CURVES = [

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import dataset_for, is_dataset
-from ..data.sources import check_source, is_validation, iter_documents
-from ..data.tokenizer import eos_id
-from ..errors import CheckpointError, ConfigError
-from ..store.checkpoint import complete_checkpoints, model_tensors
-from ..store.run import LoadedRun, load_run
+from ...data import dataset_for, is_dataset
+from ...data.sources import check_source, is_validation, iter_documents
+from ...data.tokenizer import eos_id
+from ...errors import CheckpointError, ConfigError
+from ...store.checkpoint import complete_checkpoints, model_tensors
+from ...store.run import LoadedRun, load_run
 from .routes import CLASSES, LayerCounts, LayerDiff, TokenTable, capture_routing, domain_dependence, expert_similarity
 
 BATCH = 8

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import ConfigError, NonFiniteError, OutputExists
-from ..run_config import load_config
-from ..store.checkpoint import latest_checkpoint
-from ..store.outputs import guard_output, removed_on_failure, write_json
-from ..store.resume import refuse_changed_settings
-from ..train import train
+from ...errors import ConfigError, NonFiniteError, OutputExists
+from ...run_config import load_config
+from ...store.checkpoint import latest_checkpoint
+from ...store.outputs import guard_output, removed_on_failure, write_json
+from ...store.resume import refuse_changed_settings
+from ...train import train
 from .lr_scaling import read_sweep, scale_model
 
 SETTINGS_FILE = "sweep.json"  # what the sweep was started with, compared when it is continued

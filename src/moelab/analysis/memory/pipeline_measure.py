@@ -23,12 +23,12 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig
-from ..model import Transformer
-from ..parallel.local import run_local
-from ..parallel.pipeline import build_rank, build_schedule, step_schedule
-from ..run_config import OptimConfig
-from ..train.optim import build_optimizer
+from ...config import ModelConfig
+from ...model import Transformer
+from ...parallel.local import run_local
+from ...parallel.pipeline import build_rank, build_schedule, step_schedule
+from ...run_config import OptimConfig
+from ...train.optim import build_optimizer
 
 
 class _Live:

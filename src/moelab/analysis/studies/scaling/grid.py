@@ -19,13 +19,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ...errors import ConfigError, NonFiniteError, OutputExists
-from ...run_config import RunConfig, load_config, save_config
-from ...runtime import PARENT_ENV
-from ...store.checkpoint import latest_checkpoint
-from ...store.outputs import guard_output, removed_on_failure, write_json
-from ...store.resume import refuse_changed_settings
-from ...train import train
+from ....errors import ConfigError, NonFiniteError, OutputExists
+from ....run_config import RunConfig, load_config, save_config
+from ....runtime import PARENT_ENV
+from ....store.checkpoint import latest_checkpoint
+from ....store.outputs import guard_output, removed_on_failure, write_json
+from ....store.resume import refuse_changed_settings
+from ....train import train
 from ..curves import read_run
 from ..lr_scaling import scale_model
 
@@ -154,7 +154,13 @@ def _train_apart(out: Path, todo: list, configs: dict, jobs: int, bar, pinned: b
                 cfg.train.threads = threads
             yaml_path = out / "configs" / f"{cfg.name}.yaml"
             save_config(cfg, yaml_path)
-            cmd = [sys.executable, "-m", "moelab.analysis.scaling.grid", str(yaml_path), str(out / "runs" / cfg.name)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "moelab.analysis.studies.scaling.grid",
+                str(yaml_path),
+                str(out / "runs" / cfg.name),
+            ]
             env = {**os.environ, PARENT_ENV: str(os.getpid())}
             running.append((p, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)))
         p, proc = running.pop(0)
@@ -223,10 +229,12 @@ def read_grid(out: Path) -> Grid:
     return Grid(**{**d, "widths": tuple(d["widths"]), "tokens": tuple(d["tokens"]), "overrides": tuple(d["overrides"])})
 
 
-if __name__ == "__main__":  # one point trained apart (--jobs): python -m moelab.analysis.scaling.grid CONFIG RUN
-    from ...errors import MoelabError
-    from ...run_config import read_config
-    from ...runtime import exit_with_parent
+if (
+    __name__ == "__main__"
+):  # one point trained apart (--jobs): python -m moelab.analysis.studies.scaling.grid CONFIG RUN
+    from ....errors import MoelabError
+    from ....run_config import read_config
+    from ....runtime import exit_with_parent
 
     exit_with_parent()
     try:
