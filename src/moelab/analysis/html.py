@@ -23,3 +23,13 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
 td:{text_column}-child{{text-align:left}}</style></head><body>
 {body}
 </body></html>"""
+
+
+def save_png(fig, path: Path, dpi: int = 100, **savefig_kw) -> Path:
+    """`fig` laid out tightly, written to `path` as PNG and closed (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, **savefig_kw)
+    plt.close(fig)
+    return path

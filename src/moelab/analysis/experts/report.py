@@ -17,7 +17,7 @@ from ...data.sources import check_source  # noqa: E402
 from ...store.checkpoint import resolve_checkpoint  # noqa: E402
 from ...store.outputs import staged_output, write_json  # noqa: E402
 from ...store.run import load_run  # noqa: E402
-from ..html import img  # noqa: E402
+from ..html import img, save_png  # noqa: E402
 from ..html import page as html_page  # noqa: E402
 from . import findings  # noqa: E402
 from .analyse import (  # noqa: E402
@@ -81,13 +81,6 @@ def _grid(n: int, w: float = 3.4, h: float = 3.0):
     return fig, axes[0]
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def plot_shares(out: Path, res: dict, pick: list[int]) -> Path:
     """Per plotted layer: each expert's share of assignments, split by token class."""
     fig, axes = _grid(len(pick))
@@ -106,7 +99,7 @@ def plot_shares(out: Path, res: dict, pick: list[int]) -> Path:
         ax.set_xlabel("expert")
     axes[0].set_ylabel("share of assignments")
     axes[0].legend(fontsize=6)
-    return _save(fig, out / "expert_shares.png")
+    return save_png(fig, out / "expert_shares.png")
 
 
 def plot_heatmaps(out: Path, res: dict, pick: list[int], key: str, title: str, name: str) -> Path:
@@ -122,7 +115,7 @@ def plot_heatmaps(out: Path, res: dict, pick: list[int], key: str, title: str, n
         else:
             ax.set_ylabel("expert")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, out / name)
+    return save_png(fig, out / name)
 
 
 def plot_confidence(out: Path, res: dict, pick: list[int]) -> Path:
@@ -136,7 +129,7 @@ def plot_confidence(out: Path, res: dict, pick: list[int]) -> Path:
     ax.set_xlabel("top-1 gate probability")
     ax.set_ylabel("share of tokens")
     ax.legend(fontsize=7)
-    return _save(fig, out / "router_confidence.png")
+    return save_png(fig, out / "router_confidence.png")
 
 
 def plot_changes(out: Path, res: dict) -> Path | None:
@@ -158,7 +151,7 @@ def plot_changes(out: Path, res: dict) -> Path | None:
     ax.set_xlabel("layer")
     ax.set_ylabel(f"tokens whose top-{res['top_k']} set changed")
     ax.legend(fontsize=7)
-    return _save(fig, out / "routing_changes.png")
+    return save_png(fig, out / "routing_changes.png")
 
 
 def plot_similarity(out: Path, res: dict) -> Path | None:
@@ -174,7 +167,7 @@ def plot_similarity(out: Path, res: dict) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("mean pairwise cosine of experts")
     ax.legend(fontsize=7)
-    return _save(fig, out / "expert_similarity.png")
+    return save_png(fig, out / "expert_similarity.png")
 
 
 def _layer_table(res: dict, i: int) -> str:

@@ -45,6 +45,7 @@ from ...store.run import load_run  # noqa: E402
 from ...train import train  # noqa: E402
 from ...train.evaluate import evaluate  # noqa: E402
 from ..experts.analyse import routing_drift  # noqa: E402
+from ..html import save_png  # noqa: E402
 from .curves import read_run  # noqa: E402
 
 BEGIN, END = "<!-- finetune-report:begin -->", "<!-- finetune-report:end -->"
@@ -265,9 +266,7 @@ def plot_curves(curves: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("held-out loss (nats/token, completions only)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
     return path
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ...config import ConfigError, ModelConfig, MoEConfig
 from ...train.lr_rule import MM1_A, MM1_B, mm1_lr, predict_lr, resolve_auto_lr
+from ..html import save_png
 
 __all__ = ["MM1_A", "MM1_B", "mm1_lr", "predict_lr", "resolve_auto_lr", "scale_model", "fit_sweep", "fit_power_law"]
 COUNTS = ("non_embedding", "active", "total")
@@ -195,8 +196,6 @@ def plot_fit(sweep_dir: Path, rows: list[dict], fit_out: dict) -> Path:
     ax2.set_ylabel("optimal peak LR")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
     path = sweep_dir / "lr_fit.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
     return path

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..html import img  # noqa: E402
+from ..html import img, save_png  # noqa: E402
 from ..html import page as html_page  # noqa: E402
 from ..profile.timing import ROWS  # noqa: E402
 from .seeds import recipe_of  # noqa: E402
@@ -89,10 +89,8 @@ def _moe_plots(out: Path, c) -> list[Path]:
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
     heat = out / f"expert_load_{c.name}.png"
-    fig.savefig(heat, dpi=100)
-    plt.close(fig)
+    save_png(fig, heat, dpi=100)
 
     fig, axes = plt.subplots(1, len(MOE_CURVES), figsize=(3.4 * len(MOE_CURVES), 3))
     for ax, (key, label) in zip(axes, MOE_CURVES, strict=True):
@@ -102,10 +100,8 @@ def _moe_plots(out: Path, c) -> list[Path]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
     health = out / f"router_health_{c.name}.png"
-    fig.savefig(health, dpi=100)
-    plt.close(fig)
+    save_png(fig, health, dpi=100)
     return [heat, health]
 
 
@@ -134,10 +130,8 @@ def _memory_plot(out: Path, runs: list[dict]) -> Path:
     ax.set_ylabel("MiB")
     ax.set_title("Training memory: planned (bars) and measured", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     path = out / "memory.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
     return path
 
 
@@ -153,10 +147,8 @@ def _time_plot(out: Path, runs: list[dict]) -> Path:
         left = [a + b for a, b in zip(left, ms, strict=True)]
     ax.set_xlabel("ms per training step (profiled, scaled to the unprofiled step)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=6, fontsize=7, frameon=False)
-    fig.tight_layout()
     path = out / "step_time.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path, dpi=100, bbox_inches="tight")
     return path
 
 

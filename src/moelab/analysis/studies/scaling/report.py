@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ....store.outputs import write_json
-from ...html import img, page
+from ...html import img, page, save_png
 from .grid import COUNT, FAMILIES
 from .law import Law
 
@@ -49,10 +49,8 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("held-out loss")
-    fig.tight_layout()
     paths = [out / "laws.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    save_png(fig, paths[0], dpi=110)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for fam in FAMILIES:
@@ -67,10 +65,8 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
     ax.set_ylabel("measured - fitted (% of fitted)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     paths.append(out / "residuals.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_png(fig, paths[-1], dpi=110)
 
     curve = [p for p in summary["leverage_curve"] if math.isfinite(p["el"])]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -89,10 +85,8 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
     ax.set_ylabel("dense compute / MoE compute at equal loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     paths.append(out / "leverage.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_png(fig, paths[-1], dpi=110)
     return paths
 
 
