@@ -165,7 +165,9 @@ class TrainConfig:
             raise ConfigError(f"{p}device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
-MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zb")
+# the pipeline schedules (torch.distributed.pipelining's, by parallel.pipeline_schedule's names): the one spelling
+Schedule = Literal["1f1b", "interleaved_1f1b", "gpipe", "looped_bfs", "interleaved_zb"]
+MULTI_STAGE_SCHEDULES: tuple[Schedule, ...] = ("interleaved_1f1b", "looped_bfs", "interleaved_zb")
 
 
 @dataclass
@@ -180,7 +182,7 @@ class ParallelConfig:
     # pipeline stages (torch.distributed.pipelining); train.grad_accum micro-batches per step
     pipeline: int = 1
     # interleaved_1f1b, looped_bfs and interleaved_zb (zero bubble) run V >= 2 stages per rank
-    pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "looped_bfs", "interleaved_zb"] = "1f1b"
+    pipeline_schedule: Schedule = "1f1b"
     virtual_stages: int = 1  # stages per rank
     pipeline_split: list[int] | None = None  # first layer of stages 1 .. P x V - 1; null: as even as possible
 

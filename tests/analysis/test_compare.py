@@ -102,6 +102,7 @@ def test_measured_training_memory_shows_the_experts(tmp_path, text_file):
     memory of tiny-moe exceeds tiny-dense's by at least half of what its extra weights,
     gradients and AdamW state need (2.16x the parameters), each run in its own process."""
     from moelab.analysis.memory.plan import plan_memory
+    from moelab.analysis.memory.setup import MemorySetup
     from moelab.run_config import load_config
 
     measured, planned = {}, {}
@@ -112,7 +113,7 @@ def test_measured_training_memory_shows_the_experts(tmp_path, text_file):
         recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         measured[recipe] = max(r["train_mem_bytes"] for r in recs)
         cfg = load_config(recipe)
-        p = plan_memory(cfg.model, micro_batch=cfg.train.batch_size, seq_len=cfg.data.seq_len)
+        p = plan_memory(cfg.model, MemorySetup(micro_batch=cfg.train.batch_size, seq_len=cfg.data.seq_len))
         planned[recipe] = p.bytes
     state = {r: planned[r]["params"] + planned[r]["grads"] + planned[r]["optimizer"] for r in planned}
     assert measured["tiny-moe"] - measured["tiny-dense"] > 0.5 * (state["tiny-moe"] - state["tiny-dense"]), measured

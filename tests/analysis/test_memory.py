@@ -2,14 +2,15 @@
 import pytest
 
 from moelab.analysis.memory.plan import dense_twin, measure_memory, plan_memory
+from moelab.analysis.memory.setup import MemorySetup, PipelineShape
 from moelab.run_config import load_config
 
 
 @pytest.mark.parametrize("recipe", ["tiny-dense", "tiny-moe", "small-dense", "small-moe"])
 def test_param_grad_optimizer_bytes_exact(recipe):
     cfg = load_config(recipe).model
-    plan = plan_memory(cfg, micro_batch=2, seq_len=64)
-    real = measure_memory(cfg, micro_batch=2, seq_len=64, steps=1, isolated=False)
+    plan = plan_memory(cfg, MemorySetup(micro_batch=2, seq_len=64))
+    real = measure_memory(cfg, MemorySetup(micro_batch=2, seq_len=64), steps=1, isolated=False)
     for key in ("params", "grads", "optimizer"):
         assert plan.bytes[key] == real[key], key
 
@@ -23,10 +24,10 @@ def test_muon_plan_counts_one_moment_for_its_matrices(muon_router):
 
     cfg = load_config("tiny-moe").model
     optim = OptimConfig(name="muon", muon_router=muon_router)
-    plan = plan_memory(cfg, micro_batch=2, seq_len=32, optim=optim)
-    real = measure_memory(cfg, micro_batch=2, seq_len=32, steps=1, isolated=False, optim=optim)
+    plan = plan_memory(cfg, MemorySetup(micro_batch=2, seq_len=32), optim=optim)
+    real = measure_memory(cfg, MemorySetup(micro_batch=2, seq_len=32), steps=1, isolated=False, optim=optim)
     assert plan.bytes["optimizer"] == real["optimizer"]
-    adamw = plan_memory(cfg, micro_batch=2, seq_len=32).bytes["optimizer"]
+    adamw = plan_memory(cfg, MemorySetup(micro_batch=2, seq_len=32)).bytes["optimizer"]
     assert 0.3 * adamw < adamw - real["optimizer"] < 0.5 * adamw
 
 
@@ -34,8 +35,8 @@ def test_muon_plan_counts_one_moment_for_its_matrices(muon_router):
 def test_activation_prediction_within_20_percent(recipe):
     """Measured = bytes of distinct storages autograd saves in one forward + the logits."""
     cfg = load_config(recipe).model
-    plan = plan_memory(cfg, micro_batch=4, seq_len=256)
-    real = measure_memory(cfg, micro_batch=4, seq_len=256, steps=1, isolated=False)
+    plan = plan_memory(cfg, MemorySetup(micro_batch=4, seq_len=256))
+    real = measure_memory(cfg, MemorySetup(micro_batch=4, seq_len=256), steps=1, isolated=False)
     assert abs(plan.bytes["activations"] / real["activations"] - 1) < 0.20
 
 
@@ -48,21 +49,21 @@ def test_published_counts():
 
 def test_sharding_rules():
     cfg = load_config("mixtral-8x7b").model
-    one = plan_memory(cfg, seq_len=1024)
-    ep = plan_memory(cfg, seq_len=1024, devices=8, expert_parallel=8)
-    z3 = plan_memory(cfg, seq_len=1024, devices=8, expert_parallel=1, zero=3)
+    one = plan_memory(cfg, MemorySetup(seq_len=1024))
+    ep = plan_memory(cfg, MemorySetup(seq_len=1024, devices=8, expert_parallel=8))
+    z3 = plan_memory(cfg, MemorySetup(seq_len=1024, devices=8, expert_parallel=1, zero=3))
     assert ep.bytes["params"] < one.bytes["params"] / 3  # experts split 8 ways, attention replicated
     assert z3.bytes["params"] == pytest.approx(one.bytes["params"] / 8, rel=1e-6)
     assert ep.bytes["comm"] > 0 and one.bytes["comm"] == 0
-    ckpt = plan_memory(cfg, seq_len=1024, activation_checkpointing=True)
+    ckpt = plan_memory(cfg, MemorySetup(seq_len=1024, activation_checkpointing=True))
     assert ckpt.bytes["activations"] < one.bytes["activations"] / 4
-    bf16 = plan_memory(cfg, seq_len=1024, dtype="bf16")
+    bf16 = plan_memory(cfg, MemorySetup(seq_len=1024, dtype="bf16"))
     assert bf16.bytes["params"] * 2 == one.bytes["params"]
     twin = dense_twin(cfg)
     assert twin.moe is None and twin.d_ff == 2 * 14336
     assert plan_memory(twin).notes == [] and len(one.notes) >= 4
     with pytest.raises(ValueError, match="must divide n_experts"):
-        plan_memory(cfg, devices=3, expert_parallel=3)
+        plan_memory(cfg, MemorySetup(devices=3, expert_parallel=3))
 
 
 def test_zero_and_bf16_bytes_against_real_tensors():
@@ -73,11 +74,11 @@ def test_zero_and_bf16_bytes_against_real_tensors():
 
     from moelab.model import Transformer
     cfg = load_config("tiny-moe").model
-    real = measure_memory(cfg, micro_batch=1, seq_len=16, steps=1, isolated=False)
+    real = measure_memory(cfg, MemorySetup(micro_batch=1, seq_len=16), steps=1, isolated=False)
     # AdamW keeps one fp32 step counter per parameter tensor; every rank keeps its own
     steps = 4 * len(list(Transformer(cfg).parameters()))
     for zero, sharded in ((1, {"optimizer"}), (2, {"optimizer", "grads"}), (3, {"optimizer", "grads", "params"})):
-        plan = plan_memory(cfg, micro_batch=1, seq_len=16, devices=4, zero=zero)
+        plan = plan_memory(cfg, MemorySetup(micro_batch=1, seq_len=16, devices=4, zero=zero))
         for key in ("params", "grads", "optimizer"):
             want = real[key] / 4 if key in sharded else real[key]
             if key == "optimizer":
@@ -85,7 +86,7 @@ def test_zero_and_bf16_bytes_against_real_tensors():
             assert plan.bytes[key] == pytest.approx(want, rel=1e-9), (zero, key)
     bf16_model = Transformer(cfg).to(torch.bfloat16)
     bf16_bytes = sum(p.numel() * p.element_size() for p in bf16_model.parameters())
-    plan = plan_memory(cfg, micro_batch=1, seq_len=16, dtype="bf16")
+    plan = plan_memory(cfg, MemorySetup(micro_batch=1, seq_len=16, dtype="bf16"))
     assert plan.bytes["params"] == bf16_bytes == plan.bytes["grads"]
     assert plan.bytes["optimizer"] == real["optimizer"] + real["params"]  # fp32 moments + fp32 master weights
 
@@ -133,7 +134,7 @@ def test_plan_per_rank_equals_a_real_two_process_run(layout, optim, tmp_path):
             assert m[key] == p["bytes"][key], (p["name"], key)
         assert abs(p["bytes"]["activations"] / m["activations"] - 1) < 0.20, p["name"]
     moe, twin = json.loads(out)
-    one = plan_memory(load_config("tiny-moe").model, micro_batch=2, seq_len=32)
+    one = plan_memory(load_config("tiny-moe").model, MemorySetup(micro_batch=2, seq_len=32))
     if "3" in layout:  # sharded: half of one device's weights (every tensor here splits evenly)
         assert moe["bytes"]["params"] * 2 == one.bytes["params"]
 
@@ -147,7 +148,7 @@ def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
     import json
 
     from moelab.analysis.memory.pipeline_measure import measure_pipeline
-    from moelab.analysis.memory.pipeline_plan import bubble_fraction, plan_stages
+    from moelab.analysis.memory.pipeline_plan import plan_stages
     from moelab.run_config import OptimConfig, save_config
 
     from conftest import TINY_MOE, run_cli
@@ -160,9 +161,8 @@ def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
     pp = json.loads(out)[0]["pipeline"]
     runs = {"1f1b": (pp["ranks"], pp["measured"])}
     muon = OptimConfig(name="muon")  # and with Muon's one moment for the matrices it takes
-    plan = plan_stages(cfg.model, pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, schedule="gpipe", optim=muon)
-    runs["gpipe"] = (plan, measure_pipeline(cfg.model, pipeline=2, micro_batches=4, micro_batch=2, seq_len=32,
-                                            schedule="gpipe", steps=2, optim=muon))
+    gpipe = PipelineShape(pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, schedule="gpipe")
+    runs["gpipe"] = (plan_stages(cfg.model, gpipe, optim=muon), measure_pipeline(cfg.model, gpipe, steps=2, optim=muon))
     for schedule, (plan, measured) in runs.items():
         for r, (want, got) in enumerate(zip(plan, measured, strict=True)):
             for key in ("params", "grads", "optimizer"):
@@ -172,7 +172,8 @@ def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
     assert [s["micro_batches_in_flight"] for s in runs["1f1b"][0]] == [2, 1]  # 1F1B: the first rank holds the most
     one = runs["1f1b"][1][0]["activations"]
     assert runs["gpipe"][1][0]["activations"] > 1.5 * one  # GPipe keeps every micro-batch's activations
-    assert bubble_fraction(2, 4) == pytest.approx(1 / 5) and bubble_fraction(2, 4, "interleaved_1f1b", 2) == 1 / 9
+    assert PipelineShape(2, 4, 1, 1).bubble() == pytest.approx(1 / 5)
+    assert PipelineShape(2, 4, 1, 1, "interleaved_1f1b", 2).bubble() == pytest.approx(1 / 9)
     # the plan is of pipeline ranks alone: asked to divide them further, it says so instead of ignoring it
     rc, _, err = run_cli("memory", str(recipe), "--pipeline", "2", "--devices", "2", check=False)
     assert rc == 2 and "--devices/--zero: expected 1 and 0 with --pipeline" in err

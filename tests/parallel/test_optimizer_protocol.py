@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moelab.analysis.memory.plan import measure_memory, plan_memory
+from moelab.analysis.memory.setup import MemorySetup
 from moelab.run_config import OptimConfig, load_config
 from moelab.train import train
 from moelab.train.optim import OptimizerKind, register_optimizer
@@ -40,8 +41,8 @@ OVERRIDES = [*TINY_MOE, "optim.name=sgdm", "optim.lr=0.05", "train.log_every=1",
 def test_its_memory_plan_is_the_state_it_keeps():
     cfg = load_config("tiny-moe", TINY_MOE).model
     optim = OptimConfig(name="sgdm")
-    plan = plan_memory(cfg, micro_batch=2, seq_len=32, optim=optim)
-    real = measure_memory(cfg, micro_batch=2, seq_len=32, steps=1, isolated=False, optim=optim)
+    plan = plan_memory(cfg, MemorySetup(micro_batch=2, seq_len=32), optim=optim)
+    real = measure_memory(cfg, MemorySetup(micro_batch=2, seq_len=32), steps=1, isolated=False, optim=optim)
     assert plan.bytes["optimizer"] == real["optimizer"] == 4 * cfg.param_counts()["total"]
 
 

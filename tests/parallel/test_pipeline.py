@@ -15,6 +15,7 @@ import torch
 
 from moelab import ConfigError, Transformer
 from moelab.analysis.memory.pipeline_plan import plan_stages
+from moelab.analysis.memory.setup import PipelineShape
 from moelab.parallel.pipeline import build_rank, split_layers, stages_of
 from moelab.run_config import load_config
 from moelab.store.checkpoint import check_checkpoint, latest_checkpoint, model_tensors
@@ -108,7 +109,7 @@ def test_stage_split():
     # parallel.pipeline_split: the last stage also holds the head, so a recipe may give it fewer layers
     first = build_rank(model(config()), 2, 1, 0, [3])
     assert sorted(first.layers.keys()) == ["0", "1", "2"] and first.embed is not None and first.lm_head is None
-    plan = plan_stages(config(), pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, points=[3])
+    plan = plan_stages(config(), PipelineShape(pipeline=2, micro_batches=4, micro_batch=2, seq_len=32, points=(3,)))
     assert [r["layers"] for r in plan] == [[0, 1, 2], [3]]
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from tyro.conf import Positional, arg
 
+from ..run_config import Schedule
 from .args import Fresh, Json, Overrides, Recipe, Run, positive, require
 
 
@@ -130,7 +131,7 @@ def cmd_memory(
     measure: bool = False,
     pipeline: int = 1,
     micro_batches: int | None = None,
-    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "looped_bfs", "interleaved_zb"] = "1f1b",
+    schedule: Schedule = "1f1b",
     virtual_stages: int = 1,
     as_json: Json = False,
 ):
@@ -155,86 +156,35 @@ def cmd_memory(
         virtual_stages: stages per rank (interleaved_1f1b, looped_bfs, interleaved_zb)
         as_json: print the plans as JSON
     """
-    from ..analysis.memory.measure import plan_and_measure
     from ..analysis.memory.plan import format_plans
-    from ..analysis.memory.skew import skew_report
+    from ..analysis.memory.report import memory_report
+    from ..analysis.memory.setup import MemorySetup, PipelineShape
     from ..run_config import load_config
     from ..store.run import read_run_config
 
     positive(devices=devices, expert_parallel=expert_parallel, micro_batch=micro_batch, seq_len=seq_len,
-             pipeline=pipeline, virtual_stages=virtual_stages)  # fmt: skip
+             pipeline=pipeline, virtual_stages=virtual_stages, micro_batches=micro_batches)  # fmt: skip
     require(devices % expert_parallel == 0, "--expert-parallel", f"a divisor of --devices {devices}", expert_parallel)
     require(pipeline > 1 or virtual_stages == 1, "--virtual-stages", "1 without --pipeline", virtual_stages)
     run = Path(recipe) if Path(recipe).is_dir() else None
     cfg = read_run_config(run)[1] if run is not None else load_config(recipe)
     seq_len = seq_len or cfg.data.seq_len
-    require(
-        seq_len <= cfg.model.max_seq_len, "--seq-len", f"at most model.max_seq_len={cfg.model.max_seq_len}", seq_len
-    )
-    plans, measured = plan_and_measure(
-        cfg,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        devices=devices,
-        expert_parallel=expert_parallel,
-        zero=zero,
-        dtype=dtype,
-        activation_checkpointing=activation_checkpointing,
-        # a run is measured with its own weights and text, below; a pipeline by its ranks
-        measure=measure and run is None and pipeline == 1,
-    )
-    skew = None
-    if run is not None and cfg.model.moe is not None:
-        uniform = plans[0].bytes["activations"]
-        skew = skew_report(
-            run, cfg, uniform, micro_batch=micro_batch, seq_len=seq_len, devices=devices,
-            expert_parallel=expert_parallel, zero=zero, dtype=dtype, measure=measure,
-        )  # fmt: skip
-    extra = {"skewed_activations": skew} if skew is not None else {}
+    setup = MemorySetup(micro_batch, seq_len, devices, expert_parallel, zero, dtype, activation_checkpointing)
+    shape = None
     if pipeline > 1:
-        from ..analysis.memory.pipeline_plan import bubble_fraction, plan_stages
-        from ..run_config import MULTI_STAGE_SCHEDULES
-
-        positive(micro_batches=micro_batches)
-        multi = schedule in MULTI_STAGE_SCHEDULES
-        # the per-rank plan is of pipeline ranks alone: a silent plan that ignored the other axes would mislead
-        require(devices == 1 and zero == 0, "--devices/--zero", "1 and 0 with --pipeline (the pipeline plan "
-                "does not divide its ranks further yet)", (devices, zero))  # fmt: skip
-        require((virtual_stages > 1) == multi, "--virtual-stages", "2 or more" if multi else "1", virtual_stages)
-        M = micro_batches or max(cfg.train.grad_accum, pipeline)
-        require(pipeline * virtual_stages <= cfg.model.n_layers, "--pipeline", "at most model.n_layers stages",
-                pipeline * virtual_stages)  # fmt: skip
-        extra["pipeline"] = {
-            "pipeline": pipeline, "micro_batches": M, "schedule": schedule, "virtual_stages": virtual_stages,
-            "bubble": bubble_fraction(pipeline, M, schedule, virtual_stages),
-            "ranks": plan_stages(cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch,
-                                 seq_len=seq_len, schedule=schedule, virtual=virtual_stages,
-                                 points=cfg.parallel.pipeline_split, optim=cfg.optim),
-        }  # fmt: skip
-        if measure:
-            from ..analysis.memory.pipeline_measure import measure_pipeline
-
-            require(dtype == "fp32" and not activation_checkpointing, "--measure", "fp32 without activation "
-                    "checkpointing with --pipeline (this machine's CPU)", dtype)  # fmt: skip
-            extra["pipeline"]["measured"] = measure_pipeline(
-                cfg.model, pipeline=pipeline, micro_batches=M, micro_batch=micro_batch, seq_len=seq_len,
-                schedule=schedule, virtual=virtual_stages, points=cfg.parallel.pipeline_split, optim=cfg.optim,
-            )  # fmt: skip
-    if cfg.quant.bits:  # a checkpoint written by `moelab quantize`: what its weights take resident
-        from ..model.quant import planned_bytes
-
-        extra["quantized_weight_bytes"] = planned_bytes(cfg.model, cfg.quant.bits, cfg.quant.group_size, cfg.quant.what)
+        points = cfg.parallel.pipeline_split
+        shape = PipelineShape(
+            pipeline, micro_batches or max(cfg.train.grad_accum, pipeline), micro_batch, seq_len, schedule,
+            virtual_stages, tuple(points) if points is not None else None,
+        )  # fmt: skip
+    report = memory_report(cfg, setup, run=run, measure=measure, pipeline=shape)
     if as_json:
-        out = [dict(p.to_json(), **({"measured": measured[p.name]} if p.name in measured else {})) for p in plans]
-        print(json.dumps([{**out[0], **extra}, *out[1:]]))
-        return plans, measured
-    print(
-        f"{cfg.name}: micro-batch {micro_batch} x {seq_len} tokens, {devices} device(s), expert-parallel "
-        f"{expert_parallel}, ZeRO {zero}, {dtype}{', activation checkpointing' if activation_checkpointing else ''}"
-    )
-    print(format_plans(plans, measured))
-    _print_extra(cfg, extra)
-    return plans, measured
+        print(json.dumps(report.to_json()))
+    else:
+        print(setup.describe(cfg.name))
+        print(format_plans(report.plans, report.measured))
+        _print_extra(cfg, report.extra)
+    return report.plans, report.measured
 
 
 def _print_extra(cfg, extra: dict) -> None:

@@ -34,9 +34,10 @@ from ..errors import ConfigError
 from ..model import Transformer
 from ..model.transformer import lm_loss
 from ..moe import MoEStats
+from ..run_config import Schedule
 
 # parallel.pipeline_schedule -> torch.distributed.pipelining's schedule class
-SCHEDULES = {
+SCHEDULES: dict[Schedule, str] = {
     "1f1b": "Schedule1F1B",
     "gpipe": "ScheduleGPipe",
     "interleaved_1f1b": "ScheduleInterleaved1F1B",
@@ -171,7 +172,7 @@ def build_rank(
 
 def build_schedule(
     rank_stages: RankStages,
-    kind: str,
+    kind: Schedule,
     micro_batches: int,
     micro_shape: tuple[int, int],
     device,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import resource
 from dataclasses import replace
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +20,7 @@ from ...run_config import OptimConfig
 from ...runtime import is_dtensor
 from ...train.optim import build_optimizer
 from .plan import MemoryPlan, measure_activation_bytes, measure_memory, plan_memory
+from .setup import MemorySetup
 
 
 def _local_bytes(t: torch.Tensor) -> int:
@@ -31,21 +31,18 @@ def _local_bytes(t: torch.Tensor) -> int:
 def _measure_rank(
     rank: int,
     cfg: ModelConfig,
-    micro_batch: int,
-    seq_len: int,
-    ep: int,
-    zero: int,
+    setup: MemorySetup,
     steps: int,
     state: dict | None = None,
     tokens_RBS: torch.Tensor | None = None,
     optim: OptimConfig | None = None,
 ):
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         world = dist.get_world_size()
-        shard, replicate = (world, 1) if zero == 3 else (1, world)
+        shard, replicate = (world, 1) if setup.zero == 3 else (1, world)
+        ep = setup.expert_parallel if cfg.moe is not None else 1
         par = build_meshes(Layout(world, rank, ep, shard, replicate), torch.device("cpu"))
         torch.manual_seed(0)
         model = Transformer(cfg)
@@ -57,7 +54,8 @@ def _measure_rank(
             tokens = tokens_RBS[rank]
         else:
             g = torch.Generator().manual_seed(rank)
-            tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=g)
+            S = setup.seq_len or cfg.max_seq_len
+            tokens = torch.randint(0, cfg.vocab_size, (setup.micro_batch, S + 1), generator=g)
         act = grads = 0
         for _ in range(steps):
             act, out = measure_activation_bytes(model, tokens)
@@ -79,62 +77,39 @@ def _measure_rank(
 
 def measure_parallel(
     cfg: ModelConfig,
-    micro_batch: int,
-    seq_len: int,
-    devices: int,
-    expert_parallel: int,
-    zero: int,
+    setup: MemorySetup,
+    *,
     steps: int = 2,
     state: dict | None = None,
     tokens_RBS: torch.Tensor | None = None,
     optim: OptimConfig | None = None,
 ) -> list[dict[str, int]]:
     """Each rank's measured bytes (params, grads, optimizer, activations, peak RSS) in a
-    real `devices`-process gloo run on this machine: random tokens and a seeded init, or a
-    run's weights (`state`, left unchanged: learning rate 0) on its own text, rank r
+    real `setup.devices`-process gloo run on this machine (experts split as `setup` says, ZeRO 0 or 3): random
+    tokens and a seeded init, or a run's weights (`state`, left unchanged: learning rate 0) on its own text, rank r
     reading `tokens_RBS[r]` (B sequences of S + 1 tokens); `optim` as the run trains (AdamW when None)."""
-    return run_local(
-        devices, _measure_rank, cfg, micro_batch, seq_len, expert_parallel, zero, steps, state, tokens_RBS, optim
-    )
+    return run_local(setup.devices, _measure_rank, cfg, setup, steps, state, tokens_RBS, optim)
 
 
-def plan_and_measure(
-    cfg,
-    *,
-    micro_batch: int,
-    seq_len: int,
-    devices: int = 1,
-    expert_parallel: int = 1,
-    zero: int = 0,
-    dtype: str = "fp32",
-    activation_checkpointing: bool = False,
-    measure: bool = False,
-) -> tuple[list[MemoryPlan], dict[str, dict]]:
+def plan_and_measure(cfg, setup: MemorySetup, *, measure: bool = False) -> tuple[list[MemoryPlan], dict[str, dict]]:
     """Plans for a run config's model and, for an MoE, its dense twin, both under the config's optimizer; measured
     here on request."""
     models = [(cfg.name, cfg.model)]
     if cfg.model.moe is not None:
         models.append((f"{cfg.name} dense twin", cfg.model.dense_twin()))
-    kw: dict[str, Any] = dict(
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        devices=devices,
-        expert_parallel=expert_parallel,
-        zero=zero,
-        dtype=dtype,
-        activation_checkpointing=activation_checkpointing,
-        optim=cfg.optim,
-    )
     try:
-        plans = [plan_memory(m, name=n, **kw) for n, m in models]
+        plans = [plan_memory(m, setup, name=n, optim=cfg.optim) for n, m in models]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     measured = {}
     if measure:
-        if dtype != "fp32" or activation_checkpointing:
+        if setup.dtype != "fp32" or setup.activation_checkpointing:
             raise ConfigError("--measure runs on this machine's CPU: use --dtype fp32, no activation checkpointing")
-        if devices > 1 and zero not in (0, 3):
-            raise ConfigError(f"--measure with --devices {devices}: FSDP2 runs ZeRO 0 (replicated) or 3, not {zero}")
+        devices = setup.devices
+        if devices > 1 and setup.zero not in (0, 3):
+            raise ConfigError(
+                f"--measure with --devices {devices}: FSDP2 runs ZeRO 0 (replicated) or 3, not {setup.zero}"
+            )
         for (n, m), p in zip(models, plans, strict=True):
             if p.bytes["total"] * devices > 8 * 1024**3:
                 raise ConfigError(
@@ -142,8 +117,7 @@ def plan_and_measure(
                     f"{devices} process(es); measure a smaller recipe or batch"
                 )
             if devices == 1:
-                measured[n] = measure_memory(m, micro_batch, seq_len, optim=cfg.optim)
+                measured[n] = measure_memory(m, setup, optim=cfg.optim)
             else:
-                ep = expert_parallel if m.moe else 1
-                measured[n] = measure_parallel(m, micro_batch, seq_len, devices, ep, zero, optim=cfg.optim)[0]
+                measured[n] = measure_parallel(m, setup, optim=cfg.optim)[0]
     return plans, measured

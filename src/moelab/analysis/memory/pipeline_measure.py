@@ -1,5 +1,5 @@
 """A pipeline's memory and bubble measured in real processes, per rank: what `moelab
-memory --pipeline P --measure` puts beside the plan of `analysis.pipeline_memory`.
+memory --pipeline P --measure` puts beside the plan of `analysis.memory.pipeline_plan`.
 
 Each of P gloo processes builds its stages as `moelab train` does, runs real steps of the
 schedule (fp32, the run's optimizer) and reads:
@@ -29,6 +29,7 @@ from ...parallel.local import run_local
 from ...parallel.pipeline import build_rank, build_schedule, step_schedule
 from ...run_config import OptimConfig
 from ...train.optim import build_optimizer
+from .setup import PipelineShape
 
 
 class _Live:
@@ -110,13 +111,15 @@ def _nbytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))
 
 
-def _measure_rank(rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, points, steps, optim):
+def _measure_rank(rank: int, cfg: ModelConfig, shape: PipelineShape, steps: int, optim: OptimConfig | None):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         torch.manual_seed(0)
-        rs = build_rank(Transformer(cfg), pipeline, virtual, rank, points)
-        sched = build_schedule(rs, schedule, micro_batches, (micro_batch, seq_len), torch.device("cpu"))
+        points = list(shape.points) if shape.points is not None else None
+        rs = build_rank(Transformer(cfg), shape.pipeline, shape.virtual, rank, points)
+        micro_batches, micro_batch, seq_len = shape.micro_batches, shape.micro_batch, shape.seq_len
+        sched = build_schedule(rs, shape.schedule, micro_batches, (micro_batch, seq_len), torch.device("cpu"))
         busy = [0.0]
         for st in getattr(sched, "_stages", None) or [sched._stage]:
             _timed(st, ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"), busy)
@@ -156,23 +159,10 @@ def _measure_rank(rank, cfg, pipeline, micro_batches, micro_batch, seq_len, sche
 
 
 def measure_pipeline(
-    cfg: ModelConfig,
-    *,
-    pipeline: int,
-    micro_batches: int,
-    micro_batch: int,
-    seq_len: int,
-    schedule: str = "1f1b",
-    virtual: int = 1,
-    points: list[int] | None = None,
-    steps: int = 3,
-    optim: OptimConfig | None = None,
+    cfg: ModelConfig, shape: PipelineShape, *, steps: int = 3, optim: OptimConfig | None = None
 ) -> list[dict]:
-    """Per pipeline rank, measured in `pipeline` real gloo processes on this machine (the
+    """Per pipeline rank of `shape`, measured in `shape.pipeline` real gloo processes on this machine (the
     last of `steps` steps, after warm-up): bytes of params, grads, optimizer state and
     peak saved activations, peak RSS, step and busy seconds, and the bubble; `optim` as the run trains (AdamW
     when None)."""
-    return run_local(
-        pipeline, _measure_rank, cfg, pipeline, micro_batches, micro_batch, seq_len, schedule, virtual, points, steps,
-        optim,
-    )  # fmt: skip
+    return run_local(shape.pipeline, _measure_rank, cfg, shape, steps, optim)

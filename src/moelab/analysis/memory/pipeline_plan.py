@@ -2,7 +2,7 @@
 
 Weights, gradients and optimizer state of a rank are exact: its stages' parameters, counted
 on the `meta` device by the same split `parallel.pipeline` trains with. Activations are
-one micro-batch's (the per-token terms of `analysis.memory`, for the rank's layers, the
+one micro-batch's (the per-token terms of `analysis.memory.plan`, for the rank's layers, the
 head's on the last stage) times the micro-batches in flight at the rank's peak:
   GPipe, looped BFS  all M forwards (of each of its stages) before the first backward;
   1F1B               rank r: min(P - r, M) - the first rank holds the most;
@@ -11,7 +11,7 @@ head's on the last stage) times the micro-batches in flight at the rank's peak:
                      bound: a deferred weight gradient keeps its inputs until it runs).
 Bubble: the share of a step a rank idles, (P - 1) / (M + P - 1) for GPipe and 1F1B,
 (P - 1) / (V M + P - 1) for the multi-stage schedules (for zero bubble an upper bound:
-it fills part of it with weight-gradient work). `analysis.pipeline_measure` measures both
+it fills part of it with weight-gradient work). `analysis.memory.pipeline_measure` measures both
 in real processes.
 """
 
@@ -22,45 +22,19 @@ import torch
 from ...config import ModelConfig
 from ...model import Transformer
 from ...parallel.pipeline import split_layers
-from ...run_config import MULTI_STAGE_SCHEDULES, OptimConfig
+from ...run_config import OptimConfig
 from ...train.optim import state_bytes
 from .plan import activation_elements_per_token
+from .setup import PipelineShape
 
 
-def bubble_fraction(pipeline: int, micro_batches: int, schedule: str = "1f1b", virtual: int = 1) -> float:
-    """The idle share of a step: (P - 1) / (M + P - 1), or (P - 1) / (V M + P - 1) interleaved."""
-    work = micro_batches * (virtual if schedule in MULTI_STAGE_SCHEDULES else 1)
-    return (pipeline - 1) / (work + pipeline - 1)
-
-
-def in_flight(rank: int, pipeline: int, micro_batches: int, schedule: str, virtual: int = 1) -> float:
-    """Micro-batches whose activations rank `rank` holds at its peak (in units of its whole share of layers)."""
-    if schedule in ("gpipe", "looped_bfs"):
-        return micro_batches
-    if schedule in ("interleaved_1f1b", "interleaved_zb"):
-        chunks = min(virtual * micro_batches, 2 * (pipeline - rank - 1) + (virtual - 1) * pipeline + 1)
-        return chunks / virtual
-    return min(pipeline - rank, micro_batches)
-
-
-def plan_stages(
-    cfg: ModelConfig,
-    *,
-    pipeline: int,
-    micro_batches: int,
-    micro_batch: int,
-    seq_len: int,
-    schedule: str = "1f1b",
-    virtual: int = 1,
-    points: list[int] | None = None,
-    optim: OptimConfig | None = None,
-) -> list[dict]:
-    """Per pipeline rank (fp32, `optim`: AdamW when None): its layers and bytes of params, grads, optimizer,
-    activations and their total; stages cut at `points` (parallel.pipeline_split) or evenly."""
+def plan_stages(cfg: ModelConfig, shape: PipelineShape, *, optim: OptimConfig | None = None) -> list[dict]:
+    """Per pipeline rank of `shape` (fp32, `optim`: AdamW when None): its layers and bytes of params, grads, optimizer,
+    activations and their total."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    S = pipeline * virtual
-    parts = split_layers(cfg.n_layers, S, points)
+    pipeline, S = shape.pipeline, shape.pipeline * shape.virtual
+    parts = split_layers(cfg.n_layers, S, list(shape.points) if shape.points is not None else None)
     act = activation_elements_per_token(cfg)
     per_layer = {
         i: act["attention"] / cfg.n_layers
@@ -71,7 +45,7 @@ def plan_stages(
         )
         for i, layer in enumerate(model.layers)
     }
-    T = micro_batch * seq_len
+    T = shape.micro_batch * shape.seq_len
     out = []
     for r in range(pipeline):
         stages = [s for s in range(S) if s % pipeline == r]
@@ -93,11 +67,11 @@ def plan_stages(
             "params": 4 * n,
             "grads": 4 * n,
             "optimizer": sum(_state(name, p, optim) for name, p in params),
-            "activations": round(per_micro * in_flight(r, pipeline, micro_batches, schedule, virtual)),
+            "activations": round(per_micro * shape.in_flight(r)),
         }
         b["total"] = sum(b.values())
         out.append({"rank": r, "stages": stages, "layers": layers, "bytes": b,
-                    "micro_batches_in_flight": in_flight(r, pipeline, micro_batches, schedule, virtual)})  # fmt: skip
+                    "micro_batches_in_flight": shape.in_flight(r)})  # fmt: skip
     return out
 
 
@@ -119,7 +93,7 @@ def _ranges(layers: list[int]) -> str:
 
 def format_stages(stages: list[dict], bubble: float, measured: list[dict] | None = None) -> str:
     """The per-rank table and the bubble, as `moelab memory --pipeline` prints them; with
-    `measured` (`analysis.pipeline_measure`), a measured row under each rank's plan."""
+    `measured` (`analysis.memory.pipeline_measure`), a measured row under each rank's plan."""
     mib = 2**20
     lines = ["rank  layers        params MiB  grads MiB  optim MiB  activations MiB (in flight)  total MiB"]
     for s in stages:

@@ -42,6 +42,7 @@ from ...config import ModelConfig
 from ...model import Transformer
 from ...run_config import OptimConfig
 from ...train.optim import build_optimizer, state_bytes
+from .setup import MemorySetup
 
 GiB = 1024**3
 
@@ -125,24 +126,15 @@ class MemoryPlan:
 
 
 def plan_memory(
-    cfg: ModelConfig,
-    *,
-    name: str = "model",
-    micro_batch: int = 1,
-    seq_len: int | None = None,
-    devices: int = 1,
-    expert_parallel: int = 1,
-    zero: int = 0,
-    dtype: str = "fp32",
-    activation_checkpointing: bool = False,
-    optim: OptimConfig | None = None,
+    cfg: ModelConfig, setup: MemorySetup | None = None, *, name: str = "model", optim: OptimConfig | None = None
 ) -> MemoryPlan:
-    """Predict memory per device for `cfg` training with micro-batch x seq_len tokens on `devices` devices, experts
-    split `expert_parallel` ways, ZeRO stage `zero`, fp32 or bf16 mixed precision, with or without activation
-    checkpointing, under `optim` (AdamW when None; Muon keeps one moment for the matrices it takes). Raises
-    ValueError for a layout that does not fit."""
-    S = seq_len or cfg.max_seq_len
-    T = micro_batch * S
+    """Predict memory per device for `cfg` training as `setup` says (micro-batch, devices, expert parallelism, ZeRO
+    stage, precision, activation checkpointing) under `optim` (AdamW when None; Muon keeps one moment for the
+    matrices it takes; `setup` None: one device, one sequence). Raises ValueError for a layout that does not fit."""
+    setup = setup or MemorySetup()
+    devices, expert_parallel = setup.devices, setup.expert_parallel
+    zero, dtype = setup.zero, setup.dtype
+    T = setup.tokens(cfg)
     if devices % expert_parallel:
         raise ValueError(f"--expert-parallel {expert_parallel} must divide --devices {devices}")
     if cfg.moe is not None and cfg.moe.n_experts % expert_parallel:
@@ -178,7 +170,7 @@ def plan_memory(
     }
     act = activation_elements_per_token(cfg, expert_parallel)
     logits = 4 * T * cfg.vocab_size
-    if activation_checkpointing:
+    if setup.activation_checkpointing:
         per_token = cfg.n_layers * cfg.d_model + act["per_layer_max"] + act["head"]
     else:
         per_token = act["attention"] + act["dense_ffn"] + act["moe_ffn"] + act["head"]
@@ -252,25 +244,30 @@ def measure_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tu
 
 def measure_memory(
     cfg: ModelConfig,
-    micro_batch: int,
-    seq_len: int,
+    setup: MemorySetup,
+    *,
     steps: int = 2,
     isolated: bool = True,
     optim: OptimConfig | None = None,
 ) -> dict[str, int]:
-    """Run real fp32 steps of `optim` (AdamW when None) on this machine and read each category off the tensors.
-    `isolated` runs them in a fresh process so its peak RSS belongs to this model alone."""
+    """Run real fp32 steps of `optim` (AdamW when None) of `setup`'s micro-batch on this machine (one device) and read
+    each category off the tensors. `isolated` runs them in a fresh process so its peak RSS belongs to this model
+    alone."""
     if isolated:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(1) as pool:
-            return pool.apply(measure_memory, (cfg, micro_batch, seq_len, steps, False, optim))
+            return pool.apply(_measure_here, (cfg, setup, steps, optim))
+    return _measure_here(cfg, setup, steps, optim)
+
+
+def _measure_here(cfg: ModelConfig, setup: MemorySetup, steps: int, optim: OptimConfig | None) -> dict[str, int]:
     import resource
 
     torch.manual_seed(0)
     model = Transformer(cfg)
     opt = build_optimizer(model, optim or OptimConfig())
-    tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1))
+    tokens = torch.randint(0, cfg.vocab_size, (setup.micro_batch, (setup.seq_len or cfg.max_seq_len) + 1))
     act = 0
     for _ in range(steps):
         act, out = measure_activation_bytes(model, tokens)

@@ -20,6 +20,7 @@ on routing.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from ...train.evaluate import unpack_batch
 from ...train.setup import run_data
 from .measure import measure_parallel
 from .plan import expert_row_elements
+from .setup import MemorySetup
 
 
 def run_loads(run_dir: Path) -> list[list[float]]:
@@ -80,50 +82,33 @@ def skewed_activation_bytes(
     return {"extra": extra, "worst_rank": worst, "shares": shares}
 
 
-def measure_skewed(
-    run_dir: Path, cfg: RunConfig, micro_batch: int, seq_len: int, devices: int, expert_parallel: int, zero: int
-) -> list[dict]:
-    """Every rank's measured bytes in a real `devices`-process step of the run's own
+def measure_skewed(run_dir: Path, cfg: RunConfig, setup: MemorySetup) -> list[dict]:
+    """Every rank's measured bytes in a real `setup.devices`-process step of the run's own
     weights on its own training text (each rank its own batch), the weights unchanged."""
     run = load_run(run_dir, device="cpu")
     data = run_data(cfg, run.tokenizer_file)
-    sampler = Sampler(len(data.train), micro_batch * devices, cfg.train.seed)
+    sampler = Sampler(len(data.train), setup.micro_batch * setup.devices, cfg.train.seed)
     x, y, _ = unpack_batch(data.train.batch(sampler.next()))
-    S = min(seq_len, x.shape[1])
+    S = min(setup.seq_len or cfg.model.max_seq_len, x.shape[1])
     tokens = torch.cat([x[:, :S], y[:, S - 1 : S]], dim=1)  # S inputs and the next token
     return measure_parallel(
         cfg.model,
-        micro_batch,
-        S,
-        devices,
-        expert_parallel,
-        zero,
-        1,
-        run.model.state_dict(),
-        tokens.view(devices, -1, S + 1),
-        cfg.optim,
+        replace(setup, seq_len=S),
+        steps=1,
+        state=run.model.state_dict(),
+        tokens_RBS=tokens.view(setup.devices, -1, S + 1),
+        optim=cfg.optim,
     )
 
 
-def skew_report(
-    run_dir: Path,
-    cfg: RunConfig,
-    uniform_bytes: int,
-    *,
-    micro_batch: int,
-    seq_len: int,
-    devices: int,
-    expert_parallel: int,
-    zero: int,
-    dtype: str,
-    measure: bool,
-) -> dict:
+def skew_report(run_dir: Path, cfg: RunConfig, uniform_bytes: int, setup: MemorySetup, *, measure: bool) -> dict:
     """The busiest rank's activations predicted from the run's measured loads next to the
-    uniform plan (`uniform_bytes`), measured in `devices` real processes on request; a
+    uniform plan (`uniform_bytes`), measured in `setup.devices` real processes on request; a
     `text` line says it."""
     loads = run_loads(run_dir)
-    ab = 4 if dtype == "fp32" else 2
-    skew = skewed_activation_bytes(cfg.model, loads, micro_batch * seq_len, expert_parallel, ab)
+    ab = 4 if setup.dtype == "fp32" else 2
+    expert_parallel = setup.expert_parallel
+    skew = skewed_activation_bytes(cfg.model, loads, setup.tokens(cfg.model), expert_parallel, ab)
     worst = uniform_bytes + skew["extra"][skew["worst_rank"]]
     busiest = [max(s) * expert_parallel for s in skew["shares"]]
     res = {
@@ -141,13 +126,13 @@ def skew_report(
     if expert_parallel == 1:
         res["text"] = "one expert-parallel rank holds every expert: uneven loads do not change its activations"
     if measure:
-        if dtype != "fp32":
+        if setup.dtype != "fp32":
             raise ConfigError("--measure runs on this machine's CPU: use --dtype fp32")
-        ranks = measure_skewed(run_dir, cfg, micro_batch, seq_len, devices, expert_parallel, zero)
+        ranks = measure_skewed(run_dir, cfg, setup)
         res["measured"] = [r["activations"] for r in ranks]
         top = max(range(len(ranks)), key=lambda r: res["measured"][r])
         res["text"] += (
-            f"; measured ({devices} processes, the run's weights on its own text): rank {top} "
+            f"; measured ({setup.devices} processes, the run's weights on its own text): rank {top} "
             f"{res['measured'][top] / 2**20:,.2f} MiB, ranks {', '.join(f'{b / 2**20:,.2f}' for b in res['measured'])}"
         )
     return res

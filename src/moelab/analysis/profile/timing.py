@@ -1,7 +1,7 @@
 """Where a training step's time goes: `moelab profile`.
 
 A model (a recipe's, or a run's checkpoint), its dense twin (equal active parameters, as
-`analysis.memory.dense_twin` builds it) and - for an MoE - the same weights with the
+`ModelConfig.dense_twin` builds it) and - for an MoE - the same weights with the
 routing forced to be balanced (`model.moe.router_override=balanced`) each run W warm-up
 steps, N plain steps (timed with a clock) and N steps under `torch.profiler` with the
 `moelab.phases` ranges on. Every profiler event's self time is given to one phase:

@@ -21,6 +21,7 @@ from ...runtime import PARENT_ENV
 from ...serve.bench import bench_runs
 from ...store.outputs import staged_output
 from ..memory.plan import plan_memory
+from ..memory.setup import MemorySetup
 from ..profile.report import imbalance, moe_overhead, profile_runs
 from ..profile.timing import ROWS
 from .curves import RunCurves, clock_context, head_to_head, read_run, speedups, x_to_reach, y_at
@@ -36,9 +37,8 @@ def run_summary(rc: RunCurves, run_dir: Path | None) -> dict:
 
     pc = rc.cfg.model.param_counts()
     tps = [r["tokens_per_s"] for r in rc.records if r.get("tokens_per_s")]
-    plan = plan_memory(
-        rc.cfg.model, micro_batch=rc.cfg.train.batch_size, seq_len=rc.cfg.data.seq_len, optim=rc.cfg.optim
-    )
+    setup = MemorySetup(micro_batch=rc.cfg.train.batch_size, seq_len=rc.cfg.data.seq_len)
+    plan = plan_memory(rc.cfg.model, setup, optim=rc.cfg.optim)
     last_moe = rc.records[-1].get("moe_layers", [])
     return {
         "name": rc.name,
