@@ -1,4 +1,6 @@
 """The memory planner against real tensors, and against published parameter counts."""
+from dataclasses import replace
+
 import pytest
 
 from moelab.analysis.memory.plan import dense_twin, measure_memory, plan_memory
@@ -172,8 +174,9 @@ def test_pipeline_plan_per_rank_equals_real_pipeline_ranks(tmp_path):
     assert [s["micro_batches_in_flight"] for s in runs["1f1b"][0]] == [2, 1]  # 1F1B: the first rank holds the most
     one = runs["1f1b"][1][0]["activations"]
     assert runs["gpipe"][1][0]["activations"] > 1.5 * one  # GPipe keeps every micro-batch's activations
-    assert PipelineShape(2, 4, 1, 1).bubble() == pytest.approx(1 / 5)
-    assert PipelineShape(2, 4, 1, 1, "interleaved_1f1b", 2).bubble() == pytest.approx(1 / 9)
+    shape = PipelineShape(pipeline=2, micro_batches=4, micro_batch=1, seq_len=1)
+    assert shape.bubble() == pytest.approx(1 / 5)
+    assert replace(shape, schedule="interleaved_1f1b", virtual=2).bubble() == pytest.approx(1 / 9)
     # the plan is of pipeline ranks alone: asked to divide them further, it says so instead of ignoring it
     rc, _, err = run_cli("memory", str(recipe), "--pipeline", "2", "--devices", "2", check=False)
     assert rc == 2 and "--devices/--zero: expected 1 and 0 with --pipeline" in err

@@ -169,13 +169,17 @@ def cmd_memory(
     run = Path(recipe) if Path(recipe).is_dir() else None
     cfg = read_run_config(run)[1] if run is not None else load_config(recipe)
     seq_len = seq_len or cfg.data.seq_len
-    setup = MemorySetup(micro_batch, seq_len, devices, expert_parallel, zero, dtype, activation_checkpointing)
+    setup = MemorySetup(
+        micro_batch=micro_batch, seq_len=seq_len, devices=devices, expert_parallel=expert_parallel, zero=zero,
+        dtype=dtype, activation_checkpointing=activation_checkpointing,
+    )  # fmt: skip
     shape = None
     if pipeline > 1:
         points = cfg.parallel.pipeline_split
         shape = PipelineShape(
-            pipeline, micro_batches or max(cfg.train.grad_accum, pipeline), micro_batch, seq_len, schedule,
-            virtual_stages, tuple(points) if points is not None else None,
+            pipeline=pipeline, micro_batches=micro_batches or max(cfg.train.grad_accum, pipeline),
+            micro_batch=micro_batch, seq_len=seq_len, schedule=schedule, virtual=virtual_stages,
+            points=tuple(points) if points is not None else None,
         )  # fmt: skip
     report = memory_report(cfg, setup, run=run, measure=measure, pipeline=shape)
     if as_json:
