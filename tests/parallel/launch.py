@@ -4,6 +4,10 @@ import os
 from moelab.parallel.local import run_local
 
 
+# what the ranks of these tests import: the forkserver imports it once, every rank starts with it
+PRELOAD = ("moelab.train", "moelab.parallel.parallelize", "moelab.parallel.pipeline")
+
+
 def _quiet(rank, fn, args):
     import torch
 
@@ -15,6 +19,6 @@ def _quiet(rank, fn, args):
 def spawn(world: int, fn, *args, timeout: float = 240.0):
     """fn(rank, *args) in `world` processes (1 thread each); their results in rank order."""
     try:
-        return run_local(world, _quiet, fn, args, timeout=timeout)
+        return run_local(world, _quiet, fn, args, timeout=timeout, preload=PRELOAD)
     except RuntimeError as e:
         raise AssertionError(str(e)) from None
