@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,24 @@ def test_the_fit_recovers_a_known_law_and_its_leverage_within_their_intervals():
         lo, hi = interval(els)
         assert lo <= expected <= hi, (c, lo, expected, hi)
         assert lo <= leverage(Family(law, 6.0, 1.0, 1.0), Family(moe, 6.0, 1.0, 1.0), c) <= hi
+
+
+def test_a_grid_with_no_loss_floor_fits_and_bootstraps():
+    """Losses that keep falling as pure powers of N and D (no irreducible loss over the grid, as a small grid on
+    an unseen corpus can show): E goes to 0 - exp of a log that underflows - and the bootstrap still starts from
+    the fit."""
+    n, d, loss = synthetic(dict(TRUE, E=0.0), seed=2)
+    law = fit_law(n, d, loss)
+    assert law.E < 0.05
+    boots = bootstrap(n, d, loss, law, samples=60)
+    assert len(boots) > 40
+    for k in ("alpha", "beta"):
+        lo, hi = interval([getattr(b, k) for b in boots])
+        assert lo <= TRUE[k] <= hi, (k, lo, TRUE[k], hi)
+    # where the fit's log E ends below ~-745 (a Vim-manual grid did), E is exactly 0.0: the bootstrap starts from the
+    # fit's own coordinates, not from log E
+    gone = replace(law, E=math.exp(-800.0), coords=(-800.0, *law.coords[1:]))
+    assert gone.E == 0.0 and len(bootstrap(n, d, loss, gone, samples=20)) > 10
 
 
 def test_leverage_matches_the_closed_form():

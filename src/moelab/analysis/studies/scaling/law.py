@@ -38,6 +38,8 @@ class Law:
     huber: float = 0.0  # the objective at the optimum
     rms_log: float = 0.0  # root-mean-square residual of log L
     n_runs: int = 0
+    # the fit's own coordinates: E = exp(log E) underflows to 0 where a grid shows no floor, and log 0 is no start
+    coords: tuple[float, ...] = field(default=(), repr=False)
 
     def loss(self, n, d):
         """L(N, D), element-wise."""
@@ -47,6 +49,8 @@ class Law:
     @property
     def theta(self) -> np.ndarray:
         """(log E, log A, alpha, log B, beta): the fitted coordinates."""
+        if self.coords:
+            return np.array(self.coords)
         return np.array([math.log(self.E), math.log(self.A), self.alpha, math.log(self.B), self.beta])
 
     def as_dict(self) -> dict:
@@ -182,6 +186,7 @@ def _law(theta, f, n, d, loss, fixed) -> Law:
         fixed=dict(fixed),
         huber=float(f),
         n_runs=len(n),
+        coords=tuple(float(v) for v in theta),
     )
     law.rms_log = float(np.sqrt(np.mean((np.log(law.loss(n, d)) - np.log(loss)) ** 2)))
     return law
