@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,22 @@ def run_main(capsys, *args: str, check: bool = True):
     if check and rc != 0:
         raise AssertionError(f"moelab {' '.join(map(str, args))} failed ({rc}):\n{err[-3000:]}")
     return rc, out, err
+
+
+# `moelab scaling` micro-grids (tests/analysis/test_scaling*.py)
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory) -> Path:
+    """A corpus varied enough that tiny models do not exhaust it within the grid: the first 80
+    modules of this Python's standard library, as text files."""
+    root = tmp_path_factory.mktemp("corpus")
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:80]:
+        shutil.copy(f, root / f"{f.stem}.txt")
+    return root
+
+
+def grid_args(data: Path, out: Path, tokens: str = "8192,32768") -> list[str]:
+    """`moelab scaling` arguments for a 2 x 2 micro-grid of tiny-dense and tiny-moe on `data`."""
+    small = ["model.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32", "train.batch_size=8",
+             "train.eval_batches=8", "data.tokenizer_train_bytes=300000", "train.threads=1"]  # fmt: skip
+    return ["scaling", "--dense", "tiny-dense", "--moe", "tiny-moe", "--data", str(data), "--out", str(out),
+            "--widths", "32,64", "--tokens", tokens, "--quiet", *(a for s in small for a in ("--set", s))]  # fmt: skip

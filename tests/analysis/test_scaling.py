@@ -4,19 +4,16 @@ end to end, resumes after a kill and refuses a changed grid."""
 
 import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import grid_args, run_cli
 from moelab.analysis.studies.scaling.law import Law, bootstrap, fit_law, interval
 from moelab.analysis.studies.scaling.leverage import Family, leverage
 from moelab.errors import ConfigError
@@ -97,23 +94,6 @@ def test_grids_the_law_cannot_be_read_from_are_refused_with_one_line():
         fit_law(n, d, flat)
 
 
-@pytest.fixture(scope="module")
-def prose(tmp_path_factory) -> Path:
-    """A corpus varied enough that tiny models do not exhaust it within the grid: the first 80
-    modules of this Python's standard library, as text files."""
-    root = tmp_path_factory.mktemp("corpus")
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:80]:
-        shutil.copy(f, root / f"{f.stem}.txt")
-    return root
-
-
-def grid_args(data: Path, out: Path, tokens: str = "8192,32768") -> list[str]:
-    small = ["model.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32", "train.batch_size=8",
-             "train.eval_batches=8", "data.tokenizer_train_bytes=300000", "train.threads=1"]  # fmt: skip
-    return ["scaling", "--dense", "tiny-dense", "--moe", "tiny-moe", "--data", str(data), "--out", str(out),
-            "--widths", "32,64", "--tokens", tokens, "--quiet", *(a for s in small for a in ("--set", s))]  # fmt: skip
-
-
 def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     out = tmp_path / "scaling"
     args = grid_args(prose, out)
@@ -154,3 +134,4 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "tokens" in err, err
     assert rows.read_text() == before
     assert math.isfinite(summary["leverage"][0]["flops"])
+

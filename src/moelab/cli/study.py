@@ -298,6 +298,7 @@ def cmd_scaling(
     out: str | None = None,
     widths: str | None = None,
     tokens: str | None = None,
+    experts: str | None = None,
     seeds: int = 1,
     jobs: int = 1,
     predict: str | None = None,
@@ -318,6 +319,8 @@ def cmd_scaling(
         out: scaling folder to create (or continue: the same flags resume it)
         widths: comma-separated d_model values, e.g. 32,48,64,96
         tokens: comma-separated training-token budgets, e.g. 100000,200000,400000
+        experts: comma-separated expert counts, e.g. 4,8,16: one MoE family each, at the recipe's active and total
+            parameters (top-k and expert width scaled), fitted as one law over granularity
         seeds: seeds per grid point (train.seed=0..N-1)
         jobs: trainings at once, each in a process of its own with an equal share of the cores
         predict: WIDTH,TOKENS outside the grid: predicted, then trained and measured
@@ -331,7 +334,8 @@ def cmd_scaling(
 
     if folder is not None:
         given = [f for f, v in (("--dense", dense), ("--moe", moe), ("--data", data), ("--out", out),
-                                ("--widths", widths), ("--tokens", tokens), ("--set", overrides)) if v]  # fmt: skip
+                                ("--widths", widths), ("--tokens", tokens), ("--experts", experts),
+                                ("--set", overrides)) if v]  # fmt: skip
         if given:
             raise ConfigError(f"{', '.join(given)}: not taken with DIR (the grid is the folder's: {folder}/grid.json)")
         require(seeds == 1 and jobs == 1, "--seeds/--jobs", "their defaults with DIR", f"{seeds}/{jobs}")
@@ -355,18 +359,21 @@ def cmd_scaling(
             tokens=tuple(number_list(tokens, int, "--tokens")),  # type: ignore[arg-type]
             seeds=seeds,
             overrides=tuple(overrides),
+            experts=tuple(number_list(experts, int, "--experts")) if experts else (),
         )
         folder = str(out)
         rows = scaling_grid(grid, Path(folder), jobs=jobs, quiet=quiet)
         print(f"{len(rows)} runs in {Path(folder) / 'runs.jsonl'}")
         summary = fit_scaling(Path(folder))
-    for name, law in summary["laws"].items():
+    laws = summary["laws"] | ({"MoE over G": summary["granular_law"]} if "granular_law" in summary else {})
+    for name, law in laws.items():
         fixed = f" ({'; '.join(law['fixed'])} fixed at the prior)" if law["fixed"] else ""
+        size = f"({law['A']:.3g} + {law['g']:.3g}/G^{law['gamma']:.3f})" if "g" in law else f"{law['A']:.3g}"
         print(
-            f"{name}: L = {law['E']:.3f} + {law['A']:.3g}/N^{law['alpha']:.3f} + {law['B']:.3g}/D^{law['beta']:.3f}"
+            f"{name}: L = {law['E']:.3f} + {size}/N^{law['alpha']:.3f} + {law['B']:.3g}/D^{law['beta']:.3f}"
             f"   rms residual {100 * law['rms_log']:.2f}%{fixed}"
         )
-    for s in summary["sentences"]:
+    for s in summary.get("notes", []) + summary["sentences"]:
         print(s[0].upper() + s[1:])
     print(f"report: {write_report(Path(folder), summary)}")
     return summary

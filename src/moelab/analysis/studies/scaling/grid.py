@@ -6,6 +6,11 @@ from its checkpoint); a grid continued with other settings is refused.
 A width is a d_model: the recipe's model is scaled as `lr-sweep` scales it (head dim kept,
 FFN and expert widths in proportion, depth by the aspect ratio). Each run's peak LR is
 `optim.lr=auto` (MM1's rule at its size, or `optim.lr_fit`) unless --set names one.
+
+With `experts` the MoE family is several: the recipe with E experts for each E given, top-k
+and expert width scaled so that active and total parameters stay the recipe's (E twice the
+recipe's: top-k doubled, experts half as wide) - granularity as a variable at fixed
+parameters (Krajewski et al. 2024).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ....config import MoEConfig
 from ....errors import ConfigError, NonFiniteError, OutputExists
 from ....run_config import RunConfig, load_config, save_config
 from ....runtime import PARENT_ENV
@@ -47,14 +53,57 @@ class Grid:
     tokens: tuple[int, ...]
     seeds: int = 1
     overrides: tuple[str, ...] = ()
+    experts: tuple[int, ...] = ()  # MoE variants by expert count; () = the recipe's own
 
     def recipe(self, family: str) -> str:
-        """The recipe of `family` ('dense' or 'moe')."""
+        """The recipe of `family` ('dense', 'moe' or an 'moe-e16' variant)."""
         return self.dense if family == "dense" else self.moe
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """'dense' and the MoE family, or one MoE family per expert count."""
+        return ("dense", *(variant_name(e) for e in self.experts)) if self.experts else FAMILIES
 
     def points(self) -> list[tuple[str, int, int, int]]:
         """Every (family, width, tokens, seed), smallest first."""
-        return [(f, w, t, s) for t in self.tokens for w in self.widths for f in FAMILIES for s in range(self.seeds)]
+        return [(f, w, t, s) for t in self.tokens for w in self.widths for f in self.families
+                for s in range(self.seeds)]  # fmt: skip
+
+    def settings(self) -> dict:
+        """The grid as saved in OUT/grid.json (a grid without experts as folders made before them saved it)."""
+        d = json.loads(json.dumps(asdict(self)))  # tuples as lists, as read back
+        if not self.experts:
+            del d["experts"]
+        return d
+
+
+def variant_name(experts: int) -> str:
+    """The family name of the MoE variant with `experts` experts, e.g. 'moe-e16'."""
+    return f"moe-e{experts}"
+
+
+def experts_of(family: str) -> int | None:
+    """The expert count a variant family names; None for 'dense' and 'moe'."""
+    return int(family[len("moe-e") :]) if family.startswith("moe-e") else None
+
+
+def with_experts(moe: MoEConfig, experts: int) -> MoEConfig:
+    """`moe` with `experts` experts at the same active and total parameters: top-k and the expert width scaled by
+    experts / moe.n_experts and its inverse. ConfigError naming --experts when they do not divide evenly."""
+    k, width = moe.top_k * experts, moe.d_expert * moe.n_experts
+    if k % moe.n_experts or width % experts or width // experts < 1:
+        raise ConfigError(
+            f"--experts {experts}: the recipe's {moe.n_experts} experts of width {moe.d_expert}, top-{moe.top_k}, "
+            f"do not split evenly into {experts} (top-k x {experts} / {moe.n_experts} and width x "
+            f"{moe.n_experts} / {experts} must be whole numbers)"
+        )
+    return MoEConfig(**{**moe.__dict__, "n_experts": experts, "top_k": k // moe.n_experts,
+                        "d_expert": width // experts})  # fmt: skip
+
+
+def granularity(moe: MoEConfig, d_ff: int) -> float:
+    """Krajewski et al.'s granularity G: the dense FFN's width over an expert's."""
+    return d_ff / moe.d_expert
 
 
 def run_name(family: str, width: int, tokens: int, seed: int) -> str:
@@ -67,11 +116,14 @@ def point_config(grid: Grid, family: str, width: int, tokens: int, seed: int) ->
     cfg = load_config(grid.recipe(family), list(grid.overrides))
     if grid.data:
         cfg.data.source = grid.data
-    if family == "moe" and cfg.model.moe is None:
+    if family != "dense" and cfg.model.moe is None:
         raise ConfigError(f"--moe {grid.moe}: the recipe has no MoE layers (model.moe is null)")
     if family == "dense" and cfg.model.moe is not None:
         raise ConfigError(f"--dense {grid.dense}: the recipe has MoE layers; give a dense recipe")
     cfg.model = scale_model(cfg.model, width, flag="--widths")
+    experts = experts_of(family)
+    if experts is not None and cfg.model.moe is not None:
+        cfg.model = replace(cfg.model, moe=with_experts(cfg.model.moe, experts))
     if not any(o.startswith("optim.lr=") for o in grid.overrides):
         cfg.optim.lr = "auto"
     per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
@@ -90,6 +142,8 @@ def scaling_grid(grid: Grid, out: Path, *, jobs: int = 1, quiet: bool = False) -
     Returns the rows."""
     if jobs < 1:
         raise ConfigError(f"--jobs: expected a positive number of trainings at once, got {jobs}")
+    if any(e < 1 for e in grid.experts) or len(set(grid.experts)) != len(grid.experts):
+        raise ConfigError(f"--experts: expected distinct positive expert counts, got {list(grid.experts)}")
     if not grid.widths or not grid.tokens or grid.seeds < 1:
         raise ConfigError("scaling: --widths, --tokens and --seeds must each name at least one value")
     if any(w <= 0 for w in grid.widths) or any(t <= 0 for t in grid.tokens):
@@ -97,7 +151,7 @@ def scaling_grid(grid: Grid, out: Path, *, jobs: int = 1, quiet: bool = False) -
             f"--widths/--tokens: expected positive numbers, got {list(grid.widths)} / {list(grid.tokens)}"
         )
     out = guard_output(out, protect=[grid.dense, grid.moe, grid.data])
-    settings = json.loads(json.dumps(asdict(grid)))  # tuples as lists, as read back
+    settings = grid.settings()
     path = out / SETTINGS_FILE
     if path.is_file():
         refuse_changed_settings(
@@ -189,6 +243,9 @@ def _record(out: Path, point: tuple[str, int, int, int], cfg: RunConfig, finishe
         "lr": cfg.optim.lr,
         "loss": None,
     }
+    if cfg.model.moe is not None:
+        m = cfg.model.moe
+        row.update(experts=m.n_experts, top_k=m.top_k, granularity=granularity(m, cfg.model.d_ff))
     if finished:
         run = read_run(out / "runs" / cfg.name)
         row.update(
@@ -226,7 +283,7 @@ def read_grid(out: Path) -> Grid:
     if not path.is_file():
         raise ConfigError(f"{out}: not a scaling folder ({SETTINGS_FILE} is missing): run `moelab scaling` first")
     d = json.loads(path.read_text())
-    return Grid(**{**d, "widths": tuple(d["widths"]), "tokens": tuple(d["tokens"]), "overrides": tuple(d["overrides"])})
+    return Grid(**{**d, **{k: tuple(d.get(k, ())) for k in ("widths", "tokens", "overrides", "experts")}})
 
 
 if (

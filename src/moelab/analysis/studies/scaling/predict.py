@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..curves import read_run
-from .fit import finished_rows, fit_family, predict
-from .grid import COUNT, FAMILIES, point_config, read_grid, train_point
+from .fit import finished_rows, fit_families, predict
+from .grid import COUNT, point_config, read_grid, train_point
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -30,8 +30,9 @@ def predict_and_check(out: Path, width: int, tokens: int, *, train_runs: bool = 
             r = json.loads(line)
             done[(r["family"], r["width"], r["tokens_budget"])] = r
     records = []
-    for family in FAMILIES:
-        fam = fit_family(rows, family)
+    fits, _ = fit_families(rows, grid)
+    for family in grid.families:
+        fam = fits[family]
         cfgs = [point_config(grid, family, width, tokens, s) for s in range(grid.seeds)]
         cfg = cfgs[0]
         n = cfg.model.param_counts()[COUNT]

@@ -11,10 +11,9 @@ import numpy as np
 
 from ....store.outputs import write_json
 from ...html import img, page, save_png
-from .grid import COUNT, FAMILIES
 from .law import Law
 
-COLORS = {"dense": "tab:blue", "moe": "tab:orange"}
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
 def _law(d: dict) -> Law:
@@ -30,8 +29,9 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = summary["runs"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    for ax, fam in zip(axes, FAMILIES, strict=True):
+    families = list(summary["laws"])
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.2), sharey=True)
+    for ax, fam in zip(axes, families, strict=True):
         law = _law(summary["laws"][fam])
         mine = [r for r in rows if r["family"] == fam and r.get("loss") is not None]
         widths = sorted({r["width"] for r in mine})
@@ -39,7 +39,7 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
         for i, w in enumerate(widths):
             rs = [r for r in mine if r["width"] == w]
             color = cmap(i / max(1, len(widths) - 1))
-            n = rs[0]["params"][COUNT]
+            n = rs[0]["params"][summary["count"]]
             ax.plot([r["tokens"] for r in rs], [r["loss"] for r in rs], "o", color=color, label=f"d={w} (N={n:,})")
             d = np.geomspace(min(r["tokens"] for r in mine) / 1.5, max(r["tokens"] for r in mine) * 1.5, 50)
             ax.plot(d, law.loss(n, d), "-", color=color, alpha=0.7)
@@ -53,12 +53,12 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
     save_png(fig, paths[0], dpi=110)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for fam in FAMILIES:
+    for i, fam in enumerate(families):
         law = _law(summary["laws"][fam])
         mine = [r for r in rows if r["family"] == fam and r.get("loss") is not None]
-        pred = [float(law.loss(r["params"][COUNT], r["tokens"])) for r in mine]
+        pred = [float(law.loss(r["params"][summary["count"]], r["tokens"])) for r in mine]
         ax.plot(pred, [100 * (r["loss"] - p) / p for r, p in zip(mine, pred, strict=True)], "o",
-                color=COLORS[fam], label=fam)  # fmt: skip
+                color=COLORS[i % len(COLORS)], label=fam)  # fmt: skip
     ax.axhline(0, color="k", lw=0.8)
     ax.set_title("residuals of the fitted laws")
     ax.set_xlabel("fitted loss")
@@ -68,15 +68,21 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
     paths.append(out / "residuals.png")
     save_png(fig, paths[-1], dpi=110)
 
-    curve = [p for p in summary["leverage_curve"] if math.isfinite(p["el"])]
     fig, ax = plt.subplots(figsize=(6, 4))
-    if curve:
+    for i, fam in enumerate(families[1:]):
+        curve = [p for p in summary["leverage_curve"] if p.get("family", "moe") == fam and math.isfinite(p["el"])]
+        if not curve:
+            continue
         c = [p["flops"] for p in curve]
-        for key, label, tint in (("el", "in FLOPs", "tab:green"), ("el_clock", "in seconds, this machine", "tab:red")):
-            ax.plot(c, [p[key] for p in curve], "-", color=tint, label=f"EL {label}")
-            lo = [p[f"{key}_interval"][0] for p in curve]
-            hi = [p[f"{key}_interval"][1] for p in curve]
-            ax.fill_between(c, lo, hi, color=tint, alpha=0.15)
+        tint = COLORS[(i + 1) % len(COLORS)]
+        name = "" if fam == "moe" else f"{fam}, "
+        for key, label, style in (("el", "in FLOPs", "-"), ("el_clock", "in seconds, this machine", "--")):
+            ax.plot(c, [p[key] for p in curve], style, color=tint, label=f"EL {name}{label}")
+            if key == "el" or len(families) == 2:
+                lo = [p[f"{key}_interval"][0] for p in curve]
+                hi = [p[f"{key}_interval"][1] for p in curve]
+                ax.fill_between(c, lo, hi, color=tint, alpha=0.15 if key == "el" else 0.08)
+    if rows:
         ax.axvline(max(r["flops"] for r in rows if r.get("flops")), color="k", ls=":", lw=0.8, label="largest grid run")
     ax.axhline(1, color="k", lw=0.8)
     ax.set_xscale("log")
@@ -90,9 +96,15 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
     return paths
 
 
+KEYS = ("E", "A", "alpha", "B", "beta", "g", "gamma")
+
+
 def _row(name: str, law: dict) -> str:
     cells = [html.escape(name)]
-    for k in ("E", "A", "alpha", "B", "beta"):
+    for k in KEYS:
+        if k not in law:
+            cells.append("")
+            continue
         lo, hi = law["intervals"][k]
         fixed = " (fixed)" if k in law["fixed"] else ""
         cells.append(f"{law[k]:.4g} [{lo:.3g}, {hi:.3g}]{fixed}")
@@ -104,14 +116,27 @@ def write_report(out: Path, summary: dict) -> Path:
     """Write scaling.json, the figures and report.html into `out`; returns the report's path."""
     write_json(out / "scaling.json", summary)
     figures = plot_laws(out, summary)
-    notes = [v for law in summary["laws"].values() for v in law["fixed"].values()]
+    laws = dict(summary["laws"])
+    if "granular_law" in summary:
+        laws["MoE, over granularity"] = summary["granular_law"]
+    notes = sorted({v for law in laws.values() for v in law["fixed"].values()}) + summary.get("notes", [])
     body = [
         "<h1>When does the MoE pay? Loss laws for dense and MoE</h1>",
         "<p>" + "</p><p>".join(html.escape(s[0].upper() + s[1:] + ".") for s in summary["sentences"]) + "</p>",
         "<p>Law: L(N, D) = E + A/N<sup>alpha</sup> + B/D<sup>beta</sup>; N = active non-embedding parameters, "
-        "D = training tokens; Huber loss on log L; 95% intervals from refits on runs resampled with replacement.</p>",
-        "<table><tr><th>family</th><th>E</th><th>A</th><th>alpha</th><th>B</th><th>beta</th>"
-        "<th>rms residual</th><th>runs</th></tr>" + "".join(_row(f, summary["laws"][f]) for f in FAMILIES) + "</table>",
+        "D = training tokens; Huber loss on log L; 95% intervals from refits on runs resampled with replacement."
+        + (
+            " The MoE variants share one law over granularity G (Krajewski et al. 2024): A = A + g/G<sup>gamma</sup>"
+            " at each variant's G; each row of a variant is that law at its G."
+            if "granular_law" in summary
+            else ""
+        )
+        + "</p>",
+        "<table><tr><th>family</th>"
+        + "".join(f"<th>{k}</th>" for k in KEYS)
+        + "<th>rms residual</th><th>runs</th></tr>"
+        + "".join(_row(f, law) for f, law in laws.items())
+        + "</table>",
         *(f"<p><em>{html.escape(n)}</em></p>" for n in notes),
         *(img(p) for p in figures),
     ]
