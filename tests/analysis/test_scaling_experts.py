@@ -117,3 +117,11 @@ def test_experts_as_a_variable_end_to_end(tmp_path, prose):
     assert (out / "report.html").is_file()
     rc, _, err = run_cli(*[a if a != "4,16" else "4,8" for a in args], check=False)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "experts" in err, err
+
+
+def test_expert_counts_that_cannot_be_compared_are_refused_before_training(tmp_path, prose):
+    for given, says in (("8", "two or more distinct expert counts"), ("3,8", "--experts 3: the recipe's 8 experts")):
+        out = tmp_path / given.replace(",", "_")
+        rc, _, err = run_cli(*grid_args(prose, out), "--experts", given, check=False)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+        assert not out.exists()

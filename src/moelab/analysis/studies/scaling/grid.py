@@ -142,8 +142,11 @@ def scaling_grid(grid: Grid, out: Path, *, jobs: int = 1, quiet: bool = False) -
     Returns the rows."""
     if jobs < 1:
         raise ConfigError(f"--jobs: expected a positive number of trainings at once, got {jobs}")
-    if any(e < 1 for e in grid.experts) or len(set(grid.experts)) != len(grid.experts):
-        raise ConfigError(f"--experts: expected distinct positive expert counts, got {list(grid.experts)}")
+    if grid.experts and (len(set(grid.experts)) < 2 or len(set(grid.experts)) != len(grid.experts)):
+        raise ConfigError(
+            f"--experts: expected two or more distinct expert counts to compare, got {list(grid.experts)} (for one "
+            "count, give --moe a recipe with it, e.g. --set model.moe.n_experts=16)"
+        )
     if not grid.widths or not grid.tokens or grid.seeds < 1:
         raise ConfigError("scaling: --widths, --tokens and --seeds must each name at least one value")
     if any(w <= 0 for w in grid.widths) or any(t <= 0 for t in grid.tokens):

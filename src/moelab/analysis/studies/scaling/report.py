@@ -86,6 +86,7 @@ def plot_laws(out: Path, summary: dict) -> list[Path]:
         ax.axvline(max(r["flops"] for r in rows if r.get("flops")), color="k", ls=":", lw=0.8, label="largest grid run")
     ax.axhline(1, color="k", lw=0.8)
     ax.set_xscale("log")
+    ax.set_yscale("log")  # a ratio: 2x and 0.5x as far from 1
     ax.set_title("efficiency leverage of the MoE over dense")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("dense compute / MoE compute at equal loss")
