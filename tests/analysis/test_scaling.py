@@ -135,3 +135,17 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     assert rows.read_text() == before
     assert math.isfinite(summary["leverage"][0]["flops"])
 
+
+
+def test_a_frontier_outside_the_grid_is_called_an_extrapolation():
+    from moelab.analysis.studies.scaling.fit import beyond, sentence
+
+    n, d, _ = synthetic(TRUE, seed=0)
+    rows = [{"params": {"active_non_embedding": a}, "tokens": b} for a, b in zip(n, d, strict=True)]
+    assert beyond(rows, {"n": 1e6, "d": 1e8}) == {"factor": 1.0, "axis": None}
+    assert beyond(rows, {"n": 1e6, "d": 3e9}) == {"factor": pytest.approx(3.0), "axis": "tokens"}
+    assert beyond(rows, {"n": 2e4, "d": 2e9}) == {"factor": pytest.approx(5.0), "axis": "size"}
+    el = {"flops": 1e18, "el": 1.2, "el_interval": [1.1, 1.3], "el_clock": 1.0, "el_clock_interval": [0.9, 1.1],
+          "moe_optimal": {"loss": 2.0}, "beyond_grid": {"factor": 3.0, "axis": "tokens"}}  # fmt: skip
+    assert "3x outside the grid's token budgets: an extrapolation" in sentence(el, None)
+    assert "extrapolation" not in sentence(dict(el, beyond_grid={"factor": 1.0, "axis": None}), None)

@@ -136,6 +136,8 @@ def leverage_at(dense: FamilyFit, moe: FamilyFit, c: float) -> dict:
     k = min(len(dense.boots), len(moe.boots))
     flops = [leverage(dense.boot_family(i), moe.boot_family(i), c) for i in range(k)]
     clock = [clock_leverage(dense.boot_family(i), moe.boot_family(i), c) for i in range(k)]
+    optimal = {f"{fam}_optimal": dict(zip(("n", "d", "loss"), fit.family.frontier(c), strict=True))
+               for fam, fit in (("moe", moe), ("dense", dense))}  # fmt: skip
     return {
         "family": moe.name,
         "flops": c,
@@ -143,9 +145,27 @@ def leverage_at(dense: FamilyFit, moe: FamilyFit, c: float) -> dict:
         "el_interval": interval(flops),
         "el_clock": clock_leverage(dense.family, moe.family, c),
         "el_clock_interval": interval(clock),
-        "moe_optimal": dict(zip(("n", "d", "loss"), moe.family.frontier(c), strict=True)),
-        "dense_optimal": dict(zip(("n", "d", "loss"), dense.family.frontier(c), strict=True)),
+        **optimal,
+        "beyond_grid": max(
+            (beyond(fit.rows, optimal[f"{fam}_optimal"]) for fam, fit in (("moe", moe), ("dense", dense))),
+            key=lambda b: b["factor"],
+        ),
     }
+
+
+def beyond(rows: list[dict], point: dict) -> dict:
+    """How far a frontier's (N, D) lies outside the span of a family's runs: the larger of its ratios to the
+    nearest edge, in size and in tokens (1 inside), e.g. {'factor': 2.9, 'axis': 'tokens'}."""
+    out: dict = {"factor": 1.0, "axis": None}
+    for axis, key, values in (
+        ("size", "n", [r["params"][COUNT] for r in rows]),
+        ("tokens", "d", [r["tokens"] for r in rows]),
+    ):
+        v = point[key]
+        factor = max(v / max(values), min(values) / v, 1.0)
+        if factor > out["factor"]:
+            out = {"factor": factor, "axis": axis}
+    return out
 
 
 def _x(v: float) -> str:
@@ -171,7 +191,17 @@ def sentence(el: dict, machine: str | None) -> str:
     return (
         f"at {el['flops']:.1e} FLOPs {moe} matches a dense model trained on {_x(el['el'])}x [{_x(lo)}, {_x(hi)}] "
         f"its compute ({_x(el['el_clock'])}x [{_x(clo)}, {_x(chi)}] its training seconds {where}, "
-        "each family's seconds per FLOP measured at its widest grid width)"
+        "each family's seconds per FLOP measured at its widest grid width)" + _beyond(el)
+    )
+
+
+def _beyond(el: dict) -> str:
+    out = el.get("beyond_grid", {"factor": 1.0})
+    if out["factor"] < 1.05:
+        return ""
+    return (
+        f"; the compute-optimal runs at this compute lie up to {out['factor']:.2g}x outside the grid's "
+        f"{'sizes' if out['axis'] == 'size' else 'token budgets'}: an extrapolation of the laws, not a measurement"
     )
 
 
@@ -183,15 +213,18 @@ def best_variant(fits: dict[str, FamilyFit], names: tuple[str, ...], c: float, *
     def budget(name: str) -> float:  # equal seconds: each variant gets the FLOPs those seconds buy it
         return c * fits[names[0]].family.s_per_flop / fits[name].family.s_per_flop if clock else c
 
-    losses = {name: fits[name].family.frontier(budget(name))[2] for name in names}
+    frontier = {name: dict(zip(("n", "d", "loss"), fits[name].family.frontier(budget(name)), strict=True))
+                for name in names}  # fmt: skip
+    losses = {name: frontier[name]["loss"] for name in names}
     k = min(len(fits[name].boots) for name in names)
     wins = dict.fromkeys(names, 0)
     for i in range(k):
         boot = {name: fits[name].boot_family(i).frontier(budget(name))[2] for name in names}
         wins[min(boot, key=boot.get)] += 1  # type: ignore[arg-type]
     best = min(losses, key=losses.get)  # type: ignore[arg-type]
+    far = max((beyond(fits[name].rows, frontier[name]) for name in names), key=lambda b: b["factor"])
     return {"flops": c, "clock": clock, "losses": losses, "best": best,
-            "best_share": {name: wins[name] / max(1, k) for name in names}}  # fmt: skip
+            "best_share": {name: wins[name] / max(1, k) for name in names}, "beyond_grid": far}  # fmt: skip
 
 
 def best_sentence(b: dict, rows: list[dict], machine: str | None) -> str:
@@ -204,7 +237,7 @@ def best_sentence(b: dict, rows: list[dict], machine: str | None) -> str:
         else f"at {b['flops']:.1e} FLOPs"  # fmt: skip
     return (
         f"{when}, {shape[b['best']]} reach the lowest compute-optimal loss, {b['losses'][b['best']]:.4f} ({others}); "
-        f"best in {100 * b['best_share'][b['best']]:.0f}% of the bootstrap fits"
+        f"best in {100 * b['best_share'][b['best']]:.0f}% of the bootstrap fits" + _beyond(b)
     )
 
 
