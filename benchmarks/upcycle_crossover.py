@@ -154,7 +154,8 @@ def main() -> None:
     def run(kind: str, seed: int) -> None:
         dst = out / f"{kind}-s{seed}"
         total = int(horizons.get(kind, a.steps + (a.base_steps if kind == "scratch" else 0)))
-        if (dst / "checkpoints" / f"step-{total:06d}").is_dir():
+        done = [int(c.name[5:]) for c in (dst / "checkpoints").glob("step-*")] if (dst / "checkpoints").is_dir() else []
+        if done and max(done) >= total:  # there already (or further: a shorter horizon reads the same run)
             return
         if (dst / "checkpoints").is_dir():  # constant LR: a longer horizon continues the same run
             src = [str(dst / "config.yaml"), "--resume"]
