@@ -19,7 +19,7 @@ crossover and set the measurement against the prediction.
 
     python benchmarks/upcycle_crossover.py --data stdlib --out runs/crossover --steps 2000 --seeds 0,1,2 \
         --set model.d_model=64 --set model.d_ff=256 --set model.n_heads=4 --moe-set model.moe.d_expert=128
-    python benchmarks/upcycle_crossover.py ... --horizon copies=4500 --horizon scratch=7250   # past the crossover
+    python benchmarks/upcycle_crossover.py ... --horizon copies=3500 --horizon scratch=5750   # past the crossover
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ def moelab(*args: str) -> str:
     return r.stdout
 
 
-def curve(run: Path, offset: int) -> dict[int, float]:
-    """Held-out loss by continuation step (the run's step minus `offset`) from its metrics.jsonl."""
+def curve(run: Path) -> dict[int, float]:
+    """Held-out loss by step from a run's metrics.jsonl."""
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if "val_loss" in r and r["step"] > offset:
-            out[int(r["step"]) - offset] = float(r["val_loss"])
+        if "val_loss" in r:
+            out[int(r["step"])] = float(r["val_loss"])
     return out
 
 
@@ -171,14 +171,14 @@ def main() -> None:
     kinds = ("dense", a.variant, "scratch")
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda j: run(*j), [(k, s) for s in seeds for k in kinds]))
-    curves = {(k, sd): curve(out / f"{k}-s{sd}", 0) for sd in seeds for k in kinds}
+    curves = {(k, sd): curve(out / f"{k}-s{sd}") for sd in seeds for k in kinds}
     per_step = {k: flops_per_step(out / f"{k}-s{seeds[0]}") for k in kinds}
     base_flops = a.base_steps * flops_per_step(base)
     start = {"dense": 0.0, a.variant: 0.0, "scratch": -base_flops}  # compute after the base at each run's step 0
-    horizon = {"dense": 0, a.variant: 0, "scratch": a.base_steps}
+    offset = {"dense": 0, a.variant: 0, "scratch": a.base_steps}  # a run's step at the base's end
 
     def points(kind, sd, until=None):
-        c = {st: v for st, v in curves[kind, sd].items() if until is None or st <= horizon[kind] + until}
+        c = {st: v for st, v in curves[kind, sd].items() if until is None or st <= offset[kind] + until}
         return on_compute(c, start[kind], per_step[kind])
 
     pairs = (("dense", a.variant), (a.variant, "scratch"))
@@ -197,7 +197,7 @@ def main() -> None:
     steps = sorted(set.intersection(*(set(c) for (k, _), c in curves.items() if k != "scratch")))
     print("| step | " + " | ".join(kinds) + " |\n|---:|" + "---:|" * len(kinds))
     for st in steps:
-        row = [np.mean([curves[k, sd].get(st + horizon[k], math.nan) for sd in seeds]) for k in kinds]
+        row = [np.mean([curves[k, sd].get(st + offset[k], math.nan) for sd in seeds]) for k in kinds]
         print(f"| {st} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
     print("FLOPs a step: " + ", ".join(f"{k} {v:.3g}" for k, v in per_step.items()) + f"; base {base_flops:.3g}")
     for p in made:

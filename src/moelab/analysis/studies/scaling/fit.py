@@ -98,12 +98,11 @@ def fit_variants(rows: list[dict], names: tuple[str, ...], samples: int = SAMPLE
     d = [r["tokens"] for r in ok]
     loss = [r["loss"] for r in ok]
     gran = [r["granularity"] for r in ok]
-    level = {}
-    for name in names:
-        mine = [r["granularity"] for r in ok if r["family"] == name]
+    runs = {name: [r for r in ok if r["family"] == name] for name in names}
+    for name, mine in runs.items():
         if not mine:
             raise ConfigError(f"scaling fit ({name}): no run of this family finished with a finite loss")
-        level[name] = float(np.median(mine))
+    level = {name: float(np.median([r["granularity"] for r in mine])) for name, mine in runs.items()}
     try:
         law = fit_law(n, d, loss, granularity=gran, where=where)
     except ConfigError as e:  # the variants still answer which is best, each by its own law
@@ -111,8 +110,7 @@ def fit_variants(rows: list[dict], names: tuple[str, ...], samples: int = SAMPLE
         return GranularFit(None, [], {name: fit_family(rows, name, samples) for name in names}, level, note)
     boots = bootstrap(n, d, loss, law, granularity=gran, samples=samples)
     variants = {}
-    for name in names:
-        mine = [r for r in ok if r["family"] == name]
+    for name, mine in runs.items():
         at = law.at(level[name])
         variants[name] = FamilyFit(name, mine, at, [b.at(level[name]) for b in boots], _cost(mine, at))
     return GranularFit(law, boots, variants, level)
