@@ -3,6 +3,8 @@ the paired loss differences - recomputed here from the per-seed losses, by hand.
 import json
 import math
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import TINY, run_main
@@ -101,3 +103,44 @@ def test_the_loss_figures_are_labelled_by_their_axis_whatever_the_seeds(tmp_path
         assert ax.get_title() == f"validation loss vs {expected[axis]}", ax.get_title()
         assert ax.get_xlabel().startswith(expected[axis]) and ax.get_ylabel() == "validation loss (nats/token)"
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tiny-dense (2 seeds)", "tiny-moe (2 seeds)"]
+
+
+def test_the_recipes_a_verdict_pairs_train_beside_each_other(tmp_path, text_file, monkeypatch):
+    """With --jobs, the seed-s runs of every recipe are queued together (not all seeds of one recipe first), so the
+    runs the clock verdict pairs share the machine with each other rather than with their own other seeds."""
+    from moelab.analysis.studies import compare as cmp
+    from moelab.config import ConfigError
+
+    queued = []
+
+    def record(cmds, jobs):
+        queued.extend(Path(cmd[cmd.index("--out") + 1]).name for _, cmd in cmds)
+        raise ConfigError("stop before training")
+
+    monkeypatch.setattr(cmp, "_run_all", record)
+    with pytest.raises(ConfigError, match="stop before training"):
+        cmp.compare(["tiny-dense", "tiny-moe"], out=tmp_path / "cmp", data=text_file, steps=2, seeds=3, jobs=2,
+                    quiet=True)
+    assert queued == [f"{r}-seed{s}" for s in range(3) for r in ("tiny-dense", "tiny-moe")]
+    assert not (tmp_path / "cmp").exists()  # a refused compare leaves nothing behind
+
+
+def test_the_next_training_starts_when_any_running_one_ends(tmp_path):
+    """A short job queued behind a long one still gets the core the first short job freed: the third job starts
+    (and ends) while the first, long one still runs."""
+    from moelab.analysis.studies.compare import _run_all
+
+    stamp = tmp_path / "order"
+    py = sys.executable
+
+    def job(name, wait_for=None):
+        # the long job waits (bounded) for the file the third job writes, so the test cannot hang
+        body = (f"import pathlib,time\np=pathlib.Path({str(stamp)!r})\n"
+                + (f"t=time.time()\nwhile not pathlib.Path({str(wait_for)!r}).exists() and time.time()-t<60:"
+                   " time.sleep(0.05)\n" if wait_for else "")
+                + f"open(p,'a').write({name!r}+'\\n')\n"
+                + (f"pathlib.Path({str(tmp_path / name)!r}).touch()\n"))
+        return (name, [py, "-c", body])
+
+    _run_all([job("long", wait_for=tmp_path / "third"), job("short"), job("third")], jobs=2)
+    assert stamp.read_text().split() == ["short", "third", "long"]

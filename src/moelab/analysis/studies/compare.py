@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ...config import ConfigError
@@ -193,8 +194,9 @@ def _train_command(
 
 
 def _run_all(cmds: list[tuple[str, list[str]]], jobs: int) -> None:
-    """Run the (recipe, training command) pairs, `jobs` at a time, in order; ConfigError naming the first that
-    failed."""
+    """Run the (recipe, training command) pairs, `jobs` at a time, in order, the next one starting as soon as any
+    running one ends (a finished run's core never idles while a slower one holds the head of the queue);
+    ConfigError naming the first that failed."""
     running: list[tuple[tuple[str, list[str]], subprocess.Popen]] = []
     pending = list(cmds)
     failed: list[tuple[str, list[str]]] = []
@@ -203,9 +205,14 @@ def _run_all(cmds: list[tuple[str, list[str]]], jobs: int) -> None:
             job = pending.pop(0)
             env = {**os.environ, PARENT_ENV: str(os.getpid())}  # each training ends if this command is killed
             running.append((job, subprocess.Popen(job[1], env=env)))
-        job, proc = running.pop(0)
-        if proc.wait() != 0:
-            failed.append(job)
+        done = [(job, proc) for job, proc in running if proc.poll() is not None]
+        if not done:
+            time.sleep(0.2)
+            continue
+        for job, proc in done:
+            running.remove((job, proc))
+            if proc.returncode != 0:
+                failed.append(job)
         if failed and not running:
             break
     if failed:
@@ -258,8 +265,10 @@ def _compare_into(
             here.append(tmp / "runs" / name)
             names.append(name)
             dirs.append(out / "runs" / name)  # where it will be once the output is in place
-            cmds.append((item, _train_command(item, here[-1], steps_i, data, quiet or jobs > 1, train_overrides, seed)))
-    _run_all(cmds, jobs)
+            cmd = _train_command(item, here[-1], steps_i, data, quiet or jobs > 1, train_overrides, seed)
+            cmds.append((seed or 0, item, cmd))
+    # seed by seed, so the recipes a verdict pairs train beside each other, not beside themselves
+    _run_all([(item, cmd) for _, item, cmd in sorted(cmds, key=lambda c: c[0])], jobs)
     curves = [read_run(h, n) if n is not None else read_run(h) for h, n in zip(here, names, strict=True)]
     names = [c.name for c in curves]
     if len(set(names)) != len(names):
