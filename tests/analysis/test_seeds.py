@@ -78,6 +78,10 @@ def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled
         half = T_975_DF1 * statistics.stdev(diffs) / math.sqrt(2)
         assert clock["interval"] == pytest.approx([statistics.fmean(diffs) - half, statistics.fmean(diffs) + half])
         assert clock["text"] in " ".join(s["summary"]) and "side by side, 2 at a time" in clock["text"]
+    # a run that trained part of its time with the other core idle (the queue's tail) is named beside the clock
+    for r in s["runs"]:
+        assert 0.0 <= r["short_handed_share"] <= 1.0
+        assert (r["short_handed_share"] >= 0.05) == (f"{r['name']} {r['short_handed_share']:.0%}" in s["clock_context"])
     assert all(d > 0.1 for d in s["seeds"]["crippled"]["clock"]["equal_seconds_diff"])  # far behind on the clock
     assert "not every seed reached" in s["seeds"]["crippled"]["text"]
 
@@ -142,5 +146,17 @@ def test_the_next_training_starts_when_any_running_one_ends(tmp_path):
                 + (f"pathlib.Path({str(tmp_path / name)!r}).touch()\n"))
         return (name, [py, "-c", body])
 
-    _run_all([job("long", wait_for=tmp_path / "third"), job("short"), job("third")], jobs=2)
+    spans = _run_all([job("long", wait_for=tmp_path / "third"), job("short"), job("third")], jobs=2)
     assert stamp.read_text().split() == ["short", "third", "long"]
+    (long_start, long_end), (short_start, short_end), (third_start, third_end) = spans
+    assert long_start <= short_start < short_end <= third_start < third_end and third_start < long_end
+
+
+def test_short_handed_share_counts_the_time_a_run_had_fewer_neighbours_than_jobs():
+    from moelab.analysis.studies.compare import short_handed
+
+    # two at a time: A 0-10, B 0-4, C 4-8; A alone from 8 to 10 (2 of its 10 s), B and C never alone
+    assert short_handed([(0, 10), (0, 4), (4, 8)], jobs=2) == pytest.approx([0.2, 0.0, 0.0])
+    # B ends at 3, C starts at 4: A alone for the gap's second (1 of 10), C alone after A ends at 10 (2 of 8)
+    assert short_handed([(0, 10), (0, 3), (4, 12)], jobs=2) == pytest.approx([0.1, 0.0, 2 / 8])
+    assert short_handed([(0, 5), (0, 5)], jobs=3) == [1.0, 1.0]  # fewer runs than jobs: never a full house

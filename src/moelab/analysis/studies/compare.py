@@ -8,6 +8,7 @@ writes the report.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -193,31 +194,50 @@ def _train_command(
     return cmd + ([f"train.seed={seed}"] if seed is not None else [])
 
 
-def _run_all(cmds: list[tuple[str, list[str]]], jobs: int) -> None:
+def _run_all(cmds: list[tuple[str, list[str]]], jobs: int) -> list[tuple[float, float]]:
     """Run the (recipe, training command) pairs, `jobs` at a time, in order, the next one starting as soon as any
-    running one ends (a finished run's core never idles while a slower one holds the head of the queue);
-    ConfigError naming the first that failed."""
-    running: list[tuple[tuple[str, list[str]], subprocess.Popen]] = []
-    pending = list(cmds)
-    failed: list[tuple[str, list[str]]] = []
+    running one ends (a finished run's core never idles while a slower one holds the head of the queue).
+    Returns each command's (start, end) on the monotonic clock; ConfigError naming the first that failed."""
+    running: list[tuple[int, subprocess.Popen]] = []
+    spans = [(0.0, 0.0)] * len(cmds)
+    pending = list(range(len(cmds)))
+    failed: list[int] = []
     while pending or running:
         while pending and len(running) < jobs and not failed:
-            job = pending.pop(0)
+            i = pending.pop(0)
             env = {**os.environ, PARENT_ENV: str(os.getpid())}  # each training ends if this command is killed
-            running.append((job, subprocess.Popen(job[1], env=env)))
-        done = [(job, proc) for job, proc in running if proc.poll() is not None]
+            running.append((i, subprocess.Popen(cmds[i][1], env=env)))
+            spans[i] = (time.monotonic(), 0.0)
+        done = [(i, proc) for i, proc in running if proc.poll() is not None]
         if not done:
             time.sleep(0.2)
             continue
-        for job, proc in done:
-            running.remove((job, proc))
+        for i, proc in done:
+            running.remove((i, proc))
+            spans[i] = (spans[i][0], time.monotonic())
             if proc.returncode != 0:
-                failed.append(job)
+                failed.append(i)
         if failed and not running:
             break
     if failed:
-        item, cmd = failed[0]
+        item, cmd = cmds[failed[0]]
         raise ConfigError(f"compare: training {item} failed (command: {' '.join(cmd)})")
+    return spans
+
+
+def short_handed(spans: list[tuple[float, float]], jobs: int) -> list[float]:
+    """For each (start, end) span, the share of it during which fewer than `jobs` of the spans ran (itself
+    included): the time a run trained without its full set of neighbours, and so faster than its neighbours'
+    share of the machine would let it."""
+    edges = sorted({t for span in spans for t in span})
+    out = []
+    for s, e in spans:
+        short = 0.0
+        for a, b in itertools.pairwise(edges):
+            if s <= a and b <= e and sum(s2 <= a and b <= e2 for s2, e2 in spans) < jobs:
+                short += b - a
+        out.append(short / (e - s) if e > s else 0.0)
+    return out
 
 
 def _job_overrides(overrides: list[str] | None, jobs: int) -> list[str]:
@@ -268,7 +288,10 @@ def _compare_into(
             cmd = _train_command(item, here[-1], steps_i, data, quiet or jobs > 1, train_overrides, seed)
             cmds.append((seed or 0, item, cmd))
     # seed by seed, so the recipes a verdict pairs train beside each other, not beside themselves
-    _run_all([(item, cmd) for _, item, cmd in sorted(cmds, key=lambda c: c[0])], jobs)
+    queue = sorted(cmds, key=lambda c: c[0])
+    spans = _run_all([(item, cmd) for _, item, cmd in queue], jobs)
+    alone = {Path(cmd[cmd.index("--out") + 1]).name: share for (_, _, cmd), share in
+             zip(queue, short_handed(spans, jobs), strict=True)}  # fmt: skip
     curves = [read_run(h, n) if n is not None else read_run(h) for h, n in zip(here, names, strict=True)]
     names = [c.name for c in curves]
     if len(set(names)) != len(names):
@@ -279,6 +302,8 @@ def _compare_into(
     # where each run's step time goes: a short profile of its last checkpoint, here
     times = profile_runs(here)
     for r, (table, forced) in zip(runs, times, strict=True):
+        if jobs > 1 and r["name"] in alone:
+            r["short_handed_share"] = alone[r["name"]]
         r["step_ms"] = table.plain_ms
         r["time_ms"] = {row: table.row_ms(row) for row in ROWS if table.row_ms(row) > 0}
         if forced is not None:
@@ -292,6 +317,9 @@ def _compare_into(
     elif jobs > 1:
         threads = next(o for o in train_overrides if o.startswith("train.threads="))
         trained = f"trained here side by side, {jobs} at a time, {threads}"
+        short = [f"{name} {share:.0%}" for name, share in alone.items() if share >= 0.05]
+        if short:  # the queue's tail: a run alone on the machine trains faster than its neighbours did
+            trained += f" (with fewer than {jobs} trainings running for part of their time: {', '.join(short)})"
     else:
         trained = "trained here one after another"
     context = clock_context(curves, trained)
