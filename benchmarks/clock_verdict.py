@@ -1,0 +1,102 @@
+"""Does the MoE reach its dense twin's loss in fewer training seconds? Over several corpora x seeds, pooled.
+
+For each corpus, `moelab compare DENSE MOE --data CORPUS --steps S --seeds N --jobs J` (skipped when OUT/NAME already
+holds its summary.json, so a killed run resumes corpus by corpus), then every (corpus, seed) pair pooled:
+
+- the MoE's training seconds to the dense run's final held-out loss, as a ratio of the dense run's seconds;
+- the held-out loss difference (MoE - dense) at equal training seconds and at equal tokens;
+- the MoE's tokens/s as a ratio of the dense run's (whole run, training seconds only);
+
+each as a mean with its 95% interval (Student's t over the pairs), and the share of each run's training spent with
+fewer neighbours than --jobs (the queue's tail, where a run has the machine to itself).
+
+    python benchmarks/clock_verdict.py --data stdlib,/usr/share/vim/vim90/doc,/usr/share/perl/5.36.0 \\
+        --out VERDICT [--dense tiny-dense --moe tiny-moe --steps 1000 --seeds 3 --jobs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from moelab.analysis.studies.seeds import mean_interval
+
+
+def corpus_name(src: str) -> str:
+    """A folder name for a corpus: its last path parts, or the built-in's name."""
+    parts = [p for p in Path(src).parts if p not in ("/", "usr", "share")]
+    return "-".join(parts[-2:]) if parts else src
+
+
+def run_compare(a, src: str, out: Path) -> dict:
+    if not (out / "summary.json").is_file():
+        cmd = [sys.executable, "-m", "moelab", "compare", a.dense, a.moe, "--data", src, "--steps", str(a.steps),
+               "--seeds", str(a.seeds), "--jobs", str(a.jobs), "--quiet", "--out", str(out)]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads((out / "summary.json").read_text())
+
+
+def pairs(summary: dict, dense: str, moe: str, seeds: int) -> list[dict]:
+    """One record per seed: the clock and token figures of the MoE against its dense twin, from compare's summary."""
+    runs = {r["name"]: r for r in summary["runs"]}
+    out = []
+    for s in range(seeds):
+        d, m = f"{dense}-seed{s}", f"{moe}-seed{s}"
+        sp = summary["speedup"][m]
+        out.append({
+            "seed": s,
+            "seconds_ratio": sp["seconds_ratio"],
+            "equal_seconds_diff": sp["val_loss_at_equal_seconds"] - sp["ref_val_loss_at_equal_seconds"],
+            "equal_tokens_diff": runs[m]["final_val_loss"] - runs[d]["final_val_loss"],
+            "tokens_per_s_ratio": (runs[m]["tokens"] / runs[m]["seconds"]) / (runs[d]["tokens"] / runs[d]["seconds"]),
+            "short_handed": {m: runs[m].get("short_handed_share"), d: runs[d].get("short_handed_share")},
+        })
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="corpora, comma-separated")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--dense", default="tiny-dense")
+    ap.add_argument("--moe", default="tiny-moe")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=2)
+    a = ap.parse_args(argv)
+    rows = []
+    for src in a.data.split(","):
+        summary = run_compare(a, src, a.out / corpus_name(src))
+        for p in pairs(summary, a.dense, a.moe, a.seeds):
+            rows.append({"corpus": corpus_name(src), "machine": summary["clock_context"], **p})
+    print("\n| corpus | seed | seconds to dense's loss (x dense) | at equal seconds | at equal tokens | tokens/s x dense |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = "not reached" if r["seconds_ratio"] is None else f"{r['seconds_ratio']:.3f}"
+        print(f"| {r['corpus']} | {r['seed']} | {ratio} | {r['equal_seconds_diff']:+.4f} | "
+              f"{r['equal_tokens_diff']:+.4f} | {r['tokens_per_s_ratio']:.3f} |")
+    print(f"\npooled over {len(rows)} pairs (mean, 95% interval):")
+    for key, label in (("seconds_ratio", "MoE's seconds to dense's final loss, x dense's"),
+                       ("equal_seconds_diff", "MoE - dense at equal training seconds, nats/token"),
+                       ("equal_tokens_diff", "MoE - dense at equal tokens (final), nats/token"),
+                       ("tokens_per_s_ratio", "MoE's tokens/s, x dense's")):
+        xs = [r[key] for r in rows]
+        if any(x is None for x in xs):
+            print(f"- {label}: {sum(x is None for x in xs)} pair(s) never reached it")
+            continue
+        mean, low, high = mean_interval(xs)
+        print(f"- {label}: {mean:.4f} [{low:.4f}, {high:.4f}]")
+    short = {n: s for r in rows for n, s in r["short_handed"].items() if s and s >= 0.05}
+    if short:
+        print("- runs with fewer neighbours than --jobs for part of their training: "
+              + ", ".join(f"{n} {s:.0%}" for n, s in short.items()))
+    for m in sorted({r["machine"] for r in rows}):
+        print(f"- {m}")
+    (a.out / "pooled.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
