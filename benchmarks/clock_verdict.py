@@ -40,19 +40,20 @@ def run_compare(a, src: str, out: Path) -> dict:
 
 
 def pairs(summary: dict, dense: str, moe: str, seeds: int) -> list[dict]:
-    """One record per seed: the clock and token figures of the MoE against its dense twin, from compare's summary."""
+    """One record per seed, the MoE's seed-s run against the dense seed-s run (compare's seed verdict pairs them so;
+    its per-run `speedup` is against the first dense run only)."""
     runs = {r["name"]: r for r in summary["runs"]}
+    clock = summary["seeds"][moe]["clock"]
     out = []
     for s in range(seeds):
-        d, m = f"{dense}-seed{s}", f"{moe}-seed{s}"
-        sp = summary["speedup"][m]
+        d, m = runs[f"{dense}-seed{s}"], runs[f"{moe}-seed{s}"]
         out.append({
             "seed": s,
-            "seconds_ratio": sp["seconds_ratio"],
-            "equal_seconds_diff": sp["val_loss_at_equal_seconds"] - sp["ref_val_loss_at_equal_seconds"],
-            "equal_tokens_diff": runs[m]["final_val_loss"] - runs[d]["final_val_loss"],
-            "tokens_per_s_ratio": (runs[m]["tokens"] / runs[m]["seconds"]) / (runs[d]["tokens"] / runs[d]["seconds"]),
-            "short_handed": {m: runs[m].get("short_handed_share"), d: runs[d].get("short_handed_share")},
+            "seconds_ratio": clock["seconds_ratio"][s],  # None: never reached dense's final loss
+            "equal_seconds_diff": clock["equal_seconds_diff"][s],
+            "equal_tokens_diff": m["final_val_loss"] - d["final_val_loss"],
+            "tokens_per_s_ratio": (m["tokens"] / m["seconds"]) / (d["tokens"] / d["seconds"]),
+            "short_handed": {m["name"]: m.get("short_handed_share"), d["name"]: d.get("short_handed_share")},
         })
     return out
 
@@ -84,8 +85,10 @@ def main(argv=None):
                        ("equal_tokens_diff", "MoE - dense at equal tokens (final), nats/token"),
                        ("tokens_per_s_ratio", "MoE's tokens/s, x dense's")):
         xs = [r[key] for r in rows]
-        if any(x is None for x in xs):
-            print(f"- {label}: {sum(x is None for x in xs)} pair(s) never reached it")
+        if any(x is None for x in xs):  # censored: the pair's ratio is above its budget's, not a number to average
+            reached = [x for x in xs if x is not None]
+            print(f"- {label}: {len(xs) - len(reached)} of {len(xs)} pairs never reached it within the budget"
+                  + (f" (the others: {', '.join(f'{x:.3f}' for x in reached)})" if reached else ""))
             continue
         mean, low, high = mean_interval(xs)
         print(f"- {label}: {mean:.4f} [{low:.4f}, {high:.4f}]")
