@@ -5,7 +5,9 @@ against the same FLOPs as one dense SwiGLU of hidden F over the E*n rows (the ph
 - grouped_mm: moelab's default on CPU fp32 (`torch.nn.functional.grouped_mm`, one call per projection);
 - loop: one F.linear per expert (`GroupedExperts(backend="loop")`);
 - bmm: the rows padded to a capacity (here: exactly n) and one torch.bmm per projection - the layout of
-  capacity-factor MoEs (Switch, GShard), which pays for padding when loads are uneven.
+  capacity-factor MoEs (Switch, GShard), which pays for padding when loads are uneven;
+and, apart, moelab's whole `GroupedExperts` call (gathering each row from its token, the routing weights, the
+scatter-add back), whose excess over grouped_mm is what the layer adds around the matmuls.
 Part 2, the router and its losses (linear, softmax, top-k, load-balancing and z-loss), forward + backward, eager
 against `torch.compile` (static shapes: the router has none that depend on the data), and the compilation's seconds.
 
@@ -24,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from moelab import MoEConfig
-from moelab.moe.experts import GroupedExperts
+from moelab.moe.experts import GroupedExperts, gmm, loop_linear
 from moelab.moe.losses import load_balancing_loss, router_z_loss
 from moelab.moe.router import Router
 from moelab.runtime import tune_cpu_allocator
 
+IDEAL = "ideal: one dense SwiGLU, same FLOPs"
 SHAPES = [  # (label, d_model, d_expert, n_experts, rows per expert)
     ("tiny-moe: 8 x 128x256, 512 rows", 128, 256, 8, 512),
     ("tiny-moe at 1/4 the batch: 128 rows", 128, 256, 8, 128),
@@ -51,34 +54,40 @@ def expert_ways(D: int, Fh: int, E: int, n: int) -> dict:
     torch.manual_seed(0)
     x_ND = torch.randn(E * n, D, requires_grad=True)
     counts_E = torch.full((E,), n, dtype=torch.long)
-    token_N = torch.arange(E * n)
-    w_N = torch.ones(E * n)
-    ways = {}
-    for backend in ("grouped_mm", "loop"):
-        m = GroupedExperts(E, D, Fh, backend)
-        m.reset_parameters(0.02, 0.02)
-
-        def run(m=m):
-            m(x_ND, token_N, w_N, counts_E).sum().backward()
-
-        ways[backend] = run
-    m = GroupedExperts(E, D, Fh, "loop")
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    m = GroupedExperts(E, D, Fh, "grouped_mm")
     m.reset_parameters(0.02, 0.02)
+    ws = (m.w_gate, m.w_up, m.w_down)
 
-    def bmm():
-        x_EnD = x_ND.view(E, n, D)
-        h = F.silu(torch.bmm(x_EnD, m.w_gate.transpose(1, 2))) * torch.bmm(x_EnD, m.w_up.transpose(1, 2))
-        torch.bmm(h, m.w_down.transpose(1, 2)).sum().backward()
+    g_ND = torch.randn(E * n, D)  # a materialised incoming gradient, as the layer's scatter-add gives grouped_mm
 
-    ways["bmm (padded to capacity)"] = bmm
+    def swiglu(mm):  # the three projections only: rows already grouped, no gather, weights or scatter
+        def run():
+            h = F.silu(mm(x_ND, ws[0])) * mm(x_ND, ws[1])
+            mm(h, ws[2]).backward(g_ND)
+
+        return run
+
+    sizes = [n] * E
+    ways = {
+        "grouped_mm": swiglu(lambda a, w: gmm(a, w, offs_E)),
+        "loop": swiglu(lambda a, w: loop_linear(a, w, sizes)),
+        "bmm (padded to capacity)": swiglu(lambda a, w: torch.bmm(a.view(E, n, -1), w.transpose(1, 2)).flatten(0, 1)),
+    }
     dense = [torch.randn(Fh, D, requires_grad=True), torch.randn(Fh, D, requires_grad=True),
              torch.randn(D, Fh, requires_grad=True)]
 
     def ideal():
         h = F.silu(F.linear(x_ND, dense[0])) * F.linear(x_ND, dense[1])
-        F.linear(h, dense[2]).sum().backward()
+        F.linear(h, dense[2]).backward(g_ND)
 
-    ways["ideal: one dense SwiGLU, same FLOPs"] = ideal
+    ways[IDEAL] = ideal
+    token_N, w_N = torch.arange(E * n), torch.ones(E * n)
+
+    def layer():  # moelab's GroupedExperts as the layer calls it: gather rows, grouped_mm, weights, scatter-add
+        m(x_ND, token_N, w_N, counts_E).backward(g_ND)
+
+    ways["grouped_mm + gather, routing weights, scatter-add (moelab's GroupedExperts)"] = layer
     return ways
 
 
@@ -118,7 +127,7 @@ def main(argv=None):
             for w, fn in ways.items():
                 ms[w].append(timed(fn, args.reps))
         med = {w: statistics.median(v) for w, v in ms.items()}
-        ideal = med["ideal: one dense SwiGLU, same FLOPs"]
+        ideal = med[IDEAL]
         for w, v in med.items():
             print(f"| {label} | {w} | {v:.2f} | {v / ideal:.2f} |")
     print("\n| router + losses (T tokens) | way | ms (fwd+bwd) | x eager |")
