@@ -11,7 +11,7 @@ each as a mean with its 95% interval (Student's t over the pairs), and the share
 fewer neighbours than --jobs (the queue's tail, where a run has the machine to itself).
 
     python benchmarks/clock_verdict.py --data stdlib,/usr/share/vim/vim90/doc,/usr/share/perl/5.36.0 \\
-        --out VERDICT [--dense tiny-dense --moe tiny-moe --steps 1000 --seeds 3 --jobs 2]
+        --out VERDICT [--dense tiny-dense --moe tiny-moe --steps 1000 --seeds 3 --jobs 2] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def corpus_name(src: str) -> str:
 def run_compare(a, src: str, out: Path) -> dict:
     if not (out / "summary.json").is_file():
         cmd = [sys.executable, "-m", "moelab", "compare", a.dense, a.moe, "--data", src, "--steps", str(a.steps),
-               "--seeds", str(a.seeds), "--jobs", str(a.jobs), "--quiet", "--out", str(out)]
+               "--seeds", str(a.seeds), "--jobs", str(a.jobs), "--quiet", "--out", str(out),
+               *[x for o in a.set for x in ("--set", o)]]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
     return json.loads((out / "summary.json").read_text())
@@ -67,6 +68,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both recipes")
     a = ap.parse_args(argv)
     rows = []
     for src in a.data.split(","):
