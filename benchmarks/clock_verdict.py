@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moelab.analysis.studies.seeds import mean_interval
+from moelab.analysis.studies.seeds import mean_interval, recipe_of
 
 
 def corpus_name(src: str) -> str:
@@ -40,11 +40,15 @@ def run_compare(a, src: str, out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def pairs(summary: dict, dense: str, moe: str, seeds: int) -> list[dict]:
+def pairs(summary: dict, seeds: int) -> list[dict]:
     """One record per seed, the MoE's seed-s run against the dense seed-s run (compare's seed verdict pairs them so;
     its per-run `speedup` is against the first dense run only)."""
     runs = {r["name"]: r for r in summary["runs"]}
-    clock = summary["seeds"][moe]["clock"]
+    dense = recipe_of(summary["reference"])
+    (moe, verdict), = summary["seeds"].items()
+    clock = verdict["clock"]
+    if len(clock["equal_seconds_diff"]) != seeds:
+        raise SystemExit(f"{moe}: a seed has no common training-seconds point with {dense}'s (see its summary.json)")
     out = []
     for s in range(seeds):
         d, m = runs[f"{dense}-seed{s}"], runs[f"{moe}-seed{s}"]
@@ -73,7 +77,7 @@ def main(argv=None):
     rows = []
     for src in a.data.split(","):
         summary = run_compare(a, src, a.out / corpus_name(src))
-        for p in pairs(summary, a.dense, a.moe, a.seeds):
+        for p in pairs(summary, a.seeds):
             rows.append({"corpus": corpus_name(src), "machine": summary["clock_context"], **p})
     print("\n| corpus | seed | seconds to dense's loss (x dense) | at equal seconds | at equal tokens | tokens/s x dense |")
     print("|---|---:|---:|---:|---:|---:|")
