@@ -8,7 +8,9 @@ Ways (`--ways`):
 - stacked: jordan with each expert stack orthogonalised as the layer's one wide matrix
   (`optim.muon_experts=stacked`);
 - bf16-jordan: the batched iteration in bf16 (measured only: it pays where the hardware computes bf16 fast);
-- adamw-experts: AdamW's update for the routed experts, Muon for the rest (`optim.muon_experts=adamw`).
+- adamw-experts: AdamW's update for the routed experts, Muon for the rest (`optim.muon_experts=adamw`);
+- dion-experts: Dion's rank-r orthonormal update for the routed experts, r a quarter of each expert matrix's smaller
+  side (`optim.muon_experts=dion`); its band is that of the r directions it takes (the rest are zero).
 
 The gradients are real (one backward of the recipe's batch of random tokens); each round times `--steps` optimizer
 steps of every (recipe, way) in turn, so a slow spell hits all alike; the median round counts.
@@ -25,6 +27,7 @@ import time
 
 import torch
 
+import moelab.train.dion as dion
 import moelab.train.muon as muon
 from moelab import Transformer
 from moelab.analysis.memory.plan import dense_twin
@@ -70,7 +73,7 @@ def bf16_jordan(updates, axes, steps, kind):
 
 WAYS = {"per-param-jordan": ("jordan", per_param_jordan), "jordan": ("jordan", None),
         "polar_express": ("polar_express", None), "stacked": ("jordan", None), "bf16-jordan": ("jordan", bf16_jordan),
-        "adamw-experts": ("jordan", None)}  # fmt: skip
+        "adamw-experts": ("jordan", None), "dion-experts": ("jordan", None)}  # fmt: skip
 
 
 def setup(cfg, model_cfg, kind, experts):
@@ -116,7 +119,7 @@ def main(argv=None):
     for m, model_cfg in models.items():
         for w in ways:
             kind, fn = WAYS[w]
-            experts = {"stacked": "stacked", "adamw-experts": "adamw"}.get(w, "per_expert")
+            experts = {"stacked": "stacked", "adamw-experts": "adamw", "dion-experts": "dion"}.get(w, "per_expert")
             model, opt = setup(load_config(args.moe, ["optim.name=muon"]), model_cfg, kind, experts)
             runs[(m, w)] = (model, opt, fn)
             time_steps(opt, fn, 1)  # warm-up
@@ -138,8 +141,14 @@ def main(argv=None):
                   f"{med[('moe', ways[0])] / med[('moe', w)]:.2f}x |")  # fmt: skip
             continue
         axes = [_stack_axis(n) if w == "stacked" else None for n in names]
-        ortho, _ = (fn or ORTHOGONALISED)(stacks, axes, base.optim.ns_steps, kind)
-        sv = torch.cat([torch.linalg.svdvals(muon._stacked(o, a).double()).flatten() for o, a in zip(ortho, axes, strict=True)])
+        if w == "dion-experts":  # a first step from a zero momentum, on copies of the state
+            r = [dion.rank(g.shape, base.optim.dion_rank) for g in stacks]
+            ortho = [dion.step(torch.zeros_like(g), g, dion.initial_basis(g.shape, base.optim.dion_rank, g.device),
+                               base.optim.momentum) for g in stacks]  # fmt: skip
+            sv = torch.cat([torch.linalg.svdvals(o.double())[..., :k].flatten() for o, k in zip(ortho, r, strict=True)])
+        else:
+            ortho, _ = (fn or ORTHOGONALISED)(stacks, axes, base.optim.ns_steps, kind)
+            sv = torch.cat([torch.linalg.svdvals(muon._stacked(o, a).double()).flatten() for o, a in zip(ortho, axes, strict=True)])
         cells = " | ".join(f"{med[(m, w)]:.1f}" for m in models)
         print(f"| {w} | {cells} | {med[('moe', w)] / med[('dense twin', w)]:.2f} | "
               f"[{float(sv.min()):.2f}, {float(sv.max()):.2f}] | "

@@ -60,7 +60,9 @@ class OptimConfig:
     # the routed experts under Muon: each expert's matrices orthogonalised alone, each stack as the one wide matrix
     # the layer is (E*F hidden units; ~E/3x fewer FLOPs at tiny-moe's shapes), or AdamW's update for them
     # (measured in docs/quality.md)
-    muon_experts: Literal["per_expert", "stacked", "adamw"] = "per_expert"
+    # or Dion's low-rank orthonormal update (moelab.train.dion), dion_rank of each expert matrix's smaller side a step
+    muon_experts: Literal["per_expert", "stacked", "adamw", "dion"] = "per_expert"
+    dion_rank: float = 0.25
     muon_router: bool = False  # Muon for the router matrices too (else AdamW)
     expert_lr_mult: float = 1.0  # the routed experts' learning rate (and decay) as a multiple of the schedule's
     lr: float | Literal["auto"] = 3e-3  # "auto": the LR-scaling rule (MM1's, or lr_fit's)
@@ -107,6 +109,8 @@ class OptimConfig:
             raise ConfigError(f"{p}warmup_steps: expected >= 0, got {self.warmup_steps!r}")
         if not 1 <= self.ns_steps <= 20:
             raise ConfigError(f"{p}ns_steps: expected 1..20 Newton-Schulz iterations, got {self.ns_steps!r}")
+        if not (isinstance(self.dion_rank, int | float) and 0 < self.dion_rank <= 1):
+            raise ConfigError(f"{p}dion_rank: expected a fraction in (0, 1], got {self.dion_rank!r}")
 
 
 MAX_MICRO_BATCH = 65536
@@ -276,6 +280,10 @@ class RunConfig:
         if self.optim.muon_experts == "stacked" and self.parallel.expert > 1:
             raise ConfigError(  # a rank holds only its experts: it would orthogonalise a part of the stack
                 "optim.muon_experts: 'stacked' needs every expert on one rank; use per_expert with parallel.expert > 1"
+            )
+        if self.optim.muon_experts == "dion" and self.parallel.data_shard > 1:
+            raise ConfigError(  # a shard would hold a part of each expert's basis: not built
+                "optim.muon_experts: 'dion' keeps each expert whole on its rank; use data_replicate or parallel.expert"
             )
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")

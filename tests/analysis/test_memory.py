@@ -5,6 +5,7 @@ import pytest
 
 from moelab.analysis.memory.plan import dense_twin, measure_memory, plan_memory
 from moelab.analysis.memory.setup import MemorySetup, PipelineShape
+from moelab import Transformer
 from moelab.run_config import load_config
 
 
@@ -17,18 +18,26 @@ def test_param_grad_optimizer_bytes_exact(recipe):
         assert plan.bytes[key] == real[key], key
 
 
-@pytest.mark.parametrize("muon_router", [False, True])
-def test_muon_plan_counts_one_moment_for_its_matrices(muon_router):
+@pytest.mark.parametrize("muon_router,experts", [(False, "per_expert"), (True, "per_expert"), (False, "dion")])
+def test_muon_plan_counts_one_moment_for_its_matrices(muon_router, experts):
     """Under optim.name=muon the plan equals the state the real optimizer keeps after a step: one fp32
-    momentum for the matrices and expert stacks, AdamW's two moments and step for embeddings, norms, head and
-    (unless muon_router) the router - less than AdamW's by about one moment of the model."""
+    momentum for the matrices and expert stacks (and Dion's basis for the experts under muon_experts=dion),
+    AdamW's two moments and step for embeddings, norms, head and (unless muon_router) the router - less than
+    AdamW's by about one moment of the model."""
     from moelab.run_config import OptimConfig
 
     cfg = load_config("tiny-moe").model
-    optim = OptimConfig(name="muon", muon_router=muon_router)
+    optim = OptimConfig(name="muon", muon_router=muon_router, muon_experts=experts)
     plan = plan_memory(cfg, MemorySetup(micro_batch=2, seq_len=32), optim=optim)
     real = measure_memory(cfg, MemorySetup(micro_batch=2, seq_len=32), steps=1, isolated=False, optim=optim)
     assert plan.bytes["optimizer"] == real["optimizer"]
+    if experts == "dion":  # one basis (E, B, A/4) per expert stack (E, A, B) beyond Muon's momentum
+        stacks = [p for n, p in Transformer(cfg).named_parameters() if ".experts." in n]
+        bases = sum(4 * p.shape[0] * max(p.shape[1:]) * round(min(p.shape[1:]) / 4) for p in stacks)
+        muon = OptimConfig(name="muon", muon_router=muon_router)
+        assert real["optimizer"] - plan_memory(cfg, MemorySetup(micro_batch=2, seq_len=32), optim=muon).bytes[
+            "optimizer"] == bases  # fmt: skip
+        return
     adamw = plan_memory(cfg, MemorySetup(micro_batch=2, seq_len=32)).bytes["optimizer"]
     assert 0.3 * adamw < adamw - real["optimizer"] < 0.5 * adamw
 

@@ -59,6 +59,8 @@ LAYOUTS = {
     ),
     # Muon: sharded matrices gathered whole for Newton-Schulz, experts whole on their rank
     "ep=2, shard=2, muon": (["parallel.expert=2", "parallel.data_shard=2"], ["optim.name=muon"]),
+    # Dion for the experts: each rank steps its experts' bases, which start alike whatever rank holds them
+    "ep=2, muon, dion experts": (["parallel.expert=2"], ["optim.name=muon", "optim.muon_experts=dion"]),
 }
 
 

@@ -133,12 +133,14 @@ def test_muon_takes_matrices_and_experts_and_adamw_the_rest_exactly():
             torch.testing.assert_close(p.detach(), ref[n].detach(), atol=0, rtol=0, msg=n)
 
 
-def test_stop_and_resume_with_muon_is_bitwise_identical(tmp_path, text_file):
-    muon = ["optim.name=muon"]
+@pytest.mark.parametrize("experts", ["per_expert", "dion"])  # dion: its bases are state a resume must restore
+def test_stop_and_resume_with_muon_is_bitwise_identical(tmp_path, text_file, experts):
+    muon = ["optim.name=muon", f"optim.muon_experts={experts}"]
     train(cfg_for(text_file, 8, muon), tmp_path / "a", quiet=True)
     train(cfg_for(text_file, 8, muon), tmp_path / "b", stop_after=4, quiet=True)
     state = load_tensors(latest_checkpoint(tmp_path / "b" / "checkpoints"), "optimizer.safetensors")
     assert any(k.endswith("momentum_buffer") for k in state) and any(k.endswith("exp_avg_sq") for k in state)
+    assert any(k.endswith("dion_basis") for k in state) == (experts == "dion")
     train(cfg_for(text_file, 8, muon), tmp_path / "b", resume=True, quiet=True)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert all(a[s] == b[s] for s in range(5, 9)), (a, b)

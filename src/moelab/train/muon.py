@@ -12,7 +12,8 @@ matrices: the iteration runs batched over E, each expert's update shaped by its 
 gradient, and s is taken from (A, B) - or, with `optim.muon_experts=stacked`, the stack
 is the one wide matrix the layer computes with (w_gate and w_up (E*F, D), w_down
 (D, E*F)), orthogonalised whole, s from its shape: an expert's share of the update then
-follows its share of the gradient.
+follows its share of the gradient. With `optim.muon_experts=dion` the expert stacks take Dion's low-rank orthonormal
+update instead (moelab.train.dion: ~10x fewer FLOPs than Newton-Schulz at a quarter rank), the same spectral step s.
 
 The orthogonalisation (moelab.train.polar) runs in fp32 with every Muon matrix of the same shape - all layers' expert
 stacks at once - in batched calls, with Jordan's quintic by default or Polar Express's per-step ones
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from ..phases import phase
 from ..runtime import is_dtensor
+from . import dion
 from .polar import Coeffs, orthogonalise
 
 
@@ -77,6 +79,17 @@ def _orthogonalised(
                 full = distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
             out[i] = full
     return [o for o in out if o is not None], count
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's tensor of a DTensor that holds it whole (replicated, or "sharded" over one rank) - an alias, so
+    writing to it writes the DTensor - or `t` itself."""
+    if not is_dtensor(t):
+        return t
+    local = t.to_local()
+    if local.shape != t.shape:
+        raise ValueError(f"Dion needs whole experts on each rank, got {tuple(local.shape)} of {tuple(t.shape)}")
+    return local
 
 
 def _whole(u: torch.Tensor) -> torch.Tensor:
@@ -141,9 +154,10 @@ def uses_muon(name: str, p: torch.Tensor, router: bool = False) -> bool:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Param groups carry `algo`: "muon" (momentum, nesterov, ns_steps, ns_coeffs) or "adamw" (betas, eps); both
-    take `lr` and `weight_decay` (decoupled). State: momentum_buffer for Muon, step / exp_avg / exp_avg_sq for AdamW,
-    as torch.optim.AdamW names them."""
+    """Param groups carry `algo`: "muon" (momentum, nesterov, ns_steps, ns_coeffs), "dion" (momentum, rank_fraction:
+    expert stacks only) or "adamw" (betas, eps); all take `lr` and `weight_decay` (decoupled). State: momentum_buffer
+    for Muon, momentum_buffer and dion_basis for Dion, step / exp_avg / exp_avg_sq for AdamW, as torch.optim.AdamW
+    names them."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5,
                  ns_coeffs: Coeffs = "jordan"):  # fmt: skip
@@ -160,8 +174,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 st = self.state[p]
                 if st:
                     continue
-                if group["algo"] == "muon":
+                if group["algo"] in ("muon", "dion"):
                     st["momentum_buffer"] = torch.zeros_like(p)
+                    if group["algo"] == "dion":
+                        st["dion_basis"] = dion.initial_basis(p.shape, group["rank_fraction"], p.device)
                 else:
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)
                     st["exp_avg"] = torch.zeros_like(p)
@@ -177,11 +193,16 @@ class MuonAdamW(torch.optim.Optimizer):
         self.ensure_state()
         with phase("adamw"):
             for group in self.param_groups:
-                if group["algo"] != "muon":
+                if group["algo"] == "adamw":
                     for p in group["params"]:
                         if p.grad is not None:
                             p.mul_(1 - group["lr"] * group["weight_decay"])
                             self._adamw(p, self.state[p], group, group["lr"])
+        dion_groups = [g for g in self.param_groups if g["algo"] == "dion"]
+        if dion_groups:
+            with phase("dion, expert stacks"):
+                for group in dion_groups:
+                    self._dion(group)
         # Muon's matrices are orthogonalised together, one batched call per shape, the expert stacks apart from the
         # rest so a profile can tell their cost from the dense matrices'
         pending: dict[tuple[int, Coeffs, bool], list[tuple[torch.Tensor, dict, int | None]]] = {}
@@ -200,6 +221,18 @@ class MuonAdamW(torch.optim.Optimizer):
                 for (p, group, axis), o in zip(items, done, strict=True):
                     p.add_(o, alpha=-group["lr"] * scale(_stacked_shape(p.shape, axis)))
         return loss
+
+    def _dion(self, group: dict) -> None:
+        """Dion's step (moelab.train.dion) for each expert stack of `group` that has a gradient."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            # an expert-parallel slice is a DTensor over data ranks that each hold it whole (data_shard is refused),
+            # its gradient already reduced: the step runs on the local tensors
+            u = dion.step(_local(st["momentum_buffer"]), _local(p.grad), st["dion_basis"], group["momentum"])
+            _local(p).add_(u.to(p.dtype), alpha=-group["lr"] * scale(p.shape))
 
     def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """Decay the weight, fold the gradient into the momentum; the update to orthogonalise (Nesterov's, or the

@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..run_config import OPTIMIZERS as OPTIMIZER_NAMES
 from ..run_config import OptimConfig
+from .dion import rank as dion_rank
 from .muon import MuonAdamW, uses_muon
 
 
@@ -73,7 +74,16 @@ def _adamw_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[i
 
 
 def _muon_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:
-    return (4, 0) if takes_muon(name, p, cfg) else (8, 4)  # one momentum for what Muon takes, AdamW's for the rest
+    if not takes_muon(name, p, cfg):
+        return 8, 4  # AdamW's
+    if cfg is not None and cfg.muon_experts == "dion" and ".experts." in name:
+        return 4, 4 * math.prod(dion_basis_shape(p.shape, cfg.dion_rank))  # the momentum, and Dion's right basis
+    return 4, 0  # one momentum
+
+
+def dion_basis_shape(shape: torch.Size, fraction: float) -> tuple[int, ...]:
+    """The shape of Dion's right basis for a stack of `shape` (..., B, r), B its larger side."""
+    return (*shape[:-2], max(shape[-2:]), dion_rank(shape, fraction))
 
 
 OPTIMIZERS: dict[str, OptimizerKind] = {
@@ -103,6 +113,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         taken = {id(p) for p in muon}
         groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in taken]
         groups.insert(0, {"params": muon, "weight_decay": cfg.weight_decay, "name": "muon", "algo": "muon"})
+        if cfg.muon_experts == "dion":  # the routed experts take Dion's low-rank update (moelab.train.dion)
+            experts = [p for p in muon if ".experts." in names[id(p)]]
+            groups[0]["params"] = [p for p in muon if ".experts." not in names[id(p)]]
+            groups.insert(1, {"params": experts, "weight_decay": cfg.weight_decay, "name": "dion", "algo": "dion",
+                              "rank_fraction": cfg.dion_rank})  # fmt: skip
     if cfg.expert_lr_mult != 1.0:
         groups = _split_experts(groups, names, cfg.expert_lr_mult)
     groups = [g for g in groups if g["params"]]

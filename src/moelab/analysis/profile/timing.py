@@ -15,7 +15,8 @@ steps, N plain steps (timed with a clock) and N steps under `torch.profiler` wit
   is reported as "forward, other", "backward, other" (the autograd engine between nodes)
   and "step, other" (host syncs), never dropped, so the rows add up to the step.
 - the optimizer step is split into "muon, matrices" (attention and dense FFN matrices),
-  "muon, expert stacks" and "adamw" (everything AdamW updates); "optimizer" keeps the rest
+  "muon, expert stacks" (or "dion, expert stacks" under optim.muon_experts=dion) and "adamw"
+  (everything AdamW updates); "optimizer" keeps the rest
   (gradient clipping, reductions, zeroing).
 
 Profiling slows a step (one record per op); the tables are scaled by plain / profiled
@@ -66,6 +67,7 @@ ROWS = (
     "optimizer",
     "muon, matrices",
     "muon, expert stacks",
+    "dion, expert stacks",
     "adamw",
     "forward, other",
     "backward, other",
