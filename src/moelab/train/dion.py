@@ -2,9 +2,9 @@
 Langford 2025, arXiv 2504.05295, Algorithm 1) for each expert matrix, batched over the experts of a stack.
 
 Why: Newton-Schulz on a full A x B matrix costs ~ A^2 B per step, so Muon on E experts costs E/k times the dense FFN's
-per token routed (docs/benchmarks.md); one power-iteration step at rank r costs ~ 3 A B r, so at r = A/4 the experts'
-orthogonalisation is ~10x cheaper. What the update does not take this step stays in the momentum (error feedback) and
-is taken on later steps.
+per token routed (docs/benchmarks.md); one power-iteration step at rank r costs ~ 8 A B r FLOPs (four A x B x r
+products), so at r = A/4 the experts' orthogonalisation is ~10x cheaper. What the update does not take this step stays
+in the momentum (error feedback) and is taken on later steps. What it costs in quality: docs/quality.md section 8.
 
 Per matrix X (A x B, A <= B: a tall one is handled transposed), gradient G, momentum M, right basis Q (B x r):
     B_ = M + G;  P = orth(B_ Q) (A x r);  R = B_^T P (B x r)
