@@ -24,14 +24,19 @@ def rank(shape: torch.Size | tuple[int, ...], fraction: float) -> int:
     return max(1, round(fraction * min(shape[-2], shape[-1])))
 
 
+def basis_shape(shape: torch.Size | tuple[int, ...], fraction: float) -> tuple[int, ...]:
+    """The shape of the right basis Q (..., B, r) kept for a stack of `shape` (..., A, B or B, A), B its larger side."""
+    return (*shape[:-2], max(shape[-2], shape[-1]), rank(shape, fraction))
+
+
 def initial_basis(shape: torch.Size | tuple[int, ...], fraction: float, device: torch.device) -> torch.Tensor:
-    """The starting right basis Q (..., B, r) of a stack of `shape`, B its larger side: one unit-column Gaussian
-    matrix for every expert, so an expert's start does not depend on which rank holds it (expert parallelism trains
-    like one process), drawn from a generator of its own so that creating optimizer state (as a resume does before
-    loading into it) never moves the run's random streams."""
-    b = max(shape[-2], shape[-1])
-    q = torch.randn(b, rank(shape, fraction), generator=torch.Generator().manual_seed(0))
-    return (q / q.norm(dim=0)).expand(*shape[:-2], -1, -1).contiguous().to(device)
+    """The starting right basis Q (`basis_shape`) of a stack of `shape`: one unit-column Gaussian matrix for every
+    expert, so an expert's start does not depend on which rank holds it (expert parallelism trains like one process),
+    drawn from a generator of its own so that creating optimizer state (as a resume does before loading into it) never
+    moves the run's random streams."""
+    *lead, b, r = basis_shape(shape, fraction)
+    q = torch.randn(b, r, generator=torch.Generator().manual_seed(0))
+    return (q / q.norm(dim=0)).expand(*lead, -1, -1).contiguous().to(device)
 
 
 def step(buf: torch.Tensor, grad: torch.Tensor, q: torch.Tensor, momentum: float, eps: float = 1e-8) -> torch.Tensor:

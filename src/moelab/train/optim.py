@@ -12,7 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..run_config import OPTIMIZERS as OPTIMIZER_NAMES
 from ..run_config import OptimConfig
-from .dion import rank as dion_rank
+from .dion import basis_shape
 from .muon import MuonAdamW, uses_muon
 
 
@@ -77,13 +77,8 @@ def _muon_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[in
     if not takes_muon(name, p, cfg):
         return 8, 4  # AdamW's
     if cfg is not None and cfg.muon_experts == "dion" and ".experts." in name:
-        return 4, 4 * math.prod(dion_basis_shape(p.shape, cfg.dion_rank))  # the momentum, and Dion's right basis
+        return 4, 4 * math.prod(basis_shape(p.shape, cfg.dion_rank))  # the momentum, and Dion's right basis
     return 4, 0  # one momentum
-
-
-def dion_basis_shape(shape: torch.Size, fraction: float) -> tuple[int, ...]:
-    """The shape of Dion's right basis for a stack of `shape` (..., B, r), B its larger side."""
-    return (*shape[:-2], max(shape[-2:]), dion_rank(shape, fraction))
 
 
 OPTIMIZERS: dict[str, OptimizerKind] = {
