@@ -64,6 +64,26 @@ def test_an_expert_stack_takes_the_papers_step_expert_by_expert(shape):
     torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), m, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 24, 40), (3, 40, 24)])
+def test_a_bf16_stack_steps_as_its_fp32_copy_and_leaves_the_gradient_alone(shape):
+    # the step works on an fp32 momentum in place; a bf16 one is stepped on an fp32 copy and written back, and
+    # neither path may write into the gradient it reads (PyTorch PR #190597 was such an aliasing bug in Muon)
+    from moelab.train import dion
+
+    torch.manual_seed(4)
+    g16 = torch.randn(shape).bfloat16()
+    m16 = (0.1 * torch.randn(shape)).bfloat16()
+    q = dion.initial_basis(shape, 0.25, torch.device("cpu"))
+    m32, q32, q16 = m16.float(), q.clone(), q.clone()
+    g_before = g16.clone()
+    u32 = dion.step(m32, g16.float(), q32, 0.9)
+    u16 = dion.step(m16, g16, q16, 0.9)
+    assert torch.equal(g16, g_before) and m16.dtype == torch.bfloat16
+    torch.testing.assert_close(u16, u32, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(q16, q32, atol=1e-6, rtol=1e-5)
+    assert torch.equal(m16, m32.bfloat16())
+
+
 def test_at_full_rank_the_feedback_keeps_mu_of_the_momentum():
     torch.manual_seed(1)
     p = torch.nn.Parameter(torch.zeros(2, 16, 32))

@@ -43,16 +43,29 @@ def step(buf: torch.Tensor, grad: torch.Tensor, q: torch.Tensor, momentum: float
     """One Dion step of a stack (..., m, n): updates `buf` (the momentum, error feedback included) and `q` in place and
     returns the unit-spectral update P Q^T (fp32, the stack's shape)."""
     tall = buf.size(-2) > buf.size(-1)
-    b_ = buf.float() + grad.float()
-    x = b_.mT if tall else b_  # (..., A, B), A <= B
+    # an fp32 momentum is updated where it lies: at expert sizes the step is bound by its four products and by the
+    # passes over the A x B stack, and a copy of the momentum and a materialised P R^T were ~a third of its time
+    b_ = buf if buf.dtype == torch.float32 else buf.float()
+    b_.add_(grad)
+    x = b_.mT if tall else b_  # (..., A, B), A <= B, a view of b_
     p, _ = torch.linalg.qr(x @ q.float())  # (..., A, r) orthonormal columns
     r_ = x.mT @ p  # (..., B, r)
-    feedback = p @ r_.mT  # what this step's update takes of B_
-    b_.sub_((feedback.mT if tall else feedback), alpha=1 - momentum)
-    buf.copy_(b_)
+    _sub_product(x, p, r_.mT, 1 - momentum)  # the error feedback: what this step's update takes of B_
+    if b_ is not buf:
+        buf.copy_(b_)
     norms = r_.norm(dim=-2, keepdim=True)
     live = norms > eps
     q_new = torch.where(live, r_ / norms.clamp_min(eps), torch.zeros_like(r_))
     q.copy_(torch.where(live, q_new, q.float()))
     update = p @ q_new.mT
     return update.mT if tall else update
+
+
+def _sub_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """x -= alpha a @ b in place (x may be a transposed view), the product not materialised where torch fuses it."""
+    if x.ndim == 3:
+        x.baddbmm_(a, b, alpha=-alpha)
+    elif x.ndim == 2:
+        x.addmm_(a, b, alpha=-alpha)
+    else:
+        x.sub_(a @ b, alpha=alpha)

@@ -76,7 +76,7 @@ def _adamw_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[i
 def _muon_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:
     if not takes_muon(name, p, cfg):
         return 8, 4  # AdamW's
-    if cfg is not None and cfg.muon_experts == "dion" and ".experts." in name:
+    if cfg is not None and cfg.muon_experts == "dion" and routed_expert(name):
         return 4, 4 * math.prod(basis_shape(p.shape, cfg.dion_rank))  # the momentum, and Dion's right basis
     return 4, 0  # one momentum
 
@@ -109,8 +109,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in taken]
         groups.insert(0, {"params": muon, "weight_decay": cfg.weight_decay, "name": "muon", "algo": "muon"})
         if cfg.muon_experts == "dion":  # the routed experts take Dion's low-rank update (moelab.train.dion)
-            experts = [p for p in muon if ".experts." in names[id(p)]]
-            groups[0]["params"] = [p for p in muon if ".experts." not in names[id(p)]]
+            experts = [p for p in muon if routed_expert(names[id(p)])]
+            groups[0]["params"] = [p for p in muon if not routed_expert(names[id(p)])]
             groups.insert(1, {"params": experts, "weight_decay": cfg.weight_decay, "name": "dion", "algo": "dion",
                               "rank_fraction": cfg.dion_rank})  # fmt: skip
     if cfg.expert_lr_mult != 1.0:
@@ -123,10 +123,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return OPTIMIZERS[cfg.name].build(groups, cfg)
 
 
+def routed_expert(name: str) -> bool:
+    """Whether parameter `name` is a routed-expert stack (E, ., .): what muon_experts and expert_lr_mult act on (a
+    shared expert is a dense FFN and is not one)."""
+    return ".experts." in name
+
+
 def takes_muon(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> bool:
     """Whether `build_optimizer` gives parameter `name` Muon's update under `cfg` (the one rule the optimizer and the
     memory plans share)."""
-    if cfg is None or cfg.name != "muon" or (cfg.muon_experts == "adamw" and ".experts." in name):
+    if cfg is None or cfg.name != "muon" or (cfg.muon_experts == "adamw" and routed_expert(name)):
         return False
     return uses_muon(name, p, cfg.muon_router)
 
@@ -143,8 +149,8 @@ def _split_experts(groups: list[dict], names: dict[int, str], mult: float) -> li
     tokens, so its gradient is noisier and its effective step rarer than a dense weight's."""
     out = []
     for g in groups:
-        experts = [p for p in g["params"] if ".experts." in names[id(p)]]
-        rest = [p for p in g["params"] if ".experts." not in names[id(p)]]
+        experts = [p for p in g["params"] if routed_expert(names[id(p)])]
+        rest = [p for p in g["params"] if not routed_expert(names[id(p)])]
         out.append(g | {"params": rest})
         if experts:
             out.append(g | {"params": experts, "name": g["name"] + "_experts", "lr_mult": mult})
@@ -154,7 +160,7 @@ def _split_experts(groups: list[dict], names: dict[int, str], mult: float) -> li
 def _stack_axis(name: str) -> int | None:
     """How a routed-expert stack joins into the layer's one wide matrix: w_gate and w_up (E, F, D) by their rows
     (E*F, D), w_down (E, D, F) by its columns (D, E*F); None for any other parameter."""
-    if ".experts." not in name:
+    if not routed_expert(name):
         return None
     return 1 if name.endswith("w_down") else 0
 
