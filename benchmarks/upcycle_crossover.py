@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--variant", default="copies", help="copies or dropR (Drop-Upcycling ratio R)")
+    ap.add_argument("--router-init", default="zeros", choices=("zeros", "normal"),
+                    help="the upcycled routers' initial weights (moelab upcycle --router-init)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--set", action="append", default=[], dest="common",
                     help="override for every run (the model's size)")
@@ -146,7 +148,8 @@ def main() -> None:
     init = out / f"{a.variant}-init"
     if not (init / "config.yaml").is_file():
         drop = ["--drop-ratio", a.variant[4:]] if a.variant.startswith("drop") else []
-        moelab("upcycle", str(base), "--experts", str(a.experts), "--top-k", str(a.top_k), *drop, "--out", str(init))
+        moelab("upcycle", str(base), "--experts", str(a.experts), "--top-k", str(a.top_k), *drop,
+               "--router-init", a.router_init, "--out", str(init))
     cont = ["optim.schedule=constant", f"train.eval_every={a.eval_every}", "train.threads=1"]
 
     horizons = dict(h.split("=") for h in a.horizon)

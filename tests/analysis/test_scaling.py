@@ -1,6 +1,6 @@
 """`moelab scaling`: the law fit recovers a known law and its efficiency leverage from
 noisy synthetic losses, refuses grids it cannot fit, and the command trains a micro-grid
-end to end, resumes after a kill and refuses a changed grid."""
+end to end, resumes after a kill, grows by a budget keeping its runs, and refuses a changed grid."""
 
 import json
 import math
@@ -135,6 +135,29 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     assert rows.read_text() == before
     assert math.isfinite(summary["leverage"][0]["flops"])
 
+    # a grid may grow by a budget (or width, or seed): the finished runs are kept, only the new points trained and
+    # the law refitted over all of them; the smaller grid is then a changed one
+    run_cli(*grid_args(prose, out, tokens="4096,8192,32768"))
+    grown = rows.read_text().splitlines()
+    assert grown[:8] == before.splitlines() and len(grown) == 12
+    assert sorted({json.loads(x)["tokens_budget"] for x in grown}) == [4096, 8192, 32768]
+    refit = json.loads((out / "scaling.json").read_text())
+    assert refit["grid"]["tokens"] == [4096, 8192, 32768] and len(refit["runs"]) == 12
+    rc, _, err = run_cli(*args, check=False)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "tokens" in err, err
+
+
+
+def test_a_grid_grows_only_by_widths_budgets_and_seeds():
+    from moelab.analysis.studies.scaling.grid import Grid, grows
+
+    base = Grid("tiny-dense", "tiny-moe", "corpus", (32, 64), (8192, 32768), 1, ("optim.lr=3e-3",))
+    saved = base.settings()
+    for more in ({"seeds": 3}, {"widths": (64, 32, 96)}, {"tokens": (4096, 8192, 32768)}, {}):
+        assert grows(saved, replace(base, **more).settings()), more
+    for changed in ({"seeds": 0}, {"widths": (32, 96)}, {"tokens": (8192,)}, {"data": "other"}, {"moe": "small-moe"},
+                    {"overrides": ("optim.lr=1e-3",)}, {"experts": (4, 8)}):  # fmt: skip
+        assert not grows(saved, replace(base, **changed).settings()), changed
 
 
 def test_a_frontier_outside_the_grid_is_called_an_extrapolation():

@@ -307,16 +307,18 @@ def cmd_scaling(
 ):
     """Fit loss laws for dense and MoE on a grid of small runs; the MoE's efficiency leverage with intervals.
 
-    `moelab scaling --dense R --moe R --out DIR --widths ... --tokens ...` trains the grid (rerun it to resume) and
-    writes DIR/report.html and DIR/scaling.json; `moelab scaling DIR` refits a finished grid; `moelab scaling DIR
-    --predict WIDTH,TOKENS` prints each family's predicted loss outside the grid, then trains it and compares.
+    `moelab scaling --dense R --moe R --out DIR --widths ... --tokens ...` trains the grid (rerun it to resume, or
+    with more widths, budgets or seeds to grow it) and writes DIR/report.html and DIR/scaling.json; `moelab scaling
+    DIR` refits a finished grid; `moelab scaling DIR --predict WIDTH,TOKENS` prints each family's predicted loss
+    outside the grid, then trains it and compares.
 
     Args:
         folder: a scaling folder to refit, or to check with --predict
         dense: dense recipe (or YAML) whose d_model is varied
         moe: MoE recipe (or YAML) whose d_model is varied
         data: training data for both; unset: each recipe's
-        out: scaling folder to create (or continue: the same flags resume it)
+        out: scaling folder to create, or to continue: the same flags resume it, more widths, tokens or seeds grow
+            it (its finished runs kept)
         widths: comma-separated d_model values, e.g. 32,48,64,96
         tokens: comma-separated training-token budgets, e.g. 100000,200000,400000
         experts: comma-separated expert counts, e.g. 4,8,16: one MoE family each, at the recipe's active and total

@@ -1,7 +1,9 @@
 """`moelab scaling`'s training grid: each family (dense, MoE) at every width x token budget x
 seed, one short run each, resumable. OUT/runs.jsonl gets one row per finished run; a killed
 grid continues where it stopped (finished runs are skipped, a half-finished one resumes
-from its checkpoint); a grid continued with other settings is refused.
+from its checkpoint). A grid may grow - more widths, token budgets or seeds, so a fit can be
+made trustworthy along the axis it missed without training its runs again - but a grid
+continued with any other setting changed (recipes, data, overrides) is refused.
 
 A width is a d_model: the recipe's model is scaled as `lr-sweep` scales it (head dim kept,
 FFN and expert widths in proportion, depth by the aspect ratio). Each run's peak LR is
@@ -39,6 +41,7 @@ DIVERGED = 3  # the exit code of a point trained apart whose loss went non-finit
 SETTINGS_FILE = "grid.json"  # the grid a folder was started with, compared when it is continued
 ROWS_FILE = "runs.jsonl"
 FAMILIES = ("dense", "moe")
+GROWS = ("widths", "tokens", "seeds")  # what a continued grid may add to; every other setting is the grid's
 COUNT = "active_non_embedding"  # the law's N: what a token's compute touches
 
 
@@ -157,15 +160,17 @@ def scaling_grid(grid: Grid, out: Path, *, jobs: int = 1, quiet: bool = False) -
     settings = grid.settings()
     path = out / SETTINGS_FILE
     if path.is_file():
-        refuse_changed_settings(
-            json.loads(path.read_text()),
-            settings,
-            path,
-            flag="scaling",
-            noun="grid",
-            may_change="nothing (the law is fitted on one grid): rerun with the same flags to continue it, "
-            "or use a new --out",
-        )
+        saved = json.loads(path.read_text())
+        if not grows(saved, settings):
+            refuse_changed_settings(
+                saved,
+                settings,
+                path,
+                flag="scaling",
+                noun="grid",
+                may_change="the same flags, or more --widths, --tokens or --seeds: every finished run must stay a "
+                "point of the grid the law is fitted on",
+            )
     elif out.is_dir() and any(out.iterdir()):
         raise OutputExists(f"--out {out} already exists and is not a scaling folder: choose a new folder")
     configs = {p: point_config(grid, *p) for p in grid.points()}  # every point checked before any training
@@ -184,6 +189,18 @@ def scaling_grid(grid: Grid, out: Path, *, jobs: int = 1, quiet: bool = False) -
             _train_apart(out, todo, configs, jobs, bar, pinned)
         bar.close()
     return read_rows(out)
+
+
+def grows(saved: dict, settings: dict) -> bool:
+    """Whether `settings` is the `saved` grid with more widths, token budgets or seeds and nothing else changed, so
+    that every run it has finished is still one of its points."""
+    same = all(saved.get(k) == settings.get(k) for k in saved.keys() | settings.keys() if k not in GROWS)
+    return (
+        same
+        and set(saved["widths"]) <= set(settings["widths"])
+        and set(saved["tokens"]) <= set(settings["tokens"])
+        and saved.get("seeds", 1) <= settings["seeds"]
+    )
 
 
 def train_point(cfg: RunConfig, run_dir: Path) -> bool:
