@@ -33,7 +33,7 @@ demo: install
 	$(PY) -m moelab demo
 
 test: install client
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=10
 
 # ruff (lint + format) and mypy, configured in pyproject.toml
 lint: install

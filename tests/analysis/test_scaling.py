@@ -128,6 +128,17 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     assert f"predicted held-out loss {expected:.4f}" in said.splitlines()[0], said
     assert "not a check" in said and not (out / "predict").exists()
 
+    # --predict off the grid: the prediction is on record before its runs train, then set against their loss; asked
+    # again, the check is read back
+    _, first, _ = run_cli("scaling", str(out), "--predict", "32,16384")
+    checks = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert ["measured" in r for r in checks] == [False, True, False, True]
+    assert checks[0]["predicted"] == checks[1]["predicted"] and f"{checks[0]['predicted']:.4f}" in first.splitlines()[0]
+    metrics = (out / "predict" / "dense-d32-t16384-s0" / "metrics.jsonl").read_text().splitlines()
+    assert checks[1]["measured"] == [json.loads(x) for x in metrics if "val_loss" in x][-1]["val_loss"]
+    _, again, _ = run_cli("scaling", str(out), "--predict", "32,16384")
+    assert again == first and len((out / "predictions.jsonl").read_text().splitlines()) == 4
+
     # a continued grid with other settings is refused, naming the setting, and nothing changes
     before = rows.read_text()
     rc, _, err = run_cli(*grid_args(prose, out, tokens="8192,65536"), check=False)
@@ -145,6 +156,12 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     assert refit["grid"]["tokens"] == [4096, 8192, 32768] and len(refit["runs"]) == 12
     rc, _, err = run_cli(*args, check=False)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "tokens" in err, err
+    # the grown grid's fit predicts the same point anew; the runs an earlier check trained are named, not retrained
+    _, third, _ = run_cli("scaling", str(out), "--predict", "32,16384")
+    new = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()[4:]]
+    assert len(new) == 4 and all(r["grid"]["tokens"] == [4096, 8192, 32768] for r in new)
+    assert new[1]["runs_before_prediction"] == ["dense-d32-t16384-s0"] and new[1]["measured"] == checks[1]["measured"]
+    assert "1 of them trained before this prediction" in third
 
 
 

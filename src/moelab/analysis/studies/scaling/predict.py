@@ -1,8 +1,10 @@
 """`moelab scaling DIR --predict WIDTH,TOKENS`: a check of the fitted laws that can fail. The
 loss of each family at a point outside the grid is predicted (with its interval) and
 printed *before* that run is trained; then it is trained (each of the grid's seeds) and the
-measurement is set against the prediction. OUT/predictions.jsonl keeps every check; a
-check already made is read back, not trained again."""
+measurement is set against the prediction. OUT/predictions.jsonl keeps every check with the
+grid its fit saw; a check already made on this grid is read back, not trained again. After the
+grid has grown, the same point is predicted anew from the new fit, and the runs that were
+already there when it was said (trained for an earlier check) are named in the record."""
 
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ def predict_and_check(out: Path, width: int, tokens: int, *, train_runs: bool = 
     out = Path(out)
     grid = read_grid(out)
     rows = finished_rows(out, grid)
-    done = {}
+    done: dict[tuple, dict] = {}
+    said: dict[tuple, dict] = {}  # this grid's checks: measured, and predicted with their runs begun (a killed check)
     if (out / PREDICTIONS).is_file():
         for line in (out / PREDICTIONS).read_text().splitlines():
             r = json.loads(line)
-            done[(r["family"], r["width"], r["tokens_budget"])] = r
+            if r.get("grid") == grid.settings():  # a check of an earlier, smaller grid's fit is not this fit's
+                key = (r["family"], r["width"], r["tokens_budget"])
+                (done if "measured" in r else said)[key] = r
     records = []
     fits, _ = fit_families(rows, grid)
     for family in grid.families:
@@ -45,7 +50,7 @@ def predict_and_check(out: Path, width: int, tokens: int, *, train_runs: bool = 
             f"({d / grid_d:.1f}x the grid's longest): predicted held-out loss {value:.4f} [{lo:.4f}, {hi:.4f}]"
         )
         rec: dict = {"family": family, "width": width, "tokens_budget": tokens, "params": n, "tokens": d,
-               "predicted": value, "predicted_interval": [lo, hi]}  # fmt: skip
+               "predicted": value, "predicted_interval": [lo, hi], "grid": grid.settings()}  # fmt: skip
         key = (family, width, tokens)
         in_grid = [r["loss"] for r in fam.rows if r["width"] == width and r["tokens_budget"] == tokens]
         if in_grid:  # a grid point: the fit saw these runs; the check is only that it reads them back
@@ -57,6 +62,12 @@ def predict_and_check(out: Path, width: int, tokens: int, *, train_runs: bool = 
             rec = done[key]
         elif train_runs:
             losses = []
+            if key in said:
+                rec["runs_before_prediction"] = said[key]["runs_before_prediction"]
+            else:  # on record before any of its runs trains
+                rec["runs_before_prediction"] = [c.name for c in cfgs if (out / "predict" / c.name).exists()]
+                with open(out / PREDICTIONS, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
             for c in cfgs:
                 run_dir = out / "predict" / c.name
                 if train_point(c, run_dir):
@@ -68,9 +79,12 @@ def predict_and_check(out: Path, width: int, tokens: int, *, train_runs: bool = 
             with open(out / PREDICTIONS, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if rec.get("measured") is not None:
+            earlier = len(rec.get("runs_before_prediction", []))
+            before = f" ({earlier} of them trained before this prediction, for an earlier grid)" if earlier else ""
             say(
                 f"{family}: measured {rec['measured']:.4f} over {len(rec['measured_runs'])} seed(s)"
-                f"{' (the grid runs the fit saw: not a check)' if rec.get('in_grid') else ''}: "
+                f"{' (the grid runs the fit saw: not a check)' if rec.get('in_grid') else ''}"
+                f"{before}: "
                 f"{100 * rec['error']:+.2f}% against the prediction "
                 f"({'inside' if lo <= rec['measured'] <= hi else 'outside'} its interval)"
             )
