@@ -135,6 +135,8 @@ def main() -> None:
                     help="override for every run (the model's size)")
     ap.add_argument("--moe-set", action="append", default=[], help="override for the scratch MoE only")
     ap.add_argument("--up-set", action="append", default=[], help="override for the upcycled runs only")
+    ap.add_argument("--dense-set", action="append", default=[],
+                    help="override for the dense continuation only (e.g. the same re-warmed peak LR as --up-set)")
     ap.add_argument("--horizon", action="append", default=[],
                     help="KIND=STEPS: train that kind's runs to STEPS instead (scratch counted from its step 0), e.g. "
                          "to continue only the runs a crossover needs")
@@ -167,7 +169,7 @@ def main() -> None:
         else:
             first = base if kind == "dense" else init
             src = [str(first / "config.yaml"), "--init", str(first), "--overwrite",
-                   *(a.up_set if kind != "dense" else [])]
+                   *(a.up_set if kind != "dense" else a.dense_set)]
         moelab("train", *src, "--data", a.data, "--out", str(dst), "--steps", str(total), "--quiet",
                f"train.seed={seed}", f"train.ckpt_every={a.eval_every}", *cont)
 
