@@ -20,6 +20,9 @@ crossover and set the measurement against the prediction.
     python benchmarks/upcycle_crossover.py --data stdlib --out runs/crossover --steps 2000 --seeds 0,1,2 \
         --set model.d_model=64 --set model.d_ff=256 --set model.n_heads=4 --moe-set model.moe.d_expert=128
     python benchmarks/upcycle_crossover.py ... --horizon copies=3500 --horizon scratch=5750   # past the crossover
+
+The recipes' knobs, one folder each: the re-warmed peak LR (`--up-set optim.lr=...`, and `--dense-set` for the dense
+continuation it is set against), Drop-Upcycling (`--variant drop0.5`), the router's start (`--router-init normal`).
 """
 
 from __future__ import annotations

@@ -164,7 +164,6 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     assert "1 of them trained before this prediction" in third
 
 
-
 def test_a_grid_grows_only_by_widths_budgets_and_seeds():
     from moelab.analysis.studies.scaling.grid import Grid, grows
 
