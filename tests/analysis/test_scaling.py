@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import grid_args, run_cli
+from conftest import grid_args, run_cli, run_main
 from moelab.analysis.studies.scaling.law import Law, bootstrap, fit_law, interval
 from moelab.analysis.studies.scaling.leverage import Family, leverage
 from moelab.errors import ConfigError
@@ -94,7 +94,7 @@ def test_grids_the_law_cannot_be_read_from_are_refused_with_one_line():
         fit_law(n, d, flat)
 
 
-def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
+def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose, capsys):
     out = tmp_path / "scaling"
     args = grid_args(prose, out)
     proc = subprocess.Popen([sys.executable, "-m", "moelab", *args], stdout=subprocess.DEVNULL,
@@ -124,19 +124,19 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     row = next(json.loads(x) for x in lines if json.loads(x)["name"] == "dense-d64-t32768-s0")
     n, d = row["params"]["active_non_embedding"], row["tokens"]
     expected = law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
-    _, said, _ = run_cli("scaling", str(out), "--predict", "64,32768")
+    _, said, _ = run_main(capsys, "scaling", str(out), "--predict", "64,32768")
     assert f"predicted held-out loss {expected:.4f}" in said.splitlines()[0], said
     assert "not a check" in said and not (out / "predict").exists()
 
     # --predict off the grid: the prediction is on record before its runs train, then set against their loss; asked
     # again, the check is read back
-    _, first, _ = run_cli("scaling", str(out), "--predict", "32,16384")
+    _, first, _ = run_main(capsys, "scaling", str(out), "--predict", "32,16384")
     checks = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert ["measured" in r for r in checks] == [False, True, False, True]
     assert checks[0]["predicted"] == checks[1]["predicted"] and f"{checks[0]['predicted']:.4f}" in first.splitlines()[0]
     metrics = (out / "predict" / "dense-d32-t16384-s0" / "metrics.jsonl").read_text().splitlines()
     assert checks[1]["measured"] == [json.loads(x) for x in metrics if "val_loss" in x][-1]["val_loss"]
-    _, again, _ = run_cli("scaling", str(out), "--predict", "32,16384")
+    _, again, _ = run_main(capsys, "scaling", str(out), "--predict", "32,16384")
     assert again == first and len((out / "predictions.jsonl").read_text().splitlines()) == 4
 
     # a continued grid with other settings is refused, naming the setting, and nothing changes
@@ -148,7 +148,7 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
 
     # a grid may grow by a budget (or width, or seed): the finished runs are kept, only the new points trained and
     # the law refitted over all of them; the smaller grid is then a changed one
-    run_cli(*grid_args(prose, out, tokens="4096,8192,32768"))
+    run_main(capsys, *grid_args(prose, out, tokens="4096,8192,32768"))
     grown = rows.read_text().splitlines()
     assert grown[:8] == before.splitlines() and len(grown) == 12
     assert sorted({json.loads(x)["tokens_budget"] for x in grown}) == [4096, 8192, 32768]
@@ -157,7 +157,7 @@ def test_micro_grid_end_to_end_killed_resumed_and_guarded(tmp_path, prose):
     rc, _, err = run_cli(*args, check=False)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "tokens" in err, err
     # the grown grid's fit predicts the same point anew; the runs an earlier check trained are named, not retrained
-    _, third, _ = run_cli("scaling", str(out), "--predict", "32,16384")
+    _, third, _ = run_main(capsys, "scaling", str(out), "--predict", "32,16384")
     new = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()[4:]]
     assert len(new) == 4 and all(r["grid"]["tokens"] == [4096, 8192, 32768] for r in new)
     assert new[1]["runs_before_prediction"] == ["dense-d32-t16384-s0"] and new[1]["measured"] == checks[1]["measured"]

@@ -20,6 +20,7 @@ printed by each.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -37,6 +38,9 @@ WATCH_EVERY_S = 0.2  # how often a rank looks for a peer's failure
 
 _reporting = threading.Lock()  # held by whichever reports for this rank: its own failure, or a peer's
 _watching: list[threading.Thread] = []
+# set at exit: a daemon thread still inside the store's C++ call when the interpreter finalises is ended by
+# pthread_exit through a noexcept frame, which aborts the rank ("terminate called without an active exception")
+_stop = threading.Event()
 
 
 def torchrun_world() -> tuple[int, int, int] | None:
@@ -121,8 +125,7 @@ def watch_for_peer_failures() -> None:
     world = env[2]
 
     def watch() -> None:
-        while True:
-            time.sleep(WATCH_EVERY_S)
+        while not _stop.wait(WATCH_EVERY_S):
             try:
                 if not store.check([_key("line")]):
                     continue
@@ -142,6 +145,14 @@ def watch_for_peer_failures() -> None:
     thread = threading.Thread(target=watch, name="moelab-peer-failures", daemon=True)
     thread.start()
     _watching.append(thread)
+    atexit.register(_stop_watching)
+
+
+def _stop_watching() -> None:
+    """End the watcher before the interpreter finalises (atexit runs first), so no store call is under way then."""
+    _stop.set()
+    for thread in _watching:
+        thread.join(timeout=5.0)
 
 
 def record_for_launcher(line: str) -> None:
