@@ -12,6 +12,8 @@ fewer neighbours than --jobs (the queue's tail, where a run has the machine to i
 
     python benchmarks/clock_verdict.py --data stdlib,/usr/share/vim/vim90/doc,/usr/share/perl/5.36.0 \\
         --out VERDICT [--dense tiny-dense --moe tiny-moe --steps 1000 --seeds 3 --jobs 2] [--set KEY=VALUE ...]
+
+Either model may carry overrides of its own, as compare takes them: `--moe tiny-moe+optim.muon_experts=dion`.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 the paired loss differences - recomputed here from the per-seed losses, by hand."""
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -29,10 +30,9 @@ def test_compare_with_two_seeds_says_identical_is_indistinguishable_and_crippled
                                                                                           capsys):
     twin = tmp_path / "twin.yaml"  # the reference recipe under another name: the same runs, seed for seed
     twin.write_text((RECIPES_DIR / "tiny-dense.yaml").read_text() + "\nname: twin\n")
-    crippled = tmp_path / "crippled.yaml"  # learning rate ~0: never leaves its initial loss
-    crippled.write_text("name: crippled\noptim: {lr: 1.0e-12}\n")
+    crippled = "tiny-dense+optim.lr=1.0e-12+name=crippled"  # learning rate ~0: never leaves its initial loss
     out = tmp_path / "cmp"
-    run_main(capsys, "compare", "tiny-dense", str(twin), str(crippled), "--data", text_file, "--out", out,
+    run_main(capsys, "compare", "tiny-dense", str(twin), crippled, "--data", text_file, "--out", out,
              "--steps", "6", "--seeds", "2", "--jobs", "2", "--quiet",
              *[a for o in [*TINY, "train.eval_every=1"] for a in ("--set", o)])  # a point each step: the clock's
     s = json.loads((out / "summary.json").read_text())
@@ -160,3 +160,33 @@ def test_short_handed_share_counts_the_time_a_run_had_fewer_neighbours_than_jobs
     # B ends at 3, C starts at 4: A alone for the gap's second (1 of 10), C alone after A ends at 10 (2 of 8)
     assert short_handed([(0, 10), (0, 3), (4, 12)], jobs=2) == pytest.approx([0.1, 0.0, 2 / 8])
     assert short_handed([(0, 5), (0, 5)], jobs=3) == [1.0, 1.0]  # fewer runs than jobs: never a full house
+
+
+def test_a_recipe_given_overrides_of_its_own_runs_under_a_name_that_says_them(tmp_path, text_file, monkeypatch):
+    """RECIPE+KEY=VALUE: the recipe trained with its own overrides after the shared --set ones (so they win), in a
+    run named after them; a '+' inside a value (1e+3) stays in the value; a bad key is refused before any training."""
+    from moelab.analysis.studies import compare as cmp
+    from moelab.config import ConfigError
+    from moelab.run_config import load_config
+
+    queued = []
+
+    def record(cmds, jobs):
+        queued.extend([str(a) for a in cmd] for _, cmd in cmds)
+        raise ConfigError("stop before training")
+
+    monkeypatch.setattr(cmp, "_run_all", record)
+    own = "tiny-moe+optim.muon_experts=dion+optim.lr=1e+3"
+    with pytest.raises(ConfigError, match="stop before training"):
+        cmp.compare(["tiny-moe", own], out=tmp_path / "cmp", data=text_file, steps=2, overrides=["optim.lr=0.002"],
+                    quiet=True)
+    (default, mine) = queued
+    assert Path(default[default.index("--out") + 1]).name == "tiny-moe"
+    assert Path(mine[mine.index("--out") + 1]).name == own
+    for cmd, lr, experts in ((default, 0.002, "per_expert"), (mine, 1000.0, "dion")):
+        recipe = cmd[cmd.index("train") + 1]
+        cfg = load_config(recipe, [a for a in cmd if re.match(r"[a-z_][\w.]*=", a)])  # the overrides, in order
+        assert (recipe, cfg.optim.lr, cfg.optim.muon_experts) == ("tiny-moe", lr, experts)
+    with pytest.raises(ConfigError, match="optim.bogus"):
+        cmp.compare(["tiny-moe", "tiny-moe+optim.bogus=1"], out=tmp_path / "bad", data=text_file, steps=2)
+    assert len(queued) == 2 and not (tmp_path / "bad").exists()

@@ -31,7 +31,8 @@ def cmd_compare(
     """Train recipes (or read finished runs) on the same data and budget; write report.html and summary.json.
 
     Args:
-        items: recipes to train, or finished run folders to read
+        items: recipes to train, or finished run folders to read; RECIPE+KEY=VALUE[+KEY=VALUE...] gives a recipe
+            overrides of its own (after --set), its run named so: tiny-moe tiny-moe+optim.muon_experts=dion
         out: report folder
         data: training data for recipes; unset: each recipe's (stdlib)
         steps: training steps per recipe

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -184,6 +185,28 @@ def compare(
         return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet, seeds, jobs)
 
 
+# '+' starts an override only where a dotted key and '=' follow: a value may hold a '+' of its own (1e+3)
+_OWN_OVERRIDE = re.compile(r"\+(?=[A-Za-z_][\w.]*=)")
+
+
+def split_item(item: str) -> tuple[str, list[str]]:
+    """RECIPE+KEY=VALUE[+KEY=VALUE...]: the recipe and the overrides of its own (applied after those every recipe
+    gets), so one compare sets an option against its default: `tiny-moe tiny-moe+optim.muon_experts=dion`. An
+    existing path is taken whole."""
+    if Path(item).exists():
+        return item, []
+    recipe, *own = _OWN_OVERRIDE.split(item)
+    return recipe, own
+
+
+def _own_name(recipe_name: str, own: list[str]) -> list[str]:
+    """A recipe given overrides of its own runs under a name that says them (`tiny-moe+optim.lr=0.001`), unless the
+    overrides name it: two runs of one recipe would otherwise share a name and a folder."""
+    if not own or any(o.split("=", 1)[0].strip() == "name" for o in own):
+        return []
+    return ["name=" + "+".join([recipe_name, *own]).replace(os.sep, "_")]
+
+
 def _train_command(
     item: str, run_dir: Path, steps: int, data: str | None, quiet: bool, overrides: list[str] | None, seed: int | None
 ) -> list[str]:
@@ -275,7 +298,9 @@ def _compare_into(
             names.append(None)
             dirs.append(p)
             continue
-        cfg = load_config(item, overrides)
+        recipe, own = split_item(item)
+        own += _own_name(load_config(recipe, overrides).name, own)
+        cfg = load_config(recipe, [*(overrides or []), *own])
         if tokens is not None:
             steps_i = max(1, tokens // (cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len))
         else:
@@ -285,7 +310,7 @@ def _compare_into(
             here.append(tmp / "runs" / name)
             names.append(name)
             dirs.append(out / "runs" / name)  # where it will be once the output is in place
-            cmd = _train_command(item, here[-1], steps_i, data, quiet or jobs > 1, train_overrides, seed)
+            cmd = _train_command(recipe, here[-1], steps_i, data, quiet or jobs > 1, [*train_overrides, *own], seed)
             cmds.append((seed or 0, item, cmd))
     # seed by seed, so the recipes a verdict pairs train beside each other, not beside themselves
     queue = sorted(cmds, key=lambda c: c[0])
