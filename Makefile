@@ -5,8 +5,11 @@ PY     := $(VENV)/bin/python
 # torch is pinned here (a CPU wheel is available locally); the library itself asks only torch>=2.6.
 TORCH_PIN ?= torch==2.13.0
 # llama-cpp-python (the llama.cpp client the GGUF tests run) compiles llama.cpp on its first install
-# (~5 min on 2 cores; pip caches the wheel for later installs): only the library, not the multimodal part
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# (~5 min on 2 cores; pip caches the wheel for later installs): only the library, not the multimodal part, and
+# without llama.cpp's AMX kernels, which a native build takes on CPUs with AMX and which crash its q8_0 products there
+# (ggml-org/llama.cpp#20824: a segfault in ggml_backend_amx_mul_mat; AVX-512 serves them instead)
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+	-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install client demo test lint bench clean
