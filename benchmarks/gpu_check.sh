@@ -8,7 +8,9 @@
 #   4. `moelab profile` of the trained MoE run: where its step's time goes on the card,
 #      next to its dense twin and to itself with balanced routing;
 #   5. `moelab bench-infer` of the trained MoE run: KV-cached decode tokens/s at batch 1 and 8
-#      and resident memory, next to its dense twin and its dense total twin.
+#      and resident memory, next to its dense twin and its dense total twin;
+#   6. Muon's optimizer step on the MoE and its dense twin, the iteration in fp32 and in bf16
+#      (what optim.ns_dtype=auto takes on the card), Dion and AdamW for the experts beside them.
 # Results go to $OUT (default gpu-check/) and are printed at the end.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
@@ -37,10 +39,10 @@ fi
 COMMON=(--data "${DATA:-stdlib}" --steps "$STEPS" --quiet --overwrite train.eval_every=100000 train.ckpt_every=100000
         train.log_every=1 "${SIZE[@]}")
 
-echo "== 1/5 MoE layer, $DTYPE on $DEV"
+echo "== 1/6 MoE layer, $DTYPE on $DEV"
 "$PY" benchmarks/moe_layer.py --device "$DEV" --dtype "$DTYPE" $LAYER_ARGS | tee "$OUT/layer.txt"
 
-echo "== 2/5 $MOE and $DENSE, $STEPS steps, train.precision=auto"
+echo "== 2/6 $MOE and $DENSE, $STEPS steps, train.precision=auto"
 for r in "$DENSE" "$MOE"; do
   # model sizes of the dry run are overrides of the recipes'; the MoE ones do not apply to dense
   args=()
@@ -58,21 +60,28 @@ for r in recipes:
           f"final loss {rows[-1]['loss']:.4f}")
 PY
 
-echo "== 3/5 expert parallelism under torchrun (world size 1)"
+echo "== 3/6 expert parallelism under torchrun (world size 1)"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/ep_check.py $EP_ARGS | tee "$OUT/ep.txt"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m moelab train "$MOE" --out "$OUT/torchrun-$MOE" \
   "${COMMON[@]}" --steps 5 train.ckpt_every=5 | tee -a "$OUT/ep.txt"
 test -f "$OUT/torchrun-$MOE/checkpoints/step-000005/dcp/.metadata" && echo "torchrun run: DCP checkpoint written" | tee -a "$OUT/ep.txt"
 
-echo "== 4/5 profile of $OUT/$MOE: the step by phase, its dense twin, balanced routing"
+echo "== 4/6 profile of $OUT/$MOE: the step by phase, its dense twin, balanced routing"
 PROFILE=(--steps 10 --rounds 3 --warmup 2)
 [[ $DRY == 1 ]] && PROFILE=(--steps 2 --rounds 1 --warmup 1)
 "$PY" -m moelab profile "$OUT/$MOE" "${PROFILE[@]}" --out "$OUT/profile" --overwrite \
   | tee "$OUT/profile.txt"
 
-echo "== 5/5 inference of $OUT/$MOE: decode with the KV cache, its dense twin, its dense total twin"
+echo "== 5/6 inference of $OUT/$MOE: decode with the KV cache, its dense twin, its dense total twin"
 INFER=(--rounds 3 --batch 1,8)
 [[ $DRY == 1 ]] && INFER=(--rounds 1 --batch 1,2)
 "$PY" -m moelab bench-infer "$OUT/$MOE" "${INFER[@]}" | tee "$OUT/inference.txt"
 
-echo "== done: $OUT/layer.txt, $OUT/train.txt, $OUT/ep.txt, $OUT/profile.txt, $OUT/inference.txt"
+echo "== 6/6 Muon's optimizer step on $MOE and its dense twin: fp32 and bf16 iteration, Dion, AdamW for the experts"
+MUON=(--rounds 5 --steps 5)
+[[ $DRY == 1 ]] && MUON=(--rounds 1 --steps 1)
+for a in "${SIZE[@]}"; do MUON+=(--set "$a"); done
+"$PY" benchmarks/muon_step.py --moe "$MOE" --device "$DEV" --ways jordan,bf16-jordan,dion-experts,adamw-experts \
+  "${MUON[@]}" | tee "$OUT/muon.txt"
+
+echo "== done: $OUT/layer.txt, $OUT/train.txt, $OUT/ep.txt, $OUT/profile.txt, $OUT/inference.txt, $OUT/muon.txt"

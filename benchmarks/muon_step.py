@@ -3,11 +3,12 @@ side by side in one run, and the singular-value band each leaves on the model's 
 
 Ways (`--ways`):
 - per-param-jordan: one call per parameter, Jordan's quintic, unfused matmuls (moelab before the batched iteration);
-- jordan: every matrix of one shape in one call, fused products, Gram iteration where cheaper, Jordan's quintic;
+- jordan: every matrix of one shape in one call, fused products, Gram iteration where cheaper, Jordan's quintic, fp32
+  (`optim.ns_dtype=fp32`);
 - polar_express: the same with Polar Express's per-step quintics (the default);
 - stacked: jordan with each expert stack orthogonalised as the layer's one wide matrix
   (`optim.muon_experts=stacked`);
-- bf16-jordan: the batched iteration in bf16 (measured only: it pays where the hardware computes bf16 fast);
+- bf16-jordan: the same iteration in bf16 (`optim.ns_dtype=bf16`, what `auto` takes on GPUs and CPUs with AMX);
 - adamw-experts: AdamW's update for the routed experts, Muon for the rest (`optim.muon_experts=adamw`);
 - dion-experts: Dion's rank-r orthonormal update for the routed experts, r a quarter of each expert matrix's smaller
   side (`optim.muon_experts=dion`); its band is that of the r directions it takes (the rest are zero).
@@ -15,7 +16,8 @@ Ways (`--ways`):
 The gradients are real (one backward of the recipe's batch of random tokens); each round times `--steps` optimizer
 steps of every (recipe, way) in turn, so a slow spell hits all alike; the median round counts.
 
-    python benchmarks/muon_step.py [--moe tiny-moe] [--threads 2] [--rounds 5] [--steps 5]
+    python benchmarks/muon_step.py [--moe tiny-moe] [--threads 2] [--rounds 5] [--steps 5] [--device cuda]
+        [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ JORDAN = (3.4445, -4.7750, 2.0315)
 ORTHOGONALISED = muon._orthogonalised  # moelab's own, whatever a way puts in its place
 
 
-def per_param_jordan(updates, axes, steps, kind):
+def per_param_jordan(updates, axes, steps, kind, dtype=torch.float32):
     """moelab's orthogonalisation before batching: each parameter alone, unfused, Jordan's quintic."""
     out = []
     for g in updates:
@@ -54,36 +56,20 @@ def per_param_jordan(updates, axes, steps, kind):
     return out, sum(g.numel() // (g.size(-1) * g.size(-2)) for g in updates)
 
 
-def bf16_jordan(updates, axes, steps, kind):
-    """The batched iteration in bf16 (what GPUs and AMX CPUs run fast): measured here, not offered."""
-    import moelab.train.polar as polar
-
-    real = polar.orthogonalise_batch
-
-    def low(x, steps, kind="jordan"):
-        x = polar._normalised(x.bfloat16(), kind)
-        return polar._plain(x, polar.coefficients(kind, steps)).float()
-
-    polar.orthogonalise_batch = low
-    try:
-        return ORTHOGONALISED(updates, axes, steps, kind)
-    finally:
-        polar.orthogonalise_batch = real
-
-
 WAYS = {"per-param-jordan": ("jordan", per_param_jordan), "jordan": ("jordan", None),
-        "polar_express": ("polar_express", None), "stacked": ("jordan", None), "bf16-jordan": ("jordan", bf16_jordan),
+        "polar_express": ("polar_express", None), "stacked": ("jordan", None), "bf16-jordan": ("jordan", None),
         "adamw-experts": ("jordan", None), "dion-experts": ("jordan", None)}  # fmt: skip
 
 
-def setup(cfg, model_cfg, kind, experts):
+def setup(cfg, model_cfg, kind, experts, ns_dtype="fp32", device="cpu"):
     """The model with one backward's gradients, and its optimizer."""
     cfg.optim.ns_coeffs = kind
     cfg.optim.muon_experts = experts
+    cfg.optim.ns_dtype = ns_dtype
     torch.manual_seed(0)
-    model = Transformer(model_cfg)
+    model = Transformer(model_cfg).to(device)
     opt = build_optimizer(model, cfg.optim)
-    x = torch.randint(0, model_cfg.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
+    x = torch.randint(0, model_cfg.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1), device=device)
     model(x[:, :-1], x[:, 1:]).loss.backward()
     return model, opt
 
@@ -94,9 +80,12 @@ def time_steps(opt, fn, steps: int) -> float:
     if fn is not None:
         muon._orthogonalised = fn
     try:
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             opt.step()
+        sync()  # a GPU's steps are queued: the time is when they are done
         return (time.perf_counter() - t0) * 1e3 / steps
     finally:
         muon._orthogonalised = original
@@ -110,9 +99,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = load_config(args.moe, ["optim.name=muon"])
+    overrides = ["optim.name=muon", *args.set]
+    base = load_config(args.moe, overrides)
     models = {"moe": base.model, "dense twin": dense_twin(base.model)}
     ways = args.ways.split(",")
     runs = {}
@@ -120,7 +112,8 @@ def main(argv=None):
         for w in ways:
             kind, fn = WAYS[w]
             experts = {"stacked": "stacked", "adamw-experts": "adamw", "dion-experts": "dion"}.get(w, "per_expert")
-            model, opt = setup(load_config(args.moe, ["optim.name=muon"]), model_cfg, kind, experts)
+            ns_dtype = "bf16" if w == "bf16-jordan" else "fp32"
+            model, opt = setup(load_config(args.moe, overrides), model_cfg, kind, experts, ns_dtype, args.device)
             runs[(m, w)] = (model, opt, fn)
             time_steps(opt, fn, 1)  # warm-up
     ms: dict = {k: [] for k in runs}
@@ -147,14 +140,16 @@ def main(argv=None):
                                base.optim.momentum) for g in stacks]  # fmt: skip
             sv = torch.cat([torch.linalg.svdvals(o.double())[..., :k].flatten() for o, k in zip(ortho, r, strict=True)])
         else:
-            ortho, _ = (fn or ORTHOGONALISED)(stacks, axes, base.optim.ns_steps, kind)
+            dtype = torch.bfloat16 if w == "bf16-jordan" else torch.float32
+            ortho, _ = (fn or ORTHOGONALISED)(stacks, axes, base.optim.ns_steps, kind, dtype)
             sv = torch.cat([torch.linalg.svdvals(muon._stacked(o, a).double()).flatten() for o, a in zip(ortho, axes, strict=True)])
         cells = " | ".join(f"{med[(m, w)]:.1f}" for m in models)
         print(f"| {w} | {cells} | {med[('moe', w)] / med[('dense twin', w)]:.2f} | "
               f"[{float(sv.min()):.2f}, {float(sv.max()):.2f}] | "
               f"{med[('moe', ways[0])] / med[('moe', w)]:.2f}x |")  # fmt: skip
-    print(f"\n{args.moe}, {args.threads} threads, {args.rounds} rounds x {args.steps} optimizer steps, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
+        f"{args.threads} threads, {platform.processor() or platform.machine()}")
+    print(f"\n{args.moe}, {where}, {args.rounds} rounds x {args.steps} optimizer steps, torch {torch.__version__}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
         "model.d_ff=64", "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=4", "train.log_every=2",
         "train.eval_every=4", "train.eval_batches=2", "train.ckpt_every=4", "optim.warmup_steps=2",
-        "data.tokenizer_train_bytes=300000", "train.threads=1"]
+        "data.tokenizer_train_bytes=300000", "train.threads=1",
+        # parity across layouts and accumulation holds to fp32's rounding (bf16 or `auto` on AMX would not)
+        "optim.ns_dtype=fp32"]
 TINY_MOE = TINY + ["model.moe.d_expert=16", "model.moe.n_experts=4", "model.moe.top_k=2"]
 
 

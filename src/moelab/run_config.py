@@ -57,6 +57,10 @@ class OptimConfig:
     # their quintics: Keller Jordan's fixed one, or Polar Express's per-step optimal ones (moelab.train.polar;
     # measured in docs/quality.md: more orthogonal, not better at these sizes)
     ns_coeffs: Literal["jordan", "polar_express"] = "jordan"
+    # their arithmetic: fp32 lands one step under two parallel layouts on the same weights to ~1e-6; bf16 is 2-3x
+    # faster on CPUs with AMX (and GPUs) and reaches the same band of singular values, its quality over seeds not yet
+    # measured; auto = bf16 where the device multiplies it natively (CUDA, AMX), fp32 elsewhere
+    ns_dtype: Literal["auto", "fp32", "bf16"] = "fp32"
     # the routed experts under Muon: each expert's matrices orthogonalised alone, each stack as the one wide matrix
     # the layer is (E*F hidden units; ~E/3x fewer FLOPs at tiny-moe's shapes), or AdamW's update for them
     # (measured in docs/quality.md)

@@ -183,6 +183,8 @@ def test_gpu_check_dry_run(tmp_path, text_file):
     assert "routing imbalance costs" in profile and (tmp_path / "out" / "profile" / "trace.json").is_file()
     inference = (tmp_path / "out" / "inference.txt").read_text()
     assert "its dense twin's tokens/s" in inference and "dense total twin" in inference
+    muon = (tmp_path / "out" / "muon.txt").read_text()
+    assert all(f"| {way} |" in muon for way in ("jordan", "bf16-jordan", "dion-experts", "adamw-experts"))
 
 
 def test_a_rank_with_its_failure_watcher_polling_exits_cleanly():

@@ -1,7 +1,11 @@
 """Muon's orthogonalisation (moelab.train.polar): Polar Express's five steps leave no singular value farther
 from 1 than Jordan's five fp32 steps do, on random, ill-conditioned and real gradient stacks; the Gram iteration
 computes the plain one's polynomials; batching matrices of one shape across parameters changes no matrix's result;
-and a momentum buffer handed in as the update (Muon without Nesterov), fp32 or bf16, is never written to."""
+the bf16 iteration reaches the fp32 one's band, and `auto` takes it exactly where the CPU has AMX; and a momentum
+buffer handed in as the update (Muon without Nesterov), fp32 or bf16, is never written to."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +13,8 @@ from conftest import TINY_MOE
 
 from moelab.model import Transformer
 from moelab.run_config import load_config
-from moelab.train.muon import MuonAdamW
-from moelab.train.polar import _gram, _plain, coefficients, orthogonalise
+from moelab.train.muon import MuonAdamW, scale
+from moelab.train.polar import _gram, _plain, coefficients, fast_dtype, orthogonalise
 
 
 def ill_conditioned(n, a, b, decades=3.0, seed=0):
@@ -91,3 +95,46 @@ def test_the_momentum_buffer_is_not_written_by_the_orthogonalisation(dtype, nest
     expected = torch.zeros_like(grad).lerp_(grad, 1 - 0.95)
     assert torch.equal(opt.state[p]["momentum_buffer"], expected)
     assert torch.equal(p.grad, grad) and torch.equal(p.detach(), torch.zeros_like(p))
+
+
+def test_the_bf16_iteration_reaches_the_fp32_ones_band(real_grads):
+    stacks = {
+        "gaussian": torch.randn(6, 32, 64, generator=torch.Generator().manual_seed(1)),
+        "ill-conditioned": ill_conditioned(6, 32, 64),
+        "square, ill-conditioned": ill_conditioned(4, 48, 48, decades=2),
+        **real_grads,
+    }
+    for name, g in stacks.items():
+        (f32,), (b16,) = orthogonalise([g], 5), orthogonalise([g], 5, dtype=torch.bfloat16)
+        assert b16.dtype == torch.float32 and b16.shape == g.shape
+        (lo, hi), (lo16, hi16) = band(f32), band(b16)
+        assert lo16 > lo - 0.05 and hi16 < hi + 0.05, (name, (lo, hi), (lo16, hi16))  # bf16 keeps ~3 digits
+        if "router" not in name:  # (a router's gradient lacks a direction, which bf16's rounding then supplies; the
+            # router takes AdamW unless optim.muon_router)
+            assert torch.nn.functional.cosine_similarity(f32.flatten(), b16.flatten(), dim=0) > 0.99, name
+
+
+def test_auto_iterates_in_bf16_exactly_where_the_cpu_multiplies_it_natively():
+    amx = re.search(r"\bamx_bf16\b", Path("/proc/cpuinfo").read_text()) is not None  # the kernel's word, not torch's
+    cpu = torch.device("cpu")
+    assert fast_dtype("auto", cpu) == (torch.bfloat16 if amx else torch.float32)
+    assert (fast_dtype("fp32", cpu), fast_dtype("bf16", cpu)) == (torch.float32, torch.bfloat16)
+    assert load_config("tiny-moe").optim.ns_dtype == "fp32"  # bf16's quality over seeds is not measured yet
+
+
+def test_the_step_iterates_in_its_groups_dtype_and_a_group_saved_before_the_setting_in_fp32():
+    g = torch.randn(3, 8, 20, generator=torch.Generator().manual_seed(2))
+
+    def step(setting):
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g.clone()
+        opt = MuonAdamW([{"params": [p], "algo": "muon", "weight_decay": 0.0}], lr=1.0, ns_dtype=setting or "bf16")
+        if setting is None:  # as a checkpoint written before optim.ns_dtype loads its param groups
+            del opt.param_groups[0]["ns_dtype"]
+        opt.step()
+        return -p.detach() / scale(g.shape)
+
+    nesterov = g.lerp(torch.zeros_like(g).lerp(g, 0.05), 0.95)  # the update Muon orthogonalises
+    for setting, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), (None, torch.float32)):
+        torch.testing.assert_close(step(setting), orthogonalise([nesterov], 5, dtype=dtype)[0], atol=1e-6, rtol=0)
+    assert (step("bf16") - step("fp32")).abs().max() > 1e-4  # the two iterations do differ: the test can tell

@@ -15,13 +15,14 @@ is the one wide matrix the layer computes with (w_gate and w_up (E*F, D), w_down
 follows its share of the gradient. With `optim.muon_experts=dion` the expert stacks take Dion's low-rank orthonormal
 update instead (moelab.train.dion: ~10x fewer FLOPs than Newton-Schulz at a quarter rank), the same spectral step s.
 
-The orthogonalisation (moelab.train.polar) runs in fp32 with every Muon matrix of the same shape - all layers' expert
-stacks at once - in batched calls, with Jordan's quintic by default or Polar Express's per-step ones
-(`optim.ns_coeffs`). Unlike `torch.optim.Muon` (2-D only, bf16 iteration) the fp32 iteration makes the same step taken
-under another parallel layout (whose gradients differ by summation order, ~1e-10) land on the same weights; and a
-sharded matrix (an FSDP2 DTensor) is gathered whole, orthogonalised by one owner rank - the matrices spread over the
-ranks that share them, largest first to the least loaded, as Moonlight's and dion's distributed Muon do - and sent to
-the others, each keeping its shard. Experts under expert parallelism are whole on their rank and need no gather.
+The orthogonalisation (moelab.train.polar) runs with every Muon matrix of the same shape - all layers' expert stacks
+at once - in batched calls, with Jordan's quintic by default or Polar Express's per-step ones (`optim.ns_coeffs`), in
+fp32 by default or in bf16 (`optim.ns_dtype=bf16`; `auto`: bf16 where the device multiplies it natively;
+`torch.optim.Muon` always iterates in bf16). The fp32 iteration makes the same step taken under another parallel
+layout (whose gradients differ by summation order, ~1e-10) land on the same weights to ~1e-6; and a sharded matrix (an
+FSDP2 DTensor) is gathered whole, orthogonalised by one owner rank - the matrices spread over the ranks that share
+them, largest first to the least loaded, as Moonlight's and dion's distributed Muon do - and sent to the others, each
+keeping its shard. Experts under expert parallelism are whole on their rank and need no gather.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from ..phases import phase
 from ..runtime import is_dtensor
 from . import dion
-from .polar import Coeffs, orthogonalise
+from .polar import Coeffs, fast_dtype, orthogonalise
 
 
 def scale(shape: tuple[int, ...]) -> float:
@@ -43,7 +44,7 @@ def scale(shape: tuple[int, ...]) -> float:
 
 
 def _orthogonalised(
-    updates: list[torch.Tensor], axes: list[int | None], steps: int, kind: Coeffs
+    updates: list[torch.Tensor], axes: list[int | None], steps: int, kind: Coeffs, dtype: torch.dtype = torch.float32
 ) -> tuple[list[torch.Tensor], int]:
     """Each update orthogonalised (an expert stack along `axes` as one matrix), a sharded one whole and cut back to
     its shard; and how many matrices this rank iterated. A sharded matrix is iterated by one owner rank of the ranks
@@ -63,7 +64,7 @@ def _orthogonalised(
             whole = _whole(updates[i])  # a collective for a shard: every rank takes part, the owner keeps it
             if owners[k] == me:
                 mine[k] = _stacked(whole, axes[i])
-        done = dict(zip(mine, orthogonalise(list(mine.values()), steps, kind), strict=True))
+        done = dict(zip(mine, orthogonalise(list(mine.values()), steps, kind, dtype), strict=True))
         count += sum(math.prod(shapes[k][:-2]) for k in mine)
         del mine
         for k, (i, o) in enumerate(zip(idx, owners, strict=True)):
@@ -154,15 +155,16 @@ def uses_muon(name: str, p: torch.Tensor, router: bool = False) -> bool:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Param groups carry `algo`: "muon" (momentum, nesterov, ns_steps, ns_coeffs), "dion" (momentum, rank_fraction:
+    """Param groups carry `algo`: "muon" (momentum, nesterov, ns_steps, ns_coeffs, ns_dtype), "dion" (momentum,
+    rank_fraction:
     expert stacks only) or "adamw" (betas, eps); all take `lr` and `weight_decay` (decoupled). State: momentum_buffer
     for Muon, momentum_buffer and dion_basis for Dion, step / exp_avg / exp_avg_sq for AdamW, as torch.optim.AdamW
     names them."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5,
-                 ns_coeffs: Coeffs = "jordan"):  # fmt: skip
+                 ns_coeffs: Coeffs = "jordan", ns_dtype: str = "fp32"):  # fmt: skip
         defaults = dict(lr=lr, weight_decay=0.0, betas=betas, eps=eps, momentum=momentum, nesterov=True,
-                        ns_steps=ns_steps, ns_coeffs=ns_coeffs, algo="adamw")  # fmt: skip
+                        ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_dtype=ns_dtype, algo="adamw")  # fmt: skip
         super().__init__(groups, defaults)
         self.ns_matrices = 0  # matrices this rank has orthogonalised (under FSDP2 each has one owner rank)
 
@@ -205,18 +207,20 @@ class MuonAdamW(torch.optim.Optimizer):
                     self._dion(group)
         # Muon's matrices are orthogonalised together, one batched call per shape, the expert stacks apart from the
         # rest so a profile can tell their cost from the dense matrices'
-        pending: dict[tuple[int, Coeffs, bool], list[tuple[torch.Tensor, dict, int | None]]] = {}
+        pending: dict[tuple[int, Coeffs, torch.dtype, bool], list[tuple[torch.Tensor, dict, int | None]]] = {}
         for group in self.param_groups:
             if group["algo"] == "muon":
                 axes = group.get("stack_axes") or [None] * len(group["params"])
                 for p, axis in zip(group["params"], axes, strict=True):
                     if p.grad is not None:
-                        key = (group["ns_steps"], group["ns_coeffs"], p.ndim == 3)
+                        # a checkpoint from before ns_dtype existed iterated in fp32, and resumes so
+                        dtype = fast_dtype(group.get("ns_dtype", "fp32"), p.device)
+                        key = (group["ns_steps"], group["ns_coeffs"], dtype, p.ndim == 3)
                         pending.setdefault(key, []).append((p, group, axis))
-        for (steps, kind, stacks), items in pending.items():
+        for (steps, kind, dtype, stacks), items in pending.items():
             with phase("muon, expert stacks" if stacks else "muon, matrices"):
                 updates = [self._momentum(p, group) for p, group, _ in items]
-                done, iterated = _orthogonalised(updates, [a for *_, a in items], steps, kind)
+                done, iterated = _orthogonalised(updates, [a for *_, a in items], steps, kind, dtype)
                 self.ns_matrices += iterated
                 for (p, group, axis), o in zip(items, done, strict=True):
                     p.add_(o, alpha=-group["lr"] * scale(_stacked_shape(p.shape, axis)))

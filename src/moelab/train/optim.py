@@ -66,7 +66,9 @@ def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def _muon(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return MuonAdamW(groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps, cfg.ns_coeffs)
+    return MuonAdamW(
+        groups, cfg.peak_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.momentum, cfg.ns_steps, cfg.ns_coeffs, cfg.ns_dtype
+    )
 
 
 def _adamw_bytes(name: str, p: torch.Tensor, cfg: OptimConfig | None) -> tuple[int, int]:

@@ -19,11 +19,14 @@ Iterations (the same polynomials, so the same result up to rounding):
 - Gram: X_t = Q_t X_0 with Q_t a polynomial in R_0 = X_0 X_0^T, so the steps run on A x A matrices (R_t and Q_t) and
   touch the A x B matrix only to form R_0 and to apply Q_s at the end; about 4 A^2 B + (8 s - 6) A^3 FLOPs, fewer
   than plain once B > 1.5 A (the expert stacks of tiny-moe are 2 A, a dense FFN 4 A: measured ~15% and ~45% faster
-  on a 2-core CPU). Square matrices use the plain iteration.
+  on a 2-core CPU). Square matrices use the plain iteration, and so does bf16 (see orthogonalise_batch).
 
-Everything runs in fp32 whatever the parameters' dtype: the same step taken under another parallel layout (whose
-gradients differ by summation order) then lands on the same weights to ~1e-6. Inputs are never written to, so an
-update that is the momentum buffer itself (Muon without Nesterov) is not corrupted by the iteration.
+The input is normalised in fp32 whatever the parameters' dtype, and the iteration runs in fp32 by default: the same
+step taken under another parallel layout (whose gradients differ by summation order) then lands on the same weights
+to ~1e-6. In bf16 (`dtype`, `optim.ns_dtype`) it is several times faster where the device multiplies bf16 natively -
+GPUs, CPUs with AMX - and reaches the same band of singular values (tests/train/test_polar.py); elsewhere it is far
+slower (AVX2: ~35x), so `fast_dtype` picks it only there. Results are returned in fp32. Inputs are never written to,
+so an update that is the momentum buffer itself (Muon without Nesterov) is not corrupted by the iteration.
 """
 
 from __future__ import annotations
@@ -92,20 +95,40 @@ def _gram(x_NAB: torch.Tensor, coeffs: list[tuple[float, float, float]]) -> torc
     return x_NAB if q_NAA is None else q_NAA @ x_NAB
 
 
-def orthogonalise_batch(x_NAB: torch.Tensor, steps: int, kind: Coeffs = "jordan") -> torch.Tensor:
-    """(N, A, B) with A <= B -> the same shape, fp32: each matrix's approximate polar factor. The Gram iteration is
-    taken where it is cheaper (B > GRAM_ASPECT A)."""
+def fast_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The iteration's dtype for `optim.ns_dtype` on `device`: "auto" is bf16 where bf16 products run natively (CUDA
+    with bf16, a CPU with AMX tiles), fp32 elsewhere."""
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return torch.bfloat16
+    return torch.float32
+
+
+def orthogonalise_batch(
+    x_NAB: torch.Tensor, steps: int, kind: Coeffs = "jordan", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(N, A, B) with A <= B -> the same shape, fp32: each matrix's approximate polar factor, iterated in `dtype`. The
+    Gram iteration is taken where it is cheaper (B > GRAM_ASPECT A)."""
     coeffs = coefficients(kind, steps)
-    x_NAB = _normalised(x_NAB.float(), kind)
-    if x_NAB.size(-1) > GRAM_ASPECT * x_NAB.size(-2):
-        return _gram(x_NAB, coeffs)
-    return _plain(x_NAB, coeffs)
+    x_NAB = _normalised(x_NAB.float(), kind).to(dtype)
+    # the Gram iteration never looks at X again and so keeps its rounding errors: in bf16 they grow until singular
+    # values far below the largest blow up (ill-conditioned stacks: 1e3); the plain iteration corrects its own
+    if dtype == torch.float32 and x_NAB.size(-1) > GRAM_ASPECT * x_NAB.size(-2):
+        return _gram(x_NAB, coeffs).float()
+    return _plain(x_NAB, coeffs).float()
 
 
-def orthogonalise(mats: list[torch.Tensor], steps: int = 5, kind: Coeffs = "jordan") -> list[torch.Tensor]:
-    """Each tensor (..., A, B) -> its matrices' approximate polar factors (fp32, the same shape). Matrices of one
-    oriented shape - across tensors, layers and experts - are iterated in one batched call, the way an expert stack's
-    experts are: the result of each matrix does not depend on its batch-mates."""
+def orthogonalise(
+    mats: list[torch.Tensor], steps: int = 5, kind: Coeffs = "jordan", dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
+    """Each tensor (..., A, B) -> its matrices' approximate polar factors (fp32, the same shape), iterated in `dtype`.
+    Matrices of one oriented shape - across tensors, layers and experts - are iterated in one batched call, the way an
+    expert stack's experts are: the result of each matrix does not depend on its batch-mates."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     oriented: list[torch.Tensor] = []
     for i, m in enumerate(mats):
@@ -121,7 +144,7 @@ def orthogonalise(mats: list[torch.Tensor], steps: int = 5, kind: Coeffs = "jord
         # large enough to fill the device but bounded, so the iteration's working copies stay a fraction of memory
         budget = CPU_BATCH_BYTES if x_NAB.device.type == "cpu" else DEVICE_BATCH_BYTES
         per = max(1, budget // (4 * x_NAB.size(-2) * x_NAB.size(-1)))
-        done = torch.cat([orthogonalise_batch(x, steps, kind) for x in x_NAB.split(per)])
+        done = torch.cat([orthogonalise_batch(x, steps, kind, dtype) for x in x_NAB.split(per)])
         for i, piece in zip(idx, done.split([oriented[i].size(0) for i in idx]), strict=True):
             m = mats[i]
             out[i] = (piece.mT if m.size(-2) > m.size(-1) else piece).reshape(m.shape)
