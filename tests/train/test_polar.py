@@ -36,18 +36,23 @@ def real_grads():
     return {n: p.grad for n, p in model.named_parameters() if p.ndim >= 2 and n.startswith("layers.")}
 
 
-def band(t):
-    s = torch.linalg.svdvals(t.double())
-    return float(s.min()), float(s.max())
-
-
-def test_polar_express_is_at_least_as_orthogonal_as_jordans_five_steps(real_grads):
-    stacks = {
+@pytest.fixture(scope="module")
+def stacks(real_grads):
+    """Random, ill-conditioned (square too) and real gradient stacks: what the orthogonalisation is judged on."""
+    return {
         "gaussian": torch.randn(6, 32, 64, generator=torch.Generator().manual_seed(1)),
         "ill-conditioned": ill_conditioned(6, 32, 64),
         "square, ill-conditioned": ill_conditioned(4, 48, 48, decades=2),
         **real_grads,
     }
+
+
+def band(t):
+    s = torch.linalg.svdvals(t.double())
+    return float(s.min()), float(s.max())
+
+
+def test_polar_express_is_at_least_as_orthogonal_as_jordans_five_steps(stacks):
     for name, g in stacks.items():
         (pe,), (jordan,) = orthogonalise([g], 5, "polar_express"), orthogonalise([g], 5, "jordan")
         (lo_pe, hi_pe), (lo_j, hi_j) = band(pe), band(jordan)
@@ -97,13 +102,7 @@ def test_the_momentum_buffer_is_not_written_by_the_orthogonalisation(dtype, nest
     assert torch.equal(p.grad, grad) and torch.equal(p.detach(), torch.zeros_like(p))
 
 
-def test_the_bf16_iteration_reaches_the_fp32_ones_band(real_grads):
-    stacks = {
-        "gaussian": torch.randn(6, 32, 64, generator=torch.Generator().manual_seed(1)),
-        "ill-conditioned": ill_conditioned(6, 32, 64),
-        "square, ill-conditioned": ill_conditioned(4, 48, 48, decades=2),
-        **real_grads,
-    }
+def test_the_bf16_iteration_reaches_the_fp32_ones_band(stacks):
     for name, g in stacks.items():
         (f32,), (b16,) = orthogonalise([g], 5), orthogonalise([g], 5, dtype=torch.bfloat16)
         assert b16.dtype == torch.float32 and b16.shape == g.shape
