@@ -119,3 +119,42 @@ def test_measured_training_memory_shows_the_experts(tmp_path, text_file):
     assert measured["tiny-moe"] - measured["tiny-dense"] > 0.5 * (state["tiny-moe"] - state["tiny-dense"]), measured
     for r in planned:  # and each is of the order the planner predicts (state + activations)
         assert 0.5 < measured[r] / (state[r] + planned[r]["activations"]) < 3, (r, measured[r], planned[r])
+
+
+def test_a_compare_that_fails_after_training_keeps_its_runs_and_two_moes_compare(tmp_path, text_file, monkeypatch,
+                                                                                 capsys):
+    """The report failing after the training (here: its inference part) must not take the trained runs with the
+    staging folder; the kept runs, compared again as finished runs, make a report with no dense item."""
+    from moelab.analysis.studies import compare as cmp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the inference table failed")
+
+    monkeypatch.setattr(cmp, "bench_runs", broken)
+    items = ["tiny-moe", "tiny-moe+optim.muon_experts=adamw"]
+    out = tmp_path / "cmp"
+    with pytest.raises(RuntimeError, match="the inference table failed"):
+        cmp.compare(items, out=out, data=text_file, steps=4, overrides=TINY, quiet=True)
+    kept = tmp_path / "cmp.runs"
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cmp.runs", "corpus.txt"]
+    assert sorted(p.name for p in kept.iterdir()) == sorted(items)
+    for name in items:
+        lines = (kept / name / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["step"] == 4  # trained to the end, not a partial run
+    assert str(kept) in capsys.readouterr().err
+    monkeypatch.undo()
+
+    s = cmp.compare([str(kept / n) for n in items], out=out, data=None)
+    assert s["reference"] == "tiny-moe"
+    inf = s["inference"]
+    assert [r["name"] for r in inf["rows"]] == [*items, "tiny-moe dense total twin"]
+    first, second = inf["text"]
+    assert first.startswith("tiny-moe decodes") and "x tiny-moe dense total twin's" in first
+    assert second.startswith(f"{items[1]} decodes") and "twin" not in second  # not the other MoE's twin
+    # a second failure keeps its runs beside the first ones, never over them
+    monkeypatch.setattr(cmp, "bench_runs", broken)
+    with pytest.raises(RuntimeError):
+        cmp.compare(["tiny-moe"], out=tmp_path / "cmp", data=text_file, steps=2, overrides=TINY, quiet=True,
+                    overwrite=True)
+    assert (tmp_path / "cmp.runs-1" / "tiny-moe").is_dir() and (kept / "tiny-moe" / "metrics.jsonl").is_file()
+    assert (out / "summary.json").is_file()  # the earlier output stands

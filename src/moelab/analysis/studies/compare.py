@@ -182,7 +182,27 @@ def compare(
     if data is not None and data != "stdlib":
         check_source(data)  # before any training process starts
     with staged_output(out, overwrite=overwrite, protect=[*items, data], kind="compare") as tmp:
-        return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet, seeds, jobs)
+        try:
+            return _compare_into(tmp, out, items, data, steps, tokens, overrides, quiet, seeds, jobs)
+        except BaseException:
+            _keep_trained(tmp, out)
+            raise
+
+
+def _keep_trained(tmp: Path, out: Path) -> None:
+    """A compare that fails after some training (in a later run, in its report) keeps the runs it trained beside
+    OUT, where the failed staging folder would have taken hours of training with it."""
+    runs = tmp / "runs"
+    trained = sorted(runs.iterdir()) if runs.is_dir() else []
+    if not trained:
+        return
+    kept, i = tmp.parent / f"{out.name}.runs", 1
+    while kept.exists():
+        kept, i = tmp.parent / f"{out.name}.runs-{i}", i + 1
+    os.rename(runs, kept)
+    print(f"compare: stopped after training {len(trained)} run(s); they are kept in {kept} "
+          f"(`moelab compare {kept}/*` reads the finished ones; `moelab train RECIPE --out RUN --resume` "
+          "continues an unfinished one)", file=sys.stderr)  # fmt: skip
 
 
 # '+' starts an override only where a dotted key and '=' follow: a value may hold a '+' of its own (1e+3)
